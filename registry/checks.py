@@ -1,0 +1,47 @@
+"""System checks: misconfiguration is caught at start, not discovered in production."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.conf import settings
+from django.core.checks import Error, Warning, register
+
+
+@register()
+def check_rendezvous_settings(app_configs: Any = None, **kwargs: Any) -> list[Any]:
+    problems: list[Any] = []
+    config = settings.RENDEZVOUS
+    shared_backend = bool(settings.REDIS_URL) or settings.DATABASES["default"]["ENGINE"] != (
+        "django.db.backends.sqlite3"
+    )
+    if shared_backend and not settings.SECRET_KEY_FROM_ENVIRONMENT:
+        problems.append(
+            Warning(
+                "SECRET_KEY is not set: each instance made its own, so admin sessions will not "
+                "carry from one instance to another.",
+                hint="Set SECRET_KEY to the same secret on every instance.",
+                id="rendezvous.W001",
+            )
+        )
+    if config["INSTANCE_DEAD_AFTER"] < 3 * config["HOUSEKEEPING_INTERVAL"]:
+        problems.append(
+            Error(
+                "RENDEZVOUS_INSTANCE_DEAD_AFTER must be at least 3 x "
+                "RENDEZVOUS_HOUSEKEEPING_INTERVAL, or live instances would be declared dead.",
+                id="rendezvous.E001",
+            )
+        )
+    if config["HEARTBEAT_INTERVAL"] <= 0 or config["HOUSEKEEPING_INTERVAL"] <= 0:
+        problems.append(
+            Error("Heartbeat and housekeeping intervals must be positive.", id="rendezvous.E002")
+        )
+    if settings.INSTALLED_APPS.index("registry") > settings.INSTALLED_APPS.index("channels"):
+        problems.append(
+            Error(
+                "'registry' must come before 'channels' in INSTALLED_APPS, or channels' "
+                "runworker hides the worker agent's.",
+                id="rendezvous.E003",
+            )
+        )
+    return problems

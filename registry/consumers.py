@@ -1,0 +1,196 @@
+"""The WebSocket endpoint `/ws/register/<worker_id>`: one connection's life and nothing more.
+
+What a registration means lives in `services`; what a frame means lives in `protocol`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from channels.db import database_sync_to_async
+from channels.generic.websocket import AsyncWebsocketConsumer
+from django.conf import settings
+from django.db import DatabaseError
+
+from registry import protocol, services
+from registry.addresses import observed_address
+from registry.ratelimit import TokenBucket
+from registry.runtime import get_runtime
+
+log = logging.getLogger("registry.consumers")
+
+
+class RegisterConsumer(AsyncWebsocketConsumer):
+    worker_id: str = ""
+    connection_id: int | None = None
+    _server_close_code: int | None = None
+
+    async def connect(self) -> None:
+        self.worker_id = self.scope["url_route"]["kwargs"]["worker_id"]
+        if not protocol.is_valid_worker_id(self.worker_id):
+            log.warning("refused worker id %r: outside the id rule", self.worker_id[:200])
+            await self.close()  # before accept: daphne answers the handshake with HTTP 403
+            return
+        config = settings.RENDEZVOUS
+        self.max_frame_bytes = config["MAX_FRAME_BYTES"]
+        self.bucket = TokenBucket(rate=config["RATE_LIMIT"], burst=config["RATE_BURST"])
+        self.dropped = 0
+        self.rate_limited_streak = False
+        self.observed_ip, self.observed_port = observed_address(self.scope)
+        runtime = get_runtime()
+        try:
+            instance_id = await database_sync_to_async(runtime.ensure_registered)()
+            registration = await database_sync_to_async(services.register_connection)(
+                worker_id=self.worker_id,
+                channel_name=self.channel_name,
+                instance_id=instance_id,
+                observed_ip=self.observed_ip,
+                observed_port=self.observed_port,
+            )
+        except DatabaseError as exc:
+            log.error(
+                "worker=%s registration failed, database unavailable: %s", self.worker_id, exc
+            )
+            await self.accept()
+            await self.close_with(protocol.CloseCode.TRY_AGAIN_LATER)
+            return
+        self.connection_id = registration.connection_id
+        runtime.attach(self.connection_id, self.close_with)
+        await self.accept()
+        await self.send(
+            protocol.welcome(
+                worker_id=self.worker_id,
+                connection_id=self.connection_id,
+                instance_id=instance_id,
+                observed_ip=self.observed_ip,
+                observed_port=self.observed_port,
+                heartbeat_interval=config["HEARTBEAT_INTERVAL"],
+                max_frame_bytes=self.max_frame_bytes,
+            )
+        )
+        log.info(
+            "worker=%s connection=%s registered from %s:%s%s",
+            self.worker_id,
+            self.connection_id,
+            self.observed_ip,
+            self.observed_port,
+            f", superseding connection={registration.superseded_connection_id}"
+            if registration.superseded_connection_id
+            else "",
+        )
+        if registration.superseded_channel:
+            await self.channel_layer.send(
+                registration.superseded_channel,
+                {
+                    "type": "worker.superseded",
+                    "connection_id": registration.superseded_connection_id,
+                },
+            )
+
+    async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
+        if self.connection_id is None:
+            return
+        if not self.bucket.take():
+            await self._drop_for_rate_limit()
+            return
+        self.rate_limited_streak = False
+        try:
+            if text_data is None:
+                raise protocol.BinaryNotSupported("binary frames are not part of the protocol")
+            message = protocol.parse_client_message(text_data, max_bytes=self.max_frame_bytes)
+            reply = await self.handle(message)
+        except protocol.ProtocolError as exc:
+            log.info(
+                "worker=%s connection=%s %s: %s",
+                self.worker_id,
+                self.connection_id,
+                exc.code,
+                exc.message,
+            )
+            reply = protocol.error(exc)
+        await self.send(reply)
+
+    async def handle(self, message: protocol.ClientMessage) -> str:
+        match message:
+            case protocol.RegisterPublicIp(ip=ip):
+                stored = await database_sync_to_async(services.report_public_ip)(
+                    connection_id=self.connection_id, ip=ip
+                )
+                log.info(
+                    "worker=%s connection=%s public_ip=%s%s",
+                    self.worker_id,
+                    self.connection_id,
+                    ip,
+                    "" if stored else " ignored: no longer the current connection",
+                )
+                return protocol.public_ip_registered(ip)
+            case protocol.Heartbeat():
+                # No write: housekeeping refreshes last_seen of every held worker in one statement.
+                return protocol.heartbeat_ack(time.time())
+            case protocol.AgentInfo(info=info):
+                await database_sync_to_async(services.record_agent_info)(
+                    connection_id=self.connection_id, info=info
+                )
+                return protocol.agent_info_recorded()
+        raise AssertionError(f"unhandled message {message!r}")
+
+    async def _drop_for_rate_limit(self) -> None:
+        self.dropped += 1
+        if self.dropped >= settings.RENDEZVOUS["RATE_LIMIT_CLOSE_AFTER"]:
+            log.warning(
+                "worker=%s connection=%s closed for flooding", self.worker_id, self.connection_id
+            )
+            await self.close_with(protocol.CloseCode.RATE_LIMITED)
+        elif not self.rate_limited_streak:
+            # One error per streak of dropped messages: a flood is not answered with a flood.
+            self.rate_limited_streak = True
+            await self.send(
+                protocol.error(protocol.RateLimited("too many messages; this one was dropped"))
+            )
+
+    async def disconnect(self, code: int) -> None:
+        if self.connection_id is None:
+            return
+        get_runtime().detach(self.connection_id)
+        by_server = self._server_close_code is not None
+        final_code = self._server_close_code if by_server else code
+        reason = protocol.describe_close(final_code, by_server=by_server)
+        try:
+            ended = await database_sync_to_async(services.close_connection)(
+                connection_id=self.connection_id, code=final_code or 1006, reason=reason
+            )
+        except DatabaseError as exc:
+            # Housekeeping closes the row once the database is back (reconcile_instance).
+            log.error(
+                "worker=%s connection=%s close not recorded: %s",
+                self.worker_id,
+                self.connection_id,
+                exc,
+            )
+            return
+        log.info(
+            "worker=%s connection=%s closed code=%s (%s)%s",
+            self.worker_id,
+            self.connection_id,
+            final_code,
+            reason,
+            "" if ended else ", worker still held by a newer connection",
+        )
+
+    async def close_with(self, code: int) -> None:
+        """Close from the server side: say why in a `closing` frame, then close with `code`."""
+        if self._server_close_code is not None:
+            return
+        self._server_close_code = int(code)
+        await self.send(protocol.closing(protocol.CloseCode(code)))
+        await self.close(code=int(code))
+
+    # ---- channel-layer events -------------------------------------------------------------------
+
+    async def worker_superseded(self, event: dict[str, Any]) -> None:
+        await self.close_with(protocol.CloseCode.SUPERSEDED)
+
+    async def worker_disconnect(self, event: dict[str, Any]) -> None:
+        await self.close_with(protocol.CloseCode.DISCONNECTED_BY_OPERATOR)

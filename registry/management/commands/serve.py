@@ -1,0 +1,62 @@
+"""`python manage.py serve`: daphne on HOST:PORT with the service's WebSocket settings.
+
+The one way the service is started: by `make run`, the Dockerfile and the end-to-end tests.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+from django.conf import settings
+from django.core.management.base import BaseCommand
+
+# daphne's own frame cap: a frame above it is cut off by the WebSocket layer (close code 1009).
+# Frames between MAX_FRAME_BYTES and this get the protocol's FRAME_TOO_LARGE error instead.
+TRANSPORT_MAX_MESSAGE_BYTES = 64 * 1024
+
+
+def daphne_arguments(host: str, port: int) -> list[str]:
+    config = settings.RENDEZVOUS
+    return [
+        "--bind",
+        host,
+        "--port",
+        str(port),
+        "--websocket_timeout",
+        str(config["WEBSOCKET_TIMEOUT"]),
+        "--ping-interval",
+        str(config["PING_INTERVAL"]),
+        "--ping-timeout",
+        str(config["PING_TIMEOUT"]),
+        "--websocket-max-message-size",
+        str(max(TRANSPORT_MAX_MESSAGE_BYTES, config["MAX_FRAME_BYTES"])),
+        "--websocket-max-frame-size",
+        str(max(TRANSPORT_MAX_MESSAGE_BYTES, config["MAX_FRAME_BYTES"])),
+        "--application-close-timeout",
+        "10",
+        "rendezvous_project.asgi:application",
+    ]
+
+
+class Command(BaseCommand):
+    help = "Serve Rendezvous with daphne on HOST:PORT (settings HOST and PORT)."
+
+    def add_arguments(self, parser: Any) -> None:
+        parser.add_argument("--host", default=settings.HOST)
+        parser.add_argument("--port", type=int, default=settings.PORT)
+
+    def handle(self, *args: Any, host: str, port: int, **options: Any) -> None:
+        database = settings.DATABASES["default"]
+        layer = settings.CHANNEL_LAYERS["default"]["BACKEND"].rsplit(".", 1)[-1]
+        self.stdout.write(
+            f"Rendezvous on http://{host}:{port}/ (WebSocket /ws/register/<worker_id>), "
+            f"database {database['ENGINE'].rsplit('.', 1)[-1]} {database['NAME']}, "
+            f"channel layer {layer}, instance {settings.RENDEZVOUS['INSTANCE_NAME']}"
+        )
+        self.stdout.flush()
+        os.environ["HOST"], os.environ["PORT"] = host, str(port)  # the instance name uses PORT
+        argv = [sys.executable, "-m", "daphne", *daphne_arguments(host, port)]
+        # exec: daphne takes this process's PID, so signals from make, Docker or a test reach it.
+        os.execv(sys.executable, argv)

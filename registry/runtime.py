@@ -1,0 +1,262 @@
+"""This process as a server instance: its id, the sockets it holds, and its housekeeping thread.
+
+Housekeeping runs every `HOUSEKEEPING_INTERVAL` seconds in a thread (so a busy event loop never
+delays it): it heartbeats the instance row, sweeps instances that went silent, refreshes
+`last_seen` of the workers held here in one statement, and reconciles rows with sockets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from django.conf import settings
+from django.db import close_old_connections
+from django.utils import timezone
+
+from registry import protocol, services
+
+log = logging.getLogger("registry.runtime")
+
+Closer = Callable[[int], Coroutine[Any, Any, None]]
+
+
+@dataclass(slots=True)
+class _LocalSocket:
+    close: Closer
+    loop: asyncio.AbstractEventLoop
+    attached_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class HousekeepingReport:
+    declared_dead: bool
+    swept: int
+    touched: int
+    orphans_closed: int
+    sockets_closed: int
+
+
+class InstanceRuntime:
+    def __init__(self, *, name: str) -> None:
+        self.name = name
+        self.instance_id = uuid.uuid4().hex
+        self._registered = False
+        self._lock = threading.Lock()
+        self._sockets: dict[int, _LocalSocket] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return settings.RENDEZVOUS
+
+    def ensure_registered(self) -> str:
+        """Record this boot in the registry once (closing what an earlier boot left open)."""
+        with self._lock:
+            if not self._registered:
+                closed = services.start_instance(
+                    instance_id=self.instance_id,
+                    name=self.name,
+                    hostname=socket.gethostname(),
+                    pid=os.getpid(),
+                )
+                self._registered = True
+                log.info(
+                    "instance=%s name=%s started; %d sessions of an earlier boot closed",
+                    self.instance_id,
+                    self.name,
+                    closed,
+                )
+            return self.instance_id
+
+    # ---- sockets held here (called on the event loop) ------------------------------------------
+
+    def attach(self, connection_id: int, close: Closer) -> None:
+        self._sockets[connection_id] = _LocalSocket(
+            close=close, loop=asyncio.get_running_loop(), attached_at=timezone.now()
+        )
+
+    def detach(self, connection_id: int) -> None:
+        self._sockets.pop(connection_id, None)
+
+    def held_count(self) -> int:
+        return len(self._sockets)
+
+    def _close_socket(self, connection_id: int, code: int) -> bool:
+        local = self._sockets.get(connection_id)
+        if local is None or local.loop.is_closed():
+            return False
+        if code not in protocol.CloseCode._value2member_map_:
+            code = protocol.CloseCode.INSTANCE_RESET  # e.g. 1006, which no one may send
+        asyncio.run_coroutine_threadsafe(local.close(code), local.loop)
+        return True
+
+    # ---- housekeeping ---------------------------------------------------------------------------
+
+    def housekeeping_round(self, now: datetime | None = None) -> HousekeepingReport:
+        now = now or timezone.now()
+        config = self.config
+        interval = timedelta(seconds=config["HOUSEKEEPING_INTERVAL"])
+        self.ensure_registered()
+        if not services.heartbeat_instance(instance_id=self.instance_id, now=now):
+            return self._recover_from_being_declared_dead()
+        swept = services.sweep_silent_instances(
+            dead_after=timedelta(seconds=config["INSTANCE_DEAD_AFTER"]),
+            now=now,
+            exclude=self.instance_id,
+        )
+        touched = services.touch_held_workers(
+            instance_id=self.instance_id, now=now, resolution=max(interval, timedelta(seconds=10))
+        )
+        grace = 2 * interval
+        settled = {pk for pk, s in list(self._sockets.items()) if s.attached_at < now - grace}
+        result = services.reconcile_instance(
+            instance_id=self.instance_id, local_ids=settled, grace=grace, now=now
+        )
+        closed = sum(self._close_socket(pk, code) for pk, code in result.closed_elsewhere.items())
+        return HousekeepingReport(
+            declared_dead=False,
+            swept=swept,
+            touched=touched,
+            orphans_closed=result.orphans_closed,
+            sockets_closed=closed,
+        )
+
+    def _recover_from_being_declared_dead(self) -> HousekeepingReport:
+        """Another instance swept us (we could not heartbeat in time): start over as a new boot.
+
+        Our rows are closed already, so our sockets are closed too; their workers reconnect and
+        register afresh, here or elsewhere.
+        """
+        log.error(
+            "instance=%s was declared dead by another instance; re-registering", self.instance_id
+        )
+        held = list(self._sockets)
+        with self._lock:
+            self.instance_id = uuid.uuid4().hex
+            self._registered = False
+        self.ensure_registered()
+        closed = sum(self._close_socket(pk, protocol.CloseCode.INSTANCE_RESET) for pk in held)
+        return HousekeepingReport(
+            declared_dead=True, swept=0, touched=0, orphans_closed=0, sockets_closed=closed
+        )
+
+    def start_housekeeping(self) -> None:
+        with self._lock:
+            if self._thread is not None:
+                return
+            self._thread = threading.Thread(
+                target=self._housekeeping_loop, name="rendezvous-housekeeping", daemon=True
+            )
+            self._thread.start()
+        atexit.register(self.shutdown)
+
+    def _housekeeping_loop(self) -> None:
+        interval = self.config["HOUSEKEEPING_INTERVAL"]
+        while True:
+            try:
+                close_old_connections()
+                self.housekeeping_round()
+            except Exception:  # the database may be away; the next round tries again
+                log.exception("instance=%s housekeeping round failed", self.instance_id)
+            if self._stop.wait(interval):
+                return
+
+    async def drain(self, timeout: float) -> int:
+        """Close every socket held here with 4002 (going away) and wait up to `timeout` for
+        their consumers to record the close. Returns how many were still open at the end."""
+        for local in list(self._sockets.values()):
+            await local.close(protocol.CloseCode.GOING_AWAY)
+        deadline = time.monotonic() + timeout
+        while self._sockets and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return len(self._sockets)
+
+    def shutdown(self) -> None:
+        """At process exit: the sessions held here end with the process (code 4002)."""
+        self._stop.set()
+        if self._thread is not None:
+            # A daemon thread inside the database driver at interpreter exit can crash it.
+            self._thread.join(timeout=10)
+        if not self._registered:
+            return
+        try:
+            close_old_connections()
+            closed = services.stop_instance(
+                instance_id=self.instance_id,
+                reason="server shut down",
+                code=protocol.CloseCode.GOING_AWAY,
+            )
+            log.info("instance=%s stopped; %d sessions closed", self.instance_id, closed)
+        except Exception:
+            log.exception("instance=%s could not record its shutdown", self.instance_id)
+
+
+_runtime: InstanceRuntime | None = None
+_runtime_lock = threading.Lock()
+
+
+def get_runtime() -> InstanceRuntime:
+    global _runtime
+    with _runtime_lock:
+        if _runtime is None:
+            _runtime = InstanceRuntime(name=settings.RENDEZVOUS["INSTANCE_NAME"])
+        return _runtime
+
+
+def reset_runtime() -> InstanceRuntime:
+    """A fresh runtime (a new boot id) for tests that flush the database between them."""
+    global _runtime
+    with _runtime_lock:
+        _runtime = InstanceRuntime(name=settings.RENDEZVOUS["INSTANCE_NAME"])
+        return _runtime
+
+
+def install_graceful_shutdown(runtime: InstanceRuntime, *, drain_timeout: float = 5.0) -> bool:
+    """On SIGTERM/SIGINT, close held sockets with 4002 (going away) and let their consumers
+    finish before daphne stops the reactor. A second signal stops at once.
+
+    daphne's own handler cancels consumers mid-await, so workers see a dropped TCP connection
+    (1006) instead of a close frame, and the process can crash while collecting the cancelled
+    coroutines at exit.
+    """
+    try:
+        from twisted.internet import reactor
+    except ImportError:
+        return False
+    loop = getattr(reactor, "_asyncioEventloop", None)
+    if loop is None:
+        return False
+    stopping = False
+
+    def begin_stop() -> None:
+        nonlocal stopping
+        if stopping:
+            reactor.stop()
+            return
+        stopping = True
+        log.info("instance=%s draining %d sockets", runtime.instance_id, runtime.held_count())
+        task = loop.create_task(runtime.drain(drain_timeout))
+        task.add_done_callback(lambda _: reactor.stop())
+
+    def on_signal(signum: int, frame: object) -> None:
+        reactor.callFromThread(begin_stop)
+
+    def install() -> None:
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+
+    reactor.callWhenRunning(install)
+    return True

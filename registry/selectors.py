@@ -1,0 +1,142 @@
+"""Every read of the registry that views, the admin and commands share. Values, not models:
+lists of thousands of workers are built from tuples, never from model instances."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from registry.models import Connection, Worker, WorkerStatus
+
+RECENT_CONNECTIONS = 20
+
+_WORKER_FIELDS = (
+    "id",
+    "status",
+    "first_seen",
+    "last_seen",
+    "observed_ip",
+    "observed_port",
+    "public_ip",
+    "public_ip_reported_at",
+    "agent_info",
+    "current_connection_id",
+    "current_connection__opened_at",
+    "current_connection__instance_id",
+)
+
+_CONNECTION_FIELDS = (
+    "id",
+    "instance_id",
+    "opened_at",
+    "closed_at",
+    "close_code",
+    "close_reason",
+    "observed_ip",
+    "observed_port",
+    "public_ip",
+)
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value else None
+
+
+def poc_worker_listing() -> dict[str, Any]:
+    """The proof of concept's `/debug/list_workers`, field for field: connected workers only."""
+    rows = (
+        Worker.objects.connected()
+        .order_by("id")
+        .values_list(
+            "id",
+            "current_connection__public_ip",
+            "current_connection__observed_ip",
+            "current_connection__observed_port",
+        )
+    )
+    workers = {
+        worker_id: {
+            # The PoC overwrote the observed address with the self-reported one.
+            "public_ip": reported or observed,
+            "public_port": port,
+            "connected": True,
+            "raw_state": 1,
+        }
+        for worker_id, reported, observed, port in rows.iterator(chunk_size=2000)
+    }
+    return {"connected_workers_count": len(workers), "workers": workers}
+
+
+def _worker_dict(row: dict[str, Any]) -> dict[str, Any]:
+    connection = None
+    if row["current_connection_id"] is not None:
+        connection = {
+            "id": row["current_connection_id"],
+            "opened_at": _iso(row["current_connection__opened_at"]),
+            "instance_id": row["current_connection__instance_id"],
+        }
+    return {
+        "id": row["id"],
+        "status": row["status"],
+        "first_seen": _iso(row["first_seen"]),
+        "last_seen": _iso(row["last_seen"]),
+        "observed_ip": row["observed_ip"],
+        "observed_port": row["observed_port"],
+        "public_ip": row["public_ip"],
+        "public_ip_reported_at": _iso(row["public_ip_reported_at"]),
+        "agent_info": row["agent_info"],
+        "current_connection": connection,
+    }
+
+
+def _connection_dict(row: dict[str, Any]) -> dict[str, Any]:
+    return {**row, "opened_at": _iso(row["opened_at"]), "closed_at": _iso(row["closed_at"])}
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerPage:
+    count: int
+    page: int
+    page_size: int
+    results: list[dict[str, Any]]
+
+    @property
+    def num_pages(self) -> int:
+        return max(1, -(-self.count // self.page_size))
+
+
+def list_workers(*, status: WorkerStatus | None, page: int, page_size: int) -> WorkerPage:
+    """One page of workers in a stable order (by id), optionally of one status."""
+    workers = Worker.objects.all()
+    if status is not None:
+        workers = workers.filter(status=status)
+    count = workers.count()
+    start = (page - 1) * page_size
+    rows = workers.order_by("id").values(*_WORKER_FIELDS)[start : start + page_size]
+    return WorkerPage(
+        count=count, page=page, page_size=page_size, results=[_worker_dict(r) for r in rows]
+    )
+
+
+def worker_detail(worker_id: str, *, recent: int = RECENT_CONNECTIONS) -> dict[str, Any] | None:
+    row = Worker.objects.filter(id=worker_id).values(*_WORKER_FIELDS).first()
+    if row is None:
+        return None
+    connections = (
+        Connection.objects.filter(worker_id=worker_id)
+        .order_by("-opened_at", "-id")
+        .values(*_CONNECTION_FIELDS)[:recent]
+    )
+    return {**_worker_dict(row), "recent_connections": [_connection_dict(c) for c in connections]}
+
+
+def current_channel(worker_id: str) -> tuple[int, str] | None:
+    """The open connection that holds `worker_id` and the channel that reaches its consumer."""
+    row = (
+        Worker.objects.connected()
+        .filter(id=worker_id)
+        .values_list("current_connection_id", "current_connection__channel_name")
+        .first()
+    )
+    return (row[0], row[1]) if row else None

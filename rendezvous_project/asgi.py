@@ -1,0 +1,27 @@
+"""ASGI entry point: HTTP (JSON views, admin, static assets) and the worker WebSocket."""
+
+import os
+
+from django.core.asgi import get_asgi_application
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "rendezvous_project.settings")
+django_asgi_app = get_asgi_application()
+
+from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
+from django.conf import settings  # noqa: E402
+from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler  # noqa: E402
+
+from registry.routing import websocket_urlpatterns  # noqa: E402
+from registry.runtime import get_runtime, install_graceful_shutdown  # noqa: E402
+
+application = ProtocolTypeRouter(
+    {
+        # Admin assets are served by the app itself: one process, styled pages, no extra server.
+        "http": ASGIStaticFilesHandler(django_asgi_app),
+        "websocket": URLRouter(websocket_urlpatterns),
+    }
+)
+
+if settings.RENDEZVOUS["HOUSEKEEPING"]:
+    get_runtime().start_housekeeping()
+    install_graceful_shutdown(get_runtime())

@@ -1,0 +1,202 @@
+"""Settings, all from the environment; every variable is in the README's configuration table.
+
+With nothing set the service runs on its own: SQLite under `var/` and the in-memory channel layer.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+from pathlib import Path
+
+import dj_database_url
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+
+def env_bool(name: str, default: bool) -> bool:
+    value = os.environ.get(name)
+    if value is None or value.strip() == "":
+        return default
+    return value.strip().lower() in {"1", "true", "yes", "on"}
+
+
+def env_list(name: str, default: list[str]) -> list[str]:
+    value = os.environ.get(name)
+    if value is None or value.strip() == "":
+        return default
+    return [item.strip() for item in value.split(",") if item.strip()]
+
+
+def env_float(name: str, default: float) -> float:
+    value = os.environ.get(name)
+    return default if value is None or value.strip() == "" else float(value)
+
+
+def env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    return default if value is None or value.strip() == "" else int(value)
+
+
+DATA_DIR = Path(os.environ.get("RENDEZVOUS_DATA_DIR") or BASE_DIR / "var")
+
+
+def _local_secret_key() -> str:
+    """A key kept beside the local database, so sessions survive restarts of `make run`."""
+    path = DATA_DIR / "secret_key"
+    if path.exists():
+        return path.read_text().strip()
+    DATA_DIR.mkdir(parents=True, exist_ok=True)
+    key = secrets.token_urlsafe(50)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(key)
+    return key
+
+
+SECRET_KEY_FROM_ENVIRONMENT = bool(os.environ.get("SECRET_KEY"))
+SECRET_KEY = os.environ.get("SECRET_KEY") or _local_secret_key()
+DEBUG = env_bool("DEBUG", False)
+ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", ["localhost", "127.0.0.1", "[::1]"])
+CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", [])
+
+# Where `manage.py serve` binds daphne.
+HOST = os.environ.get("HOST") or "127.0.0.1"
+PORT = env_int("PORT", 8000)
+
+INSTALLED_APPS = [
+    # registry first: its `runworker` (the worker agent) wins over channels' and delegates to it.
+    "registry",
+    "daphne",
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "channels",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "rendezvous_project.urls"
+ASGI_APPLICATION = "rendezvous_project.asgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+DATABASES = {
+    "default": dj_database_url.parse(
+        os.environ.get("DATABASE_URL") or f"sqlite:///{DATA_DIR / 'rendezvous.sqlite3'}",
+        conn_max_age=env_int("DATABASE_CONN_MAX_AGE", 60),
+        conn_health_checks=True,
+    )
+}
+if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    # WAL lets the admin read while consumers write; IMMEDIATE avoids lock-upgrade deadlocks.
+    DATABASES["default"]["OPTIONS"] = {
+        "timeout": 20,
+        "transaction_mode": "IMMEDIATE",
+        "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+    }
+    DATABASES["default"]["CONN_MAX_AGE"] = 0
+    # On disk, not in memory: the daphne processes the end-to-end tests start must share it.
+    DATABASES["default"]["TEST"] = {"NAME": str(DATA_DIR / "test-rendezvous.sqlite3")}
+    DATA_DIR.mkdir(parents=True, exist_ok=True)
+
+REDIS_URL = os.environ.get("REDIS_URL") or ""
+CHANNEL_CAPACITY = env_int("RENDEZVOUS_CHANNEL_CAPACITY", 1000)
+if REDIS_URL:
+    CHANNEL_LAYERS = {
+        "default": {
+            "BACKEND": "channels_redis.core.RedisChannelLayer",
+            "CONFIG": {
+                "hosts": [REDIS_URL],
+                "capacity": CHANNEL_CAPACITY,
+                "expiry": 60,
+                "prefix": os.environ.get("RENDEZVOUS_REDIS_PREFIX") or "rendezvous",
+            },
+        }
+    }
+else:
+    CHANNEL_LAYERS = {
+        "default": {
+            "BACKEND": "channels.layers.InMemoryChannelLayer",
+            "CONFIG": {"capacity": CHANNEL_CAPACITY, "expiry": 60},
+        }
+    }
+
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+STATIC_URL = "static/"
+STATIC_ROOT = BASE_DIR / "var" / "static"
+
+# ---- Rendezvous ---------------------------------------------------------------------------------
+RENDEZVOUS = {
+    # This process's name in the registry; a restart under the same name closes what it left open.
+    "INSTANCE_NAME": os.environ.get("RENDEZVOUS_INSTANCE_NAME") or f"{socket.gethostname()}:{PORT}",
+    # Seconds between the application heartbeats the service asks of agents (sent in `welcome`).
+    "HEARTBEAT_INTERVAL": env_float("RENDEZVOUS_HEARTBEAT_INTERVAL", 30.0),
+    # Seconds between an instance's housekeeping rounds: its own heartbeat, last_seen, sweeps.
+    "HOUSEKEEPING_INTERVAL": env_float("RENDEZVOUS_HOUSEKEEPING_INTERVAL", 5.0),
+    # An instance silent this long is dead; its sessions are closed by any live instance.
+    "INSTANCE_DEAD_AFTER": env_float("RENDEZVOUS_INSTANCE_DEAD_AFTER", 30.0),
+    "MAX_FRAME_BYTES": env_int("RENDEZVOUS_MAX_FRAME_BYTES", 4096),
+    # Per connection: a token bucket of RATE_BURST messages refilled at RATE_LIMIT per second.
+    "RATE_LIMIT": env_float("RENDEZVOUS_RATE_LIMIT", 10.0),
+    "RATE_BURST": env_int("RENDEZVOUS_RATE_BURST", 30),
+    # Messages dropped for the rate limit before the connection is closed (code 4029).
+    "RATE_LIMIT_CLOSE_AFTER": env_int("RENDEZVOUS_RATE_LIMIT_CLOSE_AFTER", 100),
+    # Seconds daphne keeps a WebSocket open at most; agents reconnect when it ends.
+    "WEBSOCKET_TIMEOUT": env_int("RENDEZVOUS_WEBSOCKET_TIMEOUT", 86400),
+    "PING_INTERVAL": env_int("RENDEZVOUS_PING_INTERVAL", 20),
+    "PING_TIMEOUT": env_int("RENDEZVOUS_PING_TIMEOUT", 30),
+    # Start the housekeeping thread with the ASGI application (tests call it directly instead).
+    "HOUSEKEEPING": env_bool("RENDEZVOUS_HOUSEKEEPING", True),
+    "API_PAGE_SIZE": env_int("RENDEZVOUS_API_PAGE_SIZE", 100),
+    "API_MAX_PAGE_SIZE": 1000,
+}
+
+LOG_LEVEL = os.environ.get("LOG_LEVEL") or "INFO"
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {
+        "line": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"},
+    },
+    "handlers": {
+        "stdout": {
+            "class": "logging.StreamHandler",
+            "stream": "ext://sys.stdout",
+            "formatter": "line",
+        }
+    },
+    "root": {"handlers": ["stdout"], "level": LOG_LEVEL},
+    "loggers": {
+        "django.channels.server": {"level": "WARNING"},
+    },
+}

@@ -1,0 +1,19 @@
+from django.contrib import admin
+from django.urls import path
+
+from registry import views
+
+urlpatterns = [
+    path("", views.service_info, name="service-info"),
+    path("debug/list_workers", views.debug_list_workers, name="debug-list-workers"),
+    path("api/workers/", views.worker_list, name="worker-list"),
+    path("api/workers/<str:worker_id>/", views.worker_detail, name="worker-detail"),
+    path("healthz", views.healthz, name="healthz"),
+    path("readyz", views.readyz, name="readyz"),
+    path("admin/", admin.site.urls),
+]
+
+handler400 = "registry.views.handler400"
+handler403 = "registry.views.handler403"
+handler404 = "registry.views.handler404"
+handler500 = "registry.views.handler500"

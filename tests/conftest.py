@@ -1,0 +1,52 @@
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from channels.layers import channel_layers
+
+from registry.runtime import InstanceRuntime, reset_runtime
+from tests.support.databases import current_database_url
+from tests.support.processes import ServerProcess
+
+
+@pytest.fixture(autouse=True)
+def fresh_channel_layer() -> Iterator[None]:
+    """A new layer object per test: a cached one keeps a closed event loop (channels #876)."""
+    channel_layers.backends.clear()
+    yield
+    channel_layers.backends.clear()
+
+
+@pytest.fixture(autouse=True)
+def runtime() -> InstanceRuntime:
+    """A fresh instance id per test, since each test starts from an empty database."""
+    return reset_runtime()
+
+
+@pytest.fixture
+def server_factory(
+    transactional_db: None, tmp_path: Path
+) -> Iterator[Callable[..., ServerProcess]]:
+    """Real daphne servers on the test database; every one is killed at teardown, pass or fail."""
+    servers: list[ServerProcess] = []
+
+    def make(**kwargs: object) -> ServerProcess:
+        server = ServerProcess(
+            database_url=current_database_url(),
+            log_dir=tmp_path,
+            name=f"server{len(servers) + 1}",
+            **kwargs,  # type: ignore[arg-type]
+        )
+        servers.append(server)
+        return server
+
+    yield make
+    for server in servers:
+        server.kill()
+
+
+@pytest.fixture
+def server(server_factory: Callable[..., ServerProcess]) -> ServerProcess:
+    return server_factory().start()
