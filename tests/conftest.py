@@ -11,6 +11,14 @@ from tests.support.databases import current_database_url
 from tests.support.processes import ServerProcess
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # database_sync_to_async runs in pool threads; persistent connections there would outlive
+    # the tests and stop PostgreSQL from dropping the test database.
+    from django.conf import settings
+
+    settings.DATABASES["default"]["CONN_MAX_AGE"] = 0
+
+
 @pytest.fixture(autouse=True)
 def fresh_channel_layer() -> Iterator[None]:
     """A new layer object per test: a cached one keeps a closed event loop (channels #876)."""

@@ -12,6 +12,8 @@ from hypothesis import strategies as st
 from registry import protocol
 from registry.protocol import ErrorCode
 
+pytestmark = pytest.mark.standalone
+
 
 def error_code(text: str, **kwargs: int) -> ErrorCode:
     with pytest.raises(protocol.ProtocolError) as caught:
