@@ -1,0 +1,50 @@
+"""The default (single-process) channel layer: channels' in-memory layer without its stall.
+
+channels' `InMemoryChannelLayer` scans every channel for expired messages on each receive and
+each group send, so with one channel per connected worker the cost of every message grows with
+the fleet (measured: a bare consumer stalled near 10,000 workers). Here the scan runs at most
+once per `CLEAN_INTERVAL` seconds, whatever the traffic; messages still expire within
+`expiry + CLEAN_INTERVAL`. It stays process-local: more than one instance needs Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Any
+
+from channels.layers import InMemoryChannelLayer as ChannelsInMemoryChannelLayer
+
+CLEAN_INTERVAL = 1.0
+
+
+class InMemoryChannelLayer(ChannelsInMemoryChannelLayer):
+    def __init__(self, *args: Any, clock: Callable[[], float] = time.monotonic, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._clock = clock
+        self._next_clean = 0.0
+        self.full_scans = 0
+
+    def _clean_expired(self) -> None:
+        now = self._clock()
+        if now < self._next_clean:
+            return
+        self._next_clean = now + CLEAN_INTERVAL
+        self.full_scans += 1
+        super()._clean_expired()
+
+    async def receive(self, channel: str) -> dict[str, Any]:
+        self.require_valid_channel_name(channel)
+        self._clean_expired()
+        queue = self.channels.get(channel)
+        if queue is None:  # the parent builds a new Queue on every call, used or not
+            queue = self.channels.setdefault(
+                channel, asyncio.Queue(maxsize=self.get_capacity(channel))
+            )
+        try:
+            _, message = await queue.get()
+        finally:
+            if queue.empty():
+                self.channels.pop(channel, None)
+        return message
