@@ -1,0 +1,67 @@
+"""Reconnection delays: exponential backoff with full jitter.
+
+Full jitter (AWS Architecture Blog, "Exponential Backoff And Jitter"): the n-th delay is drawn
+uniformly from [0, min(cap, base * 2**n)], so a fleet that lost its server together does not
+come back together.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+
+Uniform = Callable[[float, float], float]
+
+DEFAULT_BASE = 2.0
+DEFAULT_CAP = 60.0
+DEFAULT_STABLE_AFTER = 30.0
+
+# 2**64 seconds dwarfs any cap; bounding the exponent keeps the arithmetic finite.
+_MAX_EXPONENT = 64
+
+
+class Backoff:
+    """Delays before successive reconnection attempts; forgets failures after a stable connection.
+
+    `uniform` is the random source (`random.uniform` by default); tests pass a fixed one.
+    """
+
+    def __init__(
+        self,
+        *,
+        base: float = DEFAULT_BASE,
+        cap: float = DEFAULT_CAP,
+        stable_after: float = DEFAULT_STABLE_AFTER,
+        uniform: Uniform | None = None,
+    ) -> None:
+        if base <= 0:
+            raise ValueError("backoff base must be positive")
+        if cap < base:
+            raise ValueError("backoff cap must be at least the base")
+        if stable_after < 0:
+            raise ValueError("stable_after must not be negative")
+        self.base = float(base)
+        self.cap = float(cap)
+        self.stable_after = float(stable_after)
+        self.uniform: Uniform = uniform or random.uniform
+        self.attempt = 0
+
+    def ceiling(self, attempt: int | None = None) -> float:
+        """The upper bound of the delay drawn for `attempt` (the next one by default)."""
+        n = self.attempt if attempt is None else attempt
+        return min(self.cap, self.base * 2 ** min(n, _MAX_EXPONENT))
+
+    def next_delay(self) -> float:
+        delay = self.uniform(0.0, self.ceiling())
+        self.attempt += 1
+        return max(0.0, delay)
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+    def connection_lasted(self, seconds: float) -> bool:
+        """Report how long a connection stayed up; a stable one resets the backoff."""
+        if seconds >= self.stable_after:
+            self.reset()
+            return True
+        return False

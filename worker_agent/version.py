@@ -1,0 +1,3 @@
+"""The agent's version; `pyproject.toml` carries the same number (a test checks both)."""
+
+__version__ = "0.1.0"

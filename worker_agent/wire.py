@@ -1,0 +1,170 @@
+"""The agent's copy of the wire protocol: constants, the frames it sends, the frames it reads.
+
+`registry/protocol.py` is the source of truth. This module copies what a worker needs so the
+agent installs without the service; `tests/test_agent_unit.py` checks that the copies agree.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import re
+from collections.abc import Mapping
+from enum import IntEnum, StrEnum
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+PROTOCOL_VERSION = 1
+
+WORKER_ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
+WORKER_ID_MAX_LENGTH = 128
+_WORKER_ID_RE = re.compile(rf"\A{WORKER_ID_PATTERN}\Z")
+
+DEFAULT_MAX_FRAME_BYTES = 4096
+AGENT_INFO_MAX_KEYS = 32
+AGENT_INFO_MAX_KEY_LENGTH = 64
+AGENT_INFO_MAX_VALUE_LENGTH = 256
+
+REGISTER_PATH = "/ws/register/{worker_id}"
+
+_WEBSOCKET_SCHEMES = {"http": "ws", "https": "wss", "ws": "ws", "wss": "wss"}
+
+Scalar = str | int | float | bool | None
+
+
+class ClientMessageType(StrEnum):
+    REGISTER_PUBLIC_IP = "register_public_ip"
+    HEARTBEAT = "heartbeat"
+    AGENT_INFO = "agent_info"
+
+
+class ServerMessageType(StrEnum):
+    WELCOME = "welcome"
+    PUBLIC_IP_REGISTERED = "public_ip_registered"
+    HEARTBEAT_ACK = "heartbeat_ack"
+    AGENT_INFO_RECORDED = "agent_info_recorded"
+    ERROR = "error"
+    CLOSING = "closing"
+
+
+class CloseCode(IntEnum):
+    """Close codes the service sends. Any code but SUPERSEDED means "reconnect with backoff"."""
+
+    NORMAL = 1000
+    SUPERSEDED = 4000
+    DISCONNECTED_BY_OPERATOR = 4001
+    GOING_AWAY = 4002
+    INSTANCE_RESET = 4003
+    TRY_AGAIN_LATER = 4004
+    RATE_LIMITED = 4029
+
+
+class ErrorCode(StrEnum):
+    INVALID_JSON = "INVALID_JSON"
+    NOT_AN_OBJECT = "NOT_AN_OBJECT"
+    MISSING_TYPE = "MISSING_TYPE"
+    UNKNOWN_TYPE = "UNKNOWN_TYPE"
+    MISSING_FIELD = "MISSING_FIELD"
+    INVALID_IP = "INVALID_IP"
+    INVALID_FIELD = "INVALID_FIELD"
+    BINARY_NOT_SUPPORTED = "BINARY_NOT_SUPPORTED"
+    FRAME_TOO_LARGE = "FRAME_TOO_LARGE"
+    RATE_LIMITED = "RATE_LIMITED"
+
+
+class ServerFrameError(ValueError):
+    """A frame from the server that is not a JSON object with a string `type`."""
+
+
+# ---- addressing --------------------------------------------------------------------------------
+
+
+def is_valid_worker_id(worker_id: object) -> bool:
+    return isinstance(worker_id, str) and bool(_WORKER_ID_RE.match(worker_id))
+
+
+def websocket_url(service_url: str, worker_id: str) -> str:
+    """The registration endpoint for `worker_id` under a service base URL (http(s) or ws(s))."""
+    if not isinstance(service_url, str) or not service_url.strip():
+        raise ValueError("the service URL is empty")
+    if not is_valid_worker_id(worker_id):
+        raise ValueError(
+            f"invalid worker id {worker_id!r}: it must match {WORKER_ID_PATTERN} "
+            "(a letter or digit, then up to 127 letters, digits, '.', '_' or '-')"
+        )
+    text = service_url.strip()
+    parts = urlsplit(text)
+    scheme = _WEBSOCKET_SCHEMES.get(parts.scheme.lower())
+    if scheme is None:
+        raise ValueError(f"invalid service URL {text!r}: the scheme must be http, https, ws or wss")
+    if not parts.hostname:
+        raise ValueError(f"invalid service URL {text!r}: it has no host")
+    try:
+        parts.port  # noqa: B018 - urlsplit validates the port lazily
+    except ValueError:
+        raise ValueError(
+            f"invalid service URL {text!r}: the port is not a number 0-65535"
+        ) from None
+    path = parts.path.rstrip("/") + REGISTER_PATH.format(worker_id=worker_id)
+    return urlunsplit((scheme, parts.netloc, path, parts.query, ""))
+
+
+# ---- frames the agent sends --------------------------------------------------------------------
+
+
+def encode(message: Mapping[str, Any]) -> str:
+    return json.dumps(message, separators=(",", ":"))
+
+
+def register_public_ip(ip: str) -> str:
+    """The proof of concept's one message, unchanged. `ip` must be an address literal."""
+    address = ipaddress.ip_address(ip.strip())
+    if isinstance(address, ipaddress.IPv6Address) and address.scope_id:
+        raise ValueError("the server refuses IPv6 addresses with a zone")
+    return encode({"type": ClientMessageType.REGISTER_PUBLIC_IP, "ip": address.compressed})
+
+
+def heartbeat() -> str:
+    return encode({"type": ClientMessageType.HEARTBEAT})
+
+
+def agent_info(info: Mapping[str, Scalar]) -> str:
+    return encode({"type": ClientMessageType.AGENT_INFO, "info": clean_agent_info(info)})
+
+
+def clean_agent_info(info: Mapping[str, Scalar]) -> dict[str, Scalar]:
+    """What the server accepts: a flat object of scalars. Long strings are cut, not refused."""
+    if len(info) > AGENT_INFO_MAX_KEYS:
+        raise ValueError(f"agent info may hold at most {AGENT_INFO_MAX_KEYS} keys")
+    clean: dict[str, Scalar] = {}
+    for key, value in info.items():
+        if not isinstance(key, str) or not key or len(key) > AGENT_INFO_MAX_KEY_LENGTH:
+            raise ValueError(
+                f"agent info keys must be strings of 1-{AGENT_INFO_MAX_KEY_LENGTH} chars: {key!r}"
+            )
+        if isinstance(value, str):
+            value = value[:AGENT_INFO_MAX_VALUE_LENGTH]
+        elif value is not None and not isinstance(value, (int, float, bool)):
+            raise ValueError(
+                f"agent info value for {key!r} must be a string, number, boolean or None"
+            )
+        clean[key] = value
+    return clean
+
+
+# ---- frames the agent reads --------------------------------------------------------------------
+
+
+def parse_server_message(text: str | bytes) -> dict[str, Any]:
+    """One server frame as a dict. Unknown types pass through: newer servers may say more."""
+    if isinstance(text, bytes | bytearray):
+        raise ServerFrameError("binary frames are not part of the protocol")
+    try:
+        data = json.loads(text)
+    except (ValueError, RecursionError):
+        raise ServerFrameError("frame is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise ServerFrameError("frame is not a JSON object")
+    if not isinstance(data.get("type"), str):
+        raise ServerFrameError("frame has no string 'type'")
+    return data
