@@ -1,0 +1,69 @@
+"""Management commands: which `runworker` Django finds, and what `serve` runs."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from django.core.management import get_commands
+
+from registry.management.commands.serve import daphne_arguments
+from tests.support.processes import REPO
+
+pytestmark = pytest.mark.standalone
+
+
+def test_runworker_resolves_to_the_worker_agent_command() -> None:
+    assert get_commands()["runworker"] == "registry"
+
+
+def test_runworker_with_channel_names_hands_over_to_channels_worker(tmp_path: Path) -> None:
+    log = tmp_path / "channels-worker.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "manage.py", "runworker", "some-background-channel", "-v", "2"],
+            cwd=REPO,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            deadline = time.monotonic() + 20
+            while (
+                "Running worker for channels" not in log.read_text() and time.monotonic() < deadline
+            ):
+                assert process.poll() is None, log.read_text()
+                time.sleep(0.1)
+        finally:
+            process.kill()
+            process.wait()
+    assert "Running worker for channels ['some-background-channel']" in log.read_text()
+
+
+def test_serve_runs_daphne_on_the_asgi_application_with_the_websocket_limits() -> None:
+    args = daphne_arguments("0.0.0.0", 8080)
+    assert args[-1] == "rendezvous_project.asgi:application"
+    assert args[args.index("--port") + 1] == "8080"
+    assert args[args.index("--websocket_timeout") + 1] == "86400"
+    assert int(args[args.index("--websocket-max-message-size") + 1]) == 65536
+
+
+def test_the_dockerfile_runs_the_commands_the_tests_run() -> None:
+    dockerfile = (REPO / "Dockerfile").read_text()
+    assert re.search(r'^CMD \["python", "manage.py", "serve"\]$', dockerfile, re.M)
+    assert "python -m worker_agent" in dockerfile
+    assert re.search(r"^USER 10001$", dockerfile, re.M)  # not root
+    server_command = (REPO / "tests/support/processes.py").read_text()
+    assert '"manage.py", "serve"' in server_command
+    agent_test = (REPO / "tests/test_e2e_agent.py").read_text()
+    assert '"-m", "worker_agent"' in agent_test
+
+
+def test_registry_before_channels_is_enforced_by_a_system_check(settings) -> None:
+    from registry.checks import check_rendezvous_settings
+
+    settings.INSTALLED_APPS = [a for a in settings.INSTALLED_APPS if a != "registry"] + ["registry"]
+    assert "rendezvous.E003" in [p.id for p in check_rendezvous_settings()]
