@@ -81,13 +81,21 @@ class RegisterConsumer(AsyncWebsocketConsumer):
             else "",
         )
         if registration.superseded_channel:
-            await self.channel_layer.send(
-                registration.superseded_channel,
-                {
-                    "type": "worker.superseded",
-                    "connection_id": registration.superseded_connection_id,
-                },
-            )
+            try:
+                await self.channel_layer.send(
+                    registration.superseded_channel,
+                    {
+                        "type": "worker.superseded",
+                        "connection_id": registration.superseded_connection_id,
+                    },
+                )
+            except Exception as exc:  # the row is closed; its holder closes the socket anyway
+                log.warning(
+                    "worker=%s connection=%s supersede not delivered: %s",
+                    self.worker_id,
+                    self.connection_id,
+                    exc,
+                )
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
         if self.connection_id is None:
@@ -101,6 +109,13 @@ class RegisterConsumer(AsyncWebsocketConsumer):
                 raise protocol.BinaryNotSupported("binary frames are not part of the protocol")
             message = protocol.parse_client_message(text_data, max_bytes=self.max_frame_bytes)
             reply = await self.handle(message)
+        except DatabaseError as exc:
+            log.error(
+                "worker=%s connection=%s not recorded: %s", self.worker_id, self.connection_id, exc
+            )
+            reply = protocol.error(
+                protocol.Unavailable("registry unavailable; send it again later")
+            )
         except protocol.ProtocolError as exc:
             log.info(
                 "worker=%s connection=%s %s: %s",

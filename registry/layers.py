@@ -1,20 +1,33 @@
-"""The default (single-process) channel layer: channels' in-memory layer without its stall.
+"""The channel layers the settings choose between, each with one fix over its upstream class.
+
+`InMemoryChannelLayer` (the default, single process): channels' in-memory layer without its stall.
 
 channels' `InMemoryChannelLayer` scans every channel for expired messages on each receive and
 each group send, so with one channel per connected worker the cost of every message grows with
 the fleet (measured: a bare consumer stalled near 10,000 workers). Here the scan runs at most
 once per `CLEAN_INTERVAL` seconds, whatever the traffic; messages still expire within
 `expiry + CLEAN_INTERVAL`. It stays process-local: more than one instance needs Redis.
+
+`RedisChannelLayer` (with REDIS_URL): channels-redis, whose `receive` raises when Redis is away,
+which ends the consumer and drops its worker's socket. Here a consumer waits for Redis to come
+back instead, so a Redis restart costs connected workers nothing. Messages sent while it is away
+are lost; each is a command already recorded in the database, which housekeeping carries out.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable
 from typing import Any
 
 from channels.layers import InMemoryChannelLayer as ChannelsInMemoryChannelLayer
+from channels_redis.core import RedisChannelLayer as ChannelsRedisChannelLayer
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+log = logging.getLogger("registry.layers")
 
 CLEAN_INTERVAL = 1.0
 
@@ -48,3 +61,18 @@ class InMemoryChannelLayer(ChannelsInMemoryChannelLayer):
             if queue.empty():
                 self.channels.pop(channel, None)
         return message
+
+
+class RedisChannelLayer(ChannelsRedisChannelLayer):
+    retry_initial = 0.5
+    retry_max = 5.0
+
+    async def receive(self, channel: str) -> dict[str, Any]:
+        delay = self.retry_initial
+        while True:
+            try:
+                return await super().receive(channel)
+            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                log.warning("channel layer unreachable (%s); retrying in %.1fs", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.retry_max)

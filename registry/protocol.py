@@ -98,6 +98,7 @@ class ErrorCode(StrEnum):
     BINARY_NOT_SUPPORTED = "BINARY_NOT_SUPPORTED"
     FRAME_TOO_LARGE = "FRAME_TOO_LARGE"
     RATE_LIMITED = "RATE_LIMITED"
+    UNAVAILABLE = "UNAVAILABLE"
 
 
 class ProtocolError(Exception):
@@ -150,6 +151,12 @@ class FrameTooLarge(ProtocolError):
 
 class RateLimited(ProtocolError):
     code = ErrorCode.RATE_LIMITED
+
+
+class Unavailable(ProtocolError):
+    """The frame was valid but the registry could not record it now; send it again later."""
+
+    code = ErrorCode.UNAVAILABLE
 
 
 # ---- client messages ---------------------------------------------------------------------------

@@ -140,7 +140,9 @@ def _database_ready() -> None:
 
 async def _channel_layer_ready() -> None:
     layer = get_channel_layer()
-    channel = await layer.new_channel("readyz.")
+    # The default "specific." prefix: channels-redis then reads it with the same receive loop
+    # as the consumers' channels instead of queueing behind that loop's 5 s BRPOP.
+    channel = await layer.new_channel()
     await layer.send(channel, {"type": "readyz.ping"})
     await layer.receive(channel)
 

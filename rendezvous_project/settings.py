@@ -130,7 +130,7 @@ CHANNEL_CAPACITY = env_int("RENDEZVOUS_CHANNEL_CAPACITY", 1000)
 if REDIS_URL:
     CHANNEL_LAYERS = {
         "default": {
-            "BACKEND": "channels_redis.core.RedisChannelLayer",
+            "BACKEND": "registry.layers.RedisChannelLayer",
             "CONFIG": {
                 "hosts": [REDIS_URL],
                 "capacity": CHANNEL_CAPACITY,

@@ -41,12 +41,9 @@ def server_factory(
     servers: list[ServerProcess] = []
 
     def make(**kwargs: object) -> ServerProcess:
-        server = ServerProcess(
-            database_url=current_database_url(),
-            log_dir=tmp_path,
-            name=f"server{len(servers) + 1}",
-            **kwargs,  # type: ignore[arg-type]
-        )
+        kwargs.setdefault("database_url", current_database_url())
+        kwargs.setdefault("name", f"server{len(servers) + 1}")
+        server = ServerProcess(log_dir=tmp_path, **kwargs)  # type: ignore[arg-type]
         servers.append(server)
         return server
 

@@ -580,6 +580,7 @@ class FakeService:
 
         self.heartbeat_interval = heartbeat_interval
         self.refused: set[str] = set()
+        self.unavailable_once: set[str] = set()  # first public-ip report fails
         self.received: list[tuple[str, int, Any]] = []
         self.current: dict[str, Any] = {}
         self.close_codes: dict[str, list[int | None]] = {}
@@ -636,7 +637,11 @@ class FakeService:
                 if isinstance(message, protocol.Heartbeat):
                     ws.send(protocol.heartbeat_ack(time.time()))
                 elif isinstance(message, protocol.RegisterPublicIp):
-                    ws.send(protocol.public_ip_registered(message.ip))
+                    if worker_id in self.unavailable_once:
+                        self.unavailable_once.discard(worker_id)
+                        ws.send(protocol.error(protocol.Unavailable("database away")))
+                    else:
+                        ws.send(protocol.public_ip_registered(message.ip))
                 elif isinstance(message, protocol.AgentInfo):
                     ws.send(protocol.agent_info_recorded())
         with self._lock:
@@ -744,6 +749,26 @@ def test_the_public_ip_comes_from_the_echo_url_after_welcome(
     assert protocol.RegisterPublicIp(ip="2001:db8::1") in [
         m for _, m in fake_service.messages("w-echo")
     ]
+
+
+def test_a_public_ip_report_the_server_could_not_record_is_sent_again(
+    fake_service: FakeService, agents: list[WorkerAgent]
+) -> None:
+    fake_service.unavailable_once.add("w-retry")
+    agent = _agent(
+        agents,
+        fake_service.url,
+        "w-retry",
+        public_ip_fetcher=lambda: "203.0.113.7",
+        heartbeat_interval=0.05,
+    )
+    agent.start()
+    assert fake_service.wait_for(lambda: agent.status()["public_ip_registered"] == "203.0.113.7")
+    reports = [
+        m for _, m in fake_service.messages("w-retry") if isinstance(m, protocol.RegisterPublicIp)
+    ]
+    assert len(reports) >= 2
+    assert agent.status()["last_server_error"]["code"] == "UNAVAILABLE"
 
 
 def test_a_failing_public_ip_source_does_not_stop_the_heartbeats(

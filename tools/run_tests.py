@@ -34,7 +34,7 @@ def main(argv: list[str]) -> int:
     required = os.environ.get("RENDEZVOUS_REQUIRE_SERVICES", "") not in ("", "0", "false")
     base = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
     failures = 0
-    failures += pytest("SQLite", base, argv) != 0
+    failures += pytest("SQLite", base, ["-m", "not postgres_only", *argv]) != 0
     postgres_url = os.environ.get("RENDEZVOUS_TEST_DATABASE_URL") or DEFAULT_POSTGRES_URL
     if reachable(postgres_url):
         # The database-independent tests already ran in the first pass.

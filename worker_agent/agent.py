@@ -94,6 +94,7 @@ class _Connection:
         self.welcome: dict[str, Any] | None = None
         self.connection_id: Any = None
         self.closing: dict[str, Any] | None = None
+        self.public_ip_acked = False  # the server answered `public_ip_registered` on this socket
         self.close_code: int | None = None
         self.close_reason: str | None = None
         self.error: BaseException | None = None
@@ -461,6 +462,7 @@ class WorkerAgent:
             with self._lock:
                 self._last_heartbeat_ack_at = _now_iso()
         elif kind == wire.ServerMessageType.PUBLIC_IP_REGISTERED:
+            conn.public_ip_acked = True
             with self._lock:
                 self._public_ip_registered = message.get("ip")
             self._log(logging.INFO, conn, "server recorded public ip %s", message.get("ip"))
@@ -535,15 +537,16 @@ class WorkerAgent:
             ip = None
         if conn.ended.is_set():
             return
+        report: str | None = None
         if ip:
             try:
-                frame = wire.register_public_ip(ip)
+                report = wire.register_public_ip(ip)
             except ValueError:
                 self._log(logging.WARNING, conn, "not reporting invalid public ip %r", ip)
             else:
                 with self._lock:
                     self._public_ip = ip
-                if self._send(conn, frame):
+                if self._send(conn, report):
                     self._log(logging.INFO, conn, "reported public ip %s", ip)
         interval = self._heartbeat_every(welcome)
         if interval is None:
@@ -551,6 +554,9 @@ class WorkerAgent:
             return
         next_at = welcomed_at + interval
         while not conn.ended.wait(max(0.0, next_at - time.monotonic())):
+            if report is not None and not conn.public_ip_acked:
+                # Not acknowledged (say the server answered UNAVAILABLE): report it again.
+                self._send(conn, report)
             if not self._send(conn, wire.heartbeat()):
                 return
             next_at = max(next_at + interval, time.monotonic())

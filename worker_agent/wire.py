@@ -70,6 +70,7 @@ class ErrorCode(StrEnum):
     BINARY_NOT_SUPPORTED = "BINARY_NOT_SUPPORTED"
     FRAME_TOO_LARGE = "FRAME_TOO_LARGE"
     RATE_LIMITED = "RATE_LIMITED"
+    UNAVAILABLE = "UNAVAILABLE"
 
 
 class ServerFrameError(ValueError):

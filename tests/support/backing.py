@@ -4,12 +4,10 @@ proxy in front of PostgreSQL they may cut, so no test disturbs the machine's sha
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 import socket
 import subprocess
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -80,15 +78,17 @@ def _answers(port: int) -> bool:
 
 
 class TcpProxy:
-    """Forwards a loopback port to a target. `cut()` drops every connection and refuses new
+    """Forwards a loopback port to one of its targets, round robin, skipping targets that refuse
+    (a load balancer without sticky sessions). `cut()` drops every connection and refuses new
     ones, as an unreachable database does; `restore()` lets them through again."""
 
-    def __init__(self, target_host: str, target_port: int) -> None:
-        self.target = (target_host, target_port)
+    def __init__(self, *targets: tuple[str, int]) -> None:
+        self.targets = list(targets)
+        self._turn = 0
         self.listener = socket.socket()
         self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.listener.bind(("127.0.0.1", 0))
-        self.listener.listen(128)
+        self.listener.listen(512)
         self.port = self.listener.getsockname()[1]
         self._open = threading.Event()
         self._open.set()
@@ -96,6 +96,22 @@ class TcpProxy:
         self._pairs: list[tuple[socket.socket, socket.socket]] = []
         self._lock = threading.Lock()
         threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _connect_upstream(self) -> socket.socket | None:
+        for _ in range(len(self.targets)):
+            target = self.targets[self._turn % len(self.targets)]
+            self._turn += 1
+            try:
+                upstream = socket.create_connection(target, 2)
+            except OSError:
+                continue
+            upstream.settimeout(None)  # the 2 s were for connecting; idle sockets stay open
+            return upstream
+        return None
 
     def _accept(self) -> None:
         while not self._closed:
@@ -106,9 +122,8 @@ class TcpProxy:
             if not self._open.is_set():
                 client.close()
                 continue
-            try:
-                upstream = socket.create_connection(self.target, 5)
-            except OSError:
+            upstream = self._connect_upstream()
+            if upstream is None:
                 client.close()
                 continue
             with self._lock:
@@ -142,13 +157,3 @@ class TcpProxy:
         self._closed = True
         self.cut()
         self.listener.close()
-
-
-def postgres_url_from_environment() -> str:
-    return (
-        os.environ.get("RENDEZVOUS_TEST_DATABASE_URL") or "postgres://postgres@127.0.0.1:5432/test"
-    )
-
-
-def wait_a_moment(seconds: float) -> None:
-    time.sleep(seconds)
