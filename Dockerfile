@@ -1,7 +1,7 @@
 # One image, two roles:
 #   service (default): python manage.py serve      -> daphne on $PORT (Cloud Run sets PORT)
 #   worker:            python -m worker_agent      -> needs RENDEZVOUS_SERVICE_URL
-# These are the commands the test suite runs (tests/test_dockerfile.py keeps them in step).
+# These are the commands the test suite runs (tests/test_commands.py keeps them in step).
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \

@@ -6,9 +6,11 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 export HOST PORT
 
-.PHONY: run test test-sqlite test-postgres lint bench clean
+.PHONY: run test lint bench clean
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { \
+	  echo "Rendezvous needs Python 3.11 or newer; try: make $(MAKECMDGOALS) PYTHON=python3.11"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements-dev.txt
@@ -20,6 +22,7 @@ run: $(VENV)/.installed
 	$(PY) manage.py serve
 
 test: $(VENV)/.installed lint
+	sh tools/install_system_packages.sh
 	$(PY) tools/run_tests.py
 
 lint: $(VENV)/.installed

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
 
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
@@ -17,12 +16,18 @@ from django.db import DatabaseError
 from registry import protocol, services
 from registry.addresses import observed_address
 from registry.ratelimit import TokenBucket
-from registry.runtime import get_runtime
+from registry.runtime import SUPERSEDE, get_runtime
 
 log = logging.getLogger("registry.consumers")
 
+# Dropped messages count towards the 4029 close only while the drops keep coming: a gap this
+# long (seconds) without one starts the count again.
+FLOOD_MEMORY = 10.0
+
 
 class RegisterConsumer(AsyncWebsocketConsumer):
+    # No channel of its own: commands reach it through its instance's channel (runtime.py).
+    channel_layer_alias = None
     worker_id: str = ""
     connection_id: int | None = None
     _server_close_code: int | None = None
@@ -37,17 +42,18 @@ class RegisterConsumer(AsyncWebsocketConsumer):
         self.max_frame_bytes = config["MAX_FRAME_BYTES"]
         self.bucket = TokenBucket(rate=config["RATE_LIMIT"], burst=config["RATE_BURST"])
         self.dropped = 0
+        self.last_drop = 0.0
         self.rate_limited_streak = False
         self.observed_ip, self.observed_port = observed_address(self.scope)
         runtime = get_runtime()
         try:
-            instance_id = await database_sync_to_async(runtime.ensure_registered)()
-            registration = await database_sync_to_async(services.register_connection)(
-                worker_id=self.worker_id,
-                channel_name=self.channel_name,
-                instance_id=instance_id,
-                observed_ip=self.observed_ip,
-                observed_port=self.observed_port,
+            registration = await runtime.registrations.submit(
+                services.RegistrationRequest(
+                    worker_id=self.worker_id,
+                    channel_name=runtime.channel_name,
+                    observed_ip=self.observed_ip,
+                    observed_port=self.observed_port,
+                )
             )
         except DatabaseError as exc:
             log.error(
@@ -63,7 +69,7 @@ class RegisterConsumer(AsyncWebsocketConsumer):
             protocol.welcome(
                 worker_id=self.worker_id,
                 connection_id=self.connection_id,
-                instance_id=instance_id,
+                instance_id=runtime.instance_id,
                 observed_ip=self.observed_ip,
                 observed_port=self.observed_port,
                 heartbeat_interval=config["HEARTBEAT_INTERVAL"],
@@ -82,12 +88,10 @@ class RegisterConsumer(AsyncWebsocketConsumer):
         )
         if registration.superseded_channel:
             try:
-                await self.channel_layer.send(
+                await runtime.send_command(
                     registration.superseded_channel,
-                    {
-                        "type": "worker.superseded",
-                        "connection_id": registration.superseded_connection_id,
-                    },
+                    SUPERSEDE,
+                    registration.superseded_connection_id,  # type: ignore[arg-type]
                 )
             except Exception as exc:  # the row is closed; its holder closes the socket anyway
                 log.warning(
@@ -152,6 +156,10 @@ class RegisterConsumer(AsyncWebsocketConsumer):
         raise AssertionError(f"unhandled message {message!r}")
 
     async def _drop_for_rate_limit(self) -> None:
+        now = time.monotonic()
+        if now - self.last_drop > FLOOD_MEMORY:
+            self.dropped = 0  # a burst long ago does not count towards closing the connection
+        self.last_drop = now
         self.dropped += 1
         if self.dropped >= settings.RENDEZVOUS["RATE_LIMIT_CLOSE_AFTER"]:
             log.warning(
@@ -168,13 +176,13 @@ class RegisterConsumer(AsyncWebsocketConsumer):
     async def disconnect(self, code: int) -> None:
         if self.connection_id is None:
             return
-        get_runtime().detach(self.connection_id)
         by_server = self._server_close_code is not None
         final_code = self._server_close_code if by_server else code
         reason = protocol.describe_close(final_code, by_server=by_server)
+        runtime = get_runtime()
         try:
-            ended = await database_sync_to_async(services.close_connection)(
-                connection_id=self.connection_id, code=final_code or 1006, reason=reason
+            ended = await runtime.closes.submit(
+                services.CloseRequest(self.connection_id, final_code or 1006, reason)
             )
         except DatabaseError as exc:
             # Housekeeping closes the row once the database is back (reconcile_instance).
@@ -185,6 +193,10 @@ class RegisterConsumer(AsyncWebsocketConsumer):
                 exc,
             )
             return
+        finally:
+            # Only now: until the close is written, reconciliation must see this socket as held,
+            # or it would record the row as lost (1006) over the true code.
+            runtime.detach(self.connection_id)
         log.info(
             "worker=%s connection=%s closed code=%s (%s)%s",
             self.worker_id,
@@ -201,11 +213,3 @@ class RegisterConsumer(AsyncWebsocketConsumer):
         self._server_close_code = int(code)
         await self.send(protocol.closing(protocol.CloseCode(code)))
         await self.close(code=int(code))
-
-    # ---- channel-layer events -------------------------------------------------------------------
-
-    async def worker_superseded(self, event: dict[str, Any]) -> None:
-        await self.close_with(protocol.CloseCode.SUPERSEDED)
-
-    async def worker_disconnect(self, event: dict[str, Any]) -> None:
-        await self.close_with(protocol.CloseCode.DISCONNECTED_BY_OPERATOR)

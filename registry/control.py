@@ -11,9 +11,9 @@ from __future__ import annotations
 import logging
 
 from asgiref.sync import async_to_sync
-from channels.layers import get_channel_layer
 
 from registry import protocol, selectors, services
+from registry.runtime import DISCONNECT, InstanceRuntime
 
 log = logging.getLogger("registry.control")
 
@@ -29,9 +29,7 @@ def disconnect_worker(worker_id: str) -> bool:
         connection_id=connection_id, code=code, reason=protocol.CLOSE_REASONS[code]
     )
     try:
-        async_to_sync(get_channel_layer().send)(
-            channel_name, {"type": "worker.disconnect", "connection_id": connection_id}
-        )
+        async_to_sync(InstanceRuntime.send_command)(channel_name, DISCONNECT, connection_id)
     except Exception as exc:  # the row is closed; housekeeping closes the socket
         log.warning(
             "worker=%s connection=%s disconnect not delivered: %s", worker_id, connection_id, exc

@@ -35,6 +35,9 @@ CLEAN_INTERVAL = 1.0
 class InMemoryChannelLayer(ChannelsInMemoryChannelLayer):
     def __init__(self, *args: Any, clock: Callable[[], float] = time.monotonic, **kwargs: Any):
         super().__init__(*args, **kwargs)
+        # channels-redis compiles `channel_capacity` globs; channels' in-memory layer forgets to.
+        if isinstance(self.channel_capacity, dict):
+            self.channel_capacity = self.compile_capacities(self.channel_capacity)
         self._clock = clock
         self._next_clean = 0.0
         self.full_scans = 0

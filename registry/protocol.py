@@ -207,7 +207,7 @@ def parse_client_message(text: str, *, max_bytes: int = DEFAULT_MAX_FRAME_BYTES)
     """Turn one text frame into a message, or raise the ProtocolError that says what is wrong."""
     check_frame_size(text, max_bytes)
     try:
-        data = json.loads(text)
+        data = json.loads(text, parse_constant=_refuse_constant)
     except (ValueError, RecursionError):
         raise InvalidJson("frame is not valid JSON") from None
     if not isinstance(data, dict):
@@ -226,6 +226,11 @@ def parse_client_message(text: str, *, max_bytes: int = DEFAULT_MAX_FRAME_BYTES)
     if kind == ClientMessageType.AGENT_INFO:
         return AgentInfo(info=_validate_agent_info(data.get("info")))
     raise UnknownType(f"unknown message type {kind[:64]!r}")
+
+
+def _refuse_constant(name: str) -> None:
+    # Python's json accepts NaN and Infinity; JSON (and the database's JSON columns) do not.
+    raise ValueError(f"{name} is not JSON")
 
 
 def _validate_agent_info(info: Any) -> dict[str, str | int | float | bool | None]:

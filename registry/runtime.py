@@ -21,15 +21,25 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+from channels.layers import get_channel_layer
 from django.conf import settings
 from django.db import close_old_connections
 from django.utils import timezone
 
 from registry import protocol, services
+from registry.batching import Coalescer
 
 log = logging.getLogger("registry.runtime")
 
 Closer = Callable[[int], Coroutine[Any, Any, None]]
+
+# Commands to a live connection, sent through the channel layer to the instance that holds it.
+SUPERSEDE = "worker.superseded"
+DISCONNECT = "worker.disconnect"
+COMMAND_CLOSE_CODES = {
+    SUPERSEDE: protocol.CloseCode.SUPERSEDED,
+    DISCONNECT: protocol.CloseCode.DISCONNECTED_BY_OPERATOR,
+}
 
 
 @dataclass(slots=True)
@@ -52,11 +62,28 @@ class InstanceRuntime:
     def __init__(self, *, name: str) -> None:
         self.name = name
         self.instance_id = uuid.uuid4().hex
+        # One channel per process, not per connection: a consumer subscribed to a channel of its
+        # own costs a queue, a task and a layer receive for each of thousands of sockets.
+        self.channel_name = f"rendezvous.instance.{uuid.uuid4().hex}"
+        self._listener: asyncio.Task[None] | None = None
         self._registered = False
         self._lock = threading.Lock()
         self._sockets: dict[int, _LocalSocket] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # Registry writes of every connection on this process, coalesced into batches.
+        self.registrations: Coalescer[services.RegistrationRequest, services.Registration] = (
+            Coalescer(self._write_registrations, name="registrations")
+        )
+        self.closes: Coalescer[services.CloseRequest, bool] = Coalescer(
+            services.close_connections, name="closes"
+        )
+
+    def _write_registrations(
+        self, requests: list[services.RegistrationRequest]
+    ) -> list[services.Registration]:
+        instance_id = self.ensure_registered()
+        return services.register_connections(requests, instance_id=instance_id)
 
     @property
     def config(self) -> dict[str, Any]:
@@ -71,6 +98,7 @@ class InstanceRuntime:
                     name=self.name,
                     hostname=socket.gethostname(),
                     pid=os.getpid(),
+                    is_dead=self._is_dead,
                 )
                 self._registered = True
                 log.info(
@@ -81,11 +109,46 @@ class InstanceRuntime:
                 )
             return self.instance_id
 
+    def _is_dead(self, other: Any) -> bool:
+        """Whether an earlier boot under our name is certainly gone: its process no longer
+        exists on this host, or it has been silent for longer than the staleness bound."""
+        if other.hostname == socket.gethostname() and not _process_exists(other.pid):
+            return True
+        silent_for = (timezone.now() - other.heartbeat_at).total_seconds()
+        return silent_for > self.config["INSTANCE_DEAD_AFTER"]
+
     # ---- sockets held here (called on the event loop) ------------------------------------------
 
     def attach(self, connection_id: int, close: Closer) -> None:
+        loop = asyncio.get_running_loop()
         self._sockets[connection_id] = _LocalSocket(
-            close=close, loop=asyncio.get_running_loop(), attached_at=timezone.now()
+            close=close, loop=loop, attached_at=timezone.now()
+        )
+        if self._listener is None or self._listener.done() or self._listener.get_loop() is not loop:
+            self._listener = loop.create_task(self._listen())
+
+    async def _listen(self) -> None:
+        """Carry out commands sent to this instance's channel on the sockets it holds."""
+        layer = get_channel_layer()
+        while True:
+            try:
+                message = await layer.receive(self.channel_name)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # keep listening: a lost command is redone by housekeeping
+                log.exception("instance=%s command channel failed", self.instance_id)
+                await asyncio.sleep(1)
+                continue
+            code = COMMAND_CLOSE_CODES.get(message.get("type", ""))
+            local = self._sockets.get(message.get("connection_id"))  # type: ignore[arg-type]
+            if code is not None and local is not None:
+                await local.close(code)
+
+    @staticmethod
+    async def send_command(channel_name: str, command: str, connection_id: int) -> None:
+        """Ask the instance listening on `channel_name` to act on one of its connections."""
+        await get_channel_layer().send(
+            channel_name, {"type": command, "connection_id": connection_id}
         )
 
     def detach(self, connection_id: int) -> None:
@@ -117,6 +180,7 @@ class InstanceRuntime:
             now=now,
             exclude=self.instance_id,
         )
+        swept += services.close_connections_of_stopped_instances(now=now)
         touched = services.touch_held_workers(
             instance_id=self.instance_id, now=now, resolution=max(interval, timedelta(seconds=10))
         )
@@ -202,6 +266,16 @@ class InstanceRuntime:
             log.info("instance=%s stopped; %d sessions closed", self.instance_id, closed)
         except Exception:
             log.exception("instance=%s could not record its shutdown", self.instance_id)
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 _runtime: InstanceRuntime | None = None

@@ -6,10 +6,12 @@ Each function is one transaction, so a failure half-way leaves no half-written r
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from django.db import transaction
+from django.db import DatabaseError, transaction
+from django.db.models import Q
 from django.utils import timezone
 
 from registry import protocol
@@ -23,10 +25,25 @@ CODE_CONNECTION_LOST = 1006
 
 
 @dataclass(frozen=True, slots=True)
+class RegistrationRequest:
+    worker_id: str
+    channel_name: str
+    observed_ip: str | None
+    observed_port: int | None
+
+
+@dataclass(frozen=True, slots=True)
 class Registration:
     connection_id: int
     superseded_connection_id: int | None
     superseded_channel: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class CloseRequest:
+    connection_id: int
+    code: int
+    reason: str
 
 
 def register_connection(
@@ -39,45 +56,111 @@ def register_connection(
     now: datetime | None = None,
 ) -> Registration:
     """Open a connection for `worker_id`; an older open one is closed as superseded."""
+    request = RegistrationRequest(worker_id, channel_name, observed_ip, observed_port)
+    return register_connections([request], instance_id=instance_id, now=now)[0]
+
+
+def register_connections(
+    requests: Sequence[RegistrationRequest], *, instance_id: str, now: datetime | None = None
+) -> list[Registration]:
+    """Register a batch of connections: a few statements per batch, not per connection.
+
+    An id that appears twice in one batch is registered in order (the later supersedes the
+    earlier), each round in its own transaction.
+    """
     now = now or timezone.now()
-    with transaction.atomic():
-        worker, created = Worker.objects.select_for_update().get_or_create(
-            id=worker_id, defaults={"first_seen": now, "last_seen": now}
-        )
-        previous: Connection | None = None
-        if not created and worker.current_connection_id is not None:
-            previous = Connection.objects.open().filter(pk=worker.current_connection_id).first()
-        if previous is not None:
-            _close_connection_row(
-                previous.pk, code=protocol.CloseCode.SUPERSEDED, reason="superseded", now=now
-            )
-        connection = Connection.objects.create(
-            worker=worker,
-            instance_id=instance_id,
-            channel_name=channel_name,
-            opened_at=now,
-            observed_ip=observed_ip,
-            observed_port=observed_port,
-        )
-        worker.status = WorkerStatus.CONNECTED
-        worker.current_connection = connection
-        worker.last_seen = now
-        worker.observed_ip = observed_ip
-        worker.observed_port = observed_port
-        worker.save(
-            update_fields=[
-                "status",
-                "current_connection",
-                "last_seen",
-                "observed_ip",
-                "observed_port",
-            ]
-        )
-    return Registration(
-        connection_id=connection.pk,
-        superseded_connection_id=previous.pk if previous else None,
-        superseded_channel=previous.channel_name if previous else None,
+    results: list[Registration | None] = [None] * len(requests)
+    rounds: list[list[int]] = []
+    seen: dict[str, int] = {}
+    for index, request in enumerate(requests):
+        occurrence = seen.get(request.worker_id, 0)
+        seen[request.worker_id] = occurrence + 1
+        if occurrence == len(rounds):
+            rounds.append([])
+        rounds[occurrence].append(index)
+    for indices in rounds:
+        batch = [requests[i] for i in indices]
+        with transaction.atomic():
+            for i, registration in zip(
+                indices, _register_round(batch, instance_id, now), strict=True
+            ):
+                results[i] = registration
+    return results  # type: ignore[return-value]
+
+
+class InstanceStopped(DatabaseError):
+    """The instance was declared dead (swept) before it could record these connections."""
+
+
+def _register_round(
+    requests: list[RegistrationRequest], instance_id: str, now: datetime
+) -> list[Registration]:
+    # Lock the instance row: a sweep that stops this instance waits for the registration, or
+    # the registration sees the instance stopped. A connection never lands on a dead instance.
+    running = ServerInstance.objects.select_for_update().filter(id=instance_id, stopped_at=None)
+    if not list(running.values_list("id", flat=True)):
+        raise InstanceStopped(f"instance {instance_id} is stopped")
+    ids = [r.worker_id for r in requests]
+    Worker.objects.bulk_create(
+        [Worker(id=worker_id, first_seen=now, last_seen=now) for worker_id in ids],
+        ignore_conflicts=True,
     )
+    previous = {
+        worker_id: (connection_id, channel)
+        for worker_id, connection_id, channel, closed_at in Worker.objects.select_for_update(
+            of=("self",)
+        )
+        .filter(id__in=ids)
+        .values_list(
+            "id",
+            "current_connection_id",
+            "current_connection__channel_name",
+            "current_connection__closed_at",
+        )
+        if connection_id is not None and closed_at is None
+    }
+    if previous:
+        Connection.objects.filter(
+            id__in=[connection_id for connection_id, _ in previous.values()], closed_at__isnull=True
+        ).update(closed_at=now, close_code=protocol.CloseCode.SUPERSEDED, close_reason="superseded")
+    connections = Connection.objects.bulk_create(
+        [
+            Connection(
+                worker_id=r.worker_id,
+                instance_id=instance_id,
+                channel_name=r.channel_name,
+                opened_at=now,
+                observed_ip=r.observed_ip,
+                observed_port=r.observed_port,
+            )
+            for r in requests
+        ]
+    )
+    Worker.objects.bulk_update(
+        [
+            Worker(
+                id=r.worker_id,
+                status=WorkerStatus.CONNECTED,
+                current_connection_id=c.pk,
+                last_seen=now,
+                observed_ip=r.observed_ip,
+                observed_port=r.observed_port,
+            )
+            for r, c in zip(requests, connections, strict=True)
+        ],
+        ["status", "current_connection", "last_seen", "observed_ip", "observed_port"],
+    )
+    registrations = []
+    for r, c in zip(requests, connections, strict=True):
+        superseded = previous.get(r.worker_id)
+        registrations.append(
+            Registration(
+                connection_id=c.pk,
+                superseded_connection_id=superseded[0] if superseded else None,
+                superseded_channel=superseded[1] if superseded else None,
+            )
+        )
+    return registrations
 
 
 def close_connection(
@@ -87,20 +170,57 @@ def close_connection(
 
     Returns whether it ended the worker's registration.
     """
+    return close_connections([CloseRequest(connection_id, code, reason)], now=now)[0]
+
+
+def close_connections(
+    requests: Sequence[CloseRequest], *, now: datetime | None = None
+) -> list[bool]:
+    """Record the ends of a batch of connections in one transaction (see `close_connection`)."""
     now = now or timezone.now()
+    groups: dict[tuple[int, str], list[int]] = {}
+    for r in requests:
+        groups.setdefault((r.code, r.reason[:200]), []).append(r.connection_id)
     with transaction.atomic():
-        _close_connection_row(connection_id, code=code, reason=reason, now=now)
-        ended = Worker.objects.filter(current_connection_id=connection_id).update(
-            status=WorkerStatus.DISCONNECTED, current_connection=None, last_seen=now
-        )
-    return bool(ended)
+        ended = _end_connections(groups, now=now)
+    return [r.connection_id in ended for r in requests]
 
 
-def _close_connection_row(connection_id: int, *, code: int, reason: str, now: datetime) -> None:
-    # Only an open row is closed: the first recorded ending (superseded, swept) is the true one.
-    Connection.objects.filter(pk=connection_id, closed_at__isnull=True).update(
-        closed_at=now, close_code=code, close_reason=reason[:200]
-    )
+CHUNK = 5000  # ids per IN (...) list: well inside SQLite's limit on bound parameters
+
+
+def _chunks(ids: Sequence[int]) -> list[Sequence[int]]:
+    return [ids[i : i + CHUNK] for i in range(0, len(ids), CHUNK)]
+
+
+def _end_connections(
+    groups: dict[tuple[int, str], list[int]], *, now: datetime, last_seen: datetime | None = None
+) -> set[int]:
+    """Close connection rows and take their workers offline where they were current.
+
+    Call inside a transaction. Locks go worker rows first, then connection rows, the order
+    registration takes them in too, so a close racing a registration cannot deadlock. Only an
+    open row is closed: the first recorded ending (superseded, swept) stands. Returns the ids
+    that were their worker's current connection.
+    """
+    ids = [i for members in groups.values() for i in members]
+    ended: set[int] = set()
+    for chunk in _chunks(ids):
+        holders = Worker.objects.select_for_update().filter(current_connection_id__in=chunk)
+        current = set(holders.values_list("current_connection_id", flat=True))
+        if current:
+            Worker.objects.filter(current_connection_id__in=current).update(
+                status=WorkerStatus.DISCONNECTED,
+                current_connection=None,
+                last_seen=last_seen or now,
+            )
+        ended |= current
+    for (code, reason), members in groups.items():
+        for chunk in _chunks(members):
+            Connection.objects.filter(id__in=chunk, closed_at__isnull=True).update(
+                closed_at=now, close_code=code, close_reason=reason
+            )
+    return ended
 
 
 def report_public_ip(*, connection_id: int, ip: str, now: datetime | None = None) -> bool:
@@ -137,11 +257,20 @@ def touch_held_workers(*, instance_id: str, now: datetime, resolution: timedelta
 
 
 def start_instance(
-    *, instance_id: str, name: str, hostname: str, pid: int, now: datetime | None = None
+    *,
+    instance_id: str,
+    name: str,
+    hostname: str,
+    pid: int,
+    is_dead: Callable[[ServerInstance], bool],
+    now: datetime | None = None,
 ) -> int:
-    """Record a new boot; earlier boots under the same name are dead, so their sessions end.
+    """Record a new boot. Earlier boots under the same name that `is_dead` confirms (a crash
+    before this restart) have their sessions closed now, not after the staleness bound.
 
-    Returns how many connections that closed.
+    A same-name boot that may be alive (another process given the same name by mistake) is
+    left to the staleness rule, so two live instances never close each other's sessions.
+    Returns how many connections were closed.
     """
     now = now or timezone.now()
     ServerInstance.objects.create(
@@ -149,10 +278,21 @@ def start_instance(
     )
     closed = 0
     earlier = ServerInstance.objects.running().filter(name=name).exclude(id=instance_id)
-    for old_id in earlier.values_list("id", flat=True):
-        closed += stop_instance(
-            instance_id=old_id, reason=protocol.REASON_INSTANCE_RESTARTED, now=now
-        )
+    for old in earlier:
+        if is_dead(old):
+            closed += stop_instance(
+                instance_id=old.id, reason=protocol.REASON_INSTANCE_RESTARTED, now=now
+            )
+        else:
+            log.error(
+                "instance=%s shares the name %r with running instance %s (pid %s on %s); "
+                "give each instance its own RENDEZVOUS_INSTANCE_NAME",
+                instance_id,
+                name,
+                old.id,
+                old.pid,
+                old.hostname,
+            )
     return closed
 
 
@@ -185,14 +325,12 @@ def stop_instance(
         last_alive = ServerInstance.objects.values_list("heartbeat_at", flat=True).get(
             id=instance_id
         )
-        Worker.objects.held_by(instance_id).update(
-            status=WorkerStatus.DISCONNECTED,
-            current_connection=None,
-            last_seen=min(last_alive, now),
-        )
-        return Connection.objects.held_by(instance_id).update(
-            closed_at=now, close_code=code, close_reason=reason[:200]
-        )
+        # Ids first, then updates by id: an UPDATE ... WHERE id IN (subquery) that waits for a
+        # row lock re-checks only that row on PostgreSQL, not the subquery, and would take a
+        # worker offline whose newer connection (elsewhere) committed meanwhile.
+        ids = list(Connection.objects.held_by(instance_id).values_list("id", flat=True))
+        _end_connections({(code, reason[:200]): ids}, now=now, last_seen=min(last_alive, now))
+        return len(ids)
 
 
 def sweep_silent_instances(
@@ -222,6 +360,20 @@ def sweep_silent_instances(
 class Reconciliation:
     orphans_closed: int
     closed_elsewhere: dict[int, int]  # connection id -> close code, for sockets still open here
+
+
+def close_connections_of_stopped_instances(*, now: datetime | None = None) -> int:
+    """Backstop for the staleness rule: no row stays open on an instance that is stopped."""
+    now = now or timezone.now()
+    with transaction.atomic():
+        ids = list(
+            Connection.objects.open()
+            .filter(Q(instance__stopped_at__isnull=False) | Q(instance__isnull=True))
+            .values_list("id", flat=True)
+        )
+        if ids:
+            _end_connections({(CODE_CONNECTION_LOST, protocol.REASON_INSTANCE_LOST): ids}, now=now)
+    return len(ids)
 
 
 def reconcile_instance(

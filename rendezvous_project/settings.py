@@ -60,6 +60,7 @@ SECRET_KEY = os.environ.get("SECRET_KEY") or _local_secret_key()
 DEBUG = env_bool("DEBUG", False)
 ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", ["localhost", "127.0.0.1", "[::1]"])
 CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", [])
+CSRF_FAILURE_VIEW = "registry.views.csrf_failure"  # errors are JSON, never HTML pages
 
 # Where `manage.py serve` binds daphne.
 HOST = os.environ.get("HOST") or "127.0.0.1"
@@ -120,13 +121,14 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
         "transaction_mode": "IMMEDIATE",
         "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
     }
-    DATABASES["default"]["CONN_MAX_AGE"] = 0
     # On disk, not in memory: the daphne processes the end-to-end tests start must share it.
     DATABASES["default"]["TEST"] = {"NAME": str(DATA_DIR / "test-rendezvous.sqlite3")}
     DATA_DIR.mkdir(parents=True, exist_ok=True)
 
 REDIS_URL = os.environ.get("REDIS_URL") or ""
 CHANNEL_CAPACITY = env_int("RENDEZVOUS_CHANNEL_CAPACITY", 1000)
+# Each instance has one command channel for all of its connections (registry/runtime.py).
+INSTANCE_CHANNEL_CAPACITY = {"rendezvous.instance.*": max(CHANNEL_CAPACITY, 100_000)}
 if REDIS_URL:
     CHANNEL_LAYERS = {
         "default": {
@@ -134,6 +136,7 @@ if REDIS_URL:
             "CONFIG": {
                 "hosts": [REDIS_URL],
                 "capacity": CHANNEL_CAPACITY,
+                "channel_capacity": INSTANCE_CHANNEL_CAPACITY,
                 "expiry": 60,
                 "prefix": os.environ.get("RENDEZVOUS_REDIS_PREFIX") or "rendezvous",
             },
@@ -143,7 +146,11 @@ else:
     CHANNEL_LAYERS = {
         "default": {
             "BACKEND": "registry.layers.InMemoryChannelLayer",
-            "CONFIG": {"capacity": CHANNEL_CAPACITY, "expiry": 60},
+            "CONFIG": {
+                "capacity": CHANNEL_CAPACITY,
+                "channel_capacity": INSTANCE_CHANNEL_CAPACITY,
+                "expiry": 60,
+            },
         }
     }
 
@@ -175,6 +182,9 @@ RENDEZVOUS = {
     "WEBSOCKET_TIMEOUT": env_int("RENDEZVOUS_WEBSOCKET_TIMEOUT", 86400),
     "PING_INTERVAL": env_int("RENDEZVOUS_PING_INTERVAL", 20),
     "PING_TIMEOUT": env_int("RENDEZVOUS_PING_TIMEOUT", 30),
+    # daphne's access log: a line per HTTP request and two per WebSocket. The service logs its own
+    # line per registration and close, so this is off unless asked for.
+    "ACCESS_LOG": env_bool("RENDEZVOUS_ACCESS_LOG", False),
     # Start the housekeeping thread with the ASGI application (tests call it directly instead).
     "HOUSEKEEPING": env_bool("RENDEZVOUS_HOUSEKEEPING", True),
     "API_PAGE_SIZE": env_int("RENDEZVOUS_API_PAGE_SIZE", 100),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import pytest
 from django.core.management import get_commands
 
 from registry.management.commands.serve import daphne_arguments
-from tests.support.processes import REPO
+from tests.support.processes import REPO, SERVE_ARGV, WORKER_ARGV
 
 pytestmark = pytest.mark.standalone
 
@@ -53,13 +54,14 @@ def test_serve_runs_daphne_on_the_asgi_application_with_the_websocket_limits() -
 
 def test_the_dockerfile_runs_the_commands_the_tests_run() -> None:
     dockerfile = (REPO / "Dockerfile").read_text()
-    assert re.search(r'^CMD \["python", "manage.py", "serve"\]$', dockerfile, re.M)
-    assert "python -m worker_agent" in dockerfile
+    [cmd] = re.findall(r"^CMD (\[.*\])$", dockerfile, re.M)
+    assert json.loads(cmd) == ["python", *SERVE_ARGV]  # what ServerProcess starts
     assert re.search(r"^USER 10001$", dockerfile, re.M)  # not root
-    server_command = (REPO / "tests/support/processes.py").read_text()
-    assert '"manage.py", "serve"' in server_command
-    agent_test = (REPO / "tests/test_e2e_agent.py").read_text()
-    assert '"-m", "worker_agent"' in agent_test
+    worker = " ".join(["python", *WORKER_ARGV])  # what the standalone-agent test starts
+    assert worker in dockerfile
+    deploy = (REPO / "docs/deploy.md").read_text()
+    assert "--command python --args " + ",".join(WORKER_ARGV) in deploy
+    assert " ".join(["python", *SERVE_ARGV]) in deploy
 
 
 def test_registry_before_channels_is_enforced_by_a_system_check(settings) -> None:

@@ -14,7 +14,14 @@ import pytest
 
 from registry.models import Connection, Worker, WorkerStatus
 from tests.support.ip_echo import IpEcho
-from tests.support.processes import REPO, ServerProcess, free_port, get_json, wait_until
+from tests.support.processes import (
+    REPO,
+    WORKER_ARGV,
+    ServerProcess,
+    free_port,
+    get_json,
+    wait_until,
+)
 from worker_agent import Backoff, WorkerAgent
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -132,7 +139,7 @@ def test_sigterm_stops_the_standalone_agent_with_a_normal_close(
     }
     log = (tmp_path / "agent.log").open("wb")
     process = subprocess.Popen(
-        [sys.executable, "-m", "worker_agent"],
+        [sys.executable, *WORKER_ARGV],
         cwd=REPO,
         env=env,
         stdout=log,

@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import pytest
 import websockets
-from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
 
 from registry import protocol
 from registry.models import Connection, ServerInstance, Worker, WorkerStatus
@@ -87,7 +87,7 @@ def test_second_socket_supersedes_the_first_over_the_wire(server: ServerProcess)
     assert codes == [4000, 1000]
 
 
-@pytest.mark.parametrize("worker_id", ["-dash-first", "has%20space", "x" * 129])
+@pytest.mark.parametrize("worker_id", ["-dash-first", "has%20space", "x" * 129, "a%2Fb", "a/b"])
 def test_ids_outside_the_rule_get_http_403_at_the_handshake(
     server: ServerProcess, worker_id: str
 ) -> None:
@@ -98,6 +98,17 @@ def test_ids_outside_the_rule_get_http_403_at_the_handshake(
 
     assert asyncio.run(scenario()) == 403
     assert not Worker.objects.exists()
+
+
+def test_other_websocket_paths_get_http_403(server: ServerProcess) -> None:
+    async def scenario() -> int:
+        with pytest.raises(InvalidStatus) as refused:
+            await websockets.connect(f"{server.ws_url}/ws/elsewhere")
+        return refused.value.response.status_code
+
+    assert asyncio.run(scenario()) == 403
+    assert server.process.poll() is None
+    assert "Traceback" not in server.log_tail(200)
 
 
 def test_frames_above_the_transport_cap_drop_the_connection_and_others_never_notice(
@@ -174,7 +185,7 @@ def connect_and_hold(server: ServerProcess, worker_id: str) -> Callable[[], None
     def run() -> None:
         async def main() -> None:
             ready, stop = asyncio.Event(), asyncio.Event()
-            with contextlib.suppress(ConnectionClosed, OSError):
+            with contextlib.suppress(WebSocketException, OSError):
                 await hold(server.ws_url, worker_id, ready, stop)
 
         asyncio.run(main())

@@ -57,3 +57,9 @@ async def test_full_channels_still_refuse_messages() -> None:
     await layer.send(channel, {"type": "a"})
     with pytest.raises(ChannelFull):
         await layer.send(channel, {"type": "b"})
+
+
+async def test_channel_capacity_globs_apply_to_the_in_memory_layer() -> None:
+    layer = InMemoryChannelLayer(capacity=2, channel_capacity={"rendezvous.instance.*": 5})
+    assert layer.get_capacity("rendezvous.instance.abc") == 5
+    assert layer.get_capacity("specific.x!y") == 2

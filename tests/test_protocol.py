@@ -50,6 +50,8 @@ def test_ipv6_addresses_are_stored_in_canonical_form() -> None:
         ('{"type": "register_public_ip", "ip": null}', ErrorCode.INVALID_IP),
         ('{"type": "register_public_ip", "ip": "fe80::1%eth0"}', ErrorCode.INVALID_IP),
         ('{"type": "agent_info"}', ErrorCode.MISSING_FIELD),
+        ('{"type": "agent_info", "info": {"load": NaN}}', ErrorCode.INVALID_JSON),
+        ('{"type": "agent_info", "info": {"load": Infinity}}', ErrorCode.INVALID_JSON),
         ('{"type": "agent_info", "info": {"a": {"nested": 1}}}', ErrorCode.INVALID_FIELD),
         ('{"type": "agent_info", "info": {"a": "' + "x" * 300 + '"}}', ErrorCode.INVALID_FIELD),
     ],

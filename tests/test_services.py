@@ -14,8 +14,15 @@ from registry.models import Connection, ServerInstance, Worker, WorkerStatus
 pytestmark = pytest.mark.django_db
 
 
-def start(instance_id: str = "a" * 32, name: str = "host:1", now=None) -> str:
-    services.start_instance(instance_id=instance_id, name=name, hostname="host", pid=1, now=now)
+def start(instance_id: str = "a" * 32, name: str = "host:1", now=None, dead=True) -> str:
+    services.start_instance(
+        instance_id=instance_id,
+        name=name,
+        hostname="host",
+        pid=1,
+        now=now,
+        is_dead=lambda other: dead,
+    )
     return instance_id
 
 
@@ -121,6 +128,31 @@ def test_restart_under_the_same_name_closes_what_the_earlier_boot_left_open() ->
     assert ServerInstance.objects.get(id=old).stopped_at is not None
 
 
+def test_a_live_instance_sharing_the_name_is_left_alone() -> None:
+    # Regression: two live instances named alike closed each other's sessions every round.
+    first = start("a" * 32, name="host:8000")
+    register("w1", first)
+    start("b" * 32, name="host:8000", dead=False)
+    assert Worker.objects.get(id="w1").status == WorkerStatus.CONNECTED
+    assert ServerInstance.objects.get(id=first).stopped_at is None
+
+
+def test_no_connection_is_recorded_on_a_stopped_instance() -> None:
+    instance = start()
+    services.stop_instance(instance_id=instance, reason="swept")
+    with pytest.raises(services.InstanceStopped):
+        register("late", instance)
+    assert not Connection.objects.exists()
+
+
+def test_rows_left_open_on_a_stopped_instance_are_closed_by_the_backstop() -> None:
+    instance = start()
+    register("w1", instance)
+    ServerInstance.objects.filter(id=instance).update(stopped_at=timezone.now())  # a lost race
+    assert services.close_connections_of_stopped_instances() == 1
+    assert Worker.objects.get(id="w1").status == WorkerStatus.DISCONNECTED
+
+
 def test_restart_under_another_name_leaves_other_instances_alone() -> None:
     other = start("a" * 32, name="host:8000")
     register("w1", other)
@@ -169,7 +201,7 @@ def test_a_swept_instance_learns_it_at_its_next_heartbeat() -> None:
     assert services.heartbeat_instance(instance_id=instance) is False
 
 
-def test_two_sweepers_racing_close_each_session_once() -> None:
+def test_a_second_stop_of_the_same_instance_closes_nothing_again() -> None:
     instance = start()
     register("w1", instance)
     assert services.stop_instance(instance_id=instance, reason="a") == 1

@@ -116,11 +116,18 @@ def test_unknown_path_is_a_json_404(client: Client) -> None:
 @pytest.mark.parametrize(
     "path", ["/", "/debug/list_workers", "/api/workers/", "/healthz", "/readyz"]
 )
-def test_wrong_method_is_a_json_405(client: Client, path: str) -> None:
-    response = client.post(path)
+def test_wrong_method_is_a_json_405(path: str) -> None:
+    # CSRF checks on, as for a real client (the test client turns them off by default).
+    response = Client(enforce_csrf_checks=True).post(path)
     assert response.status_code == 405
     assert response["Allow"] == "GET, HEAD"
     assert response.json()["status"] == 405
+
+
+def test_a_csrf_failure_is_json() -> None:
+    response = Client(enforce_csrf_checks=True).post("/admin/login/", {"username": "x"})
+    assert response.status_code == 403
+    assert response["Content-Type"] == "application/json"
 
 
 def test_healthz_answers_while_the_process_lives(client: Client) -> None:
@@ -138,7 +145,7 @@ def test_readyz_checks_database_and_channel_layer(client: Client) -> None:
 def test_readyz_is_503_when_the_channel_layer_is_unreachable(client: Client) -> None:
     unreachable = {
         "default": {
-            "BACKEND": "channels_redis.core.RedisChannelLayer",
+            "BACKEND": "registry.layers.RedisChannelLayer",
             "CONFIG": {"hosts": ["redis://127.0.0.1:1/0"]},
         }
     }

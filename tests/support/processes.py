@@ -16,6 +16,10 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 REPO = Path(__file__).resolve().parents[2]
+# The two roles of the Docker image, as the tests start them (tests/test_commands.py holds the
+# Dockerfile and docs/deploy.md to these).
+SERVE_ARGV = ["manage.py", "serve"]
+WORKER_ARGV = ["-m", "worker_agent"]
 T = TypeVar("T")
 
 
@@ -90,7 +94,7 @@ class ServerProcess:
         log.write(f"\n===== start {self.starts} =====\n".encode())
         log.flush()
         self.process = subprocess.Popen(
-            [sys.executable, "manage.py", "serve", "--host", "127.0.0.1", "--port", str(self.port)],
+            [sys.executable, *SERVE_ARGV, "--host", "127.0.0.1", "--port", str(self.port)],
             cwd=REPO,
             env=self.env,
             stdout=log,

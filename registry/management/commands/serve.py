@@ -12,7 +12,7 @@ from typing import Any
 from django.conf import settings
 from django.core.management.base import BaseCommand
 
-# daphne's own frame cap: a frame above it is cut off by the WebSocket layer (close code 1009).
+# daphne's own frame cap: above it the WebSocket layer drops the connection (the client sees 1006).
 # Frames between MAX_FRAME_BYTES and this get the protocol's FRAME_TOO_LARGE error instead.
 TRANSPORT_MAX_MESSAGE_BYTES = 64 * 1024
 
@@ -36,6 +36,7 @@ def daphne_arguments(host: str, port: int) -> list[str]:
         str(max(TRANSPORT_MAX_MESSAGE_BYTES, config["MAX_FRAME_BYTES"])),
         "--application-close-timeout",
         "10",
+        *(["--access-log", "-"] if config["ACCESS_LOG"] else ["--verbosity", "0"]),
         "rendezvous_project.asgi:application",
     ]
 

@@ -1,0 +1,37 @@
+#!/bin/sh
+# System packages the NAT traversal tests need: iptables (MASQUERADE inside network namespaces)
+# and iproute2 (`ip netns`, veth, bridge). Idempotent: installs only what is missing, with apt-get,
+# non-interactively. Without root or without apt-get it changes nothing and exits 0; those tests
+# then skip with a reason (or fail under RENDEZVOUS_REQUIRE_SERVICES=1).
+set -eu
+
+say() { echo "install_system_packages: $*"; }
+# iptables and ip live in sbin, which a non-login root shell may not have on PATH.
+PATH="$PATH:/usr/sbin:/sbin"
+
+if [ "$(id -u)" != "0" ]; then
+    say "not root; nothing installed (NAT tests will skip)"
+    exit 0
+fi
+if ! command -v apt-get >/dev/null 2>&1; then
+    say "no apt-get; nothing installed (NAT tests need iptables and iproute2)"
+    exit 0
+fi
+
+missing=""
+command -v iptables >/dev/null 2>&1 || missing="$missing iptables"
+command -v ip >/dev/null 2>&1 || missing="$missing iproute2"
+if [ -z "$missing" ]; then
+    say "iptables and iproute2 already installed"
+    exit 0
+fi
+
+export DEBIAN_FRONTEND=noninteractive
+say "installing:$missing"
+# shellcheck disable=SC2086  # word splitting of the package list is intended
+if ! apt-get install -y -q --no-install-recommends $missing; then
+    say "install failed; refreshing the package index and retrying"
+    apt-get update -q
+    apt-get install -y -q --no-install-recommends $missing
+fi
+say "installed:$missing"
