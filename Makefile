@@ -30,7 +30,7 @@ lint: $(VENV)/.installed
 	$(PY) -m ruff format --check .
 
 bench: $(VENV)/.installed
-	$(PY) bench/registrations.py
+	PY=$(PY) bash bench/run_matrix.sh
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .ruff_cache

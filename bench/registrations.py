@@ -102,6 +102,7 @@ def start_server(setup: str, workdir: Path) -> Server:
         env["DATABASE_URL"] = admin_url.rsplit("/", 1)[0] + f"/{database}"
         env["REDIS_URL"] = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
         env["RENDEZVOUS_REDIS_PREFIX"] = f"bench{port}"
+        env["SECRET_KEY"] = "bench-only-secret"
     subprocess.run([sys.executable, "manage.py", "migrate", "-v0"], cwd=REPO, env=env, check=True)
     log = (workdir / "server.log").open("wb")
     process = subprocess.Popen(
@@ -142,6 +143,7 @@ class Worker:
     connect_started: float = 0.0
     welcomed: float = 0.0
     dropped: bool = False
+    drop_reason: str = ""
     heartbeats: int = 0
 
 
@@ -170,8 +172,33 @@ async def hold(worker: Worker, interval: float, until: float) -> None:
             await worker.ws.recv()
             worker.heartbeats += 1
             await asyncio.sleep(min(interval, max(0.0, until - time.perf_counter())))
-    except websockets.ConnectionClosed:
+    except websockets.ConnectionClosed as closed:
         worker.dropped = True
+        received = closed.rcvd.code if closed.rcvd else None
+        sent = closed.sent.code if closed.sent else None
+        worker.drop_reason = f"{received}/{sent}"
+
+
+async def start_profiler(
+    args: argparse.Namespace, server: Server, phase: str
+) -> subprocess.Popen[bytes] | None:
+    """py-spy on the server for one phase (folded stacks), when --profile names a file."""
+    if not args.profile or args.profile_phase != phase:
+        return None
+    command = ["py-spy", "record", "--pid", str(server.pid), "--format", "raw", "--rate", "200"]
+    profiler = subprocess.Popen(
+        [*command, "--output", args.profile, "--nonblocking"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    await asyncio.sleep(1)
+    return profiler
+
+
+def stop_profiler(profiler: subprocess.Popen[bytes] | None) -> None:
+    if profiler is not None:
+        profiler.send_signal(signal.SIGINT)
+        profiler.wait(30)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -187,35 +214,14 @@ async def run(args: argparse.Namespace, server: Server) -> dict[str, float | int
     await asyncio.sleep(1)
     rss_before = rss_bytes(server.pid)
     cpu_before = cpu_seconds(server.pid)
-    profiler = None
-    if args.profile:  # py-spy on the server during the registration phase only
-        profiler = subprocess.Popen(
-            [
-                "py-spy",
-                "record",
-                "--pid",
-                str(server.pid),
-                "--format",
-                "raw",
-                "--rate",
-                "200",
-                "--output",
-                args.profile,
-                "--nonblocking",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        await asyncio.sleep(1)
+    profiler = await start_profiler(args, server, "register")
     started = time.perf_counter()
     outcomes = await asyncio.gather(
         *(register(url, w, gate) for w in workers), return_exceptions=True
     )
     elapsed = time.perf_counter() - started
     cpu_spent = cpu_seconds(server.pid) - cpu_before
-    if profiler is not None:
-        profiler.send_signal(signal.SIGINT)
-        profiler.wait(30)
+    stop_profiler(profiler)
     failures = [o for o in outcomes if isinstance(o, BaseException)]
     results["registration_failures"] = len(failures)
     if failures:
@@ -272,9 +278,17 @@ async def run(args: argparse.Namespace, server: Server) -> dict[str, float | int
         (cpu_seconds(server.pid) - cpu_before) / hold_elapsed * 100, 1
     )
     results["dropped_during_hold"] = sum(w.dropped for w in everyone)
+    if results["dropped_during_hold"]:
+        reasons: dict[str, int] = {}
+        for w in everyone:
+            if w.dropped:
+                reasons[w.drop_reason] = reasons.get(w.drop_reason, 0) + 1
+        results["drop_close_codes_received/sent"] = json.dumps(reasons)
 
+    profiler = await start_profiler(args, server, "close")
     closed_at = time.perf_counter()
     await asyncio.gather(*(w.ws.close() for w in everyone if w.ws), return_exceptions=True)
+    results["client_close_seconds"] = round(time.perf_counter() - closed_at, 2)
     while True:
         _, body = await asyncio.to_thread(http_get, f"{url}/debug/list_workers")
         if json.loads(body)["connected_workers_count"] == 0:
@@ -283,6 +297,7 @@ async def run(args: argparse.Namespace, server: Server) -> dict[str, float | int
             break
         await asyncio.sleep(0.1)
     results["seconds_until_registry_shows_0"] = round(time.perf_counter() - closed_at, 2)
+    stop_profiler(profiler)
     return results
 
 
@@ -295,10 +310,8 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=100, help="handshakes in flight")
     parser.add_argument("--sample", type=int, default=200, help="workers timed to visibility")
     parser.add_argument("--list-requests", type=int, default=10)
-    parser.add_argument(
-        "--profile",
-        help="write a py-spy profile (folded stacks) of the server's registrations here",
-    )
+    parser.add_argument("--profile", help="write a py-spy profile (folded stacks) of the server")
+    parser.add_argument("--profile-phase", choices=["register", "close"], default="register")
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="rendezvous-bench-"))
     server = start_server(args.setup, workdir)
@@ -310,7 +323,10 @@ def main() -> int:
     for key, value in results.items():
         print(f"{key:40} {value}")
     print(json.dumps(results))
-    shutil.rmtree(workdir, ignore_errors=True)
+    if results.get("dropped_during_hold") or results.get("registration_failures"):
+        print(f"server log kept for inspection: {workdir / 'server.log'}")
+    else:
+        shutil.rmtree(workdir, ignore_errors=True)
     return 0
 
 

@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 
+from channels.consumer import get_handler_name
 from channels.db import database_sync_to_async
+from channels.exceptions import StopConsumer
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 from django.db import DatabaseError
@@ -31,6 +34,25 @@ class RegisterConsumer(AsyncWebsocketConsumer):
     worker_id: str = ""
     connection_id: int | None = None
     _server_close_code: int | None = None
+
+    async def dispatch(self, message: dict[str, Any]) -> None:
+        """Channels' dispatch without its per-event `aclose_old_connections`.
+
+        That call is a hop to the database thread for every frame and every disconnect (55% of
+        the server's CPU while 10,000 workers disconnected in the benchmark). This consumer
+        reaches the database only through database_sync_to_async and the coalescers, which
+        close stale connections in the thread that owns them.
+        """
+        handler = getattr(self, get_handler_name(message), None)
+        if handler is None:
+            raise ValueError(f"no handler for message type {message['type']}")
+        await handler(message)
+
+    async def websocket_disconnect(self, message: dict[str, Any]) -> None:
+        # Channels' version ends with the same database-thread hop as its dispatch (no groups
+        # to leave here either).
+        await self.disconnect(message["code"])
+        raise StopConsumer()
 
     async def connect(self) -> None:
         self.worker_id = self.scope["url_route"]["kwargs"]["worker_id"]

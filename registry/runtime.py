@@ -185,9 +185,13 @@ class InstanceRuntime:
             instance_id=self.instance_id, now=now, resolution=max(interval, timedelta(seconds=10))
         )
         grace = 2 * interval
-        settled = {pk for pk, s in list(self._sockets.items()) if s.attached_at < now - grace}
+        held = list(self._sockets.items())  # before reading the rows: see reconcile_instance
         result = services.reconcile_instance(
-            instance_id=self.instance_id, local_ids=settled, grace=grace, now=now
+            instance_id=self.instance_id,
+            local_ids={pk for pk, _ in held},
+            settled_ids={pk for pk, s in held if s.attached_at < now - grace},
+            grace=grace,
+            now=now,
         )
         closed = sum(self._close_socket(pk, code) for pk, code in result.closed_elsewhere.items())
         return HousekeepingReport(

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from django.db import DatabaseError, transaction
-from django.db.models import Q
+from django.db.models import OuterRef, Q, Subquery
 from django.utils import timezone
 
 from registry import protocol
@@ -136,19 +136,15 @@ def _register_round(
             for r in requests
         ]
     )
-    Worker.objects.bulk_update(
-        [
-            Worker(
-                id=r.worker_id,
-                status=WorkerStatus.CONNECTED,
-                current_connection_id=c.pk,
-                last_seen=now,
-                observed_ip=r.observed_ip,
-                observed_port=r.observed_port,
-            )
-            for r, c in zip(requests, connections, strict=True)
-        ],
-        ["status", "current_connection", "last_seen", "observed_ip", "observed_port"],
+    # One UPDATE for the whole batch, each worker reading its values from its new connection row
+    # (bulk_update's per-row CASE expressions cost more CPU than the rest of the registration).
+    newest = Connection.objects.filter(worker_id=OuterRef("pk"), id__in=[c.pk for c in connections])
+    Worker.objects.filter(id__in=ids).update(
+        status=WorkerStatus.CONNECTED,
+        last_seen=now,
+        current_connection_id=Subquery(newest.values("id")[:1]),
+        observed_ip=Subquery(newest.values("observed_ip")[:1]),
+        observed_port=Subquery(newest.values("observed_port")[:1]),
     )
     registrations = []
     for r, c in zip(requests, connections, strict=True):
@@ -377,16 +373,21 @@ def close_connections_of_stopped_instances(*, now: datetime | None = None) -> in
 
 
 def reconcile_instance(
-    *, instance_id: str, local_ids: set[int], grace: timedelta, now: datetime | None = None
+    *,
+    instance_id: str,
+    local_ids: set[int],
+    settled_ids: set[int],
+    grace: timedelta,
+    now: datetime | None = None,
 ) -> Reconciliation:
     """Bring the rows this instance holds and the sockets it has back into agreement.
 
-    - A row open in the database with no socket here is closed: its disconnect could not be
-      written (the database was away).
-    - A socket here whose row is closed (superseded or swept while a message was lost) is
-      reported with the row's close code, for the caller to close the socket with.
-    Rows younger than `grace` are left alone, their consumer may still be attaching; the caller
-    passes in `local_ids` only sockets attached for longer than `grace`.
+    - A row open in the database, older than `grace`, with no socket here (`local_ids`: every
+      socket held now) is closed: its disconnect could not be written (the database was away).
+    - A socket here held for longer than `grace` (`settled_ids`) whose row is closed (superseded
+      or swept while a command was lost) is reported with the row's close code, for the caller
+      to close the socket with.
+    The two ages are measured separately: a row is written a little before its socket is held.
     """
     now = now or timezone.now()
     settled = now - grace
@@ -394,11 +395,12 @@ def reconcile_instance(
         Connection.objects.held_by(instance_id).values_list("id", "opened_at").iterator()
     )
     orphans = [pk for pk, opened in open_rows.items() if pk not in local_ids and opened < settled]
-    for pk in orphans:
-        close_connection(
-            connection_id=pk, code=CODE_CONNECTION_LOST, reason="closed while unrecorded", now=now
+    if orphans:
+        close_connections(
+            [CloseRequest(pk, CODE_CONNECTION_LOST, "closed while unrecorded") for pk in orphans],
+            now=now,
         )
-    missing = {pk for pk in local_ids if pk not in open_rows}
+    missing = {pk for pk in settled_ids if pk not in open_rows}
     closed_elsewhere: dict[int, int] = {}
     if missing:
         # A row that is gone entirely was deleted with its worker by an operator.

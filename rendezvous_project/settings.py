@@ -126,6 +126,14 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     DATA_DIR.mkdir(parents=True, exist_ok=True)
 
 REDIS_URL = os.environ.get("REDIS_URL") or ""
+
+
+def redis_hosts(url: str) -> list[dict[str, object]]:
+    # The socket timeout must outlast channels-redis's 5 s blocking pop: with redis-py's shorter
+    # one every idle receive failed with a TimeoutError (and could lose a message popped just then).
+    return [{"address": url, "socket_timeout": 15, "socket_connect_timeout": 5}]
+
+
 CHANNEL_CAPACITY = env_int("RENDEZVOUS_CHANNEL_CAPACITY", 1000)
 # Each instance has one command channel for all of its connections (registry/runtime.py).
 INSTANCE_CHANNEL_CAPACITY = {"rendezvous.instance.*": max(CHANNEL_CAPACITY, 100_000)}
@@ -134,7 +142,11 @@ if REDIS_URL:
         "default": {
             "BACKEND": "registry.layers.RedisChannelLayer",
             "CONFIG": {
-                "hosts": [REDIS_URL],
+                # The socket timeout must outlast channels-redis's 5 s blocking pop: redis-py's
+                # shorter default made every idle receive fail with a TimeoutError.
+                "hosts": [
+                    {"address": REDIS_URL, "socket_timeout": 15, "socket_connect_timeout": 5}
+                ],
                 "capacity": CHANNEL_CAPACITY,
                 "channel_capacity": INSTANCE_CHANNEL_CAPACITY,
                 "expiry": 60,

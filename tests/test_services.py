@@ -233,9 +233,11 @@ def test_reconcile_closes_rows_without_a_socket_and_reports_sockets_without_a_ro
     live = register("live", instance, now=t0)
     superseded = register("moved", instance, now=t0)
     register("moved", instance, now=t0)  # closes `superseded`'s row
+    held = {live.connection_id, superseded.connection_id}
     result = services.reconcile_instance(
         instance_id=instance,
-        local_ids={live.connection_id, superseded.connection_id},
+        local_ids=held,
+        settled_ids=held,
         grace=timedelta(seconds=10),
         now=t0 + timedelta(seconds=20),
     )
@@ -246,6 +248,23 @@ def test_reconcile_closes_rows_without_a_socket_and_reports_sockets_without_a_ro
     assert orphan.connection_id not in result.closed_elsewhere
 
 
+def test_a_socket_attached_just_after_its_row_was_written_is_no_orphan() -> None:
+    # Regression: under load a row is written a little before its socket is held; at the grace
+    # boundary the row was old enough to be an orphan while the socket was too young to count.
+    t0 = timezone.now()
+    instance = start(now=t0)
+    row = register("busy", instance, now=t0)
+    result = services.reconcile_instance(
+        instance_id=instance,
+        local_ids={row.connection_id},
+        settled_ids=set(),  # attached a few milliseconds after t0: not settled yet
+        grace=timedelta(seconds=10),
+        now=t0 + timedelta(seconds=10, milliseconds=5),
+    )
+    assert result.orphans_closed == 0
+    assert Worker.objects.get(id="busy").status == WorkerStatus.CONNECTED
+
+
 def test_reconcile_leaves_young_rows_alone() -> None:
     t0 = timezone.now()
     instance = start(now=t0)
@@ -253,6 +272,7 @@ def test_reconcile_leaves_young_rows_alone() -> None:
     result = services.reconcile_instance(
         instance_id=instance,
         local_ids=set(),
+        settled_ids=set(),
         grace=timedelta(seconds=10),
         now=t0 + timedelta(seconds=2),
     )

@@ -1,0 +1,56 @@
+"""The Redis channel layer as the settings build it, against a redis-server of the test's own."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from registry.layers import RedisChannelLayer
+from rendezvous_project.settings import redis_hosts
+from tests.support.backing import RedisServer, require_or_skip
+
+pytestmark = [pytest.mark.standalone, pytest.mark.asyncio]
+
+
+@pytest.fixture
+def redis(tmp_path: Path) -> Iterator[RedisServer]:
+    require_or_skip(shutil.which("redis-server") is not None, "redis-server is not installed")
+    server = RedisServer(tmp_path).start()
+    yield server
+    server.stop()
+
+
+async def test_an_idle_receive_waits_quietly_past_the_blocking_pop_timeout(
+    redis: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Regression: redis-py's default socket timeout cut channels-redis's 5 s BZPOPMIN short.
+    layer = RedisChannelLayer(hosts=redis_hosts(redis.url), prefix="idle")
+    with caplog.at_level(logging.WARNING, logger="registry.layers"), pytest.raises(TimeoutError):
+        await asyncio.wait_for(layer.receive("rendezvous.instance.idle"), 7)
+    assert not caplog.records
+
+
+async def test_a_message_sent_after_a_long_wait_arrives(redis: RedisServer) -> None:
+    layer = RedisChannelLayer(hosts=redis_hosts(redis.url), prefix="late")
+    receiving = asyncio.ensure_future(layer.receive("rendezvous.instance.late"))
+    await asyncio.sleep(6)
+    await layer.send("rendezvous.instance.late", {"type": "worker.disconnect", "connection_id": 1})
+    assert await asyncio.wait_for(receiving, 5) == {"type": "worker.disconnect", "connection_id": 1}
+
+
+async def test_a_redis_restart_is_waited_out(redis: RedisServer) -> None:
+    layer = RedisChannelLayer(hosts=redis_hosts(redis.url), prefix="restart")
+    receiving = asyncio.ensure_future(layer.receive("rendezvous.instance.r"))
+    await asyncio.sleep(0.5)
+    redis.stop()
+    await asyncio.sleep(1.5)
+    assert not receiving.done()  # retrying, not crashed
+    redis.start()
+    await asyncio.sleep(1)
+    await layer.send("rendezvous.instance.r", {"type": "worker.disconnect", "connection_id": 2})
+    assert (await asyncio.wait_for(receiving, 10))["connection_id"] == 2
