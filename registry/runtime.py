@@ -76,7 +76,7 @@ class InstanceRuntime:
             Coalescer(self._write_registrations, name="registrations")
         )
         self.closes: Coalescer[services.CloseRequest, bool] = Coalescer(
-            services.close_connections, name="closes"
+            services.close_connections, name="closes", max_batch=2000
         )
 
     def _write_registrations(
