@@ -69,3 +69,20 @@ def test_registry_before_channels_is_enforced_by_a_system_check(settings) -> Non
 
     settings.INSTALLED_APPS = [a for a in settings.INSTALLED_APPS if a != "registry"] + ["registry"]
     assert "rendezvous.E003" in [p.id for p in check_rendezvous_settings()]
+
+
+@pytest.mark.django_db
+def test_ensure_local_admin_creates_one_superuser_and_prints_its_password_once() -> None:
+    from io import StringIO
+
+    from django.contrib.auth.models import User
+    from django.core.management import call_command
+
+    first, second = StringIO(), StringIO()
+    call_command("ensure_local_admin", stdout=first)
+    call_command("ensure_local_admin", stdout=second)
+    assert User.objects.filter(is_superuser=True).count() == 1
+    assert "password" in first.getvalue() and "created superuser 'admin'" in first.getvalue()
+    assert (
+        "created superuser" not in second.getvalue() and "password was printed" in second.getvalue()
+    )

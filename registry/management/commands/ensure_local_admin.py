@@ -5,6 +5,7 @@ from __future__ import annotations
 import secrets
 from typing import Any
 
+from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand
 
@@ -16,6 +17,11 @@ class Command(BaseCommand):
         parser.add_argument("--username", default="admin")
 
     def handle(self, *args: Any, username: str, **options: Any) -> None:
+        if settings.DATABASES["default"]["ENGINE"] != "django.db.backends.sqlite3":
+            # A shared database is a deployment: its administrators are created on purpose
+            # (`manage.py createsuperuser`), never with a password printed to a terminal.
+            self.stdout.write("Admin: not a local SQLite database; no superuser created.")
+            return
         User = get_user_model()
         if User.objects.filter(is_superuser=True).exists():
             self.stdout.write(
