@@ -16,12 +16,13 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 from django.db import DatabaseError
 
-from registry import protocol, services
+from registry import metrics, protocol, services
 from registry.addresses import observed_address
+from registry.logs import InstanceLogAdapter
 from registry.ratelimit import TokenBucket
 from registry.runtime import SUPERSEDE, get_runtime
 
-log = logging.getLogger("registry.consumers")
+log = InstanceLogAdapter(logging.getLogger("registry.consumers"), lambda: get_runtime().instance_id)
 
 # Dropped messages count towards the 4029 close only while the drops keep coming: a gap this
 # long (seconds) without one starts the count again.
@@ -34,6 +35,7 @@ class RegisterConsumer(AsyncWebsocketConsumer):
     worker_id: str = ""
     connection_id: int | None = None
     _server_close_code: int | None = None
+    _last_heartbeat: float | None = None
 
     async def dispatch(self, message: dict[str, Any]) -> None:
         """Channels' dispatch without its per-event `aclose_old_connections`.
@@ -83,8 +85,10 @@ class RegisterConsumer(AsyncWebsocketConsumer):
             )
             await self.accept()
             await self.close_with(protocol.CloseCode.TRY_AGAIN_LATER)
+            metrics.closed(protocol.CloseCode.TRY_AGAIN_LATER)
             return
         self.connection_id = registration.connection_id
+        metrics.registered()
         runtime.attach(self.connection_id, self.close_with)
         await self.accept()
         await self.send(
@@ -126,6 +130,7 @@ class RegisterConsumer(AsyncWebsocketConsumer):
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
         if self.connection_id is None:
             return
+        metrics.message_received()
         if not self.bucket.take():
             await self._drop_for_rate_limit()
             return
@@ -142,6 +147,7 @@ class RegisterConsumer(AsyncWebsocketConsumer):
             reply = protocol.error(
                 protocol.Unavailable("registry unavailable; send it again later")
             )
+            metrics.protocol_error(protocol.ErrorCode.UNAVAILABLE)
         except protocol.ProtocolError as exc:
             log.info(
                 "worker=%s connection=%s %s: %s",
@@ -151,6 +157,7 @@ class RegisterConsumer(AsyncWebsocketConsumer):
                 exc.message,
             )
             reply = protocol.error(exc)
+            metrics.protocol_error(exc.code)
         await self.send(reply)
 
     async def handle(self, message: protocol.ClientMessage) -> str:
@@ -168,6 +175,7 @@ class RegisterConsumer(AsyncWebsocketConsumer):
                 )
                 return protocol.public_ip_registered(ip)
             case protocol.Heartbeat():
+                self._last_heartbeat = metrics.heartbeat(self._last_heartbeat)
                 # No write: housekeeping refreshes last_seen of every held worker in one statement.
                 return protocol.heartbeat_ack(time.time())
             case protocol.AgentInfo(info=info):
@@ -191,6 +199,7 @@ class RegisterConsumer(AsyncWebsocketConsumer):
         elif not self.rate_limited_streak:
             # One error per streak of dropped messages: a flood is not answered with a flood.
             self.rate_limited_streak = True
+            metrics.protocol_error(protocol.ErrorCode.RATE_LIMITED)
             await self.send(
                 protocol.error(protocol.RateLimited("too many messages; this one was dropped"))
             )
@@ -201,6 +210,7 @@ class RegisterConsumer(AsyncWebsocketConsumer):
         by_server = self._server_close_code is not None
         final_code = self._server_close_code if by_server else code
         reason = protocol.describe_close(final_code, by_server=by_server)
+        metrics.closed(final_code)
         runtime = get_runtime()
         try:
             ended = await runtime.closes.submit(
@@ -227,6 +237,12 @@ class RegisterConsumer(AsyncWebsocketConsumer):
             reason,
             "" if ended else ", worker still held by a newer connection",
         )
+
+    async def send(
+        self, text_data: str | None = None, bytes_data: bytes | None = None, close: bool = False
+    ) -> None:
+        metrics.message_sent()
+        await super().send(text_data, bytes_data, close)
 
     async def close_with(self, code: int) -> None:
         """Close from the server side: say why in a `closing` frame, then close with `code`."""

@@ -26,7 +26,7 @@ from django.conf import settings
 from django.db import close_old_connections
 from django.utils import timezone
 
-from registry import protocol, services
+from registry import metrics, protocol, services
 from registry.batching import Coalescer
 
 log = logging.getLogger("registry.runtime")
@@ -124,6 +124,7 @@ class InstanceRuntime:
         self._sockets[connection_id] = _LocalSocket(
             close=close, loop=loop, attached_at=timezone.now()
         )
+        metrics.socket_attached()
         if self._listener is None or self._listener.done() or self._listener.get_loop() is not loop:
             self._listener = loop.create_task(self._listen())
 
@@ -152,7 +153,8 @@ class InstanceRuntime:
         )
 
     def detach(self, connection_id: int) -> None:
-        self._sockets.pop(connection_id, None)
+        if self._sockets.pop(connection_id, None) is not None:
+            metrics.socket_detached()
 
     def held_count(self) -> int:
         return len(self._sockets)

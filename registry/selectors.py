@@ -7,7 +7,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from registry.models import Connection, Worker, WorkerStatus
+from django.db.models import Count
+
+from registry.models import Connection, ServerInstance, Worker, WorkerStatus
 
 RECENT_CONNECTIONS = 20
 
@@ -140,3 +142,13 @@ def current_channel(worker_id: str) -> tuple[int, str] | None:
         .first()
     )
     return (row[0], row[1]) if row else None
+
+
+def worker_counts_by_status() -> dict[str, int]:
+    counts = dict(Worker.objects.values_list("status").annotate(n=Count("id")).order_by())
+    return {status: counts.get(status, 0) for status in WorkerStatus.values}
+
+
+def running_instances() -> list[tuple[str, str, datetime]]:
+    """(id, name, last heartbeat) of every instance not known to have stopped."""
+    return list(ServerInstance.objects.running().values_list("id", "name", "heartbeat_at"))

@@ -12,10 +12,10 @@ from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 from django.conf import settings
 from django.db import connection
-from django.http import HttpRequest, JsonResponse
+from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 
-from registry import protocol, selectors
+from registry import metrics, protocol, selectors
 from registry.models import WorkerStatus
 
 log = logging.getLogger("registry.views")
@@ -68,6 +68,7 @@ def service_info(request: HttpRequest) -> JsonResponse:
                 "/api/workers/{worker_id}/",
                 "/healthz",
                 "/readyz",
+                "/metrics",
                 "/admin/",
             ],
         }
@@ -134,6 +135,11 @@ def worker_detail(request: HttpRequest, worker_id: str) -> JsonResponse:
 @get_only
 def healthz(request: HttpRequest) -> JsonResponse:
     return JsonResponse({"status": "ok"})
+
+
+@get_only
+def prometheus_metrics(request: HttpRequest) -> HttpResponse:
+    return HttpResponse(metrics.render(), content_type=metrics.CONTENT_TYPE)
 
 
 def _database_ready() -> None:

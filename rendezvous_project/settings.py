@@ -130,9 +130,9 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     DATABASES["default"]["TEST"] = {
         "NAME": str(DATA_DIR / f"test-rendezvous-{os.getpid()}.sqlite3")
     }
+    DATA_DIR.mkdir(parents=True, exist_ok=True)
 else:
     DATABASES["default"]["TEST"] = {"NAME": f"test_{DATABASES['default']['NAME']}_{os.getpid()}"}
-    DATA_DIR.mkdir(parents=True, exist_ok=True)
 
 REDIS_URL = os.environ.get("REDIS_URL") or ""
 

@@ -10,6 +10,7 @@ urlpatterns = [
     path("api/workers/<str:worker_id>/", views.worker_detail, name="worker-detail"),
     path("healthz", views.healthz, name="healthz"),
     path("readyz", views.readyz, name="readyz"),
+    path("metrics", views.prometheus_metrics, name="metrics"),
     path("admin/", admin.site.urls),
 ]
 

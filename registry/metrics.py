@@ -1,0 +1,174 @@
+"""Prometheus metrics: what this process sees (counters and gauges on the hot path, one `inc`
+each) and what the registry holds (read from the database when `/metrics` is scraped).
+
+Process metrics carry an `instance_name` label (`RENDEZVOUS_INSTANCE_NAME`), not `instance`,
+which Prometheus sets itself to the scrape target. With `PROMETHEUS_MULTIPROC_DIR` set before
+the process starts, prometheus-client keeps the values in files in that directory and `/metrics`
+adds up every process writing there (docs/operations.md).
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import time
+from collections.abc import Iterator
+
+from django.conf import settings
+from django.db import DatabaseError
+from django.utils import timezone
+from prometheus_client import (
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+log = logging.getLogger("registry.metrics")
+
+MULTIPROCESS = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+# The text format every Prometheus version reads (what generate_latest writes).
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+CONNECTED = Gauge(
+    "rendezvous_connected_workers",
+    "Worker sockets held by this server instance.",
+    ["instance_name"],
+    multiprocess_mode="livesum",
+)
+REGISTRATIONS = Counter(
+    "rendezvous_registrations",
+    "Connections registered by this server instance.",
+    ["instance_name"],
+)
+CLOSES = Counter(
+    "rendezvous_closes",
+    "Connections closed on this server instance, by close code (docs/protocol.md).",
+    ["instance_name", "code"],
+)
+PROTOCOL_ERRORS = Counter(
+    "rendezvous_protocol_errors",
+    "Error frames sent to workers, by error code (docs/protocol.md).",
+    ["instance_name", "code"],
+)
+MESSAGES_RECEIVED = Counter(
+    "rendezvous_messages_received",
+    "Frames received from workers (before the rate limit).",
+    ["instance_name"],
+)
+MESSAGES_SENT = Counter(
+    "rendezvous_messages_sent",
+    "Frames sent to workers.",
+    ["instance_name"],
+)
+HEARTBEAT_INTERVAL = Histogram(
+    "rendezvous_heartbeat_interval_seconds",
+    "Time between two application heartbeats on one connection, as the service saw them.",
+    ["instance_name"],
+    buckets=(1, 5, 10, 20, 30, 35, 40, 45, 60, 90, 120, 300, 600),
+)
+
+if MULTIPROCESS:
+    # `livesum` gauges count only processes that are alive; tell the library when we are not.
+    atexit.register(multiprocess.mark_process_dead, os.getpid())
+
+
+def _instance() -> str:
+    return settings.RENDEZVOUS["INSTANCE_NAME"]
+
+
+# ---- hooks, one call per event ------------------------------------------------------------------
+
+
+def socket_attached() -> None:
+    CONNECTED.labels(_instance()).inc()
+
+
+def socket_detached() -> None:
+    CONNECTED.labels(_instance()).dec()
+
+
+def registered() -> None:
+    REGISTRATIONS.labels(_instance()).inc()
+
+
+def closed(code: int | None) -> None:
+    CLOSES.labels(_instance(), str(code or 1006)).inc()
+
+
+def protocol_error(code: str) -> None:
+    PROTOCOL_ERRORS.labels(_instance(), str(code)).inc()
+
+
+def message_received() -> None:
+    MESSAGES_RECEIVED.labels(_instance()).inc()
+
+
+def message_sent() -> None:
+    MESSAGES_SENT.labels(_instance()).inc()
+
+
+def heartbeat(previous: float | None) -> float:
+    """Observe the time since the connection's previous heartbeat; returns this one's time."""
+    now = time.monotonic()
+    if previous is not None:
+        HEARTBEAT_INTERVAL.labels(_instance()).observe(now - previous)
+    return now
+
+
+# ---- the registry, read at scrape time ----------------------------------------------------------
+
+
+class RegistryCollector(Collector):
+    """Registry-wide numbers from the database: the same on every instance (aggregate with max)."""
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        from registry import selectors
+
+        up = GaugeMetricFamily(
+            "rendezvous_registry_up", "1 if the registry could be read for this scrape."
+        )
+        try:
+            counts = selectors.worker_counts_by_status()
+            running = selectors.running_instances()
+        except DatabaseError as exc:
+            log.warning("metrics: registry not readable: %s", exc)
+            up.add_metric([], 0)
+            yield up
+            return
+        up.add_metric([], 1)
+        yield up
+        workers = GaugeMetricFamily(
+            "rendezvous_registry_workers", "Workers in the registry, by status.", labels=["status"]
+        )
+        for status, count in counts.items():
+            workers.add_metric([status], count)
+        yield workers
+        now = timezone.now()
+        age = GaugeMetricFamily(
+            "rendezvous_registry_instance_heartbeat_age_seconds",
+            "Seconds since each running server instance last heartbeat its registry row.",
+            labels=["instance_name", "instance_id"],
+        )
+        for instance_id, name, heartbeat_at in running:
+            age.add_metric([name, instance_id], (now - heartbeat_at).total_seconds())
+        yield age
+
+
+def render() -> bytes:
+    """The text exposition: this process (or every process in multiprocess mode) + the registry."""
+    if MULTIPROCESS:
+        processes = CollectorRegistry()
+        multiprocess.MultiProcessCollector(processes)
+        body = generate_latest(processes)
+    else:
+        body = generate_latest(REGISTRY)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(RegistryCollector())
+    return body + generate_latest(registry)
