@@ -1,29 +1,50 @@
-"""The registry in the Django admin. Observed fields are read-only: editing them would lie."""
+"""The registry in the Django admin. Observed fields are read-only: editing them would lie.
+
+Every list column reads only the row and its `list_select_related` joins, so a page costs a
+fixed number of queries however many workers it shows (tests/test_admin.py counts them).
+"""
 
 from __future__ import annotations
 
+from datetime import datetime, timedelta
+from typing import Any
+
 from django.contrib import admin, messages
+from django.contrib.admin.utils import quote, unquote
+from django.core.exceptions import PermissionDenied
 from django.db.models import QuerySet
-from django.http import HttpRequest
+from django.forms.models import BaseInlineFormSet
+from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect
+from django.shortcuts import redirect
+from django.urls import URLPattern, path, reverse
+from django.utils import timezone
+from django.utils.html import format_html
+from django.utils.http import urlencode
+from django.utils.safestring import SafeString
+from django.utils.timesince import timesince
+from django.views.decorators.http import require_POST
 
 from registry import control
 from registry.models import Connection, ServerInstance, Worker
+from registry.selectors import RECENT_CONNECTIONS, registry_overview
 
 OBSERVED_WORKER_FIELDS = (
     "id",
-    "status",
+    "status_badge",
     "first_seen",
-    "last_seen",
+    "last_seen_ago",
     "observed_ip",
     "observed_port",
     "public_ip",
     "public_ip_reported_at",
     "agent_info",
     "current_connection",
+    "all_connections",
 )
 
 CONNECTION_FIELDS = (
     "worker",
+    "state_badge",
     "instance",
     "opened_at",
     "closed_at",
@@ -35,9 +56,117 @@ CONNECTION_FIELDS = (
     "channel_name",
 )
 
+# Colours that read on the admin's light and dark themes alike.
+_BADGE_COLOURS = {
+    "connected": "#1f7a3a",
+    "open": "#1f7a3a",
+    "disconnected": "#6b6b6b",
+    "closed": "#6b6b6b",
+}
+
+
+def badge(label: str) -> SafeString:
+    return format_html(
+        '<span class="rv-badge rv-badge-{}" style="display:inline-block;padding:1px 8px;'
+        "border-radius:9px;color:#fff;background:{};font-size:11px;font-weight:600;"
+        'letter-spacing:.02em">{}</span>',
+        label,
+        _BADGE_COLOURS.get(label, "#6b6b6b"),
+        label,
+    )
+
+
+def ago(moment: datetime | None, now: datetime | None = None) -> SafeString | str:
+    """`5 minutes ago`, with the exact time on hover."""
+    if moment is None:
+        return "-"
+    now = now or timezone.now()
+    label = (
+        "just now"
+        if now - moment < timedelta(minutes=1)
+        else f"{timesince(moment, now, depth=1)} ago"
+    )
+    local = timezone.localtime(moment)
+    return format_html(
+        '<time datetime="{}" title="{}">{}</time>',
+        moment.isoformat(),
+        local.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        label,
+    )
+
+
+def connections_url(worker_id: str) -> str:
+    query = urlencode({"worker__id__exact": worker_id})
+    return f"{reverse('admin:registry_connection_changelist')}?{query}"
+
+
+class LastSeenFilter(admin.SimpleListFilter):
+    title = "last seen"
+    parameter_name = "seen"
+    windows = {"1h": timedelta(hours=1), "24h": timedelta(days=1), "7d": timedelta(days=7)}
+
+    def lookups(self, request: HttpRequest, model_admin: admin.ModelAdmin) -> list[tuple[str, str]]:
+        return [
+            ("1h", "in the last hour"),
+            ("24h", "in the last 24 hours"),
+            ("7d", "in the last 7 days"),
+            ("older", "more than 7 days ago"),
+        ]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[Worker]) -> QuerySet[Worker]:
+        now = timezone.now()
+        if self.value() in self.windows:
+            return queryset.filter(last_seen__gte=now - self.windows[self.value()])
+        if self.value() == "older":
+            return queryset.filter(last_seen__lt=now - self.windows["7d"])
+        return queryset
+
+
+class HeldByInstanceFilter(admin.SimpleListFilter):
+    """Running instances only: the stopped ones hold nobody, and restarts pile up."""
+
+    title = "server instance"
+    parameter_name = "instance"
+
+    def lookups(self, request: HttpRequest, model_admin: admin.ModelAdmin) -> list[tuple[str, str]]:
+        return [(i.id, str(i)) for i in ServerInstance.objects.running().order_by("name")]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[Worker]) -> QuerySet[Worker]:
+        if self.value():
+            return queryset.filter(current_connection__instance_id=self.value())
+        return queryset
+
+
+class OpenConnectionFilter(admin.SimpleListFilter):
+    title = "state"
+    parameter_name = "state"
+
+    def lookups(self, request: HttpRequest, model_admin: admin.ModelAdmin) -> list[tuple[str, str]]:
+        return [("open", "open"), ("closed", "closed")]
+
+    def queryset(
+        self, request: HttpRequest, queryset: QuerySet[Connection]
+    ) -> QuerySet[Connection]:
+        if self.value() == "open":
+            return queryset.open()
+        if self.value() == "closed":
+            return queryset.filter(closed_at__isnull=False)
+        return queryset
+
+
+class RecentConnectionsFormSet(BaseInlineFormSet):
+    """A worker's most recent connections only: a flapping worker has thousands."""
+
+    def get_queryset(self) -> QuerySet[Connection]:
+        if not hasattr(self, "_recent"):
+            self._recent = super().get_queryset()[:RECENT_CONNECTIONS]
+        return self._recent
+
 
 class ConnectionInline(admin.TabularInline):
     model = Connection
+    formset = RecentConnectionsFormSet
+    verbose_name_plural = f"recent connections (latest {RECENT_CONNECTIONS})"
     fields = (
         "opened_at",
         "closed_at",
@@ -63,17 +192,20 @@ class ConnectionInline(admin.TabularInline):
 class WorkerAdmin(admin.ModelAdmin):
     list_display = (
         "id",
-        "status",
-        "observed_ip",
-        "observed_port",
+        "status_badge",
+        "last_seen_ago",
+        "observed_address",
         "public_ip",
-        "last_seen",
-        "first_seen",
+        "held_by",
+        "connections_link",
     )
-    list_filter = ("status",)
+    list_filter = ("status", LastSeenFilter, HeldByInstanceFilter)
+    list_select_related = ("current_connection__instance",)
     search_fields = ("id", "observed_ip", "public_ip")
-    ordering = ("id",)
+    # Connected first, then the most recently seen: the rows an operator is asking about.
+    ordering = ("status", "-last_seen", "id")
     readonly_fields = OBSERVED_WORKER_FIELDS
+    fields = OBSERVED_WORKER_FIELDS
     inlines = (ConnectionInline,)
     actions = ("disconnect_selected",)
     list_per_page = 100
@@ -82,10 +214,93 @@ class WorkerAdmin(admin.ModelAdmin):
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False  # workers exist because they connected
 
+    def changelist_view(
+        self, request: HttpRequest, extra_context: dict[str, Any] | None = None
+    ) -> HttpResponse:
+        context = {
+            "overview": registry_overview(now=timezone.now()),
+            **(extra_context or {}),
+        }
+        return super().changelist_view(request, extra_context=context)
+
+    def change_view(
+        self,
+        request: HttpRequest,
+        object_id: str,
+        form_url: str = "",
+        extra_context: dict[str, Any] | None = None,
+    ) -> HttpResponse:
+        # Every field is observed, so there is nothing to save: no Save buttons that lie.
+        context = {"show_save": False, "show_save_and_continue": False, **(extra_context or {})}
+        return super().change_view(request, object_id, form_url, extra_context=context)
+
+    def get_urls(self) -> list[URLPattern]:
+        disconnect = path(
+            "<path:object_id>/disconnect/",
+            self.admin_site.admin_view(require_POST(self.disconnect_view)),
+            name="registry_worker_disconnect",
+        )
+        return [disconnect, *super().get_urls()]
+
+    def disconnect_view(self, request: HttpRequest, object_id: str) -> HttpResponseRedirect:
+        """The worker page's "Disconnect now" button: the action, for one worker."""
+        worker = self.get_object(request, unquote(object_id))
+        if worker is None:
+            raise Http404(f"no worker {object_id!r}")
+        if not self.has_change_permission(request, worker):
+            raise PermissionDenied
+        if control.disconnect_worker(worker.id):
+            self.message_user(request, f"Disconnect sent to worker {worker.id}.", messages.SUCCESS)
+        else:
+            self.message_user(request, f"Worker {worker.id} was not connected.", messages.WARNING)
+        return redirect("admin:registry_worker_change", quote(worker.pk))
+
+    @admin.display(description="status", ordering="status")
+    def status_badge(self, worker: Worker) -> SafeString:
+        return badge(worker.status)
+
+    @admin.display(description="last seen", ordering="last_seen")
+    def last_seen_ago(self, worker: Worker) -> SafeString | str:
+        return ago(worker.last_seen)
+
+    @admin.display(description="observed address", ordering="observed_ip")
+    def observed_address(self, worker: Worker) -> str:
+        if worker.observed_ip is None:
+            return "-"
+        host = f"[{worker.observed_ip}]" if ":" in worker.observed_ip else worker.observed_ip
+        return f"{host}:{worker.observed_port}" if worker.observed_port else host
+
+    @admin.display(description="held by")
+    def held_by(self, worker: Worker) -> SafeString | str:
+        connection = worker.current_connection
+        if not worker.is_connected or connection is None or connection.instance is None:
+            return "-"
+        return format_html(
+            '<a href="{}">{}</a>',
+            reverse("admin:registry_serverinstance_change", args=[connection.instance_id]),
+            connection.instance.name,
+        )
+
+    @admin.display(description="connections")
+    def connections_link(self, worker: Worker) -> SafeString:
+        return format_html('<a href="{}">history</a>', connections_url(worker.id))
+
+    @admin.display(description="connection history")
+    def all_connections(self, worker: Worker) -> SafeString:
+        count = Connection.objects.filter(worker_id=worker.id).count()
+        return format_html(
+            '<a href="{}">all {} connection(s) of {}</a> (below: the latest {})',
+            connections_url(worker.id),
+            count,
+            worker.id,
+            RECENT_CONNECTIONS,
+        )
+
     @admin.action(description="Disconnect selected workers now (close code 4001)")
     def disconnect_selected(self, request: HttpRequest, queryset: QuerySet[Worker]) -> None:
-        requested = [w.id for w in queryset.only("id") if control.disconnect_worker(w.id)]
-        skipped = queryset.count() - len(requested)
+        selected = list(queryset.values_list("id", flat=True))
+        requested = [worker_id for worker_id in selected if control.disconnect_worker(worker_id)]
+        skipped = len(selected) - len(requested)
         if requested:
             self.message_user(
                 request, f"Disconnect sent to {len(requested)} worker(s).", messages.SUCCESS
@@ -98,7 +313,8 @@ class WorkerAdmin(admin.ModelAdmin):
 class ConnectionAdmin(admin.ModelAdmin):
     list_display = (
         "id",
-        "worker",
+        "worker_link",
+        "state_badge",
         "opened_at",
         "closed_at",
         "close_code",
@@ -106,18 +322,32 @@ class ConnectionAdmin(admin.ModelAdmin):
         "observed_ip",
         "instance",
     )
-    list_filter = ("close_code",)
-    list_select_related = ("worker", "instance")
+    list_filter = (OpenConnectionFilter, "close_code")
+    list_select_related = ("instance",)
     search_fields = ("worker__id", "observed_ip", "public_ip")
     date_hierarchy = "opened_at"
     readonly_fields = CONNECTION_FIELDS
+    fields = CONNECTION_FIELDS
     ordering = ("-opened_at", "-id")
+    show_full_result_count = False
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False
 
     def has_change_permission(self, request: HttpRequest, obj: Connection | None = None) -> bool:
         return False
+
+    @admin.display(description="worker", ordering="worker_id")
+    def worker_link(self, connection: Connection) -> SafeString:
+        return format_html(
+            '<a href="{}">{}</a>',
+            reverse("admin:registry_worker_change", args=[connection.worker_id]),
+            connection.worker_id,
+        )
+
+    @admin.display(description="state")
+    def state_badge(self, connection: Connection) -> SafeString:
+        return badge("open" if connection.is_open else "closed")
 
 
 @admin.register(ServerInstance)

@@ -4,10 +4,10 @@ lists of thousands of workers are built from tuples, never from model instances.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
-from django.db.models import Count
+from django.db.models import Count, Q
 
 from registry.models import Connection, ServerInstance, Worker, WorkerStatus
 
@@ -152,3 +152,45 @@ def worker_counts_by_status() -> dict[str, int]:
 def running_instances() -> list[tuple[str, str, datetime]]:
     """(id, name, last heartbeat) of every instance not known to have stopped."""
     return list(ServerInstance.objects.running().values_list("id", "name", "heartbeat_at"))
+
+
+RECENTLY_SEEN = timedelta(hours=1)
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceShare:
+    instance_id: str | None
+    name: str
+    connected: int
+
+
+@dataclass(frozen=True, slots=True)
+class RegistryOverview:
+    total: int
+    connected: int
+    seen_recently: int
+    by_instance: list[InstanceShare]
+
+
+def registry_overview(*, now: datetime) -> RegistryOverview:
+    """The operator's first questions, in two queries: who is here, who was, and where."""
+    counts = Worker.objects.aggregate(
+        total=Count("id"),
+        connected=Count("id", filter=Q(status=WorkerStatus.CONNECTED)),
+        seen_recently=Count("id", filter=Q(last_seen__gte=now - RECENTLY_SEEN)),
+    )
+    rows = (
+        Worker.objects.connected()
+        .values("current_connection__instance_id", "current_connection__instance__name")
+        .annotate(connected=Count("id"))
+        .order_by("-connected", "current_connection__instance__name")
+    )
+    by_instance = [
+        InstanceShare(
+            instance_id=row["current_connection__instance_id"],
+            name=row["current_connection__instance__name"] or "(no instance)",
+            connected=row["connected"],
+        )
+        for row in rows
+    ]
+    return RegistryOverview(by_instance=by_instance, **counts)

@@ -1,17 +1,26 @@
-"""The registry in the Django admin: lists, search, filters, read-only facts, live disconnect."""
+"""The registry in the Django admin: lists, search, filters, read-only facts, live disconnect,
+an overview, a bounded history, a fixed query count, and assets a real server serves."""
 
 from __future__ import annotations
+
+import re
+import urllib.request
+from collections.abc import Callable
+from datetime import timedelta
 
 import pytest
 from channels.routing import URLRouter
 from channels.testing import WebsocketCommunicator
 from django.contrib.auth.models import User
 from django.test import AsyncClient, Client
+from django.utils import timezone
 
 from registry import services
 from registry.models import Connection, Worker
 from registry.routing import websocket_urlpatterns
 from registry.runtime import InstanceRuntime
+from registry.selectors import RECENT_CONNECTIONS
+from tests.support.processes import ServerProcess
 
 
 @pytest.fixture
@@ -102,3 +111,168 @@ async def test_disconnect_action_closes_the_live_socket() -> None:
     assert await comm.receive_output() == {"type": "websocket.close", "code": 4001}
     await comm.disconnect(code=4001)
     assert (await Worker.objects.aget(id="live-one")).status == "disconnected"
+
+
+@pytest.fixture
+def fleet(runtime: InstanceRuntime) -> Callable[[int], None]:
+    """`n` workers, each with a superseded and a current connection; every third disconnected."""
+    instance = runtime.ensure_registered()
+
+    def make(n: int) -> None:
+        requests = [
+            services.RegistrationRequest(f"w{i:03}", f"chan{i}", f"192.0.2.{i % 250}", 40000 + i)
+            for i in range(n)
+        ]
+        services.register_connections(requests, instance_id=instance)
+        services.register_connections(requests, instance_id=instance)
+        ids = Worker.objects.order_by("id").values_list("current_connection_id", flat=True)
+        services.close_connections(
+            [services.CloseRequest(connection_id, 1000, "bye") for connection_id in ids[::3]]
+        )
+
+    return make
+
+
+@pytest.mark.django_db
+def test_worker_list_costs_the_same_few_queries_for_5_or_50_workers(
+    admin_client: Client,
+    fleet: Callable[[int], None],
+    django_assert_max_num_queries: Callable[..., object],
+) -> None:
+    fleet(5)
+    with django_assert_max_num_queries(8) as few:
+        assert admin_client.get("/admin/registry/worker/").status_code == 200
+    fleet(50)
+    with django_assert_max_num_queries(len(few)) as many:  # type: ignore[arg-type]
+        page = admin_client.get("/admin/registry/worker/").content.decode()
+    assert page.count('class="rv-badge') == 50
+    assert len(many) == len(few)  # type: ignore[arg-type]
+
+
+@pytest.mark.django_db
+def test_connection_list_costs_the_same_few_queries_for_10_or_100_connections(
+    admin_client: Client,
+    fleet: Callable[[int], None],
+    django_assert_max_num_queries: Callable[..., object],
+) -> None:
+    fleet(5)
+    with django_assert_max_num_queries(8) as few:
+        assert admin_client.get("/admin/registry/connection/").status_code == 200
+    fleet(50)
+    with django_assert_max_num_queries(len(few)) as many:  # type: ignore[arg-type]
+        page = admin_client.get("/admin/registry/connection/").content.decode()
+    assert page.count("/admin/registry/worker/w0") == 100
+    assert len(many) == len(few)  # type: ignore[arg-type]
+
+
+@pytest.mark.django_db
+def test_overview_counts_connected_recent_and_per_instance(
+    admin_client: Client, fleet: Callable[[int], None], runtime: InstanceRuntime
+) -> None:
+    fleet(9)  # w000, w003, w006 disconnected
+    Worker.objects.filter(id="w000").update(last_seen=timezone.now() - timedelta(hours=2))
+    response = admin_client.get("/admin/registry/worker/")
+    overview = response.context["overview"]
+    assert (overview.total, overview.connected, overview.seen_recently) == (9, 6, 8)
+    [share] = overview.by_instance
+    assert (share.instance_id, share.connected) == (runtime.instance_id, 6)
+    page = response.content.decode()
+    assert "connected now" in page and "seen in the last hour" in page
+    assert f"?instance={runtime.instance_id}" in page
+
+
+@pytest.mark.django_db
+def test_overview_links_filter_the_list(admin_client: Client, fleet: Callable[[int], None]) -> None:
+    fleet(6)
+    Worker.objects.filter(id="w001").update(last_seen=timezone.now() - timedelta(hours=2))
+    recent = admin_client.get("/admin/registry/worker/", {"seen": "1h"}).content.decode()
+    assert ">w002<" in recent and ">w001<" not in recent
+    instance = Worker.objects.get(id="w001").current_connection.instance_id
+    held = admin_client.get("/admin/registry/worker/", {"instance": instance}).content.decode()
+    assert ">w001<" in held and ">w000<" not in held  # w000 is disconnected
+
+
+@pytest.mark.django_db
+def test_status_is_a_badge_and_last_seen_is_relative(admin_client: Client, workers: None) -> None:
+    Worker.objects.filter(id="beta").update(last_seen=timezone.now() - timedelta(minutes=5))
+    page = admin_client.get("/admin/registry/worker/").content.decode()
+    assert re.search(r'class="rv-badge rv-badge-connected"[^>]*>connected<', page)
+    assert re.search(r'class="rv-badge rv-badge-disconnected"[^>]*>disconnected<', page)
+    assert "5\xa0minutes ago" in page
+
+
+@pytest.mark.django_db
+def test_connected_workers_come_first_most_recent_first(
+    admin_client: Client, fleet: Callable[[int], None]
+) -> None:
+    fleet(4)  # w000 and w003 disconnected
+    Worker.objects.filter(id="w002").update(last_seen=timezone.now() + timedelta(seconds=5))
+    page = admin_client.get("/admin/registry/worker/").content.decode()
+    order = re.findall(r">(w00\d)</a></th>", page)
+    assert order[:2] == ["w002", "w001"] and set(order[2:]) == {"w000", "w003"}
+
+
+@pytest.mark.django_db
+def test_worker_links_to_its_connections_and_a_connection_to_its_worker(
+    admin_client: Client, workers: None
+) -> None:
+    listing = admin_client.get("/admin/registry/worker/").content.decode()
+    assert "/admin/registry/connection/?worker__id__exact=beta" in listing
+    history = admin_client.get(
+        "/admin/registry/connection/", {"worker__id__exact": "beta"}
+    ).content.decode()
+    assert 'href="/admin/registry/worker/beta/change/"' in history
+    assert "/admin/registry/worker/alpha/change/" not in history
+    connection = Connection.objects.get(worker_id="alpha")
+    detail = admin_client.get(f"/admin/registry/connection/{connection.pk}/change/")
+    assert 'href="/admin/registry/worker/alpha/change/"' in detail.content.decode()
+
+
+@pytest.mark.django_db
+def test_inline_history_shows_only_the_latest_connections_and_links_to_all(
+    admin_client: Client, runtime: InstanceRuntime
+) -> None:
+    instance = runtime.ensure_registered()
+    start = timezone.now() - timedelta(hours=1)
+    for n in range(RECENT_CONNECTIONS + 5):
+        services.register_connection(
+            worker_id="flapper",
+            channel_name=f"chan{n}",
+            instance_id=instance,
+            observed_ip="192.0.2.7",
+            observed_port=n + 1,
+            now=start + timedelta(minutes=n),
+        )
+    page = admin_client.get("/admin/registry/worker/flapper/change/").content.decode()
+    assert page.count('class="form-row has_original') == RECENT_CONNECTIONS
+    assert f"all {RECENT_CONNECTIONS + 5} connection(s)" in page
+    assert "/admin/registry/connection/?worker__id__exact=flapper" in page
+
+
+def test_a_real_server_serves_the_admin_stylesheet(server: ServerProcess) -> None:
+    with urllib.request.urlopen(f"{server.url}/static/admin/css/base.css", timeout=5) as response:
+        assert response.status == 200
+        assert response.headers["Content-Type"].startswith("text/css")
+        assert b"--primary" in response.read()
+
+
+@pytest.mark.django_db
+def test_worker_page_offers_disconnect_only_while_connected_and_no_save(
+    admin_client: Client, workers: None
+) -> None:
+    live = admin_client.get("/admin/registry/worker/alpha/change/").content.decode()
+    assert 'action="/admin/registry/worker/alpha/disconnect/"' in live
+    assert 'name="_save"' not in live and 'name="_continue"' not in live
+    gone = admin_client.get("/admin/registry/worker/beta/change/").content.decode()
+    assert "/disconnect/" not in gone
+
+
+@pytest.mark.django_db
+def test_disconnect_button_on_a_disconnected_worker_warns_and_changes_nothing(
+    admin_client: Client, workers: None
+) -> None:
+    assert admin_client.get("/admin/registry/worker/beta/disconnect/").status_code == 405
+    response = admin_client.post("/admin/registry/worker/beta/disconnect/", follow=True)
+    assert response.redirect_chain[-1][0] == "/admin/registry/worker/beta/change/"
+    assert "Worker beta was not connected." in response.content.decode()
+    assert Connection.objects.get(worker_id="beta").close_code == 1000

@@ -1,7 +1,8 @@
 #!/bin/sh
-# System packages the NAT traversal tests need: iptables (MASQUERADE inside network namespaces)
-# and iproute2 (`ip netns`, veth, bridge). Idempotent: installs only what is missing, with apt-get,
-# non-interactively. Without root or without apt-get it changes nothing and exits 0; those tests
+# System packages the tests need: iptables (MASQUERADE inside network namespaces) and iproute2
+# (`ip netns`, veth, bridge) for the NAT traversal tests, and chromium for the browser tests of
+# the admin (tests/test_browser_admin.py, driven by Playwright). Idempotent: installs only what is
+# missing, with apt-get, non-interactively. Without root or without apt-get it changes nothing and exits 0; those tests
 # then skip with a reason (or fail under RENDEZVOUS_REQUIRE_SERVICES=1).
 set -eu
 
@@ -10,19 +11,21 @@ say() { echo "install_system_packages: $*"; }
 PATH="$PATH:/usr/sbin:/sbin"
 
 if [ "$(id -u)" != "0" ]; then
-    say "not root; nothing installed (NAT tests will skip)"
+    say "not root; nothing installed (NAT and browser tests will skip)"
     exit 0
 fi
 if ! command -v apt-get >/dev/null 2>&1; then
-    say "no apt-get; nothing installed (NAT tests need iptables and iproute2)"
+    say "no apt-get; nothing installed (NAT tests need iptables and iproute2, browser tests chromium)"
     exit 0
 fi
 
 missing=""
 command -v iptables >/dev/null 2>&1 || missing="$missing iptables"
 command -v ip >/dev/null 2>&1 || missing="$missing iproute2"
+# fonts-liberation is only recommended, and without recommends pages would render in fallbacks.
+command -v chromium >/dev/null 2>&1 || missing="$missing chromium fonts-liberation"
 if [ -z "$missing" ]; then
-    say "iptables and iproute2 already installed"
+    say "iptables, iproute2 and chromium already installed"
     exit 0
 fi
 
