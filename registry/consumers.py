@@ -19,6 +19,7 @@ from django.db import DatabaseError
 from registry import metrics, protocol, services
 from registry.addresses import observed_address
 from registry.logs import InstanceLogAdapter
+from registry.origins import origin_allowed
 from registry.ratelimit import TokenBucket
 from registry.runtime import SUPERSEDE, get_runtime
 
@@ -63,12 +64,22 @@ class RegisterConsumer(AsyncWebsocketConsumer):
             await self.close()  # before accept: daphne answers the handshake with HTTP 403
             return
         config = settings.RENDEZVOUS
+        if not origin_allowed(
+            self.scope,
+            allowed_hosts=settings.ALLOWED_HOSTS,
+            allowed_origins=config["ALLOWED_ORIGINS"],
+        ):
+            log.warning("worker=%s refused: cross-site Origin", self.worker_id[:200])
+            await self.close()  # before accept: HTTP 403
+            return
         self.max_frame_bytes = config["MAX_FRAME_BYTES"]
         self.bucket = TokenBucket(rate=config["RATE_LIMIT"], burst=config["RATE_BURST"])
         self.dropped = 0
         self.last_drop = 0.0
         self.rate_limited_streak = False
-        self.observed_ip, self.observed_port = observed_address(self.scope)
+        self.observed_ip, self.observed_port = observed_address(
+            self.scope, config["TRUSTED_PROXIES"]
+        )
         runtime = get_runtime()
         try:
             registration = await runtime.registrations.submit(

@@ -13,6 +13,8 @@ from pathlib import Path
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
+from registry.addresses import parse_networks
+
 BASE_DIR = Path(__file__).resolve().parent.parent
 
 
@@ -209,6 +211,10 @@ RENDEZVOUS = {
     # Start the housekeeping thread with the ASGI application (tests call it directly instead).
     "HOUSEKEEPING": env_bool("RENDEZVOUS_HOUSEKEEPING", True),
     "API_PAGE_SIZE": env_int("RENDEZVOUS_API_PAGE_SIZE", 100),
+    # Proxies whose X-Forwarded-For is believed (CIDRs); anyone else's header is ignored.
+    "TRUSTED_PROXIES": parse_networks(env_list("RENDEZVOUS_TRUSTED_PROXIES", [])),
+    # Browser origins allowed to open a worker WebSocket besides the service's own hosts.
+    "ALLOWED_ORIGINS": env_list("RENDEZVOUS_ALLOWED_ORIGINS", []),
     "API_MAX_PAGE_SIZE": 1000,
 }
 

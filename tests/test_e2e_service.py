@@ -100,6 +100,44 @@ def test_ids_outside_the_rule_get_http_403_at_the_handshake(
     assert not Worker.objects.exists()
 
 
+def test_a_cross_site_browser_origin_is_refused_and_a_program_is_not(server: ServerProcess) -> None:
+    async def scenario() -> tuple[int, str]:
+        with pytest.raises(InvalidStatus) as refused:
+            await websockets.connect(
+                f"{server.ws_url}/ws/register/hijacked", origin="https://evil.example"
+            )
+        ws = await websockets.connect(f"{server.ws_url}/ws/register/own-page", origin=server.url)
+        welcome = json.loads(await ws.recv())
+        await ws.close()
+        return refused.value.response.status_code, welcome["type"]
+
+    assert asyncio.run(scenario()) == (403, "welcome")
+    assert not Worker.objects.filter(id="hijacked").exists()
+
+
+def test_forwarded_for_is_believed_only_from_a_trusted_proxy(
+    server_factory: Callable[..., ServerProcess],
+) -> None:
+    behind_proxy = server_factory(env={"RENDEZVOUS_TRUSTED_PROXIES": "127.0.0.0/8"}).start()
+
+    async def scenario(url: str, worker_id: str) -> dict:
+        ws = await websockets.connect(
+            f"{url}/ws/register/{worker_id}",
+            additional_headers={"X-Forwarded-For": "192.0.2.1, 203.0.113.9"},
+        )
+        welcome = json.loads(await ws.recv())
+        await ws.close()
+        return welcome
+
+    trusted = asyncio.run(scenario(behind_proxy.ws_url, "via-proxy"))
+    assert (trusted["observed_ip"], trusted["observed_port"]) == ("203.0.113.9", None)
+    behind_proxy.stop()
+    direct = server_factory().start()
+    spoofed = asyncio.run(scenario(direct.ws_url, "spoofer"))
+    assert spoofed["observed_ip"] == "127.0.0.1"
+    direct.stop()
+
+
 def test_other_websocket_paths_get_http_403(server: ServerProcess) -> None:
     async def scenario() -> int:
         with pytest.raises(InvalidStatus) as refused:
