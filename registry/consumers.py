@@ -81,6 +81,13 @@ class RegisterConsumer(AsyncWebsocketConsumer):
             self.scope, config["TRUSTED_PROXIES"]
         )
         runtime = get_runtime()
+        refusal = runtime.admission_refusal(self.observed_ip)
+        if refusal is not None:
+            log.warning("worker=%s from %s refused: %s", self.worker_id, self.observed_ip, refusal)
+            await self.accept()
+            await self.close_with(protocol.CloseCode.LIMIT_EXCEEDED, refusal)
+            metrics.closed(protocol.CloseCode.LIMIT_EXCEEDED)
+            return
         try:
             registration = await runtime.registrations.submit(
                 services.RegistrationRequest(
@@ -100,7 +107,7 @@ class RegisterConsumer(AsyncWebsocketConsumer):
             return
         self.connection_id = registration.connection_id
         metrics.registered()
-        runtime.attach(self.connection_id, self.close_with)
+        runtime.attach(self.connection_id, self.close_with, self.observed_ip)
         await self.accept()
         await self.send(
             protocol.welcome(
@@ -255,10 +262,10 @@ class RegisterConsumer(AsyncWebsocketConsumer):
         metrics.message_sent()
         await super().send(text_data, bytes_data, close)
 
-    async def close_with(self, code: int) -> None:
+    async def close_with(self, code: int, reason: str | None = None) -> None:
         """Close from the server side: say why in a `closing` frame, then close with `code`."""
         if self._server_close_code is not None:
             return
         self._server_close_code = int(code)
-        await self.send(protocol.closing(protocol.CloseCode(code)))
+        await self.send(protocol.closing(protocol.CloseCode(code), reason))
         await self.close(code=int(code))

@@ -54,6 +54,7 @@ class CloseCode(IntEnum):
     GOING_AWAY = 4002  # this server instance is shutting down; reconnect with backoff
     INSTANCE_RESET = 4003  # this instance lost its registration; reconnect with backoff
     TRY_AGAIN_LATER = 4004  # the registry could not record the connection; reconnect with backoff
+    LIMIT_EXCEEDED = 4008  # a connection limit (instance, address, handshake rate); back off
     RATE_LIMITED = 4029  # the connection kept flooding after RATE_LIMITED errors
 
 
@@ -65,6 +66,7 @@ CLOSE_REASONS: dict[CloseCode, str] = {
     CloseCode.GOING_AWAY: "server shutting down, reconnect",
     CloseCode.INSTANCE_RESET: "server instance lost its registration, reconnect",
     CloseCode.TRY_AGAIN_LATER: "registry unavailable, try again later",
+    CloseCode.LIMIT_EXCEEDED: "connection limit reached, try again later",
     CloseCode.RATE_LIMITED: "too many messages",
 }
 
@@ -301,8 +303,12 @@ def error(exc: ProtocolError) -> str:
     return encode({"type": ServerMessageType.ERROR, "code": exc.code, "message": exc.message})
 
 
-def closing(code: CloseCode) -> str:
+def closing(code: CloseCode, reason: str | None = None) -> str:
     """Sent just before the server closes a socket: daphne cannot carry a close reason."""
     return encode(
-        {"type": ServerMessageType.CLOSING, "code": int(code), "reason": CLOSE_REASONS[code]}
+        {
+            "type": ServerMessageType.CLOSING,
+            "code": int(code),
+            "reason": reason or CLOSE_REASONS[code],
+        }
     )

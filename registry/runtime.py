@@ -27,6 +27,7 @@ from django.db import close_old_connections
 from django.utils import timezone
 
 from registry import metrics, protocol, services
+from registry.admission import Admission
 from registry.batching import Coalescer
 
 log = logging.getLogger("registry.runtime")
@@ -47,6 +48,7 @@ class _LocalSocket:
     close: Closer
     loop: asyncio.AbstractEventLoop
     attached_at: datetime
+    address: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +68,7 @@ class InstanceRuntime:
         # own costs a queue, a task and a layer receive for each of thousands of sockets.
         self.channel_name = f"rendezvous.instance.{uuid.uuid4().hex}"
         self._listener: asyncio.Task[None] | None = None
+        self._admission: Admission | None = None  # built on first use, from settings
         self._registered = False
         self._lock = threading.Lock()
         self._sockets: dict[int, _LocalSocket] = {}
@@ -119,11 +122,24 @@ class InstanceRuntime:
 
     # ---- sockets held here (called on the event loop) ------------------------------------------
 
-    def attach(self, connection_id: int, close: Closer) -> None:
+    def admission_refusal(self, address: str | None) -> str | None:
+        """Why a new connection from `address` is refused (a connection limit), or None."""
+        if self._admission is None:
+            config = self.config
+            self._admission = Admission(
+                max_total=config["MAX_CONNECTIONS"],
+                max_per_address=config["MAX_CONNECTIONS_PER_ADDRESS"],
+                handshake_rate=config["HANDSHAKE_RATE_PER_ADDRESS"],
+            )
+        return self._admission.refusal(address)
+
+    def attach(self, connection_id: int, close: Closer, address: str | None = None) -> None:
         loop = asyncio.get_running_loop()
         self._sockets[connection_id] = _LocalSocket(
-            close=close, loop=loop, attached_at=timezone.now()
+            close=close, loop=loop, attached_at=timezone.now(), address=address
         )
+        if self._admission is not None:
+            self._admission.opened(address)
         metrics.socket_attached()
         if self._listener is None or self._listener.done() or self._listener.get_loop() is not loop:
             self._listener = loop.create_task(self._listen())
@@ -153,7 +169,10 @@ class InstanceRuntime:
         )
 
     def detach(self, connection_id: int) -> None:
-        if self._sockets.pop(connection_id, None) is not None:
+        local = self._sockets.pop(connection_id, None)
+        if local is not None:
+            if self._admission is not None:
+                self._admission.closed(local.address)
             metrics.socket_detached()
 
     def held_count(self) -> int:

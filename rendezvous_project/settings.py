@@ -211,6 +211,11 @@ RENDEZVOUS = {
     # Start the housekeeping thread with the ASGI application (tests call it directly instead).
     "HOUSEKEEPING": env_bool("RENDEZVOUS_HOUSEKEEPING", True),
     "API_PAGE_SIZE": env_int("RENDEZVOUS_API_PAGE_SIZE", 100),
+    # Connection limits (registry/admission.py); 0 = none. Per-address limits are off by
+    # default: fleets behind one NAT share an address.
+    "MAX_CONNECTIONS": env_int("RENDEZVOUS_MAX_CONNECTIONS", 20000),
+    "MAX_CONNECTIONS_PER_ADDRESS": env_int("RENDEZVOUS_MAX_CONNECTIONS_PER_ADDRESS", 0),
+    "HANDSHAKE_RATE_PER_ADDRESS": env_float("RENDEZVOUS_HANDSHAKE_RATE_PER_ADDRESS", 0.0),
     # Proxies whose X-Forwarded-For is believed (CIDRs); anyone else's header is ignored.
     "TRUSTED_PROXIES": parse_networks(env_list("RENDEZVOUS_TRUSTED_PROXIES", [])),
     # Browser origins allowed to open a worker WebSocket besides the service's own hosts.

@@ -56,6 +56,7 @@ class CloseCode(IntEnum):
     GOING_AWAY = 4002
     INSTANCE_RESET = 4003
     TRY_AGAIN_LATER = 4004
+    LIMIT_EXCEEDED = 4008
     RATE_LIMITED = 4029
 
 

@@ -1,0 +1,82 @@
+"""Connection limits, checked at each handshake before anything is written.
+
+Per instance: at most `max_total` sockets; per source address: at most `max_per_address`
+sockets and `handshake_rate` new handshakes a second (bursts of ten seconds' worth). Per-address
+limits are off by default, because whole fleets often share one address (Cloud NAT, a corporate
+proxy); turn them on for a service open to the Internet. 0 means no limit.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from registry.ratelimit import TokenBucket
+
+# Forget an address's handshake bucket after this long without a handshake.
+IDLE_BUCKET_SECONDS = 120.0
+
+
+class Admission:
+    def __init__(
+        self,
+        *,
+        max_total: int,
+        max_per_address: int,
+        handshake_rate: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.max_total = max_total
+        self.max_per_address = max_per_address
+        self.handshake_rate = handshake_rate
+        self._clock = clock
+        self._open: dict[str | None, int] = {}
+        self.total = 0
+        self._buckets: dict[str, tuple[TokenBucket, float]] = {}
+        self._next_prune = 0.0
+
+    def refusal(self, address: str | None) -> str | None:
+        """Why a new connection from `address` must be refused now, or None to admit it."""
+        if self.max_total and self.total >= self.max_total:
+            return "this instance holds its maximum of connections"
+        if address is None:
+            return None
+        if self.handshake_rate and not self._take_handshake(address):
+            return "too many handshakes from your address"
+        if self.max_per_address and self._open.get(address, 0) >= self.max_per_address:
+            return "too many connections from your address"
+        return None
+
+    def opened(self, address: str | None) -> None:
+        self.total += 1
+        self._open[address] = self._open.get(address, 0) + 1
+
+    def closed(self, address: str | None) -> None:
+        self.total -= 1
+        left = self._open.get(address, 0) - 1
+        if left > 0:
+            self._open[address] = left
+        else:
+            self._open.pop(address, None)
+
+    def _take_handshake(self, address: str) -> bool:
+        now = self._clock()
+        if now >= self._next_prune:
+            self._next_prune = now + IDLE_BUCKET_SECONDS
+            self._buckets = {
+                a: (b, seen)
+                for a, (b, seen) in self._buckets.items()
+                if now - seen < IDLE_BUCKET_SECONDS
+            }
+        entry = self._buckets.get(address)
+        bucket = (
+            entry[0]
+            if entry
+            else TokenBucket(
+                rate=self.handshake_rate,
+                burst=max(1, int(10 * self.handshake_rate)),
+                clock=self._clock,
+            )
+        )
+        self._buckets[address] = (bucket, now)
+        return bucket.take()
