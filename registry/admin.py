@@ -296,7 +296,9 @@ class WorkerAdmin(admin.ModelAdmin):
             RECENT_CONNECTIONS,
         )
 
-    @admin.action(description="Disconnect selected workers now (close code 4001)")
+    @admin.action(
+        description="Disconnect selected workers now (close code 4001)", permissions=["change"]
+    )
     def disconnect_selected(self, request: HttpRequest, queryset: QuerySet[Worker]) -> None:
         selected = list(queryset.values_list("id", flat=True))
         requested = [worker_id for worker_id in selected if control.disconnect_worker(worker_id)]

@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from typing import Generic, TypeVar
 
 from channels.db import database_sync_to_async
+from django.db import DataError, IntegrityError
 
 log = logging.getLogger("registry.batching")
 
@@ -26,8 +27,9 @@ DEFAULT_MAX_BATCH = 500
 
 class Coalescer(Generic[Item, Result]):
     """`await submit(item)` from any coroutine; `flush(items)` runs in a database thread and
-    returns one result per item, in order. If a batch fails as a whole, each of its items is
-    written again on its own, so one bad item cannot fail its neighbours."""
+    returns one result per item, in order. A batch that fails on an item's data (an integrity
+    or data error) is written again item by item, so one bad item cannot fail its neighbours;
+    any other failure fails the whole batch at once."""
 
     def __init__(
         self,
@@ -71,8 +73,11 @@ class Coalescer(Generic[Item, Result]):
         try:
             results = await database_sync_to_async(self._flush)(items)
         except Exception as exc:
-            if len(batch) == 1:
-                _settle(batch[0][1], exc)
+            if len(batch) == 1 or not isinstance(exc, (IntegrityError, DataError)):
+                # Not about one item (the database is away, the instance was stopped): writing
+                # each alone would only repeat the failure once per item.
+                for _, future in batch:
+                    _settle(future, exc)
                 return
             log.warning(
                 "%s: a batch of %d failed (%s); writing each alone", self.name, len(batch), exc

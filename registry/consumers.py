@@ -107,7 +107,6 @@ class RegisterConsumer(AsyncWebsocketConsumer):
             return
         self.connection_id = registration.connection_id
         metrics.registered()
-        runtime.attach(self.connection_id, self.close_with, self.observed_ip)
         await self.accept()
         await self.send(
             protocol.welcome(
@@ -120,6 +119,10 @@ class RegisterConsumer(AsyncWebsocketConsumer):
                 max_frame_bytes=self.max_frame_bytes,
             )
         )
+        # Held from here on, and nothing is awaited after it: a consumer cancelled before this
+        # line leaves a row without a socket, which reconciliation closes; one cancelled after
+        # an await here would leave a socket entry that nothing ever removes.
+        runtime.attach(self.connection_id, self.close_with, self.observed_ip)
         log.info(
             "worker=%s connection=%s registered from %s:%s%s",
             self.worker_id,
@@ -130,20 +133,17 @@ class RegisterConsumer(AsyncWebsocketConsumer):
             if registration.superseded_connection_id
             else "",
         )
-        if registration.superseded_channel:
-            try:
-                await runtime.send_command(
+        if registration.superseded_channel and registration.superseded_connection_id:
+            # In the background: a slow channel layer must not hold up this connection. If the
+            # command is lost, the holder closes the old socket at its next housekeeping round.
+            runtime.spawn(
+                runtime.send_command(
                     registration.superseded_channel,
                     SUPERSEDE,
-                    registration.superseded_connection_id,  # type: ignore[arg-type]
-                )
-            except Exception as exc:  # the row is closed; its holder closes the socket anyway
-                log.warning(
-                    "worker=%s connection=%s supersede not delivered: %s",
-                    self.worker_id,
-                    self.connection_id,
-                    exc,
-                )
+                    registration.superseded_connection_id,
+                ),
+                what=f"supersede of connection {registration.superseded_connection_id}",
+            )
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
         if self.connection_id is None:

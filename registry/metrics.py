@@ -30,6 +30,8 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from registry import protocol
+
 log = logging.getLogger("registry.metrics")
 
 MULTIPROCESS = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
@@ -98,8 +100,14 @@ def registered() -> None:
     REGISTRATIONS.labels(_instance()).inc()
 
 
+# Close codes that get a label of their own; anything a client invents is counted as "other",
+# so a misbehaving client cannot create thousands of series.
+_KNOWN_CLOSE_CODES = {1000, 1001, 1006, *(int(c) for c in protocol.CloseCode)}
+
+
 def closed(code: int | None) -> None:
-    CLOSES.labels(_instance(), str(code or 1006)).inc()
+    code = code or 1006
+    CLOSES.labels(_instance(), str(code) if code in _KNOWN_CLOSE_CODES else "other").inc()
 
 
 def protocol_error(code: str) -> None:

@@ -69,6 +69,7 @@ class InstanceRuntime:
         self.channel_name = f"rendezvous.instance.{uuid.uuid4().hex}"
         self._listener: asyncio.Task[None] | None = None
         self._admission: Admission | None = None  # built on first use, from settings
+        self._background: set[asyncio.Task[None]] = set()
         self._registered = False
         self._lock = threading.Lock()
         self._sockets: dict[int, _LocalSocket] = {}
@@ -159,7 +160,21 @@ class InstanceRuntime:
             code = COMMAND_CLOSE_CODES.get(message.get("type", ""))
             local = self._sockets.get(message.get("connection_id"))  # type: ignore[arg-type]
             if code is not None and local is not None:
-                await local.close(code)
+                try:
+                    await local.close(code)
+                except Exception:  # one socket's failure must not end the listener
+                    log.exception("instance=%s command %s failed", self.instance_id, message)
+
+    def spawn(self, coroutine: Coroutine[Any, Any, None], *, what: str) -> None:
+        """Run `coroutine` in the background on this loop; kept referenced, failures logged."""
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._background.add(task)
+        task.add_done_callback(lambda done: self._background_done(done, what))
+
+    def _background_done(self, task: asyncio.Task[None], what: str) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("instance=%s %s failed: %s", self.instance_id, what, task.exception())
 
     @staticmethod
     async def send_command(channel_name: str, command: str, connection_id: int) -> None:
@@ -184,7 +199,8 @@ class InstanceRuntime:
             return False
         if code not in protocol.CloseCode._value2member_map_:
             code = protocol.CloseCode.INSTANCE_RESET  # e.g. 1006, which no one may send
-        asyncio.run_coroutine_threadsafe(local.close(code), local.loop)
+        future = asyncio.run_coroutine_threadsafe(local.close(code), local.loop)
+        future.add_done_callback(_log_failure)
         return True
 
     # ---- housekeeping ---------------------------------------------------------------------------
@@ -293,6 +309,11 @@ class InstanceRuntime:
             log.exception("instance=%s could not record its shutdown", self.instance_id)
 
 
+def _log_failure(future: Any) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.warning("closing a socket from housekeeping failed: %s", future.exception())
+
+
 def _process_exists(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -343,12 +364,14 @@ def install_graceful_shutdown(runtime: InstanceRuntime, *, drain_timeout: float 
     def begin_stop() -> None:
         nonlocal stopping
         if stopping:
-            reactor.stop()
+            if reactor.running:
+                reactor.stop()
             return
         stopping = True
         log.info("instance=%s draining %d sockets", runtime.instance_id, runtime.held_count())
         task = loop.create_task(runtime.drain(drain_timeout))
-        task.add_done_callback(lambda _: reactor.stop())
+        task.add_done_callback(lambda _: reactor.running and reactor.stop())
+        runtime._background.add(task)
 
     def on_signal(signum: int, frame: object) -> None:
         reactor.callFromThread(begin_stop)

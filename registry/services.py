@@ -78,13 +78,16 @@ def register_connections(
         if occurrence == len(rounds):
             rounds.append([])
         rounds[occurrence].append(index)
-    for indices in rounds:
-        batch = [requests[i] for i in indices]
-        with transaction.atomic():
-            for i, registration in zip(
-                indices, _register_round(batch, instance_id, now), strict=True
-            ):
-                results[i] = registration
+    # One transaction for all rounds (each round a savepoint): a batch is written whole or not
+    # at all, so writing its items again one by one after a failure duplicates nothing.
+    with transaction.atomic():
+        for indices in rounds:
+            batch = [requests[i] for i in indices]
+            with transaction.atomic():
+                for i, registration in zip(
+                    indices, _register_round(batch, instance_id, now), strict=True
+                ):
+                    results[i] = registration
     return results  # type: ignore[return-value]
 
 
@@ -100,7 +103,9 @@ def _register_round(
     running = ServerInstance.objects.select_for_update().filter(id=instance_id, stopped_at=None)
     if not list(running.values_list("id", flat=True)):
         raise InstanceStopped(f"instance {instance_id} is stopped")
-    ids = [r.worker_id for r in requests]
+    # Worker rows are always locked in id order, here and in _end_connections, so concurrent
+    # batches on several instances cannot deadlock on PostgreSQL.
+    ids = sorted(r.worker_id for r in requests)
     Worker.objects.bulk_create(
         [Worker(id=worker_id, first_seen=now, last_seen=now) for worker_id in ids],
         ignore_conflicts=True,
@@ -111,6 +116,7 @@ def _register_round(
             of=("self",)
         )
         .filter(id__in=ids)
+        .order_by("id")
         .values_list(
             "id",
             "current_connection_id",
@@ -200,10 +206,19 @@ def _end_connections(
     that were their worker's current connection.
     """
     ids = [i for members in groups.values() for i in members]
-    ended: set[int] = set()
+    holders: list[str] = []
     for chunk in _chunks(ids):
-        holders = Worker.objects.select_for_update().filter(current_connection_id__in=chunk)
-        current = set(holders.values_list("current_connection_id", flat=True))
+        holders += Worker.objects.filter(current_connection_id__in=chunk).values_list(
+            "id", flat=True
+        )
+    ended: set[int] = set()
+    for chunk in _chunks(sorted(holders)):  # id order across chunks too: see _register_round
+        locked = (
+            Worker.objects.select_for_update()
+            .filter(id__in=chunk, current_connection_id__in=ids)
+            .order_by("id")
+        )
+        current = set(locked.values_list("current_connection_id", flat=True))
         if current:
             Worker.objects.filter(current_connection_id__in=current).update(
                 status=WorkerStatus.DISCONNECTED,
@@ -242,11 +257,20 @@ def touch_held_workers(*, instance_id: str, now: datetime, resolution: timedelta
 
     One statement per round however many workers are connected: heartbeats cost no write each.
     """
-    return (
-        Worker.objects.held_by(instance_id)
-        .filter(last_seen__lt=now - resolution)
-        .update(last_seen=now)
-    )
+    touched = 0
+    with transaction.atomic():
+        # Rows another transaction holds (a registration moving the worker) are skipped, not
+        # waited for: that registration gives them a fresh last_seen anyway.
+        stale = (
+            Worker.objects.held_by(instance_id)
+            .filter(last_seen__lt=now - resolution)
+            .select_for_update(skip_locked=True, of=("self",))
+            .order_by("id")
+            .values_list("id", flat=True)
+        )
+        for chunk in _chunks(list(stale)):
+            touched += Worker.objects.filter(id__in=chunk).update(last_seen=now)
+    return touched
 
 
 # ---- server instances ---------------------------------------------------------------------------

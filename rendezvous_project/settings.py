@@ -134,6 +134,8 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     }
     DATA_DIR.mkdir(parents=True, exist_ok=True)
 else:
+    # Fail fast when the database is unreachable instead of waiting out TCP's own timeout.
+    DATABASES["default"].setdefault("OPTIONS", {}).setdefault("connect_timeout", 5)
     DATABASES["default"]["TEST"] = {"NAME": f"test_{DATABASES['default']['NAME']}_{os.getpid()}"}
 
 REDIS_URL = os.environ.get("REDIS_URL") or ""

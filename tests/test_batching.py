@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 import pytest
 from channels.db import database_sync_to_async
+from django.db import IntegrityError, OperationalError
 
 from registry import protocol, services
 from registry.batching import Coalescer
@@ -35,15 +36,32 @@ async def test_concurrent_submissions_share_batches_and_each_gets_its_own_result
 async def test_one_bad_item_fails_alone_and_its_batch_neighbours_succeed() -> None:
     def flush(items: Sequence[int]) -> list[int]:
         if 13 in items:
-            raise ValueError("unlucky")
+            raise IntegrityError("unlucky")
         return list(items)
 
     coalescer: Coalescer[int, int] = Coalescer(flush, name="test")
     results = await asyncio.gather(
         *(coalescer.submit(n) for n in range(30)), return_exceptions=True
     )
-    assert isinstance(results[13], ValueError)
+    assert isinstance(results[13], IntegrityError)
     assert [r for i, r in enumerate(results) if i != 13] == [n for n in range(30) if n != 13]
+
+
+@pytest.mark.standalone
+@pytest.mark.asyncio
+async def test_a_failure_that_is_not_about_one_item_fails_the_batch_once() -> None:
+    calls: list[int] = []
+
+    def flush(items: Sequence[int]) -> list[int]:
+        calls.append(len(items))
+        raise OperationalError("database unreachable")
+
+    coalescer: Coalescer[int, int] = Coalescer(flush, name="test")
+    results = await asyncio.gather(
+        *(coalescer.submit(n) for n in range(30)), return_exceptions=True
+    )
+    assert all(isinstance(r, OperationalError) for r in results)
+    assert sum(calls) == 30  # no item was written again on its own
 
 
 @pytest.mark.standalone
@@ -79,6 +97,32 @@ def test_a_batch_with_one_id_twice_registers_them_in_order(runtime: InstanceRunt
     assert (
         Connection.objects.get(pk=first.connection_id).close_code == protocol.CloseCode.SUPERSEDED
     )
+
+
+@pytest.mark.django_db
+def test_a_batch_failing_in_a_later_round_writes_nothing(
+    runtime: InstanceRuntime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Regression: rounds committed one by one, so a batch retried item by item after a later
+    # round failed left duplicate (superseded) connection rows. Fault injected in round two.
+    instance = runtime.ensure_registered()
+    real_round = services._register_round
+    rounds: list[int] = []
+
+    def failing_second_round(*args, **kwargs):
+        rounds.append(1)
+        if len(rounds) == 2:
+            raise IntegrityError("injected")
+        return real_round(*args, **kwargs)
+
+    monkeypatch.setattr(services, "_register_round", failing_second_round)
+    with pytest.raises(IntegrityError):
+        services.register_connections(
+            [request("a"), request("b"), request("a")], instance_id=instance
+        )
+    assert len(rounds) == 2
+    assert not Connection.objects.exists()
+    assert not Worker.objects.exists()
 
 
 @pytest.mark.django_db
