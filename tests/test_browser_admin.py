@@ -126,8 +126,10 @@ def test_disconnect_from_a_workers_page_closes_its_agent_with_4001(
             what="close code 4001",
         )
         page.reload()
-        assert page.locator(".rv-badge").inner_text() == "disconnected"
-        assert page.locator("button.rv-disconnect").count() == 0
+        # The agent may already be back (4001 allows reconnecting, after a backoff): the page
+        # shows the ended connection in the history either way.
+        history = page.locator(".inline-group").inner_text()
+        assert "4001" in history and "disconnected by an operator" in history
     assert all(
         live_agents[other].status()["last_close_code"] is None
         for other in LIVE_WORKERS
