@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
 import re
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -13,7 +13,7 @@ import pytest
 from django.core.management import get_commands
 
 from registry.management.commands.serve import daphne_arguments
-from tests.support.processes import REPO, SERVE_ARGV, WORKER_ARGV
+from tests.support.processes import REPO, SERVE_ARGV, WORKER_ARGV, child_process
 
 pytestmark = pytest.mark.standalone
 
@@ -24,23 +24,12 @@ def test_runworker_resolves_to_the_worker_agent_command() -> None:
 
 def test_runworker_with_channel_names_hands_over_to_channels_worker(tmp_path: Path) -> None:
     log = tmp_path / "channels-worker.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [sys.executable, "manage.py", "runworker", "some-background-channel", "-v", "2"],
-            cwd=REPO,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-        try:
-            deadline = time.monotonic() + 20
-            while (
-                "Running worker for channels" not in log.read_text() and time.monotonic() < deadline
-            ):
-                assert process.poll() is None, log.read_text()
-                time.sleep(0.1)
-        finally:
-            process.kill()
-            process.wait()
+    argv = [sys.executable, "manage.py", "runworker", "some-background-channel", "-v", "2"]
+    with child_process(argv, env=dict(os.environ), log_path=log) as process:
+        deadline = time.monotonic() + 20
+        while "Running worker for channels" not in log.read_text() and time.monotonic() < deadline:
+            assert process.poll() is None, log.read_text()
+            time.sleep(0.1)
     assert "Running worker for channels ['some-background-channel']" in log.read_text()
 
 

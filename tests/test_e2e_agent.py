@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -15,9 +14,9 @@ import pytest
 from registry.models import Connection, Worker, WorkerStatus
 from tests.support.ip_echo import IpEcho
 from tests.support.processes import (
-    REPO,
     WORKER_ARGV,
     ServerProcess,
+    child_process,
     free_port,
     get_json,
     wait_until,
@@ -137,15 +136,9 @@ def test_sigterm_stops_the_standalone_agent_with_a_normal_close(
         "PORT": str(free_port()),
         "IP_ECHO_URL": ip_echo.url,
     }
-    log = (tmp_path / "agent.log").open("wb")
-    process = subprocess.Popen(
-        [sys.executable, *WORKER_ARGV],
-        cwd=REPO,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    try:
+    with child_process(
+        [sys.executable, *WORKER_ARGV], env=env, log_path=tmp_path / "agent.log"
+    ) as process:
         wait_until(
             lambda: Worker.objects.filter(id="standalone", public_ip="198.51.100.23").exists(),
             timeout=15,
@@ -155,11 +148,6 @@ def test_sigterm_stops_the_standalone_agent_with_a_normal_close(
         assert health_status == 200 and health["state"] == "registered"
         process.send_signal(signal.SIGTERM)
         assert process.wait(15) == 0
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        log.close()
     wait_until(lambda: not connected("standalone"), timeout=10, what="close recorded")
     assert Connection.objects.get(worker_id="standalone").close_code == 1000
 
@@ -190,15 +178,11 @@ def test_two_agents_with_one_id_settle_on_one_owner(
 
 def test_runworker_runs_agents_against_the_local_server(server: ServerProcess, tmp_path) -> None:
     env = {**server.env, "RENDEZVOUS_HOUSEKEEPING": "0"}
-    log = (tmp_path / "runworker.log").open("wb")
-    process = subprocess.Popen(
+    with child_process(
         [sys.executable, "manage.py", "runworker", "--count", "3", "--worker-id", "local"],
-        cwd=REPO,
         env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    try:
+        log_path=tmp_path / "runworker.log",
+    ) as process:
         wait_until(
             lambda: Worker.objects.filter(id__startswith="local-", status="connected").count() == 3,
             timeout=15,
@@ -206,10 +190,5 @@ def test_runworker_runs_agents_against_the_local_server(server: ServerProcess, t
         )
         process.send_signal(signal.SIGINT)
         assert process.wait(15) == 0
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        log.close()
     wait_until(lambda: not Worker.objects.filter(status="connected").exists(), timeout=10)
     assert set(Connection.objects.values_list("close_code", flat=True)) == {1000}
