@@ -19,7 +19,7 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 run: $(VENV)/.installed
 	$(PY) manage.py migrate --noinput
 	$(PY) manage.py ensure_local_admin
-	$(PY) manage.py serve
+	RENDEZVOUS_SECURITY_MODE=$${RENDEZVOUS_SECURITY_MODE:-open} $(PY) manage.py serve
 
 test: $(VENV)/.installed lint
 	sh tools/install_system_packages.sh

@@ -24,7 +24,7 @@ from django.utils.safestring import SafeString
 from django.utils.timesince import timesince
 from django.views.decorators.http import require_POST
 
-from registry import control
+from registry import control, enrolment
 from registry.models import Connection, ServerInstance, Worker
 from registry.selectors import RECENT_CONNECTIONS, registry_overview
 
@@ -40,6 +40,10 @@ OBSERVED_WORKER_FIELDS = (
     "agent_info",
     "current_connection",
     "all_connections",
+    "tags_display",
+    "ephemeral",
+    "enrolment",
+    "disabled_state",
 )
 
 CONNECTION_FIELDS = (
@@ -62,6 +66,12 @@ _BADGE_COLOURS = {
     "open": "#1f7a3a",
     "disconnected": "#6b6b6b",
     "closed": "#6b6b6b",
+    "usable": "#1f7a3a",
+    "active": "#1f7a3a",
+    "disabled": "#b42318",
+    "revoked": "#b42318",
+    "expired": "#8a5a00",
+    "used": "#6b6b6b",
 }
 
 
@@ -137,6 +147,23 @@ class HeldByInstanceFilter(admin.SimpleListFilter):
         return queryset
 
 
+class DisabledFilter(admin.SimpleListFilter):
+    title = "access"
+    parameter_name = "access"
+
+    def lookups(self, request: HttpRequest, model_admin: admin.ModelAdmin) -> list[tuple[str, str]]:
+        return [("disabled", "disabled"), ("enrolled", "enrolled"), ("unenrolled", "not enrolled")]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[Worker]) -> QuerySet[Worker]:
+        if self.value() == "disabled":
+            return queryset.filter(disabled_at__isnull=False)
+        if self.value() == "enrolled":
+            return queryset.exclude(credential_digest="")
+        if self.value() == "unenrolled":
+            return queryset.filter(credential_digest="")
+        return queryset
+
+
 class OpenConnectionFilter(admin.SimpleListFilter):
     title = "state"
     parameter_name = "state"
@@ -199,15 +226,15 @@ class WorkerAdmin(admin.ModelAdmin):
         "held_by",
         "connections_link",
     )
-    list_filter = ("status", LastSeenFilter, HeldByInstanceFilter)
+    list_filter = ("status", LastSeenFilter, HeldByInstanceFilter, DisabledFilter, "ephemeral")
     list_select_related = ("current_connection__instance",)
-    search_fields = ("id", "observed_ip", "public_ip")
+    search_fields = ("id", "observed_ip", "public_ip", "tags")
     # Connected first, then the most recently seen: the rows an operator is asking about.
     ordering = ("status", "-last_seen", "id")
     readonly_fields = OBSERVED_WORKER_FIELDS
     fields = OBSERVED_WORKER_FIELDS
     inlines = (ConnectionInline,)
-    actions = ("disconnect_selected",)
+    actions = ("disconnect_selected", "disable_selected", "enable_selected", "forget_credentials")
     list_per_page = 100
     show_full_result_count = False
 
@@ -257,7 +284,41 @@ class WorkerAdmin(admin.ModelAdmin):
 
     @admin.display(description="status", ordering="status")
     def status_badge(self, worker: Worker) -> SafeString:
+        if worker.is_disabled:
+            return format_html("{} {}", badge(worker.status), badge("disabled"))
         return badge(worker.status)
+
+    @admin.display(description="tags")
+    def tags_display(self, worker: Worker) -> str:
+        return ", ".join(worker.tag_list) or "-"
+
+    @admin.display(description="enrolment")
+    def enrolment(self, worker: Worker) -> SafeString | str:
+        if not worker.has_credential:
+            return "not enrolled (no credential bound)"
+        key = worker.enrolled_with
+        return format_html(
+            "credential {}… issued {}{}",
+            worker.credential_prefix,
+            ago(worker.credential_issued_at),
+            format_html(
+                ' with key <a href="{}">{}</a>',
+                reverse("admin:registry_enrolmentkey_change", args=[key.pk]),
+                key,
+            )
+            if key
+            else "",
+        )
+
+    @admin.display(description="disabled")
+    def disabled_state(self, worker: Worker) -> SafeString | str:
+        if not worker.is_disabled:
+            return "no"
+        return format_html(
+            "{} {}",
+            ago(worker.disabled_at),
+            f"({worker.disabled_reason})" if worker.disabled_reason else "",
+        )
 
     @admin.display(description="last seen", ordering="last_seen")
     def last_seen_ago(self, worker: Worker) -> SafeString | str:
@@ -309,6 +370,29 @@ class WorkerAdmin(admin.ModelAdmin):
             )
         if skipped:
             self.message_user(request, f"{skipped} worker(s) were not connected.", messages.WARNING)
+
+    @admin.action(
+        description="Disable selected workers: close now (4011) and refuse from now on",
+        permissions=["change"],
+    )
+    def disable_selected(self, request: HttpRequest, queryset: QuerySet[Worker]) -> None:
+        disabled = control.disable_workers(
+            list(queryset.values_list("id", flat=True)), reason=f"by {request.user}"
+        )
+        self.message_user(request, f"{len(disabled)} worker(s) disabled.", messages.SUCCESS)
+
+    @admin.action(description="Enable selected workers again", permissions=["change"])
+    def enable_selected(self, request: HttpRequest, queryset: QuerySet[Worker]) -> None:
+        count = enrolment.enable_workers(queryset.values_list("id", flat=True))
+        self.message_user(request, f"{count} worker(s) enabled.", messages.SUCCESS)
+
+    @admin.action(
+        description="Forget credentials of selected workers (they may enrol again with a key)",
+        permissions=["change"],
+    )
+    def forget_credentials(self, request: HttpRequest, queryset: QuerySet[Worker]) -> None:
+        count = enrolment.forget_credentials(queryset.values_list("id", flat=True))
+        self.message_user(request, f"{count} credential(s) forgotten.", messages.SUCCESS)
 
 
 @admin.register(Connection)
@@ -374,3 +458,6 @@ class ServerInstanceAdmin(admin.ModelAdmin):
         self, request: HttpRequest, obj: ServerInstance | None = None
     ) -> bool:
         return False
+
+
+from registry import security_admin  # noqa: E402, F401  (enrolment keys and API tokens)

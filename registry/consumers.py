@@ -16,7 +16,7 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 from django.db import DatabaseError
 
-from registry import metrics, protocol, services
+from registry import enrolment, metrics, protocol, services, tokens
 from registry.addresses import observed_address
 from registry.logs import InstanceLogAdapter
 from registry.origins import origin_allowed
@@ -88,15 +88,25 @@ class RegisterConsumer(AsyncWebsocketConsumer):
             await self.close_with(protocol.CloseCode.LIMIT_EXCEEDED, refusal)
             metrics.closed(protocol.CloseCode.LIMIT_EXCEEDED)
             return
+        request = services.RegistrationRequest(
+            worker_id=self.worker_id,
+            channel_name=runtime.channel_name,
+            observed_ip=self.observed_ip,
+            observed_port=self.observed_port,
+        )
         try:
-            registration = await runtime.registrations.submit(
-                services.RegistrationRequest(
-                    worker_id=self.worker_id,
-                    channel_name=runtime.channel_name,
-                    observed_ip=self.observed_ip,
-                    observed_port=self.observed_port,
-                )
+            registration, credential = await self._register(request)
+        except enrolment.AuthenticationFailed as exc:
+            if not isinstance(exc, enrolment.WorkerDisabled):
+                runtime.admission.authentication_failed(self.observed_ip)
+            log.warning(
+                "worker=%s from %s refused: %s", self.worker_id, self.observed_ip, exc.detail
             )
+            metrics.authentication_refused(exc.code)
+            await self.accept()
+            await self.close_with(exc.code, exc.reason)
+            metrics.closed(exc.code)
+            return
         except DatabaseError as exc:
             log.error(
                 "worker=%s registration failed, database unavailable: %s", self.worker_id, exc
@@ -117,6 +127,8 @@ class RegisterConsumer(AsyncWebsocketConsumer):
                 observed_port=self.observed_port,
                 heartbeat_interval=config["HEARTBEAT_INTERVAL"],
                 max_frame_bytes=self.max_frame_bytes,
+                security_mode=config["SECURITY_MODE"],
+                credential=credential,
             )
         )
         # Held from here on, and nothing is awaited after it: a consumer cancelled before this
@@ -124,11 +136,12 @@ class RegisterConsumer(AsyncWebsocketConsumer):
         # an await here would leave a socket entry that nothing ever removes.
         runtime.attach(self.connection_id, self.close_with, self.observed_ip)
         log.info(
-            "worker=%s connection=%s registered from %s:%s%s",
+            "worker=%s connection=%s registered from %s:%s%s%s",
             self.worker_id,
             self.connection_id,
             self.observed_ip,
             self.observed_port,
+            ", enrolled with a new credential" if credential else "",
             f", superseding connection={registration.superseded_connection_id}"
             if registration.superseded_connection_id
             else "",
@@ -144,6 +157,34 @@ class RegisterConsumer(AsyncWebsocketConsumer):
                 ),
                 what=f"supersede of connection {registration.superseded_connection_id}",
             )
+
+    async def _register(
+        self, request: services.RegistrationRequest
+    ) -> tuple[services.Registration, str | None]:
+        """Authenticate (secured mode) and register; the credential issued on enrolment, if any."""
+        runtime = get_runtime()
+        grant = None
+        if settings.RENDEZVOUS["SECURITY_MODE"] == enrolment.SECURED:
+            bearer = tokens.bearer_token(self.scope.get("headers", []))
+            grant = await database_sync_to_async(enrolment.authenticate)(
+                worker_id=self.worker_id, bearer=bearer
+            )
+        if grant is None:
+            registration = await runtime.registrations.submit(request)
+        else:
+            registration = await database_sync_to_async(self._enrol)(grant, request)
+        if registration.refused:
+            raise enrolment.WorkerDisabled(
+                protocol.CLOSE_REASONS[protocol.CloseCode.WORKER_DISABLED], "worker is disabled"
+            )
+        return registration, grant.credential.secret if grant else None
+
+    @staticmethod
+    def _enrol(
+        grant: enrolment.Enrolment, request: services.RegistrationRequest
+    ) -> services.Registration:
+        instance_id = get_runtime().ensure_registered()
+        return enrolment.enrol_and_register(grant, request, instance_id=instance_id)
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
         if self.connection_id is None:

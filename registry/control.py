@@ -12,27 +12,47 @@ import logging
 
 from asgiref.sync import async_to_sync
 
-from registry import protocol, selectors, services
-from registry.runtime import DISCONNECT, InstanceRuntime
+from registry import enrolment, protocol, selectors, services
+from registry.runtime import COMMAND_CLOSE_CODES, InstanceRuntime
 
 log = logging.getLogger("registry.control")
 
 
-def disconnect_worker(worker_id: str) -> bool:
-    """End `worker_id`'s session (code 4001). False if it is not connected."""
+def disconnect_worker(
+    worker_id: str, code: protocol.CloseCode = protocol.CloseCode.DISCONNECTED_BY_OPERATOR
+) -> bool:
+    """End `worker_id`'s session (code 4001, or 4011 for a disabled worker). False if it is
+    not connected."""
     target = selectors.current_channel(worker_id)
     if target is None:
         return False
     connection_id, channel_name = target
-    code = protocol.CloseCode.DISCONNECTED_BY_OPERATOR
     services.close_connection(
         connection_id=connection_id, code=code, reason=protocol.CLOSE_REASONS[code]
     )
     try:
-        async_to_sync(InstanceRuntime.send_command)(channel_name, DISCONNECT, connection_id)
+        command = next(name for name, value in COMMAND_CLOSE_CODES.items() if value == code)
+        async_to_sync(InstanceRuntime.send_command)(channel_name, command, connection_id)
     except Exception as exc:  # the row is closed; housekeeping closes the socket
         log.warning(
             "worker=%s connection=%s disconnect not delivered: %s", worker_id, connection_id, exc
         )
-    log.info("worker=%s connection=%s disconnected by an operator", worker_id, connection_id)
+    log.info(
+        "worker=%s connection=%s disconnected by an operator (code %s)",
+        worker_id,
+        connection_id,
+        int(code),
+    )
     return True
+
+
+def disable_workers(worker_ids: list[str], *, reason: str = "") -> list[str]:
+    """Ban the ids (every mode) and close their live sessions with 4011. Returns those newly
+    disabled."""
+    disabled = enrolment.disable_workers(worker_ids, reason=reason)
+    for worker_id in disabled:
+        disconnect_worker(worker_id, protocol.CloseCode.WORKER_DISABLED)
+        log.warning(
+            "worker=%s disabled by an operator%s", worker_id, f": {reason}" if reason else ""
+        )
+    return disabled

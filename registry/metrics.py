@@ -59,6 +59,16 @@ PROTOCOL_ERRORS = Counter(
     "Error frames sent to workers, by error code (docs/protocol.md).",
     ["instance_name", "code"],
 )
+AUTHENTICATION_REFUSALS = Counter(
+    "rendezvous_authentication_refusals",
+    "Handshakes refused for a missing, wrong or unusable credential or key, or a disabled worker.",
+    ["instance_name", "code"],
+)
+API_REFUSALS = Counter(
+    "rendezvous_api_refusals",
+    "Requests to protected JSON views refused for want of a staff session or API token.",
+    ["instance_name"],
+)
 MESSAGES_RECEIVED = Counter(
     "rendezvous_messages_received",
     "Frames received from workers (before the rate limit).",
@@ -112,6 +122,14 @@ def closed(code: int | None) -> None:
 
 def protocol_error(code: str) -> None:
     PROTOCOL_ERRORS.labels(_instance(), str(code)).inc()
+
+
+def authentication_refused(code: int) -> None:
+    AUTHENTICATION_REFUSALS.labels(_instance(), str(int(code))).inc()
+
+
+def api_refused() -> None:
+    API_REFUSALS.labels(_instance()).inc()
 
 
 def message_received() -> None:

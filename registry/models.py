@@ -2,12 +2,36 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import datetime
 
+from django.conf import settings
+from django.core.exceptions import ValidationError
 from django.core.validators import RegexValidator
 from django.db import models
 
 from registry import protocol
+
+# Tags are stored as ",gpu,eu-west," so that one portable `contains` finds a tag on SQLite and
+# PostgreSQL alike (JSON `contains` is not supported on SQLite).
+TAG_SEPARATOR = ","
+
+
+def encode_tags(tags: Iterable[str]) -> str:
+    clean = sorted(set(tags))
+    for tag in clean:
+        if not protocol.is_valid_tag(tag):
+            raise ValidationError(f"{tag!r} is not a valid tag ({protocol.TAG_RULE})")
+    return f"{TAG_SEPARATOR}{TAG_SEPARATOR.join(clean)}{TAG_SEPARATOR}" if clean else ""
+
+
+def decode_tags(stored: str) -> list[str]:
+    return [tag for tag in stored.split(TAG_SEPARATOR) if tag]
+
+
+def tag_lookup(tag: str) -> str:
+    """The `tags__contains` argument that finds exactly `tag`."""
+    return f"{TAG_SEPARATOR}{tag}{TAG_SEPARATOR}"
 
 
 class ServerInstanceQuerySet(models.QuerySet["ServerInstance"]):
@@ -52,6 +76,13 @@ class WorkerQuerySet(models.QuerySet["Worker"]):
     def held_by(self, instance_id: str) -> WorkerQuerySet:
         return self.connected().filter(current_connection__instance_id=instance_id)
 
+    def tagged(self, tag: str) -> WorkerQuerySet:
+        return self.filter(tags__contains=tag_lookup(tag))
+
+    def ephemeral_gone_since(self, before: datetime) -> WorkerQuerySet:
+        """Ephemeral workers offline since before `before`: due to be removed."""
+        return self.filter(ephemeral=True, status=WorkerStatus.DISCONNECTED, last_seen__lt=before)
+
 
 class Worker(models.Model):
     """A worker id and what the service knows of it; observed fields are the service's alone."""
@@ -80,6 +111,24 @@ class Worker(models.Model):
     current_connection = models.OneToOneField(
         "Connection", null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
     )
+    # Security (docs/security.md): the credential bound to this id, and how it was enrolled.
+    credential_digest = models.CharField(max_length=64, blank=True, editable=False)
+    credential_prefix = models.CharField(max_length=16, blank=True, editable=False)
+    credential_issued_at = models.DateTimeField(null=True, blank=True, editable=False)
+    enrolled_with = models.ForeignKey(
+        "EnrolmentKey",
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="workers",
+        editable=False,
+    )
+    tags = models.CharField(max_length=1000, blank=True, editable=False)
+    ephemeral = models.BooleanField(
+        default=False, help_text="Removed from the registry once offline for a while."
+    )
+    disabled_at = models.DateTimeField(null=True, blank=True, db_index=True)
+    disabled_reason = models.CharField(max_length=200, blank=True)
 
     objects = WorkerQuerySet.as_manager()
 
@@ -99,6 +148,18 @@ class Worker(models.Model):
     @property
     def is_connected(self) -> bool:
         return self.status == WorkerStatus.CONNECTED
+
+    @property
+    def is_disabled(self) -> bool:
+        return self.disabled_at is not None
+
+    @property
+    def has_credential(self) -> bool:
+        return bool(self.credential_digest)
+
+    @property
+    def tag_list(self) -> list[str]:
+        return decode_tags(self.tags)
 
 
 class ConnectionQuerySet(models.QuerySet["Connection"]):
@@ -142,3 +203,100 @@ class Connection(models.Model):
     @property
     def is_open(self) -> bool:
         return self.closed_at is None
+
+
+class EnrolmentKeyQuerySet(models.QuerySet["EnrolmentKey"]):
+    def usable(self, now: datetime) -> EnrolmentKeyQuerySet:
+        """Keys that may enrol a worker now: not revoked, not expired, not a used single-use."""
+        return self.filter(revoked_at__isnull=True, expires_at__gt=now).filter(
+            models.Q(reusable=True) | models.Q(use_count=0)
+        )
+
+
+class EnrolmentKey(models.Model):
+    """A pre-shared key that lets a new worker id enrol (Headscale's pre-auth keys)."""
+
+    name = models.CharField(max_length=200, help_text="What or who the key is for.")
+    digest = models.CharField(max_length=64, unique=True, editable=False)
+    prefix = models.CharField(
+        max_length=16, editable=False, help_text="The key's first characters."
+    )
+    reusable = models.BooleanField(
+        default=False, help_text="Enrols any number of workers; otherwise exactly one."
+    )
+    ephemeral = models.BooleanField(
+        default=False,
+        help_text="Workers enrolled with it are removed from the registry once offline for "
+        "RENDEZVOUS_EPHEMERAL_AFTER seconds.",
+    )
+    tags = models.CharField(
+        max_length=1000, blank=True, help_text="Copied onto every worker it enrols."
+    )
+    expires_at = models.DateTimeField()
+    created_at = models.DateTimeField(editable=False)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="+",
+        editable=False,
+    )
+    revoked_at = models.DateTimeField(null=True, blank=True, editable=False)
+    use_count = models.PositiveIntegerField(default=0, editable=False)
+    last_used_at = models.DateTimeField(null=True, blank=True, editable=False)
+
+    objects = EnrolmentKeyQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["-created_at"]
+        verbose_name = "enrolment key"
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.prefix}…)"
+
+    @property
+    def tag_list(self) -> list[str]:
+        return decode_tags(self.tags)
+
+    def state(self, now: datetime) -> str:
+        if self.revoked_at is not None:
+            return "revoked"
+        if self.expires_at <= now:
+            return "expired"
+        if not self.reusable and self.use_count:
+            return "used"
+        return "usable"
+
+
+class ApiTokenQuerySet(models.QuerySet["ApiToken"]):
+    def active(self) -> ApiTokenQuerySet:
+        return self.filter(revoked_at__isnull=True)
+
+
+class ApiToken(models.Model):
+    """A bearer token for the JSON API and /metrics in secured mode (scripts, Prometheus)."""
+
+    name = models.CharField(max_length=200, help_text="What or who the token is for.")
+    digest = models.CharField(max_length=64, unique=True, editable=False)
+    prefix = models.CharField(max_length=16, editable=False)
+    created_at = models.DateTimeField(editable=False)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="+",
+        editable=False,
+    )
+    revoked_at = models.DateTimeField(null=True, blank=True, editable=False)
+    last_used_at = models.DateTimeField(null=True, blank=True, editable=False)
+
+    objects = ApiTokenQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["-created_at"]
+        verbose_name = "API token"
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.prefix}…)"

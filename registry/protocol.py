@@ -21,6 +21,10 @@ WORKER_ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
 WORKER_ID_MAX_LENGTH = 128
 _WORKER_ID_RE = re.compile(rf"\A{WORKER_ID_PATTERN}\Z")
 
+# Tags (copied from an enrolment key onto the workers it enrols; peers are filtered by them).
+TAG_RULE = "1-64 characters of A-Z a-z 0-9 . _ - starting with a letter or digit"
+_TAG_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
+
 # Frames above this many bytes of UTF-8 are refused with FRAME_TOO_LARGE; the connection stays.
 DEFAULT_MAX_FRAME_BYTES = 4096
 # What an agent may say about itself (`agent_info`): a flat object of short scalar values.
@@ -55,7 +59,13 @@ class CloseCode(IntEnum):
     INSTANCE_RESET = 4003  # this instance lost its registration; reconnect with backoff
     TRY_AGAIN_LATER = 4004  # the registry could not record the connection; reconnect with backoff
     LIMIT_EXCEEDED = 4008  # a connection limit (instance, address, handshake rate); back off
+    AUTHENTICATION_FAILED = 4010  # no, a wrong, or an unusable credential or key; do not retry
+    WORKER_DISABLED = 4011  # an operator disabled this worker id; do not retry
     RATE_LIMITED = 4029  # the connection kept flooding after RATE_LIMITED errors
+
+
+# Close codes after which an agent must not reconnect by itself: retrying cannot help.
+FINAL_CLOSE_CODES = frozenset({CloseCode.AUTHENTICATION_FAILED, CloseCode.WORKER_DISABLED})
 
 
 CLOSE_REASONS: dict[CloseCode, str] = {
@@ -67,6 +77,8 @@ CLOSE_REASONS: dict[CloseCode, str] = {
     CloseCode.INSTANCE_RESET: "server instance lost its registration, reconnect",
     CloseCode.TRY_AGAIN_LATER: "registry unavailable, try again later",
     CloseCode.LIMIT_EXCEEDED: "connection limit reached, try again later",
+    CloseCode.AUTHENTICATION_FAILED: "authentication failed",
+    CloseCode.WORKER_DISABLED: "worker disabled by an operator",
     CloseCode.RATE_LIMITED: "too many messages",
 }
 
@@ -186,6 +198,10 @@ def is_valid_worker_id(worker_id: str) -> bool:
     return bool(_WORKER_ID_RE.match(worker_id))
 
 
+def is_valid_tag(tag: object) -> bool:
+    return isinstance(tag, str) and bool(_TAG_RE.match(tag))
+
+
 def normalize_ip(value: Any) -> str:
     """The canonical text of an IPv4 or IPv6 literal, or InvalidIp. Nothing else is ever stored."""
     if not isinstance(value, str) or not value or len(value) > 45:
@@ -271,7 +287,11 @@ def welcome(
     observed_port: int | None,
     heartbeat_interval: float,
     max_frame_bytes: int,
+    security_mode: str = "open",
+    credential: str | None = None,
 ) -> str:
+    """`credential` only on enrolment: the worker's secret for every later connection."""
+    extra = {"credential": credential} if credential else {}
     return encode(
         {
             "type": ServerMessageType.WELCOME,
@@ -283,6 +303,8 @@ def welcome(
             "observed_port": observed_port,
             "heartbeat_interval": heartbeat_interval,
             "max_frame_bytes": max_frame_bytes,
+            "security_mode": security_mode,
+            **extra,
         }
     )
 

@@ -20,10 +20,14 @@ class TokenBucket:
 
     def take(self) -> bool:
         """Spend one token; False when the bucket is empty (the message must be dropped)."""
-        now = self._clock()
-        self._tokens = min(self.burst, self._tokens + (now - self._last) * self.rate)
-        self._last = now
-        if self._tokens >= 1.0:
+        if self.peek():
             self._tokens -= 1.0
             return True
         return False
+
+    def peek(self) -> bool:
+        """Whether a token is available now, without spending it."""
+        now = self._clock()
+        self._tokens = min(self.burst, self._tokens + (now - self._last) * self.rate)
+        self._last = now
+        return self._tokens >= 1.0

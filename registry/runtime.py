@@ -26,7 +26,7 @@ from django.conf import settings
 from django.db import close_old_connections
 from django.utils import timezone
 
-from registry import metrics, protocol, services
+from registry import enrolment, metrics, protocol, services
 from registry.admission import Admission
 from registry.batching import Coalescer
 
@@ -37,9 +37,11 @@ Closer = Callable[[int], Coroutine[Any, Any, None]]
 # Commands to a live connection, sent through the channel layer to the instance that holds it.
 SUPERSEDE = "worker.superseded"
 DISCONNECT = "worker.disconnect"
+DISABLE = "worker.disabled"
 COMMAND_CLOSE_CODES = {
     SUPERSEDE: protocol.CloseCode.SUPERSEDED,
     DISCONNECT: protocol.CloseCode.DISCONNECTED_BY_OPERATOR,
+    DISABLE: protocol.CloseCode.WORKER_DISABLED,
 }
 
 
@@ -123,16 +125,21 @@ class InstanceRuntime:
 
     # ---- sockets held here (called on the event loop) ------------------------------------------
 
-    def admission_refusal(self, address: str | None) -> str | None:
-        """Why a new connection from `address` is refused (a connection limit), or None."""
-        if self._admission is None:
+    @property
+    def admission(self) -> Admission:
+        if self._admission is None:  # built on first use, from settings
             config = self.config
             self._admission = Admission(
                 max_total=config["MAX_CONNECTIONS"],
                 max_per_address=config["MAX_CONNECTIONS_PER_ADDRESS"],
                 handshake_rate=config["HANDSHAKE_RATE_PER_ADDRESS"],
+                auth_failures_per_minute=config["AUTH_FAILURES_PER_MINUTE"],
             )
-        return self._admission.refusal(address)
+        return self._admission
+
+    def admission_refusal(self, address: str | None) -> str | None:
+        """Why a new connection from `address` is refused (a connection limit), or None."""
+        return self.admission.refusal(address)
 
     def attach(self, connection_id: int, close: Closer, address: str | None = None) -> None:
         loop = asyncio.get_running_loop()
@@ -231,6 +238,9 @@ class InstanceRuntime:
             now=now,
         )
         closed = sum(self._close_socket(pk, code) for pk, code in result.closed_elsewhere.items())
+        enrolment.purge_ephemeral_workers(
+            offline_for=timedelta(seconds=config["EPHEMERAL_AFTER"]), now=now
+        )
         return HousekeepingReport(
             declared_dead=False,
             swept=swept,

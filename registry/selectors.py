@@ -9,7 +9,7 @@ from typing import Any
 
 from django.db.models import Count, Q
 
-from registry.models import Connection, ServerInstance, Worker, WorkerStatus
+from registry.models import Connection, ServerInstance, Worker, WorkerStatus, decode_tags
 
 RECENT_CONNECTIONS = 20
 
@@ -26,6 +26,10 @@ _WORKER_FIELDS = (
     "current_connection_id",
     "current_connection__opened_at",
     "current_connection__instance_id",
+    "tags",
+    "ephemeral",
+    "disabled_at",
+    "credential_issued_at",
 )
 
 _CONNECTION_FIELDS = (
@@ -89,6 +93,10 @@ def _worker_dict(row: dict[str, Any]) -> dict[str, Any]:
         "public_ip_reported_at": _iso(row["public_ip_reported_at"]),
         "agent_info": row["agent_info"],
         "current_connection": connection,
+        "tags": decode_tags(row["tags"]),
+        "ephemeral": row["ephemeral"],
+        "enrolled_at": _iso(row["credential_issued_at"]),
+        "disabled_at": _iso(row["disabled_at"]),
     }
 
 
@@ -108,11 +116,15 @@ class WorkerPage:
         return max(1, -(-self.count // self.page_size))
 
 
-def list_workers(*, status: WorkerStatus | None, page: int, page_size: int) -> WorkerPage:
-    """One page of workers in a stable order (by id), optionally of one status."""
+def list_workers(
+    *, status: WorkerStatus | None, page: int, page_size: int, tag: str | None = None
+) -> WorkerPage:
+    """One page of workers in a stable order (by id), optionally of one status and tag."""
     workers = Worker.objects.all()
     if status is not None:
         workers = workers.filter(status=status)
+    if tag is not None:
+        workers = workers.tagged(tag)
     count = workers.count()
     start = (page - 1) * page_size
     rows = workers.order_by("id").values(*_WORKER_FIELDS)[start : start + page_size]

@@ -34,9 +34,16 @@ class RegistrationRequest:
 
 @dataclass(frozen=True, slots=True)
 class Registration:
-    connection_id: int
+    connection_id: int | None  # None: refused, the worker is disabled
     superseded_connection_id: int | None
     superseded_channel: str | None
+
+    @property
+    def refused(self) -> bool:
+        return self.connection_id is None
+
+
+REFUSED = Registration(None, None, None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,11 +117,8 @@ def _register_round(
         [Worker(id=worker_id, first_seen=now, last_seen=now) for worker_id in ids],
         ignore_conflicts=True,
     )
-    previous = {
-        worker_id: (connection_id, channel)
-        for worker_id, connection_id, channel, closed_at in Worker.objects.select_for_update(
-            of=("self",)
-        )
+    rows = (
+        Worker.objects.select_for_update(of=("self",))
         .filter(id__in=ids)
         .order_by("id")
         .values_list(
@@ -122,9 +126,18 @@ def _register_round(
             "current_connection_id",
             "current_connection__channel_name",
             "current_connection__closed_at",
+            "disabled_at",
         )
-        if connection_id is not None and closed_at is None
-    }
+    )
+    previous: dict[str, tuple[int, str]] = {}
+    disabled: set[str] = set()
+    for worker_id, connection_id, channel, closed_at, disabled_at in rows:
+        if disabled_at is not None:
+            disabled.add(worker_id)  # a ban holds in every mode, checked under the row lock
+        elif connection_id is not None and closed_at is None:
+            previous[worker_id] = (connection_id, channel)
+    admitted = [r for r in requests if r.worker_id not in disabled]
+    ids = [worker_id for worker_id in ids if worker_id not in disabled]
     if previous:
         Connection.objects.filter(
             id__in=[connection_id for connection_id, _ in previous.values()], closed_at__isnull=True
@@ -139,7 +152,7 @@ def _register_round(
                 observed_ip=r.observed_ip,
                 observed_port=r.observed_port,
             )
-            for r in requests
+            for r in admitted
         ]
     )
     # One UPDATE for the whole batch, each worker reading its values from its new connection row
@@ -153,7 +166,12 @@ def _register_round(
         observed_port=Subquery(newest.values("observed_port")[:1]),
     )
     registrations = []
-    for r, c in zip(requests, connections, strict=True):
+    opened = iter(connections)
+    for r in requests:
+        if r.worker_id in disabled:
+            registrations.append(REFUSED)
+            continue
+        c = next(opened)
         superseded = previous.get(r.worker_id)
         registrations.append(
             Registration(

@@ -16,6 +16,7 @@ from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 
 from registry import metrics, protocol, selectors
+from registry.api_access import protected
 from registry.models import WorkerStatus
 
 log = logging.getLogger("registry.views")
@@ -76,6 +77,7 @@ def service_info(request: HttpRequest) -> JsonResponse:
 
 
 @get_only
+@protected
 def debug_list_workers(request: HttpRequest) -> JsonResponse:
     return JsonResponse(selectors.poc_worker_listing())
 
@@ -90,6 +92,7 @@ def _positive_int(request: HttpRequest, name: str, default: int) -> int:
 
 
 @get_only
+@protected
 def worker_list(request: HttpRequest) -> JsonResponse:
     config = settings.RENDEZVOUS
     status_param = request.GET.get("status") or None
@@ -101,8 +104,11 @@ def worker_list(request: HttpRequest) -> JsonResponse:
     except ValueError as exc:
         return json_error(400, str(exc))
     page_size = min(page_size, config["API_MAX_PAGE_SIZE"])
+    tag = request.GET.get("tag") or None
+    if tag is not None and not protocol.is_valid_tag(tag):
+        return json_error(400, f"'tag' must be {protocol.TAG_RULE}")
     status = WorkerStatus(status_param) if status_param else None
-    result = selectors.list_workers(status=status, page=page, page_size=page_size)
+    result = selectors.list_workers(status=status, page=page, page_size=page_size, tag=tag)
     if page > result.num_pages:
         return json_error(404, f"page {page} is past the last page ({result.num_pages})")
 
@@ -125,6 +131,7 @@ def worker_list(request: HttpRequest) -> JsonResponse:
 
 
 @get_only
+@protected
 def worker_detail(request: HttpRequest, worker_id: str) -> JsonResponse:
     detail = selectors.worker_detail(worker_id)
     if detail is None:
@@ -138,6 +145,7 @@ def healthz(request: HttpRequest) -> JsonResponse:
 
 
 @get_only
+@protected
 def prometheus_metrics(request: HttpRequest) -> HttpResponse:
     return HttpResponse(metrics.render(), content_type=metrics.CONTENT_TYPE)
 

@@ -1,5 +1,6 @@
 """ASGI entry point: HTTP (JSON views, admin, static assets) and the worker WebSocket."""
 
+import logging
 import os
 
 from django.core.asgi import get_asgi_application
@@ -11,6 +12,7 @@ from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from django.conf import settings  # noqa: E402
 from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler  # noqa: E402
 
+from registry import enrolment  # noqa: E402
 from registry.routing import websocket_urlpatterns  # noqa: E402
 from registry.runtime import get_runtime, install_graceful_shutdown  # noqa: E402
 
@@ -20,6 +22,11 @@ application = ProtocolTypeRouter(
         "http": ASGIStaticFilesHandler(django_asgi_app),
         "websocket": URLRouter(websocket_urlpatterns),
     }
+)
+
+_mode = settings.RENDEZVOUS["SECURITY_MODE"]
+logging.getLogger("registry.security").log(
+    logging.WARNING if _mode == enrolment.OPEN else logging.INFO, enrolment.mode_notice(_mode)
 )
 
 if settings.RENDEZVOUS["HOUSEKEEPING"]:

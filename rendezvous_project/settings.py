@@ -188,6 +188,14 @@ STATIC_URL = "static/"
 STATIC_ROOT = DATA_DIR / "static"
 
 # ---- Rendezvous ---------------------------------------------------------------------------------
+SECURITY_MODE = (
+    (os.environ.get("RENDEZVOUS_SECURITY_MODE") or ("open" if DEBUG else "secured")).strip().lower()
+)
+if SECURITY_MODE not in {"open", "secured"}:
+    raise ImproperlyConfigured(
+        f"RENDEZVOUS_SECURITY_MODE must be 'open' or 'secured', not {SECURITY_MODE!r}"
+    )
+
 RENDEZVOUS = {
     # This process's name in the registry; a restart under the same name closes what it left open.
     "INSTANCE_NAME": os.environ.get("RENDEZVOUS_INSTANCE_NAME") or f"{socket.gethostname()}:{PORT}",
@@ -223,6 +231,14 @@ RENDEZVOUS = {
     # Browser origins allowed to open a worker WebSocket besides the service's own hosts.
     "ALLOWED_ORIGINS": env_list("RENDEZVOUS_ALLOWED_ORIGINS", []),
     "API_MAX_PAGE_SIZE": 1000,
+    # `open`: anyone may register any id and read the registry (the proof of concept's
+    # behaviour, for trying it out); `secured`: enrolment keys and per-worker credentials,
+    # protected JSON views (docs/security.md). Secured unless DEBUG is on.
+    "SECURITY_MODE": SECURITY_MODE,
+    # Failed authentications per source address per minute before its handshakes are refused.
+    "AUTH_FAILURES_PER_MINUTE": env_int("RENDEZVOUS_AUTH_FAILURES_PER_MINUTE", 20),
+    # Seconds an ephemeral worker stays in the registry after it went offline.
+    "EPHEMERAL_AFTER": env_float("RENDEZVOUS_EPHEMERAL_AFTER", 1800.0),
 }
 
 LOG_LEVEL = os.environ.get("LOG_LEVEL") or "INFO"

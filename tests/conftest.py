@@ -9,6 +9,7 @@ from channels.layers import channel_layers
 from registry.runtime import InstanceRuntime, reset_runtime
 from tests.support.databases import current_database_url
 from tests.support.processes import ServerProcess
+from worker_agent import Backoff, WorkerAgent
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -17,6 +18,8 @@ def pytest_configure(config: pytest.Config) -> None:
     from django.conf import settings
 
     settings.DATABASES["default"]["CONN_MAX_AGE"] = 0
+    # The suite's default is the open mode; tests of the secured mode ask for it themselves.
+    settings.RENDEZVOUS["SECURITY_MODE"] = "open"
 
 
 @pytest.fixture(autouse=True)
@@ -55,3 +58,20 @@ def server_factory(
 @pytest.fixture
 def server(server_factory: Callable[..., ServerProcess]) -> ServerProcess:
     return server_factory().start()
+
+
+@pytest.fixture
+def agents() -> Iterator[Callable[..., WorkerAgent]]:
+    """Agents in threads of this test process; each is stopped at teardown, pass or fail."""
+    made: list[WorkerAgent] = []
+
+    def make(url: str, worker_id: str, **kwargs: object) -> WorkerAgent:
+        kwargs.setdefault("ip_echo_url", "")
+        kwargs.setdefault("backoff", Backoff(base=0.2, cap=1.0))
+        agent = WorkerAgent(url, worker_id, **kwargs)  # type: ignore[arg-type]
+        made.append(agent)
+        return agent
+
+    yield make
+    for agent in made:
+        agent.stop(timeout=5)

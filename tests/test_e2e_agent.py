@@ -33,23 +33,6 @@ def ip_echo() -> Iterator[IpEcho]:
     echo.close()
 
 
-@pytest.fixture
-def agents() -> Iterator[Callable[..., WorkerAgent]]:
-    """Agents in threads of this test process; each is stopped at teardown, pass or fail."""
-    made: list[WorkerAgent] = []
-
-    def make(url: str, worker_id: str, **kwargs: object) -> WorkerAgent:
-        kwargs.setdefault("ip_echo_url", "")
-        kwargs.setdefault("backoff", Backoff(base=0.2, cap=1.0))
-        agent = WorkerAgent(url, worker_id, **kwargs)  # type: ignore[arg-type]
-        made.append(agent)
-        return agent
-
-    yield make
-    for agent in made:
-        agent.stop(timeout=5)
-
-
 def connected(worker_id: str) -> bool:
     return Worker.objects.filter(id=worker_id, status=WorkerStatus.CONNECTED).exists()
 

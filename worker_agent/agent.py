@@ -23,7 +23,7 @@ from typing import Any
 
 import websocket
 
-from . import wire
+from . import credentials, wire
 from .backoff import Backoff
 from .policy import (
     DEFAULT_MAX_SUPERSEDED,
@@ -118,6 +118,7 @@ class _Connection:
             registered=self.welcome is not None,
             uptime=uptime,
             close_code=self.effective_close()[0],
+            close_reason=self.effective_close()[1],
             handshake_status=self.handshake_status,
         )
 
@@ -148,13 +149,28 @@ class WorkerAgent:
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
         close_timeout: float = CLOSE_GRACE,
         header: Mapping[str, str] | None = None,
+        enrolment_key: str | None = None,
+        credential: str | None = None,
+        credential_file: str | os.PathLike[str] | None = None,
         suppress_origin: bool = False,
         sslopt: Mapping[str, Any] | None = None,
         on_message: MessageCallback | None = None,
         on_registered: MessageCallback | None = None,
         on_state_change: StateCallback | None = None,
     ) -> None:
+        # A credential file decides the id: it is the identity the service knows.
+        self.credential_file = credential_file
+        stored = credentials.load(credential_file) if credential_file is not None else None
+        if stored is not None and worker_id is not None and stored.worker_id != worker_id:
+            raise ValueError(
+                f"credential file {credential_file} belongs to worker {stored.worker_id!r}, "
+                f"not {worker_id!r}"
+            )
+        if stored is not None:
+            worker_id = stored.worker_id
         self.worker_id = str(uuid.uuid4()) if worker_id is None else worker_id
+        self.enrolment_key = enrolment_key
+        self._credential = credential or (stored.credential if stored else None)
         self.service_url = url
         self.url = wire.websocket_url(url, self.worker_id)  # ValueError says what is wrong
 
@@ -293,6 +309,7 @@ class WorkerAgent:
                 "last_close_code": self._last_close_code,
                 "last_close_reason": self._last_close_reason,
                 "superseded_count": self.policy.superseded_count,
+                "enrolled": self._credential is not None,
                 "next_attempt_at": self._next_attempt_at,
                 "final_reason": self._final_reason,
             }
@@ -343,10 +360,22 @@ class WorkerAgent:
             if self._state == AgentState.STOPPED:
                 logger.info("worker=%s: stopped", self.worker_id)
 
+    @property
+    def credential(self) -> str | None:
+        """The credential the service bound to this worker id (kept in memory, and in
+        `credential_file` when given)."""
+        with self._lock:
+            return self._credential
+
+    def _headers(self) -> dict[str, str]:
+        # A header, never the URL: URLs end up in access logs.
+        secret = self.credential or self.enrolment_key
+        return {**self.header, "Authorization": f"Bearer {secret}"} if secret else self.header
+
     def _connect_once(self, conn: _Connection) -> None:
         app = websocket.WebSocketApp(
             self.url,
-            header=self.header,
+            header=self._headers(),
             on_open=lambda _app: self._handle_open(conn),
             on_message=lambda _app, data: self._handle_message(conn, data),
             on_error=lambda _app, exc: self._handle_error(conn, exc),
@@ -498,6 +527,9 @@ class WorkerAgent:
             self._call(self.on_registered, message)
 
     def _handle_welcome(self, conn: _Connection, welcome: dict[str, Any]) -> None:
+        issued = welcome.pop("credential", None)
+        if isinstance(issued, str) and issued:
+            self._keep_credential(conn, issued)
         with self._lock:
             first = conn.welcome is None
             conn.welcome = welcome
@@ -524,6 +556,29 @@ class WorkerAgent:
                 daemon=True,
             )
             conn.session.start()
+
+    def _keep_credential(self, conn: _Connection, issued: str) -> None:
+        with self._lock:
+            self._credential = issued
+        if self.credential_file is None:
+            self._log(logging.INFO, conn, "enrolled: credential kept in memory only")
+            return
+        try:
+            credentials.save(
+                self.credential_file,
+                credentials.Identity(self.worker_id, issued, self.service_url),
+            )
+        except OSError as exc:
+            self._log(
+                logging.ERROR,
+                conn,
+                "enrolled, but the credential could not be written to %s (%s): kept in memory; "
+                "after a restart this worker id cannot reconnect",
+                self.credential_file,
+                exc,
+            )
+            return
+        self._log(logging.INFO, conn, "enrolled: credential stored in %s", self.credential_file)
 
     # ---- after welcome: agent info, public address, heartbeats ---------------------------------
 

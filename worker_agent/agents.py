@@ -9,6 +9,7 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
+from . import credentials
 from .agent import AgentState, WorkerAgent
 from .health import HealthServer
 
@@ -42,7 +43,18 @@ class AgentGroup:
             ids = [None] * count
         if len(set(i for i in ids if i is not None)) != len([i for i in ids if i is not None]):
             raise ValueError("worker ids must be distinct: agents sharing one would supersede")
-        self.agents = [WorkerAgent(url, worker_id, **agent_kwargs) for worker_id in ids]
+        credential_file = agent_kwargs.pop("credential_file", None)
+        self.agents = [
+            WorkerAgent(
+                url,
+                worker_id,
+                credential_file=None
+                if credential_file is None
+                else credentials.numbered(credential_file, index),
+                **agent_kwargs,
+            )
+            for index, worker_id in enumerate(ids)
+        ]
         self.health = (
             None
             if health_port is None

@@ -40,6 +40,8 @@ class Config:
     port: int
     health_host: str
     log_level: str
+    enrolment_key: str | None = None
+    credential_file: str | None = None
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str]) -> Config:
@@ -60,6 +62,8 @@ class Config:
             port=_port(environ),
             health_host=environ.get("HEALTH_HOST", "").strip() or DEFAULT_HEALTH_HOST,
             log_level=environ.get("LOG_LEVEL", "").strip().upper() or "INFO",
+            enrolment_key=environ.get("RENDEZVOUS_ENROLMENT_KEY", "").strip() or None,
+            credential_file=environ.get("RENDEZVOUS_CREDENTIAL_FILE", "").strip() or None,
         )
 
 
@@ -91,7 +95,8 @@ def _parser() -> argparse.ArgumentParser:
         description=(
             "Keep a worker registered with a Rendezvous service. Configured from the "
             "environment: RENDEZVOUS_SERVICE_URL (required), WORKER_ID, PING_INTERVAL_SEC, "
-            "PING_TIMEOUT_SEC, IP_ECHO_URL, PORT, HEALTH_HOST, LOG_LEVEL."
+            "PING_TIMEOUT_SEC, IP_ECHO_URL, PORT, HEALTH_HOST, LOG_LEVEL, "
+            "RENDEZVOUS_ENROLMENT_KEY, RENDEZVOUS_CREDENTIAL_FILE."
         ),
     )
     parser.add_argument(
@@ -128,6 +133,8 @@ def main(
             ping_interval=config.ping_interval,
             ping_timeout=config.ping_timeout,
             ip_echo_url=config.ip_echo_url,
+            enrolment_key=config.enrolment_key,
+            credential_file=config.credential_file,
         )
     except ValueError as exc:  # ConfigError, and the agent's own URL and id checks
         print(f"rendezvous-worker: {exc}", file=sys.stderr, flush=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .backoff import Backoff, Uniform
-from .wire import CloseCode
+from .wire import FINAL_CLOSE_CODES, CloseCode
 
 DEFAULT_SUPERSEDED_DELAY = 60.0
 DEFAULT_MAX_SUPERSEDED = 3
@@ -28,6 +28,7 @@ class Outcome:
     registered: bool = False  # the server's `welcome` arrived
     uptime: float = 0.0  # seconds the socket stayed open
     close_code: int | None = None  # from the `closing` frame, else the close frame
+    close_reason: str | None = None
     handshake_status: int | None = None  # the HTTP status of a refused handshake
 
 
@@ -68,6 +69,18 @@ class ReconnectPolicy:
                 retry=False,
                 final_state="refused",
                 reason="the server refused this worker id (HTTP 403)",
+            )
+        if outcome.close_code in FINAL_CLOSE_CODES:
+            what = (
+                "authentication failed"
+                if outcome.close_code == CloseCode.AUTHENTICATION_FAILED
+                else "this worker was disabled by an operator"
+            )
+            return Decision(
+                retry=False,
+                final_state="refused",
+                reason=f"{what} (close {outcome.close_code}: "
+                f"{outcome.close_reason or 'no reason given'})",
             )
         if outcome.close_code == CloseCode.SUPERSEDED:
             return self._after_superseded(outcome)

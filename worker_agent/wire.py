@@ -48,7 +48,8 @@ class ServerMessageType(StrEnum):
 
 
 class CloseCode(IntEnum):
-    """Close codes the service sends. Any code but SUPERSEDED means "reconnect with backoff"."""
+    """Close codes the service sends. SUPERSEDED has its own rule; the FINAL ones end the agent;
+    any other means "reconnect with backoff"."""
 
     NORMAL = 1000
     SUPERSEDED = 4000
@@ -57,7 +58,13 @@ class CloseCode(IntEnum):
     INSTANCE_RESET = 4003
     TRY_AGAIN_LATER = 4004
     LIMIT_EXCEEDED = 4008
+    AUTHENTICATION_FAILED = 4010
+    WORKER_DISABLED = 4011
     RATE_LIMITED = 4029
+
+
+# Retrying cannot help after these: the agent stops (state "refused") and says why.
+FINAL_CLOSE_CODES = frozenset({CloseCode.AUTHENTICATION_FAILED, CloseCode.WORKER_DISABLED})
 
 
 class ErrorCode(StrEnum):

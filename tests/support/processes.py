@@ -43,9 +43,12 @@ def wait_until(
         time.sleep(interval)
 
 
-def get_json(url: str, timeout: float = 5.0) -> tuple[int, Any]:
+def get_json(
+    url: str, timeout: float = 5.0, headers: dict[str, str] | None = None
+) -> tuple[int, Any]:
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
+        request = urllib.request.Request(url, headers=headers or {})
+        with urllib.request.urlopen(request, timeout=timeout) as response:
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as exc:
         return exc.code, json.loads(exc.read() or b"null")
@@ -93,6 +96,7 @@ class ServerProcess:
             "RENDEZVOUS_HOUSEKEEPING": "1",
             "RENDEZVOUS_HOUSEKEEPING_INTERVAL": "1",
             "RENDEZVOUS_INSTANCE_DEAD_AFTER": "4",
+            "RENDEZVOUS_SECURITY_MODE": "open",  # tests of the secured mode say so
             "PYTHONUNBUFFERED": "1",
             **(env or {}),
         }

@@ -1,0 +1,248 @@
+"""Who may register a worker id: enrolment keys, per-worker credentials, and bans.
+
+In secured mode a new id enrols with an enrolment key and is given a credential bound to it;
+every later connection under that id must present that credential. In open mode nobody is
+asked for anything (the proof of concept's behaviour), but a disabled worker stays refused.
+See docs/security.md.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from django.db import transaction
+from django.db.models import F
+from django.utils import timezone
+
+from registry import protocol, services, tokens
+from registry.models import EnrolmentKey, Worker, encode_tags
+
+log = logging.getLogger("registry.enrolment")
+
+OPEN = "open"
+SECURED = "secured"
+
+
+def mode_notice(mode: str) -> str:
+    """The line the service starts with: which mode it is in and what that means."""
+    if mode == OPEN:
+        return (
+            "security mode OPEN: anyone may register any worker id and read the registry; "
+            "for a deployment set RENDEZVOUS_SECURITY_MODE=secured (docs/security.md)"
+        )
+    return (
+        "security mode SECURED: workers enrol with an enrolment key and reconnect with their "
+        "credential; the JSON views need a staff session or an API token"
+    )
+
+
+class AuthenticationFailed(Exception):
+    """A handshake the service refuses. `reason` goes to the client, `detail` to the log only."""
+
+    code = protocol.CloseCode.AUTHENTICATION_FAILED
+
+    def __init__(self, reason: str, detail: str | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.detail = detail or reason
+
+
+class WorkerDisabled(AuthenticationFailed):
+    code = protocol.CloseCode.WORKER_DISABLED
+
+
+@dataclass(frozen=True, slots=True)
+class Enrolment:
+    """What a successful key check grants: a new credential, and the key's tags and kind."""
+
+    key_id: int
+    key_prefix: str
+    credential: tokens.Issued
+    tags: str
+    ephemeral: bool
+
+
+def authenticate(
+    *, worker_id: str, bearer: str | None, now: datetime | None = None
+) -> Enrolment | None:
+    """Secured mode: may this handshake register `worker_id`?
+
+    None: it presented the id's credential. An Enrolment: the id is unbound and it presented a
+    usable enrolment key (nothing is written yet; `enrol_and_register` binds). Otherwise
+    AuthenticationFailed. Read-only, so the common case (a reconnect) costs one query.
+    """
+    now = now or timezone.now()
+    row = Worker.objects.filter(id=worker_id).values("credential_digest", "disabled_at").first()
+    if row and row["disabled_at"] is not None:
+        raise WorkerDisabled(protocol.CLOSE_REASONS[protocol.CloseCode.WORKER_DISABLED])
+    kind = tokens.kind_of(bearer) if bearer else None
+    if row and row["credential_digest"]:
+        if kind is tokens.Kind.WORKER_CREDENTIAL and tokens.matches(
+            bearer or "", row["credential_digest"]
+        ):
+            return None
+        raise AuthenticationFailed(
+            "this worker id is enrolled: present its credential (Authorization: Bearer)",
+            f"credential missing or wrong (presented {_describe(bearer)})",
+        )
+    if bearer is None:
+        raise AuthenticationFailed(
+            "an enrolment key is required (Authorization: Bearer)", "no credential presented"
+        )
+    if kind is not tokens.Kind.ENROLMENT_KEY:
+        raise AuthenticationFailed(
+            "invalid enrolment key", f"not an enrolment key (presented {_describe(bearer)})"
+        )
+    key = EnrolmentKey.objects.filter(digest=tokens.digest(bearer)).first()
+    if key is None:
+        raise AuthenticationFailed("invalid enrolment key", f"unknown key {_describe(bearer)}")
+    state = key.state(now)
+    if state != "usable":
+        raise AuthenticationFailed(f"enrolment key {state}", f"key {key.prefix}… is {state}")
+    return Enrolment(
+        key_id=key.pk,
+        key_prefix=key.prefix,
+        credential=tokens.issue(tokens.Kind.WORKER_CREDENTIAL),
+        tags=key.tags,
+        ephemeral=key.ephemeral,
+    )
+
+
+def enrol_and_register(
+    enrolment: Enrolment,
+    request: services.RegistrationRequest,
+    *,
+    instance_id: str,
+    now: datetime | None = None,
+) -> services.Registration:
+    """Spend the key, bind the credential and register the connection, all or nothing.
+
+    One transaction, so a single-use key is never spent without a worker to show for it, and
+    two parties racing to enrol one id cannot both win.
+    """
+    now = now or timezone.now()
+    with transaction.atomic():
+        spent = (
+            EnrolmentKey.objects.usable(now)
+            .filter(pk=enrolment.key_id)
+            .update(use_count=F("use_count") + 1, last_used_at=now)
+        )
+        if not spent:
+            raise AuthenticationFailed(
+                "enrolment key no longer usable", f"key {enrolment.key_prefix}… spent meanwhile"
+            )
+        Worker.objects.bulk_create(
+            [Worker(id=request.worker_id, first_seen=now, last_seen=now)], ignore_conflicts=True
+        )
+        bound = Worker.objects.filter(
+            id=request.worker_id, credential_digest="", disabled_at__isnull=True
+        ).update(
+            credential_digest=enrolment.credential.digest,
+            credential_prefix=enrolment.credential.display_prefix,
+            credential_issued_at=now,
+            enrolled_with_id=enrolment.key_id,
+            tags=enrolment.tags,
+            ephemeral=enrolment.ephemeral,
+        )
+        if not bound:
+            raise AuthenticationFailed(
+                "this worker id is enrolled: present its credential (Authorization: Bearer)",
+                "id bound by another enrolment meanwhile",
+            )
+        return services.register_connections([request], instance_id=instance_id, now=now)[0]
+
+
+def _describe(bearer: str | None) -> str:
+    """A secret as the log may show it: its kind and first characters, never the rest."""
+    if not bearer:
+        return "nothing"
+    return f"{bearer[: tokens.DISPLAY_PREFIX_LENGTH]}…"
+
+
+# ---- operators' actions (admin, management commands) -------------------------------------------
+
+
+def create_enrolment_key(
+    *,
+    name: str,
+    expires_in: timedelta,
+    reusable: bool = False,
+    ephemeral: bool = False,
+    tags: Iterable[str] = (),
+    created_by_id: int | None = None,
+    now: datetime | None = None,
+) -> tuple[EnrolmentKey, str]:
+    """A new key and its secret, which is not stored and cannot be shown again."""
+    now = now or timezone.now()
+    issued = tokens.issue(tokens.Kind.ENROLMENT_KEY)
+    key = EnrolmentKey.objects.create(
+        name=name,
+        digest=issued.digest,
+        prefix=issued.display_prefix,
+        reusable=reusable,
+        ephemeral=ephemeral,
+        tags=encode_tags(tags),
+        expires_at=now + expires_in,
+        created_at=now,
+        created_by_id=created_by_id,
+    )
+    log.info("enrolment key %s (%s) created", key.prefix, name)
+    return key, issued.secret
+
+
+def revoke_enrolment_keys(key_ids: Iterable[int], *, now: datetime | None = None) -> int:
+    """Stop the keys enrolling anyone; workers they enrolled keep their credentials."""
+    return EnrolmentKey.objects.filter(pk__in=list(key_ids), revoked_at__isnull=True).update(
+        revoked_at=now or timezone.now()
+    )
+
+
+def disable_workers(
+    worker_ids: Iterable[str], *, reason: str = "", now: datetime | None = None
+) -> list[str]:
+    """Refuse these ids from now on. Returns the ids newly disabled; the caller closes their
+    live connections (`control.disconnect_worker` with WORKER_DISABLED)."""
+    ids = list(worker_ids)
+    with transaction.atomic():
+        newly = list(
+            Worker.objects.filter(id__in=ids, disabled_at__isnull=True).values_list("id", flat=True)
+        )
+        Worker.objects.filter(id__in=newly).update(
+            disabled_at=now or timezone.now(), disabled_reason=reason[:200]
+        )
+    return newly
+
+
+def enable_workers(worker_ids: Iterable[str]) -> int:
+    return Worker.objects.filter(id__in=list(worker_ids), disabled_at__isnull=False).update(
+        disabled_at=None, disabled_reason=""
+    )
+
+
+def forget_credentials(worker_ids: Iterable[str]) -> int:
+    """Unbind the ids' credentials: the next holder of a usable key may enrol them again."""
+    return Worker.objects.filter(id__in=list(worker_ids)).update(
+        credential_digest="", credential_prefix="", credential_issued_at=None
+    )
+
+
+def purge_ephemeral_workers(*, offline_for: timedelta, now: datetime | None = None) -> int:
+    """Remove ephemeral workers offline longer than `offline_for`, history included."""
+    now = now or timezone.now()
+    doomed = list(
+        Worker.objects.ephemeral_gone_since(now - offline_for).values_list("id", flat=True)
+    )
+    if not doomed:
+        return 0
+    with transaction.atomic():
+        # Re-checked under the delete: a worker that reconnected meanwhile stays.
+        _, by_model = (
+            Worker.objects.ephemeral_gone_since(now - offline_for).filter(id__in=doomed).delete()
+        )
+        count = by_model.get(Worker._meta.label, 0)
+    if count:
+        log.info("%d ephemeral workers removed after %s offline", count, offline_for)
+    return count

@@ -1,0 +1,235 @@
+"""Enrolment keys and API tokens in the admin: created with a secret shown once, then only
+revoked. Registered from `registry/admin.py`."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from django import forms
+from django.contrib import admin, messages
+from django.core.exceptions import ValidationError
+from django.db.models import QuerySet
+from django.http import HttpRequest, HttpResponse
+from django.template.response import TemplateResponse
+from django.utils import timezone
+from django.utils.safestring import SafeString
+
+from registry import api_access, enrolment, protocol
+from registry.admin import ago, badge
+from registry.models import ApiToken, EnrolmentKey
+
+EXPIRY_CHOICES = [
+    ("3600", "1 hour"),
+    ("86400", "1 day"),
+    ("604800", "7 days"),
+    ("2592000", "30 days"),
+    ("7776000", "90 days"),
+    ("31536000", "1 year"),
+]
+
+
+class EnrolmentKeyForm(forms.ModelForm):
+    expires_in = forms.TypedChoiceField(
+        choices=EXPIRY_CHOICES, coerce=int, initial="86400", help_text="From now."
+    )
+    tag_text = forms.CharField(
+        label="tags",
+        required=False,
+        help_text=f"Comma-separated; each {protocol.TAG_RULE}. Copied onto enrolled workers.",
+    )
+
+    class Meta:
+        model = EnrolmentKey
+        fields = ("name", "reusable", "ephemeral")
+
+    def clean_tag_text(self) -> list[str]:
+        tags = [t.strip() for t in self.cleaned_data["tag_text"].split(",") if t.strip()]
+        bad = [t for t in tags if not protocol.is_valid_tag(t)]
+        if bad:
+            raise ValidationError(f"not valid tags: {', '.join(bad)} ({protocol.TAG_RULE})")
+        return tags
+
+
+def _keep_secret(request: HttpRequest, secret: str) -> None:
+    # On the request, not on the ModelAdmin: one instance serves every admin user at once.
+    request.rendezvous_secret = secret  # type: ignore[attr-defined]
+
+
+def _kept_secret(request: HttpRequest) -> str:
+    return request.rendezvous_secret  # type: ignore[attr-defined,no-any-return]
+
+
+def _secret_page(
+    request: HttpRequest, model_admin: admin.ModelAdmin, *, obj: Any, secret: str, usage: str
+) -> TemplateResponse:
+    """The only place a secret is ever shown: rendered once, never stored (no message cookie)."""
+    context = {
+        **model_admin.admin_site.each_context(request),
+        "opts": model_admin.model._meta,
+        "title": f"{model_admin.model._meta.verbose_name.capitalize()} created",
+        "object": obj,
+        "secret": secret,
+        "usage": usage,
+    }
+    response = TemplateResponse(request, "admin/registry/secret_created.html", context)
+    response["Cache-Control"] = "no-store"
+    return response
+
+
+@admin.register(EnrolmentKey)
+class EnrolmentKeyAdmin(admin.ModelAdmin):
+    list_display = (
+        "name",
+        "prefix",
+        "state_badge",
+        "reusable",
+        "ephemeral",
+        "tags_display",
+        "use_count",
+        "expires_at",
+        "last_used",
+    )
+    list_filter = ("reusable", "ephemeral", "revoked_at")
+    search_fields = ("name", "prefix", "tags")
+    actions = ("revoke_selected",)
+    readonly_fields = (
+        "name",
+        "prefix",
+        "state_badge",
+        "reusable",
+        "ephemeral",
+        "tags_display",
+        "expires_at",
+        "use_count",
+        "last_used",
+        "created_at",
+        "created_by",
+        "revoked_at",
+    )
+
+    def get_form(self, request: HttpRequest, obj: Any = None, **kwargs: Any) -> Any:
+        if obj is None:
+            kwargs["form"] = EnrolmentKeyForm
+        return super().get_form(request, obj, **kwargs)
+
+    def get_fields(self, request: HttpRequest, obj: Any = None) -> Any:
+        if obj is None:
+            return ("name", "reusable", "ephemeral", "tag_text", "expires_in")
+        return self.readonly_fields
+
+    def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> Any:
+        return self.readonly_fields if obj is not None else ()
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        # Viewable, never editable: a key's terms are what its holders were given.
+        return super().has_change_permission(request, obj) and obj is None
+
+    def save_model(self, request: HttpRequest, obj: EnrolmentKey, form: Any, change: bool) -> None:
+        key, secret = enrolment.create_enrolment_key(
+            name=form.cleaned_data["name"],
+            reusable=form.cleaned_data["reusable"],
+            ephemeral=form.cleaned_data["ephemeral"],
+            tags=form.cleaned_data["tag_text"],
+            expires_in=timedelta(seconds=form.cleaned_data["expires_in"]),
+            created_by_id=request.user.pk,
+        )
+        obj.pk = key.pk
+        _keep_secret(request, secret)
+
+    def response_add(
+        self, request: HttpRequest, obj: EnrolmentKey, post_url_continue: Any = None
+    ) -> HttpResponse:
+        return _secret_page(
+            request,
+            self,
+            obj=obj,
+            secret=_kept_secret(request),
+            usage="Give it to the workers to enrol: RENDEZVOUS_ENROLMENT_KEY=<key> "
+            "python -m worker_agent, or WorkerAgent(url, enrolment_key=...).",
+        )
+
+    @admin.display(description="state")
+    def state_badge(self, key: EnrolmentKey) -> SafeString:
+        return badge(key.state(timezone.now()))
+
+    @admin.display(description="tags")
+    def tags_display(self, key: EnrolmentKey) -> str:
+        return ", ".join(key.tag_list) or "-"
+
+    @admin.display(description="last used", ordering="last_used_at")
+    def last_used(self, key: EnrolmentKey) -> SafeString | str:
+        return ago(key.last_used_at)
+
+    @admin.action(
+        description="Revoke selected keys (enrolled workers keep their credentials)",
+        permissions=["change"],
+    )
+    def revoke_selected(self, request: HttpRequest, queryset: QuerySet[EnrolmentKey]) -> None:
+        count = enrolment.revoke_enrolment_keys(queryset.values_list("pk", flat=True))
+        self.message_user(request, f"{count} key(s) revoked.", messages.SUCCESS)
+
+
+class ApiTokenForm(forms.ModelForm):
+    class Meta:
+        model = ApiToken
+        fields = ("name",)
+
+
+@admin.register(ApiToken)
+class ApiTokenAdmin(admin.ModelAdmin):
+    list_display = ("name", "prefix", "state_badge", "created_at", "created_by", "last_used")
+    list_filter = ("revoked_at",)
+    search_fields = ("name", "prefix")
+    actions = ("revoke_selected",)
+    form = ApiTokenForm
+    readonly_fields = (
+        "name",
+        "prefix",
+        "state_badge",
+        "created_at",
+        "created_by",
+        "last_used",
+        "revoked_at",
+    )
+
+    def get_fields(self, request: HttpRequest, obj: Any = None) -> Any:
+        return ("name",) if obj is None else self.readonly_fields
+
+    def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> Any:
+        return self.readonly_fields if obj is not None else ()
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return super().has_change_permission(request, obj) and obj is None
+
+    def save_model(self, request: HttpRequest, obj: ApiToken, form: Any, change: bool) -> None:
+        token, secret = api_access.create_api_token(
+            name=form.cleaned_data["name"], created_by_id=request.user.pk
+        )
+        obj.pk = token.pk
+        _keep_secret(request, secret)
+
+    def response_add(
+        self, request: HttpRequest, obj: ApiToken, post_url_continue: Any = None
+    ) -> HttpResponse:
+        return _secret_page(
+            request,
+            self,
+            obj=obj,
+            secret=_kept_secret(request),
+            usage="Send it as 'Authorization: Bearer <token>' to /api/workers/, "
+            "/debug/list_workers and /metrics.",
+        )
+
+    @admin.display(description="state")
+    def state_badge(self, token: ApiToken) -> SafeString:
+        return badge("revoked" if token.revoked_at else "active")
+
+    @admin.display(description="last used", ordering="last_used_at")
+    def last_used(self, token: ApiToken) -> SafeString | str:
+        return ago(token.last_used_at)
+
+    @admin.action(description="Revoke selected tokens", permissions=["change"])
+    def revoke_selected(self, request: HttpRequest, queryset: QuerySet[ApiToken]) -> None:
+        count = api_access.revoke_api_tokens(queryset.values_list("pk", flat=True))
+        self.message_user(request, f"{count} token(s) revoked.", messages.SUCCESS)
