@@ -60,6 +60,7 @@ def test_wire_constants_match_the_server_protocol() -> None:
     assert wire.CloseCode.SUPERSEDED == 4000
     assert wire.CloseCode.DISCONNECTED_BY_OPERATOR == 4001
     assert wire.CloseCode.RATE_LIMITED == 4029
+    assert wire.FINAL_CLOSE_CODES == protocol.FINAL_CLOSE_CODES
     for name in (
         "PROTOCOL_VERSION",
         "WORKER_ID_PATTERN",
@@ -1024,3 +1025,56 @@ def test_importing_every_agent_module_loads_neither_django_nor_the_service() -> 
 AGENT_MODULES = sorted(
     p for p in (REPO_ROOT / "worker_agent").glob("*.py") if p.stem not in ("__init__", "__main__")
 )
+
+
+# ---- credentials ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("code", [4010, 4011])
+def test_an_authentication_refusal_ends_the_agent_with_the_servers_reason(code: int) -> None:
+    decision = ReconnectPolicy().after(
+        Outcome(opened=True, close_code=code, close_reason="enrolment key expired")
+    )
+    assert not decision.retry and decision.final_state == "refused"
+    assert "enrolment key expired" in decision.reason
+
+
+def test_a_credential_file_round_trips_with_mode_0600(tmp_path) -> None:
+    from worker_agent import credentials
+
+    path = tmp_path / "sub" / "id.json"
+    assert credentials.load(path) is None
+    credentials.save(path, credentials.Identity("w-1", "rvc_secret", "http://svc"))
+    assert credentials.load(path) == credentials.Identity("w-1", "rvc_secret", "http://svc")
+    assert (path.stat().st_mode & 0o777) == 0o600
+    assert [p.name for p in path.parent.iterdir()] == ["id.json"]  # no temporary left behind
+
+
+@pytest.mark.parametrize("content", ["not json", "{}", '{"worker_id": "w", "credential": "rvk_x"}'])
+def test_a_damaged_credential_file_is_an_error_not_a_fresh_start(tmp_path, content: str) -> None:
+    from worker_agent import credentials
+
+    path = tmp_path / "id.json"
+    path.write_text(content)
+    with pytest.raises(credentials.CredentialFileError):
+        credentials.load(path)
+    with pytest.raises(ValueError):
+        WorkerAgent("http://127.0.0.1:9", credential_file=path)
+
+
+def test_a_credential_file_decides_the_worker_id_and_refuses_another(tmp_path) -> None:
+    from worker_agent import credentials
+
+    path = tmp_path / "id.json"
+    credentials.save(path, credentials.Identity("w-7", "rvc_secret"))
+    agent = WorkerAgent("http://127.0.0.1:9", credential_file=path, enrolment_key="rvk_k")
+    assert agent.worker_id == "w-7" and agent.credential == "rvc_secret"
+    assert agent._headers()["Authorization"] == "Bearer rvc_secret"  # the credential wins
+    with pytest.raises(ValueError, match="belongs to worker 'w-7'"):
+        WorkerAgent("http://127.0.0.1:9", "w-8", credential_file=path)
+
+
+def test_an_agent_without_secrets_sends_no_authorization_header() -> None:
+    assert "Authorization" not in WorkerAgent("http://127.0.0.1:9", "w")._headers()
+    keyed = WorkerAgent("http://127.0.0.1:9", "w", enrolment_key="rvk_k")
+    assert keyed._headers()["Authorization"] == "Bearer rvk_k"

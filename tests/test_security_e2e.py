@@ -213,3 +213,11 @@ def test_protected_views_need_a_token_on_a_real_server(
         f"{secured_server.url}/debug/list_workers", headers={"Authorization": f"Bearer {token}"}
     )
     assert status == 200 and "victim" in body["workers"]
+
+
+def test_the_service_says_its_mode_in_its_first_log_lines(
+    secured_server: ServerProcess, server: ServerProcess
+) -> None:
+    first_lines = server.log_tail(400).splitlines()[:5]
+    assert any("security mode OPEN" in line for line in first_lines), first_lines
+    assert "security mode SECURED" in secured_server.log_tail(400)
