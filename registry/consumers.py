@@ -16,12 +16,21 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 from django.db import DatabaseError
 
-from registry import enrolment, metrics, protocol, services, tokens
+from registry import (
+    enrolment,
+    introductions,
+    metrics,
+    peers,
+    protocol,
+    selectors,
+    services,
+    tokens,
+)
 from registry.addresses import observed_address
 from registry.logs import InstanceLogAdapter
 from registry.origins import origin_allowed
 from registry.ratelimit import TokenBucket
-from registry.runtime import SUPERSEDE, get_runtime
+from registry.runtime import DELIVER, SUPERSEDE, get_runtime
 
 log = InstanceLogAdapter(logging.getLogger("registry.consumers"), lambda: get_runtime().instance_id)
 
@@ -29,12 +38,18 @@ log = InstanceLogAdapter(logging.getLogger("registry.consumers"), lambda: get_ru
 # long (seconds) without one starts the count again.
 FLOOD_MEMORY = 10.0
 
+# What a DELIVER message carries (runtime.DELIVER): a frame to pass on, or a request to hold.
+FRAME = "frame"
+INTRODUCTION_REQUEST = "introduction_request"
+
 
 class RegisterConsumer(AsyncWebsocketConsumer):
     # No channel of its own: commands reach it through its instance's channel (runtime.py).
     channel_layer_alias = None
     worker_id: str = ""
+    tags: str = ""
     connection_id: int | None = None
+    _pending: introductions.PendingIntroductions | None = None
     _server_close_code: int | None = None
     _last_heartbeat: float | None = None
 
@@ -116,6 +131,7 @@ class RegisterConsumer(AsyncWebsocketConsumer):
             metrics.closed(protocol.CloseCode.TRY_AGAIN_LATER)
             return
         self.connection_id = registration.connection_id
+        self.tags = registration.tags
         metrics.registered()
         await self.accept()
         await self.send(
@@ -134,7 +150,8 @@ class RegisterConsumer(AsyncWebsocketConsumer):
         # Held from here on, and nothing is awaited after it: a consumer cancelled before this
         # line leaves a row without a socket, which reconciliation closes; one cancelled after
         # an await here would leave a socket entry that nothing ever removes.
-        runtime.attach(self.connection_id, self.close_with, self.observed_ip)
+        runtime.attach(self.connection_id, self.close_with, self.observed_ip, self.deliver)
+        runtime.peers.joined(self.worker_id, self.tags)
         log.info(
             "worker=%s connection=%s registered from %s:%s%s%s",
             self.worker_id,
@@ -242,7 +259,185 @@ class RegisterConsumer(AsyncWebsocketConsumer):
                     connection_id=self.connection_id, info=info
                 )
                 return protocol.agent_info_recorded()
+            case protocol.NatReport():
+                await database_sync_to_async(services.record_nat_report)(
+                    connection_id=self.connection_id, report=message
+                )
+                log.info(
+                    "worker=%s connection=%s nat_mapping=%s udp_endpoint=%s",
+                    self.worker_id,
+                    self.connection_id,
+                    message.mapping,
+                    f"{message.udp_endpoint.ip}:{message.udp_endpoint.port}"
+                    if message.udp_endpoint
+                    else "-",
+                )
+                return protocol.nat_report_recorded(message.mapping)
+            case protocol.ListPeers(tag=tag, request_id=request_id):
+                peer_list, truncated = await database_sync_to_async(selectors.list_peers)(
+                    exclude=self.worker_id, tag=tag
+                )
+                return protocol.peers(peer_list, request_id=request_id, truncated=truncated)
+            case protocol.SubscribePeers(tag=tag):
+                await get_runtime().peers.subscribe(
+                    self.connection_id,
+                    peers.Subscription(worker_id=self.worker_id, tag=tag, send=self.send),
+                )
+                return protocol.peers_subscribed(tag)
+            case protocol.UnsubscribePeers():
+                get_runtime().peers.unsubscribe(self.connection_id)
+                return protocol.peers_unsubscribed()
+            case protocol.ConnectRequest():
+                return await self._request_introduction(message)
+            case protocol.IntroductionAccept() | protocol.IntroductionReject():
+                return await self._answer_introduction(message)
+            case protocol.PunchResult(introduction_id=introduction_id, ok=ok, detail=detail):
+                metrics.punch_result(ok)
+                log.info(
+                    "worker=%s introduction=%s punch %s%s",
+                    self.worker_id,
+                    introduction_id,
+                    "succeeded" if ok else "failed",
+                    f": {detail}" if detail else "",
+                )
+                return protocol.punch_result_recorded(introduction_id)
         raise AssertionError(f"unhandled message {message!r}")
+
+    # ---- introductions (registry/introductions.py) ---------------------------------------------
+
+    async def _request_introduction(self, request: protocol.ConnectRequest) -> str:
+        """This worker (A) asks to reach `request.peer_id` (B): ask B, on whichever instance."""
+
+        def failed(code: protocol.ConnectFailure, reason: str) -> str:
+            metrics.introduction(code)
+            log.info(
+                "worker=%s connect to %s failed: %s %s",
+                self.worker_id,
+                request.peer_id,
+                code,
+                reason,
+            )
+            return protocol.connect_failed(
+                request_id=request.request_id, peer_id=request.peer_id, code=code, reason=reason
+            )
+
+        if request.peer_id == self.worker_id:
+            return failed(protocol.ConnectFailure.NOT_YOURSELF, "a worker cannot reach itself")
+        target = await database_sync_to_async(selectors.peer_target)(request.peer_id)
+        if target is None:
+            return failed(
+                protocol.ConnectFailure.PEER_UNAVAILABLE,
+                f"worker {request.peer_id} is not connected",
+            )
+        impossible = introductions.punch_impossible(request.nat_mapping, target.nat_mapping)
+        if impossible:
+            return failed(protocol.ConnectFailure.PUNCH_IMPOSSIBLE, impossible)
+        runtime = get_runtime()
+        introduction_id = introductions.new_introduction_id()
+        await runtime.send_command(
+            target.channel_name,
+            DELIVER,
+            target.connection_id,
+            event=INTRODUCTION_REQUEST,
+            **introductions.request_message(
+                introduction_id=introduction_id,
+                requester_id=self.worker_id,
+                requester_channel=runtime.channel_name,
+                requester_connection_id=self.connection_id or 0,
+                request=request,
+                key=introductions.new_key(),
+            ),
+        )
+        log.info(
+            "worker=%s introduction=%s asks to reach %s",
+            self.worker_id,
+            introduction_id,
+            request.peer_id,
+        )
+        return protocol.connect_pending(
+            request_id=request.request_id,
+            introduction_id=introduction_id,
+            peer_id=request.peer_id,
+        )
+
+    async def deliver(self, message: dict[str, Any]) -> None:
+        """A message from another consumer through the channel layer (runtime.DELIVER)."""
+        event = message.get("event")
+        if event == FRAME:
+            await self.send(message["frame"])
+        elif event == INTRODUCTION_REQUEST:
+            pending = introductions.Pending.from_message(message)
+            if self._pending is None:
+                self._pending = introductions.PendingIntroductions()
+            if not self._pending.add(pending):
+                await self._to_requester(
+                    pending,
+                    protocol.connect_failed(
+                        request_id=pending.request_id,
+                        peer_id=self.worker_id,
+                        code=protocol.ConnectFailure.PEER_REFUSED,
+                        reason="the peer has too many introductions pending",
+                        introduction_id=pending.introduction_id,
+                    ),
+                )
+                return
+            await self.send(
+                protocol.introduction_request(
+                    introduction_id=pending.introduction_id,
+                    peer_id=pending.requester_id,
+                    peer_nat_mapping=pending.nat_mapping,
+                )
+            )
+
+    async def _answer_introduction(
+        self, answer: protocol.IntroductionAccept | protocol.IntroductionReject
+    ) -> str:
+        """This worker (B) answers a request: both sides get their `introduction`, or A is told
+        why not."""
+        pending = self._pending.take(answer.introduction_id) if self._pending else None
+        if pending is None:
+            raise protocol.InvalidField("no introduction pending under that id (expired?)")
+
+        def failure(code: protocol.ConnectFailure, reason: str) -> str:
+            metrics.introduction(code)
+            return protocol.connect_failed(
+                request_id=pending.request_id,
+                peer_id=self.worker_id,
+                code=code,
+                reason=reason,
+                introduction_id=pending.introduction_id,
+            )
+
+        if isinstance(answer, protocol.IntroductionReject):
+            reason = answer.reason or "the peer does not accept connections"
+            await self._to_requester(pending, failure(protocol.ConnectFailure.PEER_REFUSED, reason))
+            return protocol.punch_result_recorded(answer.introduction_id)
+        impossible = introductions.punch_impossible(pending.nat_mapping, answer.nat_mapping)
+        if impossible:
+            frame = failure(protocol.ConnectFailure.PUNCH_IMPOSSIBLE, impossible)
+            await self._to_requester(pending, frame)
+            return frame
+        for_requester, for_me = introductions.introductions(
+            pending, answer, target_id=self.worker_id, now=time.time()
+        )
+        await self._to_requester(pending, for_requester)
+        metrics.introduction(None)
+        log.info(
+            "worker=%s introduction=%s introduced to %s",
+            self.worker_id,
+            pending.introduction_id,
+            pending.requester_id,
+        )
+        return for_me
+
+    async def _to_requester(self, pending: introductions.Pending, frame: str) -> None:
+        await get_runtime().send_command(
+            pending.requester_channel,
+            DELIVER,
+            pending.requester_connection_id,
+            event=FRAME,
+            frame=frame,
+        )
 
     async def _drop_for_rate_limit(self) -> None:
         now = time.monotonic()
@@ -288,6 +483,8 @@ class RegisterConsumer(AsyncWebsocketConsumer):
             # Only now: until the close is written, reconciliation must see this socket as held,
             # or it would record the row as lost (1006) over the true code.
             runtime.detach(self.connection_id)
+        if ended:
+            runtime.peers.left(self.worker_id, self.tags)
         log.info(
             "worker=%s connection=%s closed code=%s (%s)%s",
             self.worker_id,

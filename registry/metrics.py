@@ -69,6 +69,16 @@ API_REFUSALS = Counter(
     "Requests to protected JSON views refused for want of a staff session or API token.",
     ["instance_name"],
 )
+INTRODUCTIONS = Counter(
+    "rendezvous_introductions",
+    "Introductions between workers, by outcome (introduced, or the connect_failed code).",
+    ["instance_name", "outcome"],
+)
+PUNCHES = Counter(
+    "rendezvous_punch_results",
+    "Hole-punch results the agents reported, by result.",
+    ["instance_name", "result"],
+)
 MESSAGES_RECEIVED = Counter(
     "rendezvous_messages_received",
     "Frames received from workers (before the rate limit).",
@@ -130,6 +140,14 @@ def authentication_refused(code: int) -> None:
 
 def api_refused() -> None:
     API_REFUSALS.labels(_instance()).inc()
+
+
+def introduction(failure: str | None) -> None:
+    INTRODUCTIONS.labels(_instance(), str(failure) if failure else "introduced").inc()
+
+
+def punch_result(ok: bool) -> None:
+    PUNCHES.labels(_instance(), "success" if ok else "failure").inc()
 
 
 def message_received() -> None:

@@ -129,6 +129,16 @@ class Worker(models.Model):
     )
     disabled_at = models.DateTimeField(null=True, blank=True, db_index=True)
     disabled_reason = models.CharField(max_length=200, blank=True)
+    # NAT traversal (docs/nat-traversal.md): what the agent's STUN check found.
+    nat_mapping = models.CharField(
+        max_length=32,
+        choices=[(m.value, m.value) for m in protocol.NatMapping],
+        blank=True,
+        help_text="How the worker's NAT maps its UDP socket, as the agent measured it.",
+    )
+    udp_ip = models.GenericIPAddressField(null=True, blank=True, unpack_ipv4=True)
+    udp_port = models.PositiveIntegerField(null=True, blank=True)
+    nat_reported_at = models.DateTimeField(null=True, blank=True)
 
     objects = WorkerQuerySet.as_manager()
 

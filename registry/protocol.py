@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import math
 import re
 from dataclasses import dataclass
 from enum import IntEnum, StrEnum
@@ -37,6 +38,15 @@ class ClientMessageType(StrEnum):
     REGISTER_PUBLIC_IP = "register_public_ip"
     HEARTBEAT = "heartbeat"
     AGENT_INFO = "agent_info"
+    # Peer discovery and introductions (docs/nat-traversal.md).
+    NAT_REPORT = "nat_report"
+    LIST_PEERS = "list_peers"
+    SUBSCRIBE_PEERS = "subscribe_peers"
+    UNSUBSCRIBE_PEERS = "unsubscribe_peers"
+    CONNECT_REQUEST = "connect_request"
+    INTRODUCTION_ACCEPT = "introduction_accept"
+    INTRODUCTION_REJECT = "introduction_reject"
+    PUNCH_RESULT = "punch_result"
 
 
 class ServerMessageType(StrEnum):
@@ -46,6 +56,34 @@ class ServerMessageType(StrEnum):
     AGENT_INFO_RECORDED = "agent_info_recorded"
     ERROR = "error"
     CLOSING = "closing"
+    NAT_REPORT_RECORDED = "nat_report_recorded"
+    PEERS = "peers"
+    PEERS_SUBSCRIBED = "peers_subscribed"
+    PEERS_UNSUBSCRIBED = "peers_unsubscribed"
+    PEER_JOINED = "peer_joined"
+    PEER_LEFT = "peer_left"
+    CONNECT_PENDING = "connect_pending"
+    CONNECT_FAILED = "connect_failed"
+    INTRODUCTION_REQUEST = "introduction_request"
+    INTRODUCTION = "introduction"
+    PUNCH_RESULT_RECORDED = "punch_result_recorded"
+
+
+class NatMapping(StrEnum):
+    """How a worker's NAT maps its UDP socket, from two STUN servers (worker_agent/stun.py)."""
+
+    ENDPOINT_INDEPENDENT = "endpoint-independent"
+    ENDPOINT_DEPENDENT = "endpoint-dependent"
+    UNKNOWN = "unknown"
+
+
+class ConnectFailure(StrEnum):
+    """Why an introduction did not happen (`connect_failed`)."""
+
+    PEER_UNAVAILABLE = "PEER_UNAVAILABLE"  # the peer is not connected (or is disabled)
+    PEER_REFUSED = "PEER_REFUSED"  # the peer does not accept connections
+    PUNCH_IMPOSSIBLE = "PUNCH_IMPOSSIBLE"  # both NATs are endpoint-dependent: no direct path
+    NOT_YOURSELF = "NOT_YOURSELF"  # a worker asked to reach itself
 
 
 class CloseCode(IntEnum):
@@ -191,7 +229,85 @@ class AgentInfo:
     info: dict[str, str | int | float | bool | None]
 
 
-ClientMessage = RegisterPublicIp | Heartbeat | AgentInfo
+@dataclass(frozen=True, slots=True)
+class UdpEndpoint:
+    ip: str
+    port: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"ip": self.ip, "port": self.port}
+
+
+@dataclass(frozen=True, slots=True)
+class NatReport:
+    mapping: NatMapping
+    udp_endpoint: UdpEndpoint | None
+
+
+@dataclass(frozen=True, slots=True)
+class ListPeers:
+    tag: str | None
+    request_id: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class SubscribePeers:
+    tag: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class UnsubscribePeers:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectRequest:
+    peer_id: str
+    request_id: str
+    endpoints: tuple[UdpEndpoint, ...]
+    nat_mapping: NatMapping
+
+
+@dataclass(frozen=True, slots=True)
+class IntroductionAccept:
+    introduction_id: str
+    endpoints: tuple[UdpEndpoint, ...]
+    nat_mapping: NatMapping
+
+
+@dataclass(frozen=True, slots=True)
+class IntroductionReject:
+    introduction_id: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class PunchResult:
+    introduction_id: str
+    ok: bool
+    detail: str
+
+
+ClientMessage = (
+    RegisterPublicIp
+    | Heartbeat
+    | AgentInfo
+    | NatReport
+    | ListPeers
+    | SubscribePeers
+    | UnsubscribePeers
+    | ConnectRequest
+    | IntroductionAccept
+    | IntroductionReject
+    | PunchResult
+)
+
+# Candidates a worker may announce for one introduction (its STUN-mapped endpoint, LAN ones).
+MAX_ENDPOINTS = 8
+REQUEST_ID_PATTERN = r"[A-Za-z0-9._-]{1,64}"
+_REQUEST_ID_RE = re.compile(rf"\A{REQUEST_ID_PATTERN}\Z")
+_INTRODUCTION_ID_RE = re.compile(r"\A[0-9a-f]{32}\Z")
+MAX_DETAIL_LENGTH = 200
 
 
 def is_valid_worker_id(worker_id: str) -> bool:
@@ -210,22 +326,33 @@ def normalize_ip(value: Any) -> str:
         address = ipaddress.ip_address(value.strip())
     except ValueError:
         raise InvalidIp("ip must be an IPv4 or IPv6 address literal") from None
-    if isinstance(address, ipaddress.IPv6Address) and address.scope_id:
-        raise InvalidIp("ip must not carry an IPv6 zone")
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.scope_id:
+            raise InvalidIp("ip must not carry an IPv6 zone")
+        if address.ipv4_mapped is not None:
+            # What the database stores for it (unpack_ipv4), and what the worker is told.
+            return address.ipv4_mapped.compressed
     return address.compressed
 
 
 def check_frame_size(text: str, max_bytes: int) -> None:
     # Cheap bound first: a str of n characters has between n and 4n UTF-8 bytes.
-    if len(text) > max_bytes or (4 * len(text) > max_bytes and len(text.encode()) > max_bytes):
+    if len(text) > max_bytes:
         raise FrameTooLarge(f"frames are limited to {max_bytes} bytes")
+    if 4 * len(text) > max_bytes:
+        try:
+            size = len(text.encode())
+        except UnicodeEncodeError:  # lone surrogates: not text a WebSocket can carry
+            raise InvalidJson("frame is not valid UTF-8 text") from None
+        if size > max_bytes:
+            raise FrameTooLarge(f"frames are limited to {max_bytes} bytes")
 
 
 def parse_client_message(text: str, *, max_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> ClientMessage:
     """Turn one text frame into a message, or raise the ProtocolError that says what is wrong."""
     check_frame_size(text, max_bytes)
     try:
-        data = json.loads(text, parse_constant=_refuse_constant)
+        data = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
     except (ValueError, RecursionError):
         raise InvalidJson("frame is not valid JSON") from None
     if not isinstance(data, dict):
@@ -243,7 +370,147 @@ def parse_client_message(text: str, *, max_bytes: int = DEFAULT_MAX_FRAME_BYTES)
         return Heartbeat()
     if kind == ClientMessageType.AGENT_INFO:
         return AgentInfo(info=_validate_agent_info(data.get("info")))
+    parse = _PEERING_PARSERS.get(kind)
+    if parse is not None:
+        return parse(data)
     raise UnknownType(f"unknown message type {kind[:64]!r}")
+
+
+def _optional_tag(data: dict[str, Any]) -> str | None:
+    tag = data.get("tag")
+    if tag is None:
+        return None
+    if not is_valid_tag(tag):
+        raise InvalidField(f"'tag' must be {TAG_RULE}")
+    return tag
+
+
+def _request_id(data: dict[str, Any], *, required: bool) -> str | None:
+    value = data.get("request_id")
+    if value is None:
+        if required:
+            raise MissingField("'request_id' is required")
+        return None
+    if not isinstance(value, str) or not _REQUEST_ID_RE.match(value):
+        raise InvalidField("'request_id' must be 1-64 characters of A-Z a-z 0-9 . _ -")
+    return value
+
+
+def _introduction_id(data: dict[str, Any]) -> str:
+    value = data.get("introduction_id")
+    if value is None:
+        raise MissingField("'introduction_id' is required")
+    if not isinstance(value, str) or not _INTRODUCTION_ID_RE.match(value):
+        raise InvalidField("'introduction_id' must be 32 lowercase hex characters")
+    return value
+
+
+def _nat_mapping(value: Any) -> NatMapping:
+    try:
+        return NatMapping(value)
+    except ValueError:
+        raise InvalidField(
+            f"'nat_mapping' must be one of {', '.join(m.value for m in NatMapping)}"
+        ) from None
+
+
+def parse_udp_endpoint(value: Any) -> UdpEndpoint:
+    if not isinstance(value, dict) or "ip" not in value or "port" not in value:
+        raise InvalidField("an endpoint is an object with 'ip' and 'port'")
+    port = value["port"]
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+        raise InvalidField("an endpoint's 'port' must be an integer from 1 to 65535")
+    return UdpEndpoint(ip=normalize_ip(value["ip"]), port=port)
+
+
+def _endpoints(data: dict[str, Any]) -> tuple[UdpEndpoint, ...]:
+    value = data.get("endpoints")
+    if not isinstance(value, list) or not 1 <= len(value) <= MAX_ENDPOINTS:
+        raise InvalidField(f"'endpoints' must be a list of 1 to {MAX_ENDPOINTS} endpoints")
+    return tuple(dict.fromkeys(parse_udp_endpoint(item) for item in value))
+
+
+def _peer_id(data: dict[str, Any]) -> str:
+    value = data.get("peer_id")
+    if value is None:
+        raise MissingField("'peer_id' is required")
+    if not isinstance(value, str) or not is_valid_worker_id(value):
+        raise InvalidField("'peer_id' is not a valid worker id")
+    return value
+
+
+def _detail(data: dict[str, Any], name: str) -> str:
+    value = data.get(name, "")
+    if not isinstance(value, str):
+        raise InvalidField(f"'{name}' must be a string")
+    return value[:MAX_DETAIL_LENGTH]
+
+
+def _parse_nat_report(data: dict[str, Any]) -> NatReport:
+    if "mapping" not in data:
+        raise MissingField("nat_report needs 'mapping'")
+    endpoint = data.get("udp_endpoint")
+    return NatReport(
+        mapping=_nat_mapping(data["mapping"]),
+        udp_endpoint=None if endpoint is None else parse_udp_endpoint(endpoint),
+    )
+
+
+def _parse_connect_request(data: dict[str, Any]) -> ConnectRequest:
+    return ConnectRequest(
+        peer_id=_peer_id(data),
+        request_id=_request_id(data, required=True) or "",
+        endpoints=_endpoints(data),
+        nat_mapping=_nat_mapping(data.get("nat_mapping")),
+    )
+
+
+def _parse_punch_result(data: dict[str, Any]) -> PunchResult:
+    ok = data.get("ok")
+    if not isinstance(ok, bool):
+        raise InvalidField("'ok' must be true or false")
+    return PunchResult(
+        introduction_id=_introduction_id(data), ok=ok, detail=_detail(data, "detail")
+    )
+
+
+_PEERING_PARSERS: dict[str, Any] = {
+    ClientMessageType.NAT_REPORT: _parse_nat_report,
+    ClientMessageType.LIST_PEERS: lambda d: ListPeers(
+        tag=_optional_tag(d), request_id=_request_id(d, required=False)
+    ),
+    ClientMessageType.SUBSCRIBE_PEERS: lambda d: SubscribePeers(tag=_optional_tag(d)),
+    ClientMessageType.UNSUBSCRIBE_PEERS: lambda d: UnsubscribePeers(),
+    ClientMessageType.CONNECT_REQUEST: _parse_connect_request,
+    ClientMessageType.INTRODUCTION_ACCEPT: lambda d: IntroductionAccept(
+        introduction_id=_introduction_id(d),
+        endpoints=_endpoints(d),
+        nat_mapping=_nat_mapping(d.get("nat_mapping")),
+    ),
+    ClientMessageType.INTRODUCTION_REJECT: lambda d: IntroductionReject(
+        introduction_id=_introduction_id(d), reason=_detail(d, "reason")
+    ),
+    ClientMessageType.PUNCH_RESULT: _parse_punch_result,
+}
+
+
+def _finite_float(text: str) -> float:
+    # 1e400 parses as infinity, which JSON columns refuse as they refuse NaN.
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"{text[:20]} is out of range")
+    return value
+
+
+def _storable(text: str) -> bool:
+    """No NUL and no lone surrogate: PostgreSQL's jsonb refuses both."""
+    if "\x00" in text:
+        return False
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _refuse_constant(name: str) -> None:
@@ -260,6 +527,8 @@ def _validate_agent_info(info: Any) -> dict[str, str | int | float | bool | None
     for key, value in info.items():
         if len(key) > AGENT_INFO_MAX_KEY_LENGTH:
             raise InvalidField(f"'info' keys are limited to {AGENT_INFO_MAX_KEY_LENGTH} chars")
+        if not _storable(key) or (isinstance(value, str) and not _storable(value)):
+            raise InvalidField("'info' text must not hold NUL characters or lone surrogates")
         if isinstance(value, str):
             if len(value) > AGENT_INFO_MAX_VALUE_LENGTH:
                 raise InvalidField(
@@ -333,4 +602,110 @@ def closing(code: CloseCode, reason: str | None = None) -> str:
             "code": int(code),
             "reason": reason or CLOSE_REASONS[code],
         }
+    )
+
+
+# ---- peer discovery and introductions -----------------------------------------------------------
+
+
+def nat_report_recorded(mapping: NatMapping) -> str:
+    return encode({"type": ServerMessageType.NAT_REPORT_RECORDED, "mapping": mapping})
+
+
+def peers(peer_list: list[dict[str, Any]], *, request_id: str | None, truncated: bool) -> str:
+    return encode(
+        {
+            "type": ServerMessageType.PEERS,
+            "request_id": request_id,
+            "peers": peer_list,
+            "truncated": truncated,
+        }
+    )
+
+
+def peers_subscribed(tag: str | None) -> str:
+    return encode({"type": ServerMessageType.PEERS_SUBSCRIBED, "tag": tag})
+
+
+def peers_unsubscribed() -> str:
+    return encode({"type": ServerMessageType.PEERS_UNSUBSCRIBED})
+
+
+def peer_joined(worker_id: str, tags: list[str]) -> str:
+    return encode(
+        {"type": ServerMessageType.PEER_JOINED, "peer": {"worker_id": worker_id, "tags": tags}}
+    )
+
+
+def peer_left(worker_id: str) -> str:
+    return encode({"type": ServerMessageType.PEER_LEFT, "worker_id": worker_id})
+
+
+def connect_pending(*, request_id: str, introduction_id: str, peer_id: str) -> str:
+    return encode(
+        {
+            "type": ServerMessageType.CONNECT_PENDING,
+            "request_id": request_id,
+            "introduction_id": introduction_id,
+            "peer_id": peer_id,
+        }
+    )
+
+
+def connect_failed(
+    *, request_id: str, peer_id: str, code: ConnectFailure, reason: str, introduction_id: str = ""
+) -> str:
+    return encode(
+        {
+            "type": ServerMessageType.CONNECT_FAILED,
+            "request_id": request_id,
+            "introduction_id": introduction_id or None,
+            "peer_id": peer_id,
+            "code": code,
+            "reason": reason,
+        }
+    )
+
+
+def introduction_request(*, introduction_id: str, peer_id: str, peer_nat_mapping: str) -> str:
+    return encode(
+        {
+            "type": ServerMessageType.INTRODUCTION_REQUEST,
+            "introduction_id": introduction_id,
+            "peer_id": peer_id,
+            "peer_nat_mapping": peer_nat_mapping,
+        }
+    )
+
+
+def introduction(
+    *,
+    introduction_id: str,
+    request_id: str | None,
+    peer_id: str,
+    peer_endpoints: list[dict[str, Any]],
+    peer_nat_mapping: str,
+    key: str,
+    start_at: float,
+    role: str,
+) -> str:
+    """Both sides get one: the other's endpoints, a shared key for the probes, a start time."""
+    return encode(
+        {
+            "type": ServerMessageType.INTRODUCTION,
+            "introduction_id": introduction_id,
+            "request_id": request_id,
+            "peer_id": peer_id,
+            "peer_endpoints": peer_endpoints,
+            "peer_nat_mapping": peer_nat_mapping,
+            "key": key,
+            "start_at": start_at,
+            "role": role,
+        }
+    )
+
+
+def punch_result_recorded(introduction_id: str) -> str:
+    return encode(
+        {"type": ServerMessageType.PUNCH_RESULT_RECORDED, "introduction_id": introduction_id}
     )

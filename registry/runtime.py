@@ -29,15 +29,20 @@ from django.utils import timezone
 from registry import enrolment, metrics, protocol, services
 from registry.admission import Admission
 from registry.batching import Coalescer
+from registry.peers import EVENTS as PEER_EVENTS
+from registry.peers import PeerHub
 
 log = logging.getLogger("registry.runtime")
 
 Closer = Callable[[int], Coroutine[Any, Any, None]]
+Deliverer = Callable[[dict[str, Any]], Coroutine[Any, Any, None]]
 
 # Commands to a live connection, sent through the channel layer to the instance that holds it.
 SUPERSEDE = "worker.superseded"
 DISCONNECT = "worker.disconnect"
 DISABLE = "worker.disabled"
+# Hand a message to a live connection's consumer (introductions between workers).
+DELIVER = "worker.deliver"
 COMMAND_CLOSE_CODES = {
     SUPERSEDE: protocol.CloseCode.SUPERSEDED,
     DISCONNECT: protocol.CloseCode.DISCONNECTED_BY_OPERATOR,
@@ -51,6 +56,7 @@ class _LocalSocket:
     loop: asyncio.AbstractEventLoop
     attached_at: datetime
     address: str | None
+    deliver: Deliverer | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +83,7 @@ class InstanceRuntime:
         self._sockets: dict[int, _LocalSocket] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.peers = PeerHub(self.channel_name, self.spawn)
         # Registry writes of every connection on this process, coalesced into batches.
         self.registrations: Coalescer[services.RegistrationRequest, services.Registration] = (
             Coalescer(self._write_registrations, name="registrations")
@@ -141,10 +148,16 @@ class InstanceRuntime:
         """Why a new connection from `address` is refused (a connection limit), or None."""
         return self.admission.refusal(address)
 
-    def attach(self, connection_id: int, close: Closer, address: str | None = None) -> None:
+    def attach(
+        self,
+        connection_id: int,
+        close: Closer,
+        address: str | None = None,
+        deliver: Deliverer | None = None,
+    ) -> None:
         loop = asyncio.get_running_loop()
         self._sockets[connection_id] = _LocalSocket(
-            close=close, loop=loop, attached_at=timezone.now(), address=address
+            close=close, loop=loop, attached_at=timezone.now(), address=address, deliver=deliver
         )
         if self._admission is not None:
             self._admission.opened(address)
@@ -164,13 +177,21 @@ class InstanceRuntime:
                 log.exception("instance=%s command channel failed", self.instance_id)
                 await asyncio.sleep(1)
                 continue
-            code = COMMAND_CLOSE_CODES.get(message.get("type", ""))
+            kind = message.get("type", "")
+            if kind == PEER_EVENTS:
+                await self.peers.dispatch(message.get("events") or [])
+                continue
+            code = COMMAND_CLOSE_CODES.get(kind)
             local = self._sockets.get(message.get("connection_id"))  # type: ignore[arg-type]
-            if code is not None and local is not None:
-                try:
+            if local is None:
+                continue
+            try:
+                if code is not None:
                     await local.close(code)
-                except Exception:  # one socket's failure must not end the listener
-                    log.exception("instance=%s command %s failed", self.instance_id, message)
+                elif kind == DELIVER and local.deliver is not None:
+                    await local.deliver(message)
+            except Exception:  # one socket's failure must not end the listener
+                log.exception("instance=%s command %s failed", self.instance_id, kind)
 
     def spawn(self, coroutine: Coroutine[Any, Any, None], *, what: str) -> None:
         """Run `coroutine` in the background on this loop; kept referenced, failures logged."""
@@ -184,14 +205,17 @@ class InstanceRuntime:
             log.warning("instance=%s %s failed: %s", self.instance_id, what, task.exception())
 
     @staticmethod
-    async def send_command(channel_name: str, command: str, connection_id: int) -> None:
+    async def send_command(
+        channel_name: str, command: str, connection_id: int, **payload: Any
+    ) -> None:
         """Ask the instance listening on `channel_name` to act on one of its connections."""
         await get_channel_layer().send(
-            channel_name, {"type": command, "connection_id": connection_id}
+            channel_name, {**payload, "type": command, "connection_id": connection_id}
         )
 
     def detach(self, connection_id: int) -> None:
         local = self._sockets.pop(connection_id, None)
+        self.peers.unsubscribe(connection_id)
         if local is not None:
             if self._admission is not None:
                 self._admission.closed(local.address)

@@ -30,6 +30,10 @@ _WORKER_FIELDS = (
     "ephemeral",
     "disabled_at",
     "credential_issued_at",
+    "nat_mapping",
+    "udp_ip",
+    "udp_port",
+    "nat_reported_at",
 )
 
 _CONNECTION_FIELDS = (
@@ -97,6 +101,13 @@ def _worker_dict(row: dict[str, Any]) -> dict[str, Any]:
         "ephemeral": row["ephemeral"],
         "enrolled_at": _iso(row["credential_issued_at"]),
         "disabled_at": _iso(row["disabled_at"]),
+        "nat": {
+            "mapping": row["nat_mapping"] or None,
+            "udp_endpoint": {"ip": row["udp_ip"], "port": row["udp_port"]}
+            if row["udp_ip"]
+            else None,
+            "reported_at": _iso(row["nat_reported_at"]),
+        },
     }
 
 
@@ -143,6 +154,41 @@ def worker_detail(worker_id: str, *, recent: int = RECENT_CONNECTIONS) -> dict[s
         .values(*_CONNECTION_FIELDS)[:recent]
     )
     return {**_worker_dict(row), "recent_connections": [_connection_dict(c) for c in connections]}
+
+
+@dataclass(frozen=True, slots=True)
+class PeerTarget:
+    connection_id: int
+    channel_name: str
+    nat_mapping: str
+
+
+def peer_target(worker_id: str) -> PeerTarget | None:
+    """Where to reach a connected, enabled worker for an introduction, and its NAT mapping."""
+    row = (
+        Worker.objects.connected()
+        .filter(id=worker_id, disabled_at__isnull=True)
+        .values_list("current_connection_id", "current_connection__channel_name", "nat_mapping")
+        .first()
+    )
+    return PeerTarget(*row) if row else None
+
+
+def list_peers(
+    *, exclude: str, tag: str | None = None, limit: int = 1000
+) -> tuple[list[dict[str, Any]], bool]:
+    """Connected workers another worker may ask to reach: ids, tags and NAT mapping only (their
+    addresses are given out in introductions, to the two parties alone). And whether the list
+    was cut at `limit`."""
+    workers = Worker.objects.connected().filter(disabled_at__isnull=True).exclude(id=exclude)
+    if tag is not None:
+        workers = workers.tagged(tag)
+    rows = list(workers.order_by("id").values_list("id", "tags", "nat_mapping")[: limit + 1])
+    peers = [
+        {"worker_id": worker_id, "tags": decode_tags(tags), "nat_mapping": mapping or None}
+        for worker_id, tags, mapping in rows[:limit]
+    ]
+    return peers, len(rows) > limit
 
 
 def current_channel(worker_id: str) -> tuple[int, str] | None:

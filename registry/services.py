@@ -37,6 +37,7 @@ class Registration:
     connection_id: int | None  # None: refused, the worker is disabled
     superseded_connection_id: int | None
     superseded_channel: str | None
+    tags: str = ""  # the worker's tags, as stored (models.encode_tags)
 
     @property
     def refused(self) -> bool:
@@ -127,11 +128,14 @@ def _register_round(
             "current_connection__channel_name",
             "current_connection__closed_at",
             "disabled_at",
+            "tags",
         )
     )
     previous: dict[str, tuple[int, str]] = {}
     disabled: set[str] = set()
-    for worker_id, connection_id, channel, closed_at, disabled_at in rows:
+    tags: dict[str, str] = {}
+    for worker_id, connection_id, channel, closed_at, disabled_at, worker_tags in rows:
+        tags[worker_id] = worker_tags
         if disabled_at is not None:
             disabled.add(worker_id)  # a ban holds in every mode, checked under the row lock
         elif connection_id is not None and closed_at is None:
@@ -178,6 +182,7 @@ def _register_round(
                 connection_id=c.pk,
                 superseded_connection_id=superseded[0] if superseded else None,
                 superseded_channel=superseded[1] if superseded else None,
+                tags=tags.get(r.worker_id, ""),
             )
         )
     return registrations
@@ -262,6 +267,20 @@ def report_public_ip(*, connection_id: int, ip: str, now: datetime | None = None
         )
         if updated:
             Connection.objects.filter(pk=connection_id).update(public_ip=ip)
+    return bool(updated)
+
+
+def record_nat_report(
+    *, connection_id: int, report: protocol.NatReport, now: datetime | None = None
+) -> bool:
+    """Store the agent's STUN findings, if `connection_id` still owns the worker id."""
+    endpoint = report.udp_endpoint
+    updated = Worker.objects.filter(current_connection_id=connection_id).update(
+        nat_mapping=report.mapping,
+        udp_ip=endpoint.ip if endpoint else None,
+        udp_port=endpoint.port if endpoint else None,
+        nat_reported_at=now or timezone.now(),
+    )
     return bool(updated)
 
 

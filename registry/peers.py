@@ -1,0 +1,112 @@
+"""Peer events: who joined and who left, pushed to the workers that subscribed.
+
+Every instance's command channel joins one channel-layer group; registrations and closes are
+batched (a flush every FLUSH_DELAY seconds) into one group message, which each instance fans
+out to its own subscribers. So a fleet on several instances sees every join and leave, and a
+burst of 1,000 registrations costs a handful of layer messages, not 1,000.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from channels.layers import get_channel_layer
+
+from registry import protocol
+from registry.models import decode_tags
+
+log = logging.getLogger("registry.peers")
+
+GROUP = "rendezvous.peers"
+EVENTS = "peers.events"  # the group message type (runtime._listen routes it here)
+FLUSH_DELAY = 0.05
+JOINED = "joined"
+LEFT = "left"
+
+Send = Callable[[str], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class Subscription:
+    worker_id: str
+    tag: str | None
+    send: Send
+
+
+class PeerHub:
+    def __init__(self, channel_name: str, spawn: Callable[..., None]) -> None:
+        self.channel_name = channel_name
+        self._spawn = spawn
+        self._subscriptions: dict[int, Subscription] = {}
+        self._pending: list[dict[str, Any]] = []
+        self._flush_scheduled = False
+
+    # ---- subscribers on this instance ------------------------------------------------------------
+
+    async def subscribe(self, connection_id: int, subscription: Subscription) -> None:
+        # Every time, not once: group membership expires (channels-redis group_expiry), and
+        # re-adding is idempotent.
+        await get_channel_layer().group_add(GROUP, self.channel_name)
+        self._subscriptions[connection_id] = subscription
+
+    def unsubscribe(self, connection_id: int) -> bool:
+        return self._subscriptions.pop(connection_id, None) is not None
+
+    def subscriber_count(self) -> int:
+        return len(self._subscriptions)
+
+    # ---- events from this instance's connections -----------------------------------------------
+
+    def joined(self, worker_id: str, tags: str) -> None:
+        self._queue({"event": JOINED, "worker_id": worker_id, "tags": tags})
+
+    def left(self, worker_id: str, tags: str) -> None:
+        self._queue({"event": LEFT, "worker_id": worker_id, "tags": tags})
+
+    def _queue(self, event: dict[str, Any]) -> None:
+        self._pending.append(event)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._spawn(self._flush(), what="peer events")
+
+    async def _flush(self) -> None:
+        await asyncio.sleep(FLUSH_DELAY)
+        self._flush_scheduled = False
+        events, self._pending = self._pending, []
+        if events:
+            await get_channel_layer().group_send(GROUP, {"type": EVENTS, "events": events})
+
+    # ---- events from every instance, to this instance's subscribers ------------------------------
+
+    async def dispatch(self, events: list[dict[str, Any]]) -> int:
+        """Send each subscriber the events it asked for. Returns how many frames were sent."""
+        sent = 0
+        for subscription in list(self._subscriptions.values()):
+            for event in events:
+                frame = _frame_for(subscription, event)
+                if frame is None:
+                    continue
+                try:
+                    await subscription.send(frame)
+                    sent += 1
+                except Exception:  # a closing socket must not stop the others' events
+                    log.debug("peer event to %s not sent", subscription.worker_id, exc_info=True)
+        return sent
+
+
+def _frame_for(subscription: Subscription, event: dict[str, Any]) -> str | None:
+    worker_id = event.get("worker_id")
+    if not isinstance(worker_id, str) or worker_id == subscription.worker_id:
+        return None
+    tags = decode_tags(event.get("tags") or "")
+    if subscription.tag is not None and subscription.tag not in tags:
+        return None
+    if event.get("event") == JOINED:
+        return protocol.peer_joined(worker_id, tags)
+    if event.get("event") == LEFT:
+        return protocol.peer_left(worker_id)
+    return None
