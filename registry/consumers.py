@@ -145,6 +145,7 @@ class RegisterConsumer(AsyncWebsocketConsumer):
                 max_frame_bytes=self.max_frame_bytes,
                 security_mode=config["SECURITY_MODE"],
                 credential=credential,
+                stun_servers=config["STUN_SERVERS"],
             )
         )
         # Held from here on, and nothing is awaited after it: a consumer cancelled before this

@@ -558,6 +558,7 @@ def welcome(
     max_frame_bytes: int,
     security_mode: str = "open",
     credential: str | None = None,
+    stun_servers: list[str] | None = None,
 ) -> str:
     """`credential` only on enrolment: the worker's secret for every later connection."""
     extra = {"credential": credential} if credential else {}
@@ -573,6 +574,7 @@ def welcome(
             "heartbeat_interval": heartbeat_interval,
             "max_frame_bytes": max_frame_bytes,
             "security_mode": security_mode,
+            "stun_servers": stun_servers or [],
             **extra,
         }
     )

@@ -237,6 +237,9 @@ RENDEZVOUS = {
     "SECURITY_MODE": SECURITY_MODE,
     # Failed authentications per source address per minute before its handshakes are refused.
     "AUTH_FAILURES_PER_MINUTE": env_int("RENDEZVOUS_AUTH_FAILURES_PER_MINUTE", 20),
+    # STUN servers (host:port) the service tells agents to use, e.g. its own `manage.py runstun`
+    # on two addresses; at least two at different addresses classify a NAT.
+    "STUN_SERVERS": env_list("RENDEZVOUS_STUN_SERVERS", []),
     # Seconds an ephemeral worker stays in the registry after it went offline.
     "EPHEMERAL_AFTER": env_float("RENDEZVOUS_EPHEMERAL_AFTER", 1800.0),
 }

@@ -30,7 +30,7 @@ from typing import Any
 import pytest
 
 from registry import protocol
-from worker_agent import AgentGroup, Backoff, WorkerAgent, __version__, wire
+from worker_agent import AgentGroup, Backoff, WorkerAgent, __version__, stun, wire
 from worker_agent.cli import main
 from worker_agent.health import HealthServer
 from worker_agent.policy import Outcome, ReconnectPolicy
@@ -61,6 +61,8 @@ def test_wire_constants_match_the_server_protocol() -> None:
     assert wire.CloseCode.DISCONNECTED_BY_OPERATOR == 4001
     assert wire.CloseCode.RATE_LIMITED == 4029
     assert wire.FINAL_CLOSE_CODES == protocol.FINAL_CLOSE_CODES
+    assert _members(wire.ConnectFailure) == _members(protocol.ConnectFailure)
+    assert {m.value for m in stun.NatMapping} == {m.value for m in protocol.NatMapping}
     for name in (
         "PROTOCOL_VERSION",
         "WORKER_ID_PATTERN",
@@ -80,6 +82,26 @@ def test_the_server_parses_every_frame_the_agent_builds() -> None:
         protocol.RegisterPublicIp(ip="2001:db8::1")
     )
     assert protocol.parse_client_message(wire.agent_info(info)) == protocol.AgentInfo(info=info)
+    cone = protocol.NatMapping.ENDPOINT_INDEPENDENT
+    endpoint = protocol.UdpEndpoint("198.51.100.7", 4000)
+    intro = "ab" * 16
+    frames = {
+        wire.nat_report(cone, ("198.51.100.7", 4000)): protocol.NatReport(cone, endpoint),
+        wire.list_peers(request_id="r", tag="gpu"): protocol.ListPeers("gpu", "r"),
+        wire.subscribe_peers(): protocol.SubscribePeers(None),
+        wire.connect_request(
+            peer_id="b", request_id="r", endpoints=[("198.51.100.7", 4000)], nat_mapping=cone
+        ): protocol.ConnectRequest("b", "r", (endpoint,), cone),
+        wire.introduction_accept(
+            introduction_id=intro, endpoints=[("198.51.100.7", 4000)], nat_mapping=cone
+        ): protocol.IntroductionAccept(intro, (endpoint,), cone),
+        wire.introduction_reject(introduction_id=intro, reason="no"): protocol.IntroductionReject(
+            intro, "no"
+        ),
+        wire.punch_result(introduction_id=intro, ok=True): protocol.PunchResult(intro, True, ""),
+    }
+    for frame, expected in frames.items():
+        assert protocol.parse_client_message(frame) == expected
 
 
 def test_the_agent_parses_every_frame_the_server_builds() -> None:

@@ -16,7 +16,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
@@ -25,6 +25,8 @@ import websocket
 
 from . import credentials, wire
 from .backoff import Backoff
+from .peering import DEFAULT_CONNECT_TIMEOUT as DEFAULT_PEER_CONNECT_TIMEOUT
+from .peering import DEFAULT_PUNCH_TIMEOUT, PeerCallback, PeerError, Peering
 from .policy import (
     DEFAULT_MAX_SUPERSEDED,
     DEFAULT_SUPERSEDED_DELAY,
@@ -34,6 +36,7 @@ from .policy import (
     ReconnectPolicy,
 )
 from .public_ip import DEFAULT_IP_ECHO_URL, DEFAULT_TIMEOUT, fetch_public_ip
+from .punch import PeerPath
 from .version import __version__
 
 logger = logging.getLogger("worker_agent")
@@ -152,6 +155,11 @@ class WorkerAgent:
         enrolment_key: str | None = None,
         credential: str | None = None,
         credential_file: str | os.PathLike[str] | None = None,
+        stun_servers: Sequence[str] | None = None,
+        udp_host: str = "0.0.0.0",
+        on_peer: PeerCallback | None = None,
+        punch_timeout: float = DEFAULT_PUNCH_TIMEOUT,
+        report_nat: bool = True,
         suppress_origin: bool = False,
         sslopt: Mapping[str, Any] | None = None,
         on_message: MessageCallback | None = None,
@@ -197,6 +205,15 @@ class WorkerAgent:
         self.header = dict(header or {})
         self.suppress_origin = suppress_origin
         self.sslopt = dict(sslopt or {})
+        self.report_nat = report_nat
+        self.peering = Peering(
+            self.worker_id,
+            self._send_current,
+            stun_servers=stun_servers,
+            udp_host=udp_host,
+            on_peer=on_peer,
+            punch_timeout=punch_timeout,
+        )
         self.on_message = on_message
         self.on_registered = on_registered
         self.on_state_change = on_state_change
@@ -360,6 +377,33 @@ class WorkerAgent:
             if self._state == AgentState.STOPPED:
                 logger.info("worker=%s: stopped", self.worker_id)
 
+    # ---- peers (worker_agent/peering.py) ---------------------------------------------------------
+
+    def connect(self, peer_id: str, timeout: float = DEFAULT_PEER_CONNECT_TIMEOUT) -> PeerPath:
+        """A direct UDP path to another worker, punched through both NATs.
+
+        Blocks up to `timeout` (plus the punch itself); raises a `PeerError` subclass that says
+        why there is none: PeerUnavailable, PeerRefused, PunchImpossible, PunchFailed, ...
+        """
+        if not self.wait_registered(timeout):
+            raise PeerError("not registered with the rendezvous service")
+        return self.peering.connect(peer_id, timeout=timeout)
+
+    def list_peers(self, tag: str | None = None, timeout: float = 5.0) -> list[dict[str, Any]]:
+        """Connected workers this one may connect to: id, tags, NAT mapping."""
+        if not self.wait_registered(timeout):
+            raise PeerError("not registered with the rendezvous service")
+        return self.peering.list_peers(tag=tag, timeout=timeout)
+
+    def subscribe_peers(self, tag: str | None = None) -> None:
+        """`peer_joined` / `peer_left` frames to `on_message` from now on (kept on reconnect)."""
+        self.peering.subscribe(tag)
+
+    def _send_current(self, frame: str) -> bool:
+        with self._lock:
+            conn = self._conn if self._registered else None
+        return conn is not None and self._send(conn, frame)
+
     @property
     def credential(self) -> str | None:
         """The credential the service bound to this worker id (kept in memory, and in
@@ -511,6 +555,8 @@ class WorkerAgent:
                 message.get("code"),
                 message.get("message"),
             )
+        elif self.peering.handle(message):
+            pass
         elif kind == wire.ServerMessageType.CLOSING:
             conn.closing = message
             self._log(
@@ -539,6 +585,7 @@ class WorkerAgent:
             self._registered_at = _now_iso()
             self._changed.notify_all()
         self._set_state(AgentState.REGISTERED)
+        self.peering.session_started(welcome)
         self._log(
             logging.INFO,
             conn,
@@ -585,6 +632,10 @@ class WorkerAgent:
     def _session(self, conn: _Connection, welcome: dict[str, Any], welcomed_at: float) -> None:
         if not self._send(conn, wire.agent_info(self.agent_info)):
             return
+        if self.report_nat and self.peering.stun_servers():
+            threading.Thread(
+                target=self._report_nat, name="worker-agent-netcheck", daemon=True
+            ).start()
         try:
             ip = self._fetch_public_ip()
         except Exception:
@@ -615,6 +666,12 @@ class WorkerAgent:
             if not self._send(conn, wire.heartbeat()):
                 return
             next_at = max(next_at + interval, time.monotonic())
+
+    def _report_nat(self) -> None:
+        try:
+            self.peering.report_nat()
+        except Exception as exc:  # the registration stands without it
+            logger.warning("worker=%s: NAT check failed: %s", self.worker_id, exc)
 
     def _heartbeat_every(self, welcome: Mapping[str, Any]) -> float | None:
         if self.heartbeat_interval is not None:

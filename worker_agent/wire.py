@@ -36,6 +36,14 @@ class ClientMessageType(StrEnum):
     REGISTER_PUBLIC_IP = "register_public_ip"
     HEARTBEAT = "heartbeat"
     AGENT_INFO = "agent_info"
+    NAT_REPORT = "nat_report"
+    LIST_PEERS = "list_peers"
+    SUBSCRIBE_PEERS = "subscribe_peers"
+    UNSUBSCRIBE_PEERS = "unsubscribe_peers"
+    CONNECT_REQUEST = "connect_request"
+    INTRODUCTION_ACCEPT = "introduction_accept"
+    INTRODUCTION_REJECT = "introduction_reject"
+    PUNCH_RESULT = "punch_result"
 
 
 class ServerMessageType(StrEnum):
@@ -45,6 +53,24 @@ class ServerMessageType(StrEnum):
     AGENT_INFO_RECORDED = "agent_info_recorded"
     ERROR = "error"
     CLOSING = "closing"
+    NAT_REPORT_RECORDED = "nat_report_recorded"
+    PEERS = "peers"
+    PEERS_SUBSCRIBED = "peers_subscribed"
+    PEERS_UNSUBSCRIBED = "peers_unsubscribed"
+    PEER_JOINED = "peer_joined"
+    PEER_LEFT = "peer_left"
+    CONNECT_PENDING = "connect_pending"
+    CONNECT_FAILED = "connect_failed"
+    INTRODUCTION_REQUEST = "introduction_request"
+    INTRODUCTION = "introduction"
+    PUNCH_RESULT_RECORDED = "punch_result_recorded"
+
+
+class ConnectFailure(StrEnum):
+    PEER_UNAVAILABLE = "PEER_UNAVAILABLE"
+    PEER_REFUSED = "PEER_REFUSED"
+    PUNCH_IMPOSSIBLE = "PUNCH_IMPOSSIBLE"
+    NOT_YOURSELF = "NOT_YOURSELF"
 
 
 class CloseCode(IntEnum):
@@ -159,6 +185,76 @@ def clean_agent_info(info: Mapping[str, Scalar]) -> dict[str, Scalar]:
             )
         clean[key] = value
     return clean
+
+
+def _endpoints(endpoints: list[tuple[str, int]]) -> list[dict[str, Any]]:
+    return [{"ip": ip, "port": port} for ip, port in endpoints]
+
+
+def nat_report(mapping: str, udp_endpoint: tuple[str, int] | None) -> str:
+    return encode(
+        {
+            "type": ClientMessageType.NAT_REPORT,
+            "mapping": mapping,
+            "udp_endpoint": _endpoints([udp_endpoint])[0] if udp_endpoint else None,
+        }
+    )
+
+
+def list_peers(*, request_id: str, tag: str | None = None) -> str:
+    return encode({"type": ClientMessageType.LIST_PEERS, "request_id": request_id, "tag": tag})
+
+
+def subscribe_peers(tag: str | None = None) -> str:
+    return encode({"type": ClientMessageType.SUBSCRIBE_PEERS, "tag": tag})
+
+
+def connect_request(
+    *, peer_id: str, request_id: str, endpoints: list[tuple[str, int]], nat_mapping: str
+) -> str:
+    return encode(
+        {
+            "type": ClientMessageType.CONNECT_REQUEST,
+            "peer_id": peer_id,
+            "request_id": request_id,
+            "endpoints": _endpoints(endpoints),
+            "nat_mapping": nat_mapping,
+        }
+    )
+
+
+def introduction_accept(
+    *, introduction_id: str, endpoints: list[tuple[str, int]], nat_mapping: str
+) -> str:
+    return encode(
+        {
+            "type": ClientMessageType.INTRODUCTION_ACCEPT,
+            "introduction_id": introduction_id,
+            "endpoints": _endpoints(endpoints),
+            "nat_mapping": nat_mapping,
+        }
+    )
+
+
+def introduction_reject(*, introduction_id: str, reason: str) -> str:
+    return encode(
+        {
+            "type": ClientMessageType.INTRODUCTION_REJECT,
+            "introduction_id": introduction_id,
+            "reason": reason[:200],
+        }
+    )
+
+
+def punch_result(*, introduction_id: str, ok: bool, detail: str = "") -> str:
+    return encode(
+        {
+            "type": ClientMessageType.PUNCH_RESULT,
+            "introduction_id": introduction_id,
+            "ok": ok,
+            "detail": detail[:200],
+        }
+    )
 
 
 # ---- frames the agent reads --------------------------------------------------------------------
