@@ -3,7 +3,6 @@ responder on loopback answered by the agent's real client, and `manage.py runstu
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hashlib
 import hmac
@@ -28,6 +27,7 @@ from hypothesis import strategies as st
 from registry import stun as server
 from registry.stun import Attribute, DropReason, StunClass, StunStats
 from tests.support.processes import REPO, wait_until
+from tests.support.stun_responder import running_responder
 from worker_agent import stun as client
 from worker_agent.stun import NatMapping
 
@@ -334,48 +334,6 @@ def test_no_datagram_raises_out_of_the_responders_handler(data: bytes) -> None:
 
 
 # -- the real responder on loopback, the real client -------------------------------------------
-
-
-@contextlib.contextmanager
-def running_responder(
-    listeners: list[tuple[str, int]] | None = None,
-) -> Iterator[server.StunServer]:
-    """The responder's asyncio server in a thread, on free loopback ports."""
-    listeners = listeners or [("127.0.0.1", 0), ("127.0.0.1", 0)]
-    loop = asyncio.new_event_loop()
-    started = threading.Event()
-    holder: dict[str, Any] = {}
-    stop: asyncio.Event | None = None
-
-    def on_started(running: server.StunServer) -> None:
-        holder["server"] = running
-        started.set()
-
-    async def main() -> None:
-        nonlocal stop
-        stop = asyncio.Event()
-        await server.serve(listeners, stop, on_started=on_started)
-
-    def target() -> None:
-        try:
-            loop.run_until_complete(main())
-        except BaseException as exc:
-            holder["error"] = exc
-        finally:
-            started.set()
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    started.wait(10)
-    if "server" not in holder:
-        raise RuntimeError(f"responder did not start: {holder.get('error')}")
-    try:
-        yield holder["server"]
-    finally:
-        assert stop is not None
-        loop.call_soon_threadsafe(stop.set)
-        thread.join(10)
-        loop.close()
 
 
 @pytest.fixture
