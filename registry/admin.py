@@ -44,6 +44,9 @@ OBSERVED_WORKER_FIELDS = (
     "ephemeral",
     "enrolment",
     "disabled_state",
+    "nat_mapping",
+    "udp_endpoint",
+    "nat_reported_at",
 )
 
 CONNECTION_FIELDS = (
@@ -223,10 +226,18 @@ class WorkerAdmin(admin.ModelAdmin):
         "last_seen_ago",
         "observed_address",
         "public_ip",
+        "nat_mapping",
         "held_by",
         "connections_link",
     )
-    list_filter = ("status", LastSeenFilter, HeldByInstanceFilter, DisabledFilter, "ephemeral")
+    list_filter = (
+        "status",
+        LastSeenFilter,
+        HeldByInstanceFilter,
+        DisabledFilter,
+        "ephemeral",
+        "nat_mapping",
+    )
     list_select_related = ("current_connection__instance",)
     search_fields = ("id", "observed_ip", "public_ip", "tags")
     # Connected first, then the most recently seen: the rows an operator is asking about.
@@ -330,6 +341,13 @@ class WorkerAdmin(admin.ModelAdmin):
             return "-"
         host = f"[{worker.observed_ip}]" if ":" in worker.observed_ip else worker.observed_ip
         return f"{host}:{worker.observed_port}" if worker.observed_port else host
+
+    @admin.display(description="UDP endpoint (STUN)")
+    def udp_endpoint(self, worker: Worker) -> str:
+        if worker.udp_ip is None:
+            return "-"
+        host = f"[{worker.udp_ip}]" if ":" in worker.udp_ip else worker.udp_ip
+        return f"{host}:{worker.udp_port}"
 
     @admin.display(description="held by")
     def held_by(self, worker: Worker) -> SafeString | str:

@@ -228,6 +228,7 @@ class RegistryOverview:
     connected: int
     seen_recently: int
     by_instance: list[InstanceShare]
+    by_nat_mapping: list[tuple[str, int]]
 
 
 def registry_overview(*, now: datetime) -> RegistryOverview:
@@ -251,4 +252,11 @@ def registry_overview(*, now: datetime) -> RegistryOverview:
         )
         for row in rows
     ]
-    return RegistryOverview(by_instance=by_instance, **counts)
+    by_nat_mapping = [
+        (mapping or "", count)
+        for mapping, count in Worker.objects.connected()
+        .values_list("nat_mapping")
+        .annotate(n=Count("id"))
+        .order_by("-n", "nat_mapping")
+    ]
+    return RegistryOverview(by_instance=by_instance, by_nat_mapping=by_nat_mapping, **counts)

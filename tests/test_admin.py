@@ -286,3 +286,21 @@ def test_disconnect_button_on_a_disconnected_worker_warns_and_changes_nothing(
     assert response.redirect_chain[-1][0] == "/admin/registry/worker/beta/change/"
     assert "Worker beta was not connected." in response.content.decode()
     assert Connection.objects.get(worker_id="beta").close_code == 1000
+
+
+@pytest.mark.django_db
+def test_nat_mapping_shows_in_the_list_the_overview_and_the_worker_page(
+    admin_client: Client, workers: None
+) -> None:
+    Worker.objects.filter(id="alpha").update(
+        nat_mapping="endpoint-dependent", udp_ip="198.51.100.9", udp_port=50123
+    )
+    page = admin_client.get("/admin/registry/worker/").content.decode()
+    tile = page[page.index('id="rv-by-nat"') :]
+    assert "endpoint-dependent" in tile[: tile.index("</div>\n  </div>")]
+    filtered = admin_client.get(
+        "/admin/registry/worker/", {"nat_mapping__exact": "endpoint-dependent"}
+    ).content.decode()
+    assert ">alpha<" in filtered and ">beta<" not in filtered
+    detail = admin_client.get("/admin/registry/worker/alpha/change/").content.decode()
+    assert "198.51.100.9:50123" in detail

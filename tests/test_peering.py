@@ -309,3 +309,13 @@ async def test_parsing_a_connect_request_drops_duplicate_endpoints() -> None:
         ("198.51.100.1", 5000),
         ("10.0.0.2", 5000),
     ]
+
+
+async def test_the_api_shows_the_nat_report(async_client) -> None:
+    comm = await connected("a")
+    await report_nat(comm, CONE, 5000)
+    body = (await async_client.get("/api/workers/a/")).json()
+    assert body["nat"]["mapping"] == CONE
+    assert body["nat"]["udp_endpoint"] == {"ip": "198.51.100.1", "port": 5000}
+    assert body["nat"]["reported_at"]
+    await comm.disconnect()
