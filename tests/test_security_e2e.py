@@ -221,3 +221,25 @@ def test_the_service_says_its_mode_in_its_first_log_lines(
     first_lines = server.log_tail(400).splitlines()[:5]
     assert any("security mode OPEN" in line for line in first_lines), first_lines
     assert "security mode SECURED" in secured_server.log_tail(400)
+
+
+def test_an_agent_whose_credential_was_forgotten_enrols_again_with_its_key(
+    secured_server: ServerProcess, agents: Callable[..., WorkerAgent], tmp_path: Path
+) -> None:
+    file = tmp_path / "w.json"
+    agent = agents(
+        secured_server.url, "phoenix", enrolment_key=new_key(reusable=True), credential_file=file
+    )
+    agent.start()
+    assert agent.wait_registered(15)
+    first = agent.credential
+    enrolment.forget_credentials(["phoenix"])
+    control.disconnect_worker("phoenix")
+    wait_until(
+        lambda: agent.credential not in (None, first) and agent.registered,
+        timeout=20,
+        what="a new enrolment",
+    )
+    assert json.loads(file.read_text())["credential"] == agent.credential
+    assert agent.status()["attempts"] >= 3  # the refused credential, then the key
+    assert Worker.objects.get(id="phoenix").status == WorkerStatus.CONNECTED

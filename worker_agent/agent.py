@@ -240,6 +240,7 @@ class WorkerAgent:
         self._last_close_reason: str | None = None
         self._next_attempt_at: str | None = None
         self._final_reason: str | None = None
+        self._key_fallback_used = False
 
     # ---- public surface ------------------------------------------------------------------------
 
@@ -343,7 +344,7 @@ class WorkerAgent:
                     self._connect_once(conn)
                     if self._stop.is_set():
                         break
-                    decision = self.policy.after(conn.outcome())
+                    decision = self._fall_back_to_key(conn, self.policy.after(conn.outcome()))
                 except Exception as exc:  # a bug must not end the agent silently
                     logger.exception(
                         "worker=%s: unexpected error in the agent loop", self.worker_id
@@ -450,6 +451,34 @@ class WorkerAgent:
             if conn.ws is not None:
                 conn.ws.shutdown()  # after our own close frame, teardown leaves the socket open
             self._connection_ended(conn)
+
+    def _fall_back_to_key(self, conn: _Connection, decision: Decision) -> Decision:
+        """A refused credential, with an enrolment key at hand: enrol again, once.
+
+        The operator may have made the service forget the credential (or an ephemeral worker
+        was removed while offline); the key enrols the id again only if nobody holds it.
+        """
+        code = conn.effective_close()[0]
+        with self._lock:
+            can = (
+                not decision.retry
+                and code == wire.CloseCode.AUTHENTICATION_FAILED
+                and self._credential is not None
+                and self.enrolment_key is not None
+                and not self._key_fallback_used
+            )
+            if can:
+                self._credential = None
+                self._key_fallback_used = True
+        if not can:
+            return decision
+        self._log(
+            logging.WARNING,
+            conn,
+            "credential refused (%s); enrolling again with the enrolment key",
+            conn.effective_close()[1],
+        )
+        return Decision(retry=True, delay=0.0, reason="credential refused; enrolling again")
 
     def _connection_ended(self, conn: _Connection) -> None:
         with self._lock:
@@ -576,6 +605,8 @@ class WorkerAgent:
         issued = welcome.pop("credential", None)
         if isinstance(issued, str) and issued:
             self._keep_credential(conn, issued)
+        with self._lock:
+            self._key_fallback_used = False
         with self._lock:
             first = conn.welcome is None
             conn.welcome = welcome
