@@ -48,6 +48,11 @@ class Command(BaseCommand):
             help="IP echo service for the public address (default: none, for local use)",
         )
         parser.add_argument("--health-port", type=int, default=None, help="Serve health here")
+        parser.add_argument(
+            "--enrolment-key",
+            default=None,
+            help="For a secured service: the key to enrol with (create_enrolment_key makes one)",
+        )
 
     def handle(self, *args: Any, channels: list[str], **options: Any) -> None:
         if channels:
@@ -77,6 +82,7 @@ class Command(BaseCommand):
                 stop_event=stop,
                 health_port=options["health_port"],
                 ip_echo_url=options["ip_echo_url"],
+                enrolment_key=options["enrolment_key"],
             )
         except ValueError as exc:
             raise CommandError(str(exc)) from exc
