@@ -6,6 +6,11 @@ wall time on a shared machine. Prints one block of figures per run; not a test.
 
     python bench/registrations.py --workers 1000 --setup default
     python bench/registrations.py --workers 10000 --setup production --hold 120
+    python bench/registrations.py --workers 1000 --security secured
+
+With --security secured every simulated worker is enrolled beforehand (a credential bound to
+its id, written straight into the database) and presents its credential: the reconnect path
+of a secured fleet. The JSON views are read with an API token.
 """
 
 from __future__ import annotations
@@ -30,6 +35,32 @@ import websockets
 
 REPO = Path(__file__).resolve().parents[1]
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+API_TOKEN = "rvt_bench"  # seeded with the credentials in secured mode
+# Set in main(): send credentials and the API token (secured mode).
+SECURED = False
+
+SEED_CREDENTIALS = """
+import hashlib, sys
+from django.utils import timezone
+from registry.models import ApiToken, Worker
+now = timezone.now()
+def digest(secret):
+    return hashlib.sha256(secret.encode()).hexdigest()
+Worker.objects.bulk_create(
+    [Worker(id=i, first_seen=now, last_seen=now, credential_digest=digest("rvc_" + i),
+            credential_prefix=("rvc_" + i)[:12], credential_issued_at=now)
+     for i in sys.stdin.read().split()],
+    batch_size=2000,
+)
+ApiToken.objects.create(name="bench", digest=digest("API_TOKEN"), prefix="API_TOKEN",
+                        created_at=now)
+""".replace("API_TOKEN", API_TOKEN)
+
+
+def credential(worker_id: str) -> str:
+    return f"rvc_{worker_id}"
+
+
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 
@@ -53,7 +84,10 @@ def rss_bytes(pid: int) -> int:
 
 def http_get(url: str, timeout: float = 30.0) -> tuple[float, bytes]:
     started = time.perf_counter()
-    with urllib.request.urlopen(url, timeout=timeout) as response:
+    headers = {"Authorization": f"Bearer {API_TOKEN}"} if SECURED else {}
+    with urllib.request.urlopen(
+        urllib.request.Request(url, headers=headers), timeout=timeout
+    ) as response:
         body = response.read()
     return time.perf_counter() - started, body
 
@@ -77,7 +111,7 @@ class Server:
             step()
 
 
-def start_server(setup: str, workdir: Path) -> Server:
+def start_server(setup: str, workdir: Path, security: str, enrolled: list[str]) -> Server:
     port = free_port()
     env = {
         **os.environ,
@@ -87,8 +121,7 @@ def start_server(setup: str, workdir: Path) -> Server:
         "RENDEZVOUS_INSTANCE_NAME": f"bench-{port}",
         # The bench measures registrations, not the flood guard.
         "RENDEZVOUS_RATE_LIMIT": "100",
-        # Anonymous clients: the open mode (secured adds one indexed read per handshake).
-        "RENDEZVOUS_SECURITY_MODE": "open",
+        "RENDEZVOUS_SECURITY_MODE": security,
         "LOG_LEVEL": "WARNING",
     }
     env.pop("DATABASE_URL", None)
@@ -106,6 +139,14 @@ def start_server(setup: str, workdir: Path) -> Server:
         env["RENDEZVOUS_REDIS_PREFIX"] = f"bench{port}"
         env["SECRET_KEY"] = "bench-only-secret"
     subprocess.run([sys.executable, "manage.py", "migrate", "-v0"], cwd=REPO, env=env, check=True)
+    if security == "secured":
+        subprocess.run(
+            [sys.executable, "manage.py", "shell", "-c", SEED_CREDENTIALS],
+            cwd=REPO,
+            env=env,
+            check=True,
+            input="\n".join(enrolled).encode(),
+        )
     log = (workdir / "server.log").open("wb")
     process = subprocess.Popen(
         [sys.executable, "manage.py", "serve"],
@@ -157,6 +198,9 @@ async def register(url: str, worker: Worker, gate: asyncio.Semaphore) -> None:
             ping_interval=None,  # the server pings; answering is automatic
             open_timeout=60,
             max_queue=4,
+            additional_headers={"Authorization": f"Bearer {credential(worker.worker_id)}"}
+            if SECURED
+            else None,
         )
         welcome = json.loads(await worker.ws.recv())
         assert welcome["type"] == "welcome", welcome
@@ -210,8 +254,12 @@ def percentile(values: list[float], q: float) -> float:
 
 async def run(args: argparse.Namespace, server: Server) -> dict[str, float | int | str]:
     url = server.url
-    results: dict[str, float | int | str] = {"setup": args.setup, "workers": args.workers}
-    workers = [Worker(f"bench-{n:06d}") for n in range(args.workers)]
+    results: dict[str, float | int | str] = {
+        "setup": args.setup,
+        "security": args.security,
+        "workers": args.workers,
+    }
+    workers = [Worker(worker_id) for worker_id in worker_ids(args)]
     gate = asyncio.Semaphore(args.concurrency)
     await asyncio.sleep(1)
     rss_before = rss_bytes(server.pid)
@@ -236,7 +284,7 @@ async def run(args: argparse.Namespace, server: Server) -> dict[str, float | int
     results["connect_to_welcome_p99_ms"] = round(percentile(latencies, 0.99) * 1000, 1)
 
     # Visible in the list: a fresh sample of workers, each looked up right after its welcome.
-    sample = [Worker(f"probe-{n:04d}") for n in range(args.sample)]
+    sample = [Worker(worker_id) for worker_id in sample_ids(args)]
     visible: list[float] = []
     for worker in sample:
         await register(url, worker, gate)
@@ -303,7 +351,16 @@ async def run(args: argparse.Namespace, server: Server) -> dict[str, float | int
     return results
 
 
+def worker_ids(args: argparse.Namespace) -> list[str]:
+    return [f"bench-{n:06d}" for n in range(args.workers)]
+
+
+def sample_ids(args: argparse.Namespace) -> list[str]:
+    return [f"probe-{n:04d}" for n in range(args.sample)]
+
+
 def main() -> int:
+    global SECURED
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workers", type=int, default=1000)
     parser.add_argument("--setup", choices=["default", "production"], default="default")
@@ -314,14 +371,20 @@ def main() -> int:
     parser.add_argument("--list-requests", type=int, default=10)
     parser.add_argument("--profile", help="write a py-spy profile (folded stacks) of the server")
     parser.add_argument("--profile-phase", choices=["register", "close"], default="register")
+    parser.add_argument("--security", choices=["open", "secured"], default="open")
     args = parser.parse_args()
+    SECURED = args.security == "secured"
     workdir = Path(tempfile.mkdtemp(prefix="rendezvous-bench-"))
-    server = start_server(args.setup, workdir)
+    enrolled = worker_ids(args) + sample_ids(args) if SECURED else []
+    server = start_server(args.setup, workdir, args.security, enrolled)
     try:
         results = asyncio.run(run(args, server))
     finally:
         server.stop()
-    print(f"\n== registrations benchmark: {args.setup} set-up, {args.workers} workers ==")
+    print(
+        f"\n== registrations benchmark: {args.setup} set-up, {args.security} mode, "
+        f"{args.workers} workers =="
+    )
     for key, value in results.items():
         print(f"{key:40} {value}")
     print(json.dumps(results))

@@ -12,6 +12,8 @@ once per `CLEAN_INTERVAL` seconds, whatever the traffic; messages still expire w
 which ends the consumer and drops its worker's socket. Here a consumer waits for Redis to come
 back instead, so a Redis restart costs connected workers nothing. Messages sent while it is away
 are lost; each is a command already recorded in the database, which housekeeping carries out.
+After a restart every idle pooled connection is dead and fails its first command, so a send
+is tried once more on a fresh connection.
 """
 
 from __future__ import annotations
@@ -69,6 +71,19 @@ class InMemoryChannelLayer(ChannelsInMemoryChannelLayer):
 class RedisChannelLayer(ChannelsRedisChannelLayer):
     retry_initial = 0.5
     retry_max = 5.0
+
+    async def send(self, channel: str, message: dict[str, Any]) -> None:
+        await self._once_more(super().send, channel, message)
+
+    async def group_send(self, group: str, message: dict[str, Any]) -> None:
+        await self._once_more(super().group_send, group, message)
+
+    async def _once_more(self, operation: Callable[..., Any], *args: Any) -> None:
+        try:
+            await operation(*args)
+        except (RedisConnectionError, RedisTimeoutError) as exc:
+            log.info("channel layer: %s; trying once more on a fresh connection", exc)
+            await operation(*args)
 
     async def receive(self, channel: str) -> dict[str, Any]:
         delay = self.retry_initial

@@ -54,3 +54,19 @@ async def test_a_redis_restart_is_waited_out(redis: RedisServer) -> None:
     await asyncio.sleep(1)
     await layer.send("rendezvous.instance.r", {"type": "worker.disconnect", "connection_id": 2})
     assert (await asyncio.wait_for(receiving, 10))["connection_id"] == 2
+
+
+async def test_sends_after_a_redis_restart_land_on_the_first_call(redis: RedisServer) -> None:
+    # Regression: idle pooled connections are dead after a restart; the first send (a
+    # supersede, a peer event) failed on one and was lost until housekeeping redid it.
+    layer = RedisChannelLayer(hosts=redis_hosts(redis.url), prefix="stale")
+    await asyncio.gather(
+        *(layer.send(f"rendezvous.instance.s{n}", {"type": "x", "n": n}) for n in range(4)),
+        layer.group_add("rendezvous.peers", "rendezvous.instance.s0"),
+    )
+    redis.stop()
+    redis.start()
+    await layer.send("rendezvous.instance.t", {"type": "worker.superseded", "connection_id": 3})
+    await layer.group_send("rendezvous.peers", {"type": "peers.events", "events": []})
+    received = await asyncio.wait_for(layer.receive("rendezvous.instance.t"), 5)
+    assert received["connection_id"] == 3

@@ -6,6 +6,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pytest
+from channels.db import database_sync_to_async
 from channels.routing import URLRouter
 from channels.testing import WebsocketCommunicator
 from django.test import Client
@@ -112,7 +113,7 @@ async def test_the_disable_action_closes_the_live_session_with_4011_and_keeps_it
     again.scope["client"] = ("203.0.113.5", 2)
     await again.connect()
     assert (await again.receive_json_from())["code"] == protocol.CloseCode.WORKER_DISABLED
-    worker = await Worker.objects.aget(id="w1")
+    worker = await database_sync_to_async(Worker.objects.get)(id="w1")
     assert worker.is_disabled and "admin" in worker.disabled_reason
 
 

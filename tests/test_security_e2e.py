@@ -218,9 +218,10 @@ def test_protected_views_need_a_token_on_a_real_server(
 def test_the_service_says_its_mode_in_its_first_log_lines(
     secured_server: ServerProcess, server: ServerProcess
 ) -> None:
-    first_lines = server.log_tail(400).splitlines()[:5]
-    assert any("security mode OPEN" in line for line in first_lines), first_lines
-    assert "security mode SECURED" in secured_server.log_tail(400)
+    for process, mode in ((server, "OPEN"), (secured_server, "SECURED")):
+        lines = process.log_tail(400).splitlines()
+        start = next(i for i, line in enumerate(lines) if line.startswith("Rendezvous on http"))
+        assert f"security mode {mode}" in lines[start + 1], lines  # right after the address
 
 
 def test_an_agent_whose_credential_was_forgotten_enrols_again_with_its_key(
@@ -243,3 +244,52 @@ def test_an_agent_whose_credential_was_forgotten_enrols_again_with_its_key(
     assert json.loads(file.read_text())["credential"] == agent.credential
     assert agent.status()["attempts"] >= 3  # the refused credential, then the key
     assert Worker.objects.get(id="phoenix").status == WorkerStatus.CONNECTED
+
+
+def test_a_flooding_oversized_or_cross_site_attacker_leaves_the_victim_untouched(
+    secured_server: ServerProcess, legit: WorkerAgent, agents: Callable[..., WorkerAgent]
+) -> None:
+    """An enrolled worker turned hostile, and a browser page: neither reaches the victim."""
+    before = snapshot("victim")
+    hostile = agents(secured_server.url, "hostile", enrolment_key=new_key())
+    hostile.start()
+    assert hostile.wait_registered(15)
+    credential = hostile.credential
+    assert hostile.stop(5)
+
+    async def attack() -> tuple[list[str], int | None]:
+        codes: list[str] = []
+        async with websockets.connect(
+            f"{secured_server.ws_url}/ws/register/hostile",
+            additional_headers={"Authorization": f"Bearer {credential}"},
+            max_size=None,
+        ) as ws:
+            await ws.recv()  # welcome
+            await ws.send(json.dumps({"type": "heartbeat", "pad": "x" * 10_000}))
+            codes.append(json.loads(await ws.recv())["code"])
+            with contextlib.suppress(ConnectionClosed):
+                for _ in range(500):
+                    await ws.send('{"type": "heartbeat"}')
+                async for frame in ws:
+                    message = json.loads(frame)
+                    if message["type"] in ("error", "closing"):
+                        codes.append(message.get("code"))
+            return codes, ws.close_code
+
+    codes, close_code = asyncio.run(attack())
+    assert codes[0] == "FRAME_TOO_LARGE" and "RATE_LIMITED" in codes
+    assert close_code == protocol.CloseCode.RATE_LIMITED
+
+    async def browser() -> int:
+        try:
+            await websockets.connect(
+                f"{secured_server.ws_url}/ws/register/victim",
+                origin="https://evil.example",
+                additional_headers={"Authorization": f"Bearer {legit.credential}"},
+            )
+        except websockets.InvalidStatus as refused:
+            return refused.response.status_code
+        return 101
+
+    assert asyncio.run(browser()) == 403  # even with the stolen credential in hand
+    assert snapshot("victim") == before and legit.state == "registered"
