@@ -44,4 +44,14 @@ def check_rendezvous_settings(app_configs: Any = None, **kwargs: Any) -> list[An
                 id="rendezvous.E003",
             )
         )
+    for entry in config["STUN_SERVERS"]:
+        host, _, port = entry.rpartition(":")
+        if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+            problems.append(
+                Error(
+                    f"RENDEZVOUS_STUN_SERVERS entry {entry!r} is not host:port.",
+                    hint="e.g. RENDEZVOUS_STUN_SERVERS=stun1.example.com:3478,198.51.100.2:3479",
+                    id="rendezvous.E004",
+                )
+            )
     return problems

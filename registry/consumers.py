@@ -371,6 +371,9 @@ class RegisterConsumer(AsyncWebsocketConsumer):
             if self._pending is None:
                 self._pending = introductions.PendingIntroductions()
             if not self._pending.add(pending):
+                self._introduction_failed(
+                    pending, protocol.ConnectFailure.PEER_REFUSED, "too many pending"
+                )
                 await self._to_requester(
                     pending,
                     protocol.connect_failed(
@@ -399,11 +402,10 @@ class RegisterConsumer(AsyncWebsocketConsumer):
         if pending is None:
             raise protocol.InvalidField("no introduction pending under that id (expired?)")
 
-        def failure(code: protocol.ConnectFailure, reason: str) -> str:
-            metrics.introduction(code)
+        def failure(code: protocol.ConnectFailure, reason: str, *, for_me: bool) -> str:
             return protocol.connect_failed(
                 request_id=pending.request_id,
-                peer_id=self.worker_id,
+                peer_id=pending.requester_id if for_me else self.worker_id,
                 code=code,
                 reason=reason,
                 introduction_id=pending.introduction_id,
@@ -411,13 +413,16 @@ class RegisterConsumer(AsyncWebsocketConsumer):
 
         if isinstance(answer, protocol.IntroductionReject):
             reason = answer.reason or "the peer does not accept connections"
-            await self._to_requester(pending, failure(protocol.ConnectFailure.PEER_REFUSED, reason))
-            return protocol.punch_result_recorded(answer.introduction_id)
+            code = protocol.ConnectFailure.PEER_REFUSED
+            await self._to_requester(pending, failure(code, reason, for_me=False))
+            self._introduction_failed(pending, code, reason)
+            return protocol.introduction_rejected(answer.introduction_id)
         impossible = introductions.punch_impossible(pending.nat_mapping, answer.nat_mapping)
         if impossible:
-            frame = failure(protocol.ConnectFailure.PUNCH_IMPOSSIBLE, impossible)
-            await self._to_requester(pending, frame)
-            return frame
+            code = protocol.ConnectFailure.PUNCH_IMPOSSIBLE
+            await self._to_requester(pending, failure(code, impossible, for_me=False))
+            self._introduction_failed(pending, code, impossible)
+            return failure(code, impossible, for_me=True)
         for_requester, for_me = introductions.introductions(
             pending, answer, target_id=self.worker_id, now=time.time()
         )
@@ -430,6 +435,19 @@ class RegisterConsumer(AsyncWebsocketConsumer):
             pending.requester_id,
         )
         return for_me
+
+    def _introduction_failed(
+        self, pending: introductions.Pending, code: protocol.ConnectFailure, reason: str
+    ) -> None:
+        metrics.introduction(code)
+        log.info(
+            "worker=%s introduction=%s from %s failed: %s %s",
+            self.worker_id,
+            pending.introduction_id,
+            pending.requester_id,
+            code,
+            reason,
+        )
 
     async def _to_requester(self, pending: introductions.Pending, frame: str) -> None:
         await get_runtime().send_command(

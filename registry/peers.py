@@ -22,6 +22,9 @@ from registry.models import decode_tags
 log = logging.getLogger("registry.peers")
 
 GROUP = "rendezvous.peers"
+# Group membership expires (channels-redis group_expiry, a day by default): renew it this often
+# while this instance has subscribers.
+RENEW_EVERY = 3600.0
 EVENTS = "peers.events"  # the group message type (runtime._listen routes it here)
 FLUSH_DELAY = 0.05
 JOINED = "joined"
@@ -44,6 +47,7 @@ class PeerHub:
         self._subscriptions: dict[int, Subscription] = {}
         self._pending: list[dict[str, Any]] = []
         self._flush_scheduled = False
+        self._renewing = False
 
     # ---- subscribers on this instance ------------------------------------------------------------
 
@@ -52,6 +56,18 @@ class PeerHub:
         # re-adding is idempotent.
         await get_channel_layer().group_add(GROUP, self.channel_name)
         self._subscriptions[connection_id] = subscription
+        if not self._renewing:
+            self._renewing = True
+            self._spawn(self._renew(), what="peer group renewal")
+
+    async def _renew(self) -> None:
+        try:
+            while self._subscriptions:
+                await asyncio.sleep(RENEW_EVERY)
+                if self._subscriptions:
+                    await get_channel_layer().group_add(GROUP, self.channel_name)
+        finally:
+            self._renewing = False
 
     def unsubscribe(self, connection_id: int) -> bool:
         return self._subscriptions.pop(connection_id, None) is not None

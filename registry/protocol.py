@@ -66,6 +66,7 @@ class ServerMessageType(StrEnum):
     CONNECT_FAILED = "connect_failed"
     INTRODUCTION_REQUEST = "introduction_request"
     INTRODUCTION = "introduction"
+    INTRODUCTION_REJECTED = "introduction_rejected"
     PUNCH_RESULT_RECORDED = "punch_result_recorded"
 
 
@@ -704,6 +705,12 @@ def introduction(
             "start_at": start_at,
             "role": role,
         }
+    )
+
+
+def introduction_rejected(introduction_id: str) -> str:
+    return encode(
+        {"type": ServerMessageType.INTRODUCTION_REJECTED, "introduction_id": introduction_id}
     )
 
 

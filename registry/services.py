@@ -168,6 +168,11 @@ def _register_round(
         current_connection_id=Subquery(newest.values("id")[:1]),
         observed_ip=Subquery(newest.values("observed_ip")[:1]),
         observed_port=Subquery(newest.values("observed_port")[:1]),
+        # A NAT report describes one connection's network: the new one reports its own.
+        nat_mapping="",
+        udp_ip=None,
+        udp_port=None,
+        nat_reported_at=None,
     )
     registrations = []
     opened = iter(connections)

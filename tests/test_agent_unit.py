@@ -89,6 +89,7 @@ def test_the_server_parses_every_frame_the_agent_builds() -> None:
         wire.nat_report(cone, ("198.51.100.7", 4000)): protocol.NatReport(cone, endpoint),
         wire.list_peers(request_id="r", tag="gpu"): protocol.ListPeers("gpu", "r"),
         wire.subscribe_peers(): protocol.SubscribePeers(None),
+        wire.unsubscribe_peers(): protocol.UnsubscribePeers(),
         wire.connect_request(
             peer_id="b", request_id="r", endpoints=[("198.51.100.7", 4000)], nat_mapping=cone
         ): protocol.ConnectRequest("b", "r", (endpoint,), cone),

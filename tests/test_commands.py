@@ -75,3 +75,15 @@ def test_ensure_local_admin_creates_one_superuser_and_prints_its_password_once()
     assert (
         "created superuser" not in second.getvalue() and "password was printed" in second.getvalue()
     )
+
+
+@pytest.mark.parametrize(
+    ("servers", "problems"),
+    [(["stun.example.com:3478", "[2001:db8::1]:3479"], []), (["stun.example.com"], ["E004"])],
+)
+def test_stun_servers_must_be_host_and_port(settings, servers, problems) -> None:
+    from registry.checks import check_rendezvous_settings
+
+    settings.RENDEZVOUS = {**settings.RENDEZVOUS, "STUN_SERVERS": servers}
+    found = [p.id for p in check_rendezvous_settings() if p.id == "rendezvous.E004"]
+    assert found == [f"rendezvous.{p}" for p in problems]

@@ -186,7 +186,7 @@ async def test_a_refusing_peer_makes_the_request_fail_with_its_reason() -> None:
     }
     await ask(a, request)
     asked = await b.receive_json_from(timeout=3)
-    await ask(
+    acknowledged = await ask(
         b,
         {
             "type": "introduction_reject",
@@ -194,6 +194,10 @@ async def test_a_refusing_peer_makes_the_request_fail_with_its_reason() -> None:
             "reason": "busy",
         },
     )
+    assert acknowledged == {
+        "type": "introduction_rejected",
+        "introduction_id": asked["introduction_id"],
+    }
     failed = await a.receive_json_from(timeout=3)
     assert (failed["type"], failed["code"], failed["reason"]) == (
         "connect_failed",
@@ -319,3 +323,43 @@ async def test_the_api_shows_the_nat_report(async_client) -> None:
     assert body["nat"]["udp_endpoint"] == {"ip": "198.51.100.1", "port": 5000}
     assert body["nat"]["reported_at"]
     await comm.disconnect()
+
+
+async def test_a_new_connection_forgets_the_previous_nat_report() -> None:
+    first = await connected("a", 1)
+    await report_nat(first, SYMMETRIC, 5000)
+    await first.disconnect()
+    second = await connected("a", 2)
+    worker = await database_sync_to_async(Worker.objects.get)(id="a")
+    # Another network, maybe: a stale report must not refuse introductions (PUNCH_IMPOSSIBLE).
+    assert (worker.nat_mapping, worker.udp_ip, worker.udp_port) == ("", None, None)
+    await second.disconnect()
+
+
+async def test_the_requested_side_is_told_why_when_both_nats_are_symmetric() -> None:
+    a, b = await connected("a", 1), await connected("b", 2)
+    await ask(
+        a,
+        {
+            "type": "connect_request",
+            "peer_id": "b",
+            "request_id": "r",
+            "endpoints": endpoints(5000),
+            "nat_mapping": SYMMETRIC,
+        },
+    )
+    asked = await b.receive_json_from(timeout=3)
+    for_b = await ask(
+        b,
+        {
+            "type": "introduction_accept",
+            "introduction_id": asked["introduction_id"],
+            "endpoints": endpoints(6000),
+            "nat_mapping": SYMMETRIC,
+        },
+    )
+    for_a = await a.receive_json_from(timeout=3)
+    assert for_a["code"] == for_b["code"] == "PUNCH_IMPOSSIBLE"
+    assert (for_a["peer_id"], for_b["peer_id"]) == ("b", "a")  # each is told of the other
+    await a.disconnect()
+    await b.disconnect()

@@ -51,7 +51,7 @@ def test_two_agents_punch_a_path_and_exchange_datagrams_on_loopback(
 ) -> None:
     server = server_factory(env={"RENDEZVOUS_STUN_SERVERS": stun_servers}).start()
     accepted: queue.Queue[PeerPath] = queue.Queue()
-    b = agents(server.url, "b", on_peer=accepted.put)
+    b = agents(server.url, "b", on_peer=lambda agent, path: accepted.put(path))
     a = agents(server.url, "a")
     b.start()
     a.start()

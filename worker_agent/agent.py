@@ -26,7 +26,7 @@ import websocket
 from . import credentials, wire
 from .backoff import Backoff
 from .peering import DEFAULT_CONNECT_TIMEOUT as DEFAULT_PEER_CONNECT_TIMEOUT
-from .peering import DEFAULT_PUNCH_TIMEOUT, PeerCallback, PeerError, Peering
+from .peering import DEFAULT_PUNCH_TIMEOUT, PeerError, Peering
 from .policy import (
     DEFAULT_MAX_SUPERSEDED,
     DEFAULT_SUPERSEDED_DELAY,
@@ -51,6 +51,7 @@ CLOSE_GRACE = 3.0
 
 MessageCallback = Callable[["WorkerAgent", dict[str, Any]], None]
 StateCallback = Callable[["WorkerAgent", str, str], None]
+PeerCallback = Callable[["WorkerAgent", PeerPath], None]
 
 
 class AgentState(StrEnum):
@@ -211,7 +212,8 @@ class WorkerAgent:
             self._send_current,
             stun_servers=stun_servers,
             udp_host=udp_host,
-            on_peer=on_peer,
+            # Like every callback here, on_peer gets the agent first.
+            on_peer=(lambda path: on_peer(self, path)) if on_peer is not None else None,
             punch_timeout=punch_timeout,
         )
         self.on_message = on_message
@@ -386,9 +388,10 @@ class WorkerAgent:
         Blocks up to `timeout` (plus the punch itself); raises a `PeerError` subclass that says
         why there is none: PeerUnavailable, PeerRefused, PunchImpossible, PunchFailed, ...
         """
+        deadline = time.monotonic() + timeout
         if not self.wait_registered(timeout):
             raise PeerError("not registered with the rendezvous service")
-        return self.peering.connect(peer_id, timeout=timeout)
+        return self.peering.connect(peer_id, timeout=max(0.1, deadline - time.monotonic()))
 
     def list_peers(self, tag: str | None = None, timeout: float = 5.0) -> list[dict[str, Any]]:
         """Connected workers this one may connect to: id, tags, NAT mapping."""
@@ -399,6 +402,9 @@ class WorkerAgent:
     def subscribe_peers(self, tag: str | None = None) -> None:
         """`peer_joined` / `peer_left` frames to `on_message` from now on (kept on reconnect)."""
         self.peering.subscribe(tag)
+
+    def unsubscribe_peers(self) -> None:
+        self.peering.unsubscribe()
 
     def _send_current(self, frame: str) -> bool:
         with self._lock:

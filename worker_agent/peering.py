@@ -100,8 +100,13 @@ class Peering:
             self._send(wire.subscribe_peers(tag))
 
     def stun_servers(self) -> list[stun.Endpoint]:
-        texts = self._configured_stun or self._advertised_stun
-        return [stun.parse_endpoint(text) for text in texts]
+        servers = []
+        for text in self._configured_stun or self._advertised_stun:
+            try:
+                servers.append(stun.parse_endpoint(text))
+            except ValueError:
+                logger.warning("worker=%s: ignoring STUN server %r", self.worker_id, text)
+        return servers
 
     def report_nat(self) -> stun.NatReport | None:
         """Classify the NAT from a fresh socket and tell the service (admin, API, peer list)."""
@@ -133,6 +138,10 @@ class Peering:
         """Peer events (`peer_joined`, `peer_left`) from now on, renewed after reconnects."""
         self._subscription = (True, tag)
         self._send(wire.subscribe_peers(tag))
+
+    def unsubscribe(self) -> None:
+        self._subscription = (False, None)
+        self._send(wire.unsubscribe_peers())
 
     def connect(self, peer_id: str, *, timeout: float = DEFAULT_CONNECT_TIMEOUT) -> PeerPath:
         """A direct UDP path to `peer_id`, or a PeerError that says why there is none."""

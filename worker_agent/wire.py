@@ -63,6 +63,7 @@ class ServerMessageType(StrEnum):
     CONNECT_FAILED = "connect_failed"
     INTRODUCTION_REQUEST = "introduction_request"
     INTRODUCTION = "introduction"
+    INTRODUCTION_REJECTED = "introduction_rejected"
     PUNCH_RESULT_RECORDED = "punch_result_recorded"
 
 
@@ -207,6 +208,10 @@ def list_peers(*, request_id: str, tag: str | None = None) -> str:
 
 def subscribe_peers(tag: str | None = None) -> str:
     return encode({"type": ClientMessageType.SUBSCRIBE_PEERS, "tag": tag})
+
+
+def unsubscribe_peers() -> str:
+    return encode({"type": ClientMessageType.UNSUBSCRIBE_PEERS})
 
 
 def connect_request(

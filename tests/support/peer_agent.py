@@ -21,7 +21,7 @@ import time
 from worker_agent import PeerError, PeerPath, WorkerAgent
 
 
-def echo(path: PeerPath) -> None:
+def echo(agent: WorkerAgent, path: PeerPath) -> None:
     def serve() -> None:
         with path:
             while True:
