@@ -184,9 +184,7 @@ class RegisterConsumer(AsyncWebsocketConsumer):
         grant = None
         if settings.RENDEZVOUS["SECURITY_MODE"] == enrolment.SECURED:
             bearer = tokens.bearer_token(self.scope.get("headers", []))
-            grant = await database_sync_to_async(enrolment.authenticate)(
-                worker_id=self.worker_id, bearer=bearer
-            )
+            grant = await runtime.authentications.submit((self.worker_id, bearer))
         if grant is None:
             registration = await runtime.registrations.submit(request)
         else:

@@ -9,7 +9,7 @@ See docs/security.md.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -72,36 +72,77 @@ def authenticate(
 
     None: it presented the id's credential. An Enrolment: the id is unbound and it presented a
     usable enrolment key (nothing is written yet; `enrol_and_register` binds). Otherwise
-    AuthenticationFailed. Read-only, so the common case (a reconnect) costs one query.
+    AuthenticationFailed. Read-only.
     """
+    outcome = authenticate_many([(worker_id, bearer)], now=now)[0]
+    if isinstance(outcome, AuthenticationFailed):
+        raise outcome
+    return outcome
+
+
+Outcome = Enrolment | None | AuthenticationFailed
+
+
+def authenticate_many(
+    requests: Sequence[tuple[str, str | None]], *, now: datetime | None = None
+) -> list[Outcome]:
+    """`authenticate` for a batch of handshakes, in two queries at most whatever its size (the
+    runtime coalesces handshakes like registrations). Refusals are returned, not raised, so
+    one bad handshake cannot fail its neighbours."""
     now = now or timezone.now()
-    row = Worker.objects.filter(id=worker_id).values("credential_digest", "disabled_at").first()
-    if row and row["disabled_at"] is not None:
-        raise WorkerDisabled(protocol.CLOSE_REASONS[protocol.CloseCode.WORKER_DISABLED])
+    rows = {
+        worker_id: (digest, disabled_at)
+        for worker_id, digest, disabled_at in Worker.objects.filter(
+            id__in={worker_id for worker_id, _ in requests}
+        ).values_list("id", "credential_digest", "disabled_at")
+    }
+    key_digests = {
+        tokens.digest(bearer)
+        for worker_id, bearer in requests
+        if bearer
+        and not rows.get(worker_id, ("", None))[0]
+        and tokens.kind_of(bearer) is tokens.Kind.ENROLMENT_KEY
+    }
+    keys = (
+        {key.digest: key for key in EnrolmentKey.objects.filter(digest__in=key_digests)}
+        if key_digests
+        else {}
+    )
+    return [_authenticate_one(worker_id, bearer, rows, keys, now) for worker_id, bearer in requests]
+
+
+def _authenticate_one(
+    worker_id: str,
+    bearer: str | None,
+    rows: dict[str, tuple[str, datetime | None]],
+    keys: dict[str, EnrolmentKey],
+    now: datetime,
+) -> Outcome:
+    digest, disabled_at = rows.get(worker_id, ("", None))
+    if disabled_at is not None:
+        return WorkerDisabled(protocol.CLOSE_REASONS[protocol.CloseCode.WORKER_DISABLED])
     kind = tokens.kind_of(bearer) if bearer else None
-    if row and row["credential_digest"]:
-        if kind is tokens.Kind.WORKER_CREDENTIAL and tokens.matches(
-            bearer or "", row["credential_digest"]
-        ):
+    if digest:
+        if kind is tokens.Kind.WORKER_CREDENTIAL and tokens.matches(bearer or "", digest):
             return None
-        raise AuthenticationFailed(
+        return AuthenticationFailed(
             "this worker id is enrolled: present its credential (Authorization: Bearer)",
             f"credential missing or wrong (presented {_describe(bearer)})",
         )
     if bearer is None:
-        raise AuthenticationFailed(
+        return AuthenticationFailed(
             "an enrolment key is required (Authorization: Bearer)", "no credential presented"
         )
     if kind is not tokens.Kind.ENROLMENT_KEY:
-        raise AuthenticationFailed(
+        return AuthenticationFailed(
             "invalid enrolment key", f"not an enrolment key (presented {_describe(bearer)})"
         )
-    key = EnrolmentKey.objects.filter(digest=tokens.digest(bearer)).first()
+    key = keys.get(tokens.digest(bearer))
     if key is None:
-        raise AuthenticationFailed("invalid enrolment key", f"unknown key {_describe(bearer)}")
+        return AuthenticationFailed("invalid enrolment key", f"unknown key {_describe(bearer)}")
     state = key.state(now)
     if state != "usable":
-        raise AuthenticationFailed(f"enrolment key {state}", f"key {key.prefix}… is {state}")
+        return AuthenticationFailed(f"enrolment key {state}", f"key {key.prefix}… is {state}")
     return Enrolment(
         key_id=key.pk,
         key_prefix=key.prefix,

@@ -88,6 +88,10 @@ class InstanceRuntime:
         self.registrations: Coalescer[services.RegistrationRequest, services.Registration] = (
             Coalescer(self._write_registrations, name="registrations")
         )
+        # Secured mode: the credential checks of many handshakes, in one query per batch.
+        self.authentications: Coalescer[tuple[str, str | None], enrolment.Outcome] = Coalescer(
+            lambda requests: enrolment.authenticate_many(requests), name="authentications"
+        )
         self.closes: Coalescer[services.CloseRequest, bool] = Coalescer(
             services.close_connections, name="closes", max_batch=2000
         )
