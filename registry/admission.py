@@ -12,6 +12,7 @@ decays, which turns guessing keys into a trickle and keeps its cost off the data
 
 from __future__ import annotations
 
+import ipaddress
 import time
 from collections.abc import Callable
 
@@ -19,6 +20,18 @@ from registry.ratelimit import TokenBucket
 
 # Forget an address's handshake bucket after this long without a handshake.
 IDLE_BUCKET_SECONDS = 120.0
+# Addresses whose failed authentications are remembered at most (the oldest are forgotten).
+MAX_TRACKED_FAILURES = 100_000
+
+
+def throttle_subject(address: str | None) -> str | None:
+    """Whom a failure counts against: the address, or for IPv6 its /64, which one host holds."""
+    if address is None or ":" not in address:
+        return address
+    try:
+        return str(ipaddress.ip_network(f"{address}/64", strict=False))
+    except ValueError:
+        return address
 
 
 class Admission:
@@ -46,7 +59,7 @@ class Admission:
         """Why a new connection from `address` must be refused now, or None to admit it."""
         if self.max_total and self.total >= self.max_total:
             return "this instance holds its maximum of connections"
-        failures = self._failures.get(address)
+        failures = self._failures.get(throttle_subject(address))
         if failures is not None and not failures[0].peek():
             return "too many failed authentications from your address"
         if address is None:
@@ -74,6 +87,10 @@ class Admission:
             return
         now = self._clock()
         self._prune(now)
+        address = throttle_subject(address)
+        if address not in self._failures and len(self._failures) >= MAX_TRACKED_FAILURES:
+            oldest = sorted(self._failures.items(), key=lambda item: item[1][1])
+            self._failures = dict(oldest[MAX_TRACKED_FAILURES // 2 :])
         entry = self._failures.get(address)
         bucket = (
             entry[0]

@@ -50,6 +50,8 @@ class RegisterConsumer(AsyncWebsocketConsumer):
     tags: str = ""
     connection_id: int | None = None
     _pending: introductions.PendingIntroductions | None = None
+    _introduction_bucket: TokenBucket | None = None
+    _confirm_credential = False
     _server_close_code: int | None = None
     _last_heartbeat: float | None = None
 
@@ -185,6 +187,9 @@ class RegisterConsumer(AsyncWebsocketConsumer):
         if settings.RENDEZVOUS["SECURITY_MODE"] == enrolment.SECURED:
             bearer = tokens.bearer_token(self.scope.get("headers", []))
             grant = await runtime.authentications.submit((self.worker_id, bearer))
+        if grant is enrolment.UNCONFIRMED:
+            self._confirm_credential = True  # presenting it proves the worker has it
+            grant = None
         if grant is None:
             registration = await runtime.registrations.submit(request)
         else:
@@ -193,6 +198,8 @@ class RegisterConsumer(AsyncWebsocketConsumer):
             raise enrolment.WorkerDisabled(
                 protocol.CLOSE_REASONS[protocol.CloseCode.WORKER_DISABLED], "worker is disabled"
             )
+        if grant is not None:
+            self._confirm_credential = True  # at its first frame after the welcome
         return registration, grant.credential.secret if grant else None
 
     @staticmethod
@@ -211,6 +218,11 @@ class RegisterConsumer(AsyncWebsocketConsumer):
             return
         self.rate_limited_streak = False
         try:
+            if self._confirm_credential:
+                await database_sync_to_async(enrolment.confirm_credential)(
+                    connection_id=self.connection_id
+                )
+                self._confirm_credential = False
             if text_data is None:
                 raise protocol.BinaryNotSupported("binary frames are not part of the protocol")
             message = protocol.parse_client_message(text_data, max_bytes=self.max_frame_bytes)
@@ -233,6 +245,14 @@ class RegisterConsumer(AsyncWebsocketConsumer):
             )
             reply = protocol.error(exc)
             metrics.protocol_error(exc.code)
+        except Exception:
+            # The channel layer away (Redis), a full channel: this frame fails, the connection
+            # stays. Escaping here would end the consumer without its disconnect clean-up.
+            log.exception(
+                "worker=%s connection=%s frame failed", self.worker_id, self.connection_id
+            )
+            reply = protocol.error(protocol.Unavailable("service busy; send it again later"))
+            metrics.protocol_error(protocol.ErrorCode.UNAVAILABLE)
         await self.send(reply)
 
     async def handle(self, message: protocol.ClientMessage) -> str:
@@ -322,6 +342,15 @@ class RegisterConsumer(AsyncWebsocketConsumer):
 
         if request.peer_id == self.worker_id:
             return failed(protocol.ConnectFailure.NOT_YOURSELF, "a worker cannot reach itself")
+        if self._introduction_bucket is None:
+            self._introduction_bucket = TokenBucket(
+                rate=introductions.REQUEST_RATE, burst=introductions.REQUEST_BURST
+            )
+        if not self._introduction_bucket.take():
+            return failed(
+                protocol.ConnectFailure.RATE_LIMITED,
+                f"at most {introductions.REQUEST_RATE:g} connect request a second; slow down",
+            )
         target = await database_sync_to_async(selectors.peer_target)(request.peer_id)
         if target is None:
             return failed(
@@ -500,7 +529,10 @@ class RegisterConsumer(AsyncWebsocketConsumer):
             # Only now: until the close is written, reconciliation must see this socket as held,
             # or it would record the row as lost (1006) over the true code.
             runtime.detach(self.connection_id)
-        if ended:
+        # Ended here, or already by whoever asked the server to close (an operator, a ban,
+        # housekeeping): either way the worker is gone, unless a newer connection took over.
+        gone = ended or (by_server and final_code != protocol.CloseCode.SUPERSEDED)
+        if gone:
             runtime.peers.left(self.worker_id, self.tags)
         log.info(
             "worker=%s connection=%s closed code=%s (%s)%s",
@@ -508,7 +540,7 @@ class RegisterConsumer(AsyncWebsocketConsumer):
             self.connection_id,
             final_code,
             reason,
-            "" if ended else ", worker still held by a newer connection",
+            "" if gone else ", worker still held by a newer connection",
         )
 
     async def send(

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from django.db import transaction
-from django.db.models import F
+from django.db.models import F, Q
 from django.utils import timezone
 
 from registry import protocol, services, tokens
@@ -63,6 +63,20 @@ class Enrolment:
     credential: tokens.Issued
     tags: str
     ephemeral: bool
+    # The id's enrolment with this same key never reached its worker (no frame came back after
+    # the welcome): enrol it again, without spending the key a second time.
+    again: bool = False
+
+
+class _Unconfirmed:
+    """The credential matched, but its enrolling connection never confirmed it: the
+    connection that presents it now confirms it."""
+
+    def __repr__(self) -> str:
+        return "UNCONFIRMED"
+
+
+UNCONFIRMED = _Unconfirmed()
 
 
 def authenticate(
@@ -77,10 +91,10 @@ def authenticate(
     outcome = authenticate_many([(worker_id, bearer)], now=now)[0]
     if isinstance(outcome, AuthenticationFailed):
         raise outcome
-    return outcome
+    return None if outcome is UNCONFIRMED else outcome  # type: ignore[return-value]
 
 
-Outcome = Enrolment | None | AuthenticationFailed
+Outcome = Enrolment | _Unconfirmed | None | AuthenticationFailed
 
 
 def authenticate_many(
@@ -91,17 +105,17 @@ def authenticate_many(
     one bad handshake cannot fail its neighbours."""
     now = now or timezone.now()
     rows = {
-        worker_id: (digest, disabled_at)
-        for worker_id, digest, disabled_at in Worker.objects.filter(
-            id__in={worker_id for worker_id, _ in requests}
-        ).values_list("id", "credential_digest", "disabled_at")
+        row[0]: _Row(*row[1:])
+        for row in Worker.objects.filter(id__in={worker_id for worker_id, _ in requests})
+        .values_list(
+            "id", "credential_digest", "disabled_at", "credential_confirmed_at", "enrolled_with_id"
+        )
+        .iterator()
     }
     key_digests = {
         tokens.digest(bearer)
         for worker_id, bearer in requests
-        if bearer
-        and not rows.get(worker_id, ("", None))[0]
-        and tokens.kind_of(bearer) is tokens.Kind.ENROLMENT_KEY
+        if bearer and tokens.kind_of(bearer) is tokens.Kind.ENROLMENT_KEY
     }
     keys = (
         {key.digest: key for key in EnrolmentKey.objects.filter(digest__in=key_digests)}
@@ -111,20 +125,36 @@ def authenticate_many(
     return [_authenticate_one(worker_id, bearer, rows, keys, now) for worker_id, bearer in requests]
 
 
+@dataclass(frozen=True, slots=True)
+class _Row:
+    digest: str = ""
+    disabled_at: datetime | None = None
+    confirmed_at: datetime | None = None
+    enrolled_with_id: int | None = None
+
+
 def _authenticate_one(
     worker_id: str,
     bearer: str | None,
-    rows: dict[str, tuple[str, datetime | None]],
+    rows: dict[str, _Row],
     keys: dict[str, EnrolmentKey],
     now: datetime,
 ) -> Outcome:
-    digest, disabled_at = rows.get(worker_id, ("", None))
-    if disabled_at is not None:
+    row = rows.get(worker_id, _Row())
+    if row.disabled_at is not None:
         return WorkerDisabled(protocol.CLOSE_REASONS[protocol.CloseCode.WORKER_DISABLED])
     kind = tokens.kind_of(bearer) if bearer else None
-    if digest:
-        if kind is tokens.Kind.WORKER_CREDENTIAL and tokens.matches(bearer or "", digest):
-            return None
+    if row.digest:
+        if kind is tokens.Kind.WORKER_CREDENTIAL and tokens.matches(bearer or "", row.digest):
+            return UNCONFIRMED if row.confirmed_at is None else None
+        key = keys.get(tokens.digest(bearer)) if kind is tokens.Kind.ENROLMENT_KEY else None
+        if (
+            key is not None
+            and row.confirmed_at is None
+            and key.pk == row.enrolled_with_id
+            and key.state(now) in ("usable", "used")
+        ):
+            return _grant(key, again=True)
         return AuthenticationFailed(
             "this worker id is enrolled: present its credential (Authorization: Bearer)",
             f"credential missing or wrong (presented {_describe(bearer)})",
@@ -143,12 +173,17 @@ def _authenticate_one(
     state = key.state(now)
     if state != "usable":
         return AuthenticationFailed(f"enrolment key {state}", f"key {key.prefix}… is {state}")
+    return _grant(key)
+
+
+def _grant(key: EnrolmentKey, *, again: bool = False) -> Enrolment:
     return Enrolment(
         key_id=key.pk,
         key_prefix=key.prefix,
         credential=tokens.issue(tokens.Kind.WORKER_CREDENTIAL),
         tags=key.tags,
         ephemeral=key.ephemeral,
+        again=again,
     )
 
 
@@ -166,11 +201,13 @@ def enrol_and_register(
     """
     now = now or timezone.now()
     with transaction.atomic():
-        spent = (
-            EnrolmentKey.objects.usable(now)
-            .filter(pk=enrolment.key_id)
-            .update(use_count=F("use_count") + 1, last_used_at=now)
-        )
+        keys = EnrolmentKey.objects.filter(pk=enrolment.key_id)
+        if enrolment.again:  # the same enrolment once more: the key is not spent again
+            spent = keys.filter(revoked_at__isnull=True, expires_at__gt=now).update(
+                last_used_at=now
+            )
+        else:
+            spent = keys.usable(now).update(use_count=F("use_count") + 1, last_used_at=now)
         if not spent:
             raise AuthenticationFailed(
                 "enrolment key no longer usable", f"key {enrolment.key_prefix}… spent meanwhile"
@@ -178,12 +215,16 @@ def enrol_and_register(
         Worker.objects.bulk_create(
             [Worker(id=request.worker_id, first_seen=now, last_seen=now)], ignore_conflicts=True
         )
+        unbound = Q(credential_digest="")
+        if enrolment.again:
+            unbound = Q(credential_confirmed_at__isnull=True, enrolled_with_id=enrolment.key_id)
         bound = Worker.objects.filter(
-            id=request.worker_id, credential_digest="", disabled_at__isnull=True
+            unbound, id=request.worker_id, disabled_at__isnull=True
         ).update(
             credential_digest=enrolment.credential.digest,
             credential_prefix=enrolment.credential.display_prefix,
             credential_issued_at=now,
+            credential_confirmed_at=None,
             enrolled_with_id=enrolment.key_id,
             tags=enrolment.tags,
             ephemeral=enrolment.ephemeral,
@@ -194,6 +235,17 @@ def enrol_and_register(
                 "id bound by another enrolment meanwhile",
             )
         return services.register_connections([request], instance_id=instance_id, now=now)[0]
+
+
+def confirm_credential(*, connection_id: int, now: datetime | None = None) -> bool:
+    """The worker holding `connection_id` has its credential (it spoke after its welcome)."""
+    return bool(
+        Worker.objects.filter(
+            current_connection_id=connection_id, credential_confirmed_at__isnull=True
+        )
+        .exclude(credential_digest="")
+        .update(credential_confirmed_at=now or timezone.now())
+    )
 
 
 def _describe(bearer: str | None) -> str:
@@ -266,7 +318,10 @@ def enable_workers(worker_ids: Iterable[str]) -> int:
 def forget_credentials(worker_ids: Iterable[str]) -> int:
     """Unbind the ids' credentials: the next holder of a usable key may enrol them again."""
     return Worker.objects.filter(id__in=list(worker_ids)).update(
-        credential_digest="", credential_prefix="", credential_issued_at=None
+        credential_digest="",
+        credential_prefix="",
+        credential_issued_at=None,
+        credential_confirmed_at=None,
     )
 
 

@@ -23,6 +23,10 @@ PENDING_TTL = 30.0
 # frames to reach two instances and two agents.
 START_LEAD = 0.5
 MAX_PENDING = 32  # per connection: a worker cannot be made to hold unbounded state
+# Connect requests per connection: a burst, then one a second. Each makes the peer's agent open
+# a socket and probe, so a worker must not be able to set many peers probing at once.
+REQUEST_RATE = 1.0
+REQUEST_BURST = 5
 KEY_BYTES = 32
 
 ROLE_INITIATOR = "initiator"

@@ -81,7 +81,7 @@ class RedisChannelLayer(ChannelsRedisChannelLayer):
     async def _once_more(self, operation: Callable[..., Any], *args: Any) -> None:
         try:
             await operation(*args)
-        except (RedisConnectionError, RedisTimeoutError) as exc:
+        except RedisConnectionError as exc:  # not a timeout: the first may have been delivered
             log.info("channel layer: %s; trying once more on a fresh connection", exc)
             await operation(*args)
 

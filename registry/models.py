@@ -17,12 +17,21 @@ from registry import protocol
 TAG_SEPARATOR = ","
 
 
+TAGS_MAX_LENGTH = 1000
+
+
 def encode_tags(tags: Iterable[str]) -> str:
-    clean = sorted(set(tags))
+    """Tags are case-insensitive, stored in lower case: the same match on every database."""
+    clean = sorted({tag.lower() for tag in tags})
     for tag in clean:
         if not protocol.is_valid_tag(tag):
             raise ValidationError(f"{tag!r} is not a valid tag ({protocol.TAG_RULE})")
-    return f"{TAG_SEPARATOR}{TAG_SEPARATOR.join(clean)}{TAG_SEPARATOR}" if clean else ""
+    encoded = f"{TAG_SEPARATOR}{TAG_SEPARATOR.join(clean)}{TAG_SEPARATOR}" if clean else ""
+    if len(encoded) > TAGS_MAX_LENGTH:
+        raise ValidationError(
+            f"too many tags: {len(encoded)} characters, at most {TAGS_MAX_LENGTH}"
+        )
+    return encoded
 
 
 def decode_tags(stored: str) -> list[str]:
@@ -31,7 +40,7 @@ def decode_tags(stored: str) -> list[str]:
 
 def tag_lookup(tag: str) -> str:
     """The `tags__contains` argument that finds exactly `tag`."""
-    return f"{TAG_SEPARATOR}{tag}{TAG_SEPARATOR}"
+    return f"{TAG_SEPARATOR}{tag.lower()}{TAG_SEPARATOR}"
 
 
 class ServerInstanceQuerySet(models.QuerySet["ServerInstance"]):
@@ -115,6 +124,9 @@ class Worker(models.Model):
     credential_digest = models.CharField(max_length=64, blank=True, editable=False)
     credential_prefix = models.CharField(max_length=16, blank=True, editable=False)
     credential_issued_at = models.DateTimeField(null=True, blank=True, editable=False)
+    # Set at the first frame the enrolling connection sends after its welcome: the worker has
+    # its credential. Until then the same key may enrol the id again (a lost welcome).
+    credential_confirmed_at = models.DateTimeField(null=True, blank=True, editable=False)
     enrolled_with = models.ForeignKey(
         "EnrolmentKey",
         null=True,

@@ -101,10 +101,10 @@ class PeerHub:
     async def dispatch(self, events: list[dict[str, Any]]) -> int:
         """Send each subscriber the events it asked for. Returns how many frames were sent."""
         sent = 0
+        frames = [_frame(event) for event in events]  # encoded once, for every subscriber
         for subscription in list(self._subscriptions.values()):
-            for event in events:
-                frame = _frame_for(subscription, event)
-                if frame is None:
+            for event, frame in zip(events, frames, strict=True):
+                if frame is None or not _wanted(subscription, event):
                     continue
                 try:
                     await subscription.send(frame)
@@ -114,15 +114,18 @@ class PeerHub:
         return sent
 
 
-def _frame_for(subscription: Subscription, event: dict[str, Any]) -> str | None:
+def _frame(event: dict[str, Any]) -> str | None:
     worker_id = event.get("worker_id")
-    if not isinstance(worker_id, str) or worker_id == subscription.worker_id:
-        return None
-    tags = decode_tags(event.get("tags") or "")
-    if subscription.tag is not None and subscription.tag not in tags:
+    if not isinstance(worker_id, str):
         return None
     if event.get("event") == JOINED:
-        return protocol.peer_joined(worker_id, tags)
+        return protocol.peer_joined(worker_id, decode_tags(event.get("tags") or ""))
     if event.get("event") == LEFT:
         return protocol.peer_left(worker_id)
     return None
+
+
+def _wanted(subscription: Subscription, event: dict[str, Any]) -> bool:
+    if event.get("worker_id") == subscription.worker_id:
+        return False  # nobody is told about itself
+    return subscription.tag is None or subscription.tag in decode_tags(event.get("tags") or "")

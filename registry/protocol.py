@@ -23,7 +23,7 @@ WORKER_ID_MAX_LENGTH = 128
 _WORKER_ID_RE = re.compile(rf"\A{WORKER_ID_PATTERN}\Z")
 
 # Tags (copied from an enrolment key onto the workers it enrols; peers are filtered by them).
-TAG_RULE = "1-64 characters of A-Z a-z 0-9 . _ - starting with a letter or digit"
+TAG_RULE = "1-64 characters of A-Z a-z 0-9 . _ - starting with a letter or digit (case-insensitive)"
 _TAG_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
 
 # Frames above this many bytes of UTF-8 are refused with FRAME_TOO_LARGE; the connection stays.
@@ -85,6 +85,7 @@ class ConnectFailure(StrEnum):
     PEER_REFUSED = "PEER_REFUSED"  # the peer does not accept connections
     PUNCH_IMPOSSIBLE = "PUNCH_IMPOSSIBLE"  # both NATs are endpoint-dependent: no direct path
     NOT_YOURSELF = "NOT_YOURSELF"  # a worker asked to reach itself
+    RATE_LIMITED = "RATE_LIMITED"  # more connect requests than INTRODUCTION_RATE allows
 
 
 class CloseCode(IntEnum):
@@ -383,7 +384,7 @@ def _optional_tag(data: dict[str, Any]) -> str | None:
         return None
     if not is_valid_tag(tag):
         raise InvalidField(f"'tag' must be {TAG_RULE}")
-    return tag
+    return tag.lower()  # tags are case-insensitive
 
 
 def _request_id(data: dict[str, Any], *, required: bool) -> str | None:

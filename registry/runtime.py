@@ -183,7 +183,8 @@ class InstanceRuntime:
                 continue
             kind = message.get("type", "")
             if kind == PEER_EVENTS:
-                await self.peers.dispatch(message.get("events") or [])
+                # In the background: supersedes and bans must not queue behind a fan-out.
+                self.spawn(self.peers.dispatch(message.get("events") or []), what="peer events")
                 continue
             code = COMMAND_CLOSE_CODES.get(kind)
             local = self._sockets.get(message.get("connection_id"))  # type: ignore[arg-type]

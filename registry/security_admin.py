@@ -17,7 +17,7 @@ from django.utils.safestring import SafeString
 
 from registry import api_access, enrolment, protocol
 from registry.admin import ago, badge
-from registry.models import ApiToken, EnrolmentKey
+from registry.models import ApiToken, EnrolmentKey, encode_tags
 
 EXPIRY_CHOICES = [
     ("3600", "1 hour"),
@@ -48,6 +48,7 @@ class EnrolmentKeyForm(forms.ModelForm):
         bad = [t for t in tags if not protocol.is_valid_tag(t)]
         if bad:
             raise ValidationError(f"not valid tags: {', '.join(bad)} ({protocol.TAG_RULE})")
+        encode_tags(tags)  # the total length too
         return tags
 
 

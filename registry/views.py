@@ -107,6 +107,7 @@ def worker_list(request: HttpRequest) -> JsonResponse:
     tag = request.GET.get("tag") or None
     if tag is not None and not protocol.is_valid_tag(tag):
         return json_error(400, f"'tag' must be {protocol.TAG_RULE}")
+    tag = tag.lower() if tag else None
     status = WorkerStatus(status_param) if status_param else None
     result = selectors.list_workers(status=status, page=page, page_size=page_size, tag=tag)
     if page > result.num_pages:

@@ -84,3 +84,17 @@ async def test_a_refused_connection_gets_4008_and_leaves_no_row() -> None:
         assert await second.receive_output() == {"type": "websocket.close", "code": 4008}
         assert not await Worker.objects.filter(id="two").aexists()
         await first.disconnect()
+
+
+def test_failed_authentications_count_against_an_ipv6_hosts_whole_64() -> None:
+    from registry.admission import Admission
+
+    admission = Admission(
+        max_total=0, max_per_address=0, handshake_rate=0, auth_failures_per_minute=3
+    )
+    for n in range(3):
+        admission.authentication_failed(f"2001:db8:1:2::{n + 1}")  # rotating within one /64
+    assert admission.refusal("2001:db8:1:2::ffff") == (
+        "too many failed authentications from your address"
+    )
+    assert admission.refusal("2001:db8:1:3::1") is None  # the next /64 is someone else

@@ -363,3 +363,21 @@ async def test_the_requested_side_is_told_why_when_both_nats_are_symmetric() -> 
     assert (for_a["peer_id"], for_b["peer_id"]) == ("b", "a")  # each is told of the other
     await a.disconnect()
     await b.disconnect()
+
+
+async def test_connect_requests_beyond_the_burst_are_refused_without_bothering_the_peer() -> None:
+    a, b = await connected("a", 1), await connected("b", 2)
+    request = {
+        "type": "connect_request",
+        "peer_id": "b",
+        "endpoints": endpoints(5000),
+        "nat_mapping": CONE,
+    }
+    codes = [(await ask(a, {**request, "request_id": f"r{n}"})).get("code") for n in range(7)]
+    assert codes[:5] == [None] * 5  # connect_pending
+    assert codes[5:] == ["RATE_LIMITED"] * 2
+    asked = [await b.receive_json_from(timeout=3) for _ in range(5)]
+    assert {m["type"] for m in asked} == {"introduction_request"}
+    assert await b.receive_nothing(timeout=0.2)
+    await a.disconnect()
+    await b.disconnect()

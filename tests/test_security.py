@@ -411,3 +411,55 @@ def test_the_default_mode_follows_debug() -> None:
     assert mode({}) == "secured"
     assert mode({"DEBUG": "1"}) == "open"
     assert mode({"RENDEZVOUS_SECURITY_MODE": "open"}) == "open"
+
+
+# ---- a lost welcome ---------------------------------------------------------------------------
+
+
+@pytest.mark.django_db
+def test_an_enrolment_whose_welcome_was_lost_can_be_redone_with_the_same_key_only(
+    runtime: InstanceRuntime,
+) -> None:
+    instance = runtime.ensure_registered()
+    key = new_key()  # single-use
+    first = enrolment.authenticate(worker_id="w1", bearer=key)
+    registration = enrolment.enrol_and_register(
+        first, services.RegistrationRequest("w1", "c", None, None), instance_id=instance
+    )
+    # The welcome never arrived: the worker comes back with its key, not a credential.
+    with pytest.raises(enrolment.AuthenticationFailed, match="is enrolled"):
+        enrolment.authenticate(worker_id="w1", bearer=new_key(reusable=True))  # another key
+    again = enrolment.authenticate(worker_id="w1", bearer=key)
+    assert again is not None and again.again
+    enrolment.enrol_and_register(
+        again, services.RegistrationRequest("w1", "c", None, None), instance_id=instance
+    )
+    worker = Worker.objects.get(id="w1")
+    assert tokens.matches(again.credential.secret, worker.credential_digest)
+    assert EnrolmentKey.objects.get(digest=tokens.digest(key)).use_count == 1  # spent once
+    # Once the worker speaks on its connection, the enrolment is final.
+    new_connection = worker.current_connection_id
+    assert new_connection != registration.connection_id
+    assert enrolment.confirm_credential(connection_id=new_connection)
+    with pytest.raises(enrolment.AuthenticationFailed, match="is enrolled"):
+        enrolment.authenticate(worker_id="w1", bearer=key)
+    assert enrolment.authenticate(worker_id="w1", bearer=again.credential.secret) is None
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.asyncio
+async def test_the_first_frame_after_the_welcome_confirms_the_enrolment(secured) -> None:
+    key = await database_sync_to_async(new_key)()
+    comm = handshake("w1", key)
+    welcome, _ = await welcome_or_close(comm)
+    await comm.disconnect()  # gone before saying anything: maybe it never got the welcome
+    comm = handshake("w1", key)
+    again, code = await welcome_or_close(comm)
+    assert code is None and again["credential"] != welcome["credential"]
+    await comm.send_json_to({"type": "heartbeat"})
+    assert (await comm.receive_json_from())["type"] == "heartbeat_ack"
+    worker = await database_sync_to_async(Worker.objects.get)(id="w1")
+    assert worker.credential_confirmed_at is not None
+    await comm.disconnect()
+    _, code = await welcome_or_close(handshake("w1", key))
+    assert code == protocol.CloseCode.AUTHENTICATION_FAILED

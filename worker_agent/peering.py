@@ -28,6 +28,11 @@ DEFAULT_PUNCH_TIMEOUT = 5.0
 STUN_TIMEOUT = 2.0
 ANSWER_TIMEOUT = 30.0  # how long the asked side waits for its introduction
 MAX_LOCAL_CANDIDATES = 3
+# Introductions answered at once; more are refused: each costs a thread, a socket and probes.
+MAX_ANSWERING = 4
+# The longest the punch waits for the service's start time. Longer means our clock is behind the
+# service's; the punch then starts now rather than blocking past every timeout.
+MAX_START_WAIT = 3.0
 
 Send = Callable[[str], bool]
 PeerCallback = Callable[[PeerPath], None]
@@ -62,6 +67,7 @@ _FAILURES: dict[str, type[PeerError]] = {
     wire.ConnectFailure.PEER_REFUSED: PeerRefused,
     wire.ConnectFailure.PUNCH_IMPOSSIBLE: PunchImpossible,
     wire.ConnectFailure.NOT_YOURSELF: PeerError,
+    wire.ConnectFailure.RATE_LIMITED: PeerError,
 }
 
 
@@ -85,6 +91,7 @@ class Peering:
         self.punch_timeout = punch_timeout
         self._lock = threading.Lock()
         self._waiters: dict[str, queue.Queue[dict[str, Any]]] = {}
+        self._answering: set[str] = set()
         self._subscription: tuple[bool, str | None] = (False, None)
         self.last_nat_report: stun.NatReport | None = None
 
@@ -175,6 +182,22 @@ class Peering:
         """Take a peer frame; False if it is not one of ours."""
         kind = message.get("type")
         if kind == wire.ServerMessageType.INTRODUCTION_REQUEST:
+            introduction_id = str(message.get("introduction_id"))
+            with self._lock:
+                duplicate = introduction_id in self._answering
+                busy = len(self._answering) >= MAX_ANSWERING
+                if not duplicate and not busy:
+                    self._answering.add(introduction_id)
+            if duplicate:
+                return True  # the same request twice (a retried send): one answer is enough
+            if busy:
+                self._send(
+                    wire.introduction_reject(
+                        introduction_id=introduction_id,
+                        reason=f"busy: {MAX_ANSWERING} introductions in progress",
+                    )
+                )
+                return True
             threading.Thread(
                 target=self._answer,
                 args=(message,),
@@ -234,7 +257,7 @@ class Peering:
                 (e["ip"], int(e["port"])) for e in introduction.get("peer_endpoints", [])
             ),
             key=bytes.fromhex(introduction["key"]),
-            start_at=float(introduction["start_at"]),
+            start_at=self._start_at(float(introduction["start_at"])),
         )
         peer_mapping = introduction.get("peer_nat_mapping")
         try:
@@ -254,7 +277,27 @@ class Peering:
         )
         return path
 
+    def _start_at(self, start_at: float) -> float:
+        latest = time.time() + MAX_START_WAIT
+        if start_at > latest:
+            logger.warning(
+                "worker=%s: the punch was to start in %.1fs; this clock is probably behind the "
+                "service's. Starting in %.1fs instead",
+                self.worker_id,
+                start_at - time.time(),
+                MAX_START_WAIT,
+            )
+            return latest
+        return start_at
+
     def _answer(self, request: dict[str, Any]) -> None:
+        try:
+            self._answer_one(request)
+        finally:
+            with self._lock:
+                self._answering.discard(str(request.get("introduction_id")))
+
+    def _answer_one(self, request: dict[str, Any]) -> None:
         """The asked side: accept (gather and punch) or refuse, then hand the path over."""
         introduction_id = str(request.get("introduction_id"))
         peer_id = request.get("peer_id")
@@ -308,6 +351,8 @@ class Peering:
         """Send `frame` and wait for the reply filed under `key` (one of `until`, if given)."""
         waiter: queue.Queue[dict[str, Any]] = queue.Queue()
         with self._lock:
+            if key in self._waiters:
+                raise PeerError(f"a request {key} is already waiting for its answer")
             self._waiters[key] = waiter
         try:
             if not self._send(frame):

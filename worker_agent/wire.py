@@ -72,6 +72,7 @@ class ConnectFailure(StrEnum):
     PEER_REFUSED = "PEER_REFUSED"
     PUNCH_IMPOSSIBLE = "PUNCH_IMPOSSIBLE"
     NOT_YOURSELF = "NOT_YOURSELF"
+    RATE_LIMITED = "RATE_LIMITED"
 
 
 class CloseCode(IntEnum):

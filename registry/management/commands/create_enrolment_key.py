@@ -7,6 +7,7 @@ import re
 from datetime import timedelta
 from typing import Any
 
+from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError
 
 from registry import enrolment, protocol
@@ -38,13 +39,16 @@ class Command(BaseCommand):
         bad = [tag for tag in options["tag"] if not protocol.is_valid_tag(tag)]
         if bad:
             raise CommandError(f"not valid tags: {', '.join(bad)} ({protocol.TAG_RULE})")
-        key, secret = enrolment.create_enrolment_key(
-            name=options["name"],
-            reusable=options["reusable"],
-            ephemeral=options["ephemeral"],
-            tags=options["tag"],
-            expires_in=parse_duration(options["expires_in"]),
-        )
+        try:
+            key, secret = enrolment.create_enrolment_key(
+                name=options["name"],
+                reusable=options["reusable"],
+                ephemeral=options["ephemeral"],
+                tags=options["tag"],
+                expires_in=parse_duration(options["expires_in"]),
+            )
+        except ValidationError as exc:
+            raise CommandError(" ".join(exc.messages)) from exc
         self.stderr.write(
             f"enrolment key {key.prefix}… ({key.name}): "
             f"{'reusable' if key.reusable else 'single-use'}"
