@@ -89,8 +89,14 @@ class WorkerQuerySet(models.QuerySet["Worker"]):
         return self.filter(tags__contains=tag_lookup(tag))
 
     def ephemeral_gone_since(self, before: datetime) -> WorkerQuerySet:
-        """Ephemeral workers offline since before `before`: due to be removed."""
-        return self.filter(ephemeral=True, status=WorkerStatus.DISCONNECTED, last_seen__lt=before)
+        """Ephemeral workers offline since before `before`: due to be removed. Never a disabled
+        one: removing the row would lift its ban."""
+        return self.filter(
+            ephemeral=True,
+            status=WorkerStatus.DISCONNECTED,
+            last_seen__lt=before,
+            disabled_at__isnull=True,
+        )
 
 
 class Worker(models.Model):

@@ -381,3 +381,53 @@ async def test_connect_requests_beyond_the_burst_are_refused_without_bothering_t
     assert await b.receive_nothing(timeout=0.2)
     await a.disconnect()
     await b.disconnect()
+
+
+async def test_a_worker_disconnected_by_an_operator_is_announced_as_left() -> None:
+    # Regression: the operator's close ended the row first, so the consumer's own close did not
+    # "end" the worker and no peer_left went out.
+    from registry import control
+
+    watcher = await connected("watcher", 1)
+    await ask(watcher, {"type": "subscribe_peers"})
+    target = await connected("target", 2)
+    assert (await watcher.receive_json_from(timeout=3))["type"] == "peer_joined"
+    await database_sync_to_async(control.disable_workers)(["target"])
+    assert (await target.receive_json_from(timeout=3))["code"] == 4011
+    assert (await target.receive_output(timeout=3))["type"] == "websocket.close"
+    await target.disconnect(code=4011)  # what daphne reports once the socket is closed
+    assert await watcher.receive_json_from(timeout=3) == {
+        "type": "peer_left",
+        "worker_id": "target",
+    }
+    await watcher.disconnect()
+
+
+async def test_a_channel_layer_failure_fails_the_frame_not_the_connection(monkeypatch) -> None:
+    # Regression: an exception from the layer escaped receive() and ended the consumer without
+    # its disconnect clean-up, leaving the socket counted as held for ever.
+    from registry.runtime import get_runtime
+
+    comm = await connected("a")
+
+    async def broken(*args, **kwargs):
+        raise ConnectionError("layer away")
+
+    monkeypatch.setattr(get_runtime().peers, "subscribe", broken)
+    reply = await ask(comm, {"type": "subscribe_peers"})
+    assert (reply["type"], reply["code"]) == ("error", "UNAVAILABLE")
+    assert (await ask(comm, {"type": "heartbeat"}))["type"] == "heartbeat_ack"
+    await comm.disconnect()
+    assert get_runtime().held_count() == 0
+
+
+async def test_tags_match_whatever_their_case() -> None:
+    await database_sync_to_async(Worker.objects.create)(
+        id="gpu-1", first_seen="2026-01-01T00:00Z", last_seen="2026-01-01T00:00Z", tags=",gpu,"
+    )
+    gpu = await connected("gpu-1", 1)
+    a = await connected("a", 2)
+    reply = await ask(a, {"type": "list_peers", "tag": "GPU"})
+    assert [p["worker_id"] for p in reply["peers"]] == ["gpu-1"]
+    await gpu.disconnect()
+    await a.disconnect()

@@ -425,3 +425,35 @@ def test_peer_path_refuses_to_send_data_that_would_pass_for_a_control_datagram(u
             a_path.send(MAGIC + bytes(DATAGRAM_LENGTH - len(MAGIC)))
         a_path.send(MAGIC + b"but longer than a control datagram" * 3)
         assert b_path.recv(timeout=2).startswith(MAGIC)
+
+
+# ---- the agent's peering (worker_agent/peering.py), without a service ---------------------------
+
+
+def test_an_agent_answers_at_most_a_few_introductions_at_once_and_refuses_the_rest() -> None:
+    import json as json_module
+    import threading
+
+    from worker_agent import peering
+
+    sent: list[dict] = []
+    release = threading.Event()
+    agent = peering.Peering("b", lambda frame: sent.append(json_module.loads(frame)) or True)
+    agent.on_peer = lambda path: None
+    agent._answer_one = lambda request: release.wait(5)  # stuck answering
+    for n in range(peering.MAX_ANSWERING + 2):
+        request = {"type": "introduction_request", "introduction_id": f"{n:032x}", "peer_id": "a"}
+        assert agent.handle(request)
+    agent.handle({"type": "introduction_request", "introduction_id": f"{0:032x}", "peer_id": "a"})
+    rejects = [m for m in sent if m["type"] == "introduction_reject"]
+    assert len(rejects) == 2 and all("busy" in m["reason"] for m in rejects)  # duplicate ignored
+    release.set()
+
+
+def test_a_start_time_far_ahead_of_this_clock_is_capped() -> None:
+    from worker_agent import peering
+
+    agent = peering.Peering("a", lambda frame: True)
+    now = time.time()
+    assert agent._start_at(now + 0.5) == now + 0.5
+    assert agent._start_at(now + 3600) <= time.time() + peering.MAX_START_WAIT

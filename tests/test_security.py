@@ -235,7 +235,12 @@ def test_a_batch_with_a_disabled_worker_registers_the_others(runtime: InstanceRu
 def test_ephemeral_workers_are_removed_once_offline_long_enough(runtime: InstanceRuntime) -> None:
     instance = runtime.ensure_registered()
     now = timezone.now()
-    for worker_id, ephemeral in [("eph", True), ("keep", False), ("eph-online", True)]:
+    for worker_id, ephemeral in [
+        ("eph", True),
+        ("keep", False),
+        ("eph-online", True),
+        ("eph-banned", True),
+    ]:
         registration = services.register_connection(
             worker_id=worker_id,
             channel_name="c",
@@ -252,9 +257,11 @@ def test_ephemeral_workers_are_removed_once_offline_long_enough(runtime: Instanc
                 reason="bye",
                 now=now - timedelta(hours=1),
             )
+    Worker.objects.filter(id="eph-banned").update(disabled_at=now)
     assert enrolment.purge_ephemeral_workers(offline_for=timedelta(hours=2), now=now) == 0
     assert enrolment.purge_ephemeral_workers(offline_for=timedelta(minutes=30), now=now) == 1
-    assert set(Worker.objects.values_list("id", flat=True)) == {"keep", "eph-online"}
+    # A banned one stays: removing it would lift the ban.
+    assert set(Worker.objects.values_list("id", flat=True)) == {"keep", "eph-online", "eph-banned"}
     assert not Connection.objects.filter(worker_id="eph").exists()
 
 
