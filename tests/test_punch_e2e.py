@@ -172,6 +172,7 @@ def test_workers_behind_two_cone_nats_exchange_datagrams_directly(
     internet.run(w1.nat, ["iptables", "-w", "5", "-I", "FORWARD", "-o", "wan0", "-p", "udp",
                           "-d", w2.public_ip])  # fmt: skip
     result = connect_from_w1(internet, service, "w2")
+    print("cone-cone:", result)  # the figures for the record (pytest -rP shows them)
     assert result["ok"], result
     assert result["reply"] == "echo:ping"
     # The path ends at w2's NAT, not at the service: the datagrams went NAT to NAT.
@@ -186,6 +187,7 @@ def test_a_cone_and_a_symmetric_nat_fail_quickly_and_say_why(
     internet: NatTopology, service: str
 ) -> None:
     result = connect_from_w1(internet, service, "w3")
+    print("cone-symmetric:", result)
     assert not result["ok"], result
     assert result["error_type"] == "PunchFailed"
     assert "endpoint-dependently (symmetric)" in result["error"]
@@ -204,6 +206,7 @@ def test_two_symmetric_nats_are_refused_before_any_probe(
         timeout=60,
     )
     outcome = json.loads(result.stdout.strip().splitlines()[-1])
+    print("symmetric-symmetric:", outcome)
     assert outcome["error_type"] == "PunchImpossible", outcome
     assert "relay" in outcome["error"]
     assert outcome["seconds"] < 5
