@@ -138,12 +138,18 @@ def parse_outcome(text: str, **kwargs: int) -> protocol.ClientMessage | protocol
         raise AssertionError(f"{type(exc).__name__} escaped the parser: {exc}") from exc
 
 
+def canonical(value: str) -> str:
+    """An address as the database stores it: compressed, IPv4-mapped IPv6 unpacked."""
+    address = ipaddress.ip_address(value.strip())
+    mapped = getattr(address, "ipv4_mapped", None)
+    return (mapped or address).compressed
+
+
 def is_canonical_ip(value: str) -> bool:
     try:
-        address = ipaddress.ip_address(value)
+        return "%" not in value and canonical(value) == value
     except ValueError:
         return False
-    return "%" not in value and address.compressed == value
 
 
 def is_flat_agent_info(info: object) -> bool:
@@ -184,7 +190,7 @@ def test_every_parsed_message_is_well_formed_and_encodes_as_strict_json(text: st
     assert json.loads(json.dumps(fields, allow_nan=False)) == fields
     if isinstance(message, protocol.RegisterPublicIp):
         assert is_canonical_ip(message.ip)
-        assert message.ip == ipaddress.ip_address(frame["ip"].strip()).compressed
+        assert message.ip == canonical(frame["ip"])
     if isinstance(message, protocol.AgentInfo):
         assert is_flat_agent_info(message.info)
         assert message.info == frame["info"]
