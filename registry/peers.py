@@ -52,13 +52,15 @@ class PeerHub:
     # ---- subscribers on this instance ------------------------------------------------------------
 
     async def subscribe(self, connection_id: int, subscription: Subscription) -> None:
-        # Every time, not once: group membership expires (channels-redis group_expiry), and
-        # re-adding is idempotent.
-        await get_channel_layer().group_add(GROUP, self.channel_name)
-        self._subscriptions[connection_id] = subscription
         if not self._renewing:
-            self._renewing = True
-            self._spawn(self._renew(), what="peer group renewal")
+            # Once per instance, not per subscriber (a restart makes thousands subscribe at once,
+            # and each group_add would hold a Redis connection); renewed while subscribers remain,
+            # since group membership expires (channels-redis group_expiry).
+            await get_channel_layer().group_add(GROUP, self.channel_name)
+            if not self._renewing:
+                self._renewing = True
+                self._spawn(self._renew(), what="peer group renewal")
+        self._subscriptions[connection_id] = subscription
 
     async def _renew(self) -> None:
         try:

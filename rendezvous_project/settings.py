@@ -141,10 +141,22 @@ else:
 REDIS_URL = os.environ.get("REDIS_URL") or ""
 
 
+REDIS_MAX_CONNECTIONS = env_int("RENDEZVOUS_REDIS_MAX_CONNECTIONS", 1000)
+
+
 def redis_hosts(url: str) -> list[dict[str, object]]:
     # The socket timeout must outlast channels-redis's 5 s blocking pop: with redis-py's shorter
     # one every idle receive failed with a TimeoutError (and could lose a message popped just then).
-    return [{"address": url, "socket_timeout": 15, "socket_connect_timeout": 5}]
+    # redis-py 8 caps a pool at 100 connections and fails the 101st command at once ("Too many
+    # connections"): a burst of supersedes or peer events needs more.
+    return [
+        {
+            "address": url,
+            "socket_timeout": 15,
+            "socket_connect_timeout": 5,
+            "max_connections": REDIS_MAX_CONNECTIONS,
+        }
+    ]
 
 
 CHANNEL_CAPACITY = env_int("RENDEZVOUS_CHANNEL_CAPACITY", 1000)
@@ -155,11 +167,7 @@ if REDIS_URL:
         "default": {
             "BACKEND": "registry.layers.RedisChannelLayer",
             "CONFIG": {
-                # The socket timeout must outlast channels-redis's 5 s blocking pop: redis-py's
-                # shorter default made every idle receive fail with a TimeoutError.
-                "hosts": [
-                    {"address": REDIS_URL, "socket_timeout": 15, "socket_connect_timeout": 5}
-                ],
+                "hosts": redis_hosts(REDIS_URL),
                 "capacity": CHANNEL_CAPACITY,
                 "channel_capacity": INSTANCE_CHANNEL_CAPACITY,
                 "expiry": 60,

@@ -70,3 +70,15 @@ async def test_sends_after_a_redis_restart_land_on_the_first_call(redis: RedisSe
     await layer.group_send("rendezvous.peers", {"type": "peers.events", "events": []})
     received = await asyncio.wait_for(layer.receive("rendezvous.instance.t"), 5)
     assert received["connection_id"] == 3
+
+
+async def test_a_burst_of_sends_is_not_refused_for_want_of_connections(redis: RedisServer) -> None:
+    # Regression: redis-py 8 caps a pool at 100 connections and fails the 101st command at once;
+    # 1,000 workers subscribing after a restart made subscribe_peers fail with "Too many
+    # connections".
+    layer = RedisChannelLayer(hosts=redis_hosts(redis.url), prefix="burst")
+    await asyncio.gather(
+        *(layer.send(f"rendezvous.instance.b{n}", {"type": "x"}) for n in range(300)),
+        *(layer.group_add(f"group{n}", f"rendezvous.instance.b{n}") for n in range(300)),
+    )
+    assert (await asyncio.wait_for(layer.receive("rendezvous.instance.b7"), 5))["type"] == "x"
