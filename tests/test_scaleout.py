@@ -313,3 +313,54 @@ def test_a_message_the_registry_cannot_record_gets_unavailable_and_the_socket_st
     assert ack["type"] == "heartbeat_ack"
     assert registered == {"type": "public_ip_registered", "ip": "198.51.100.40"}
     assert Connection.objects.get(worker_id="patient").public_ip == "198.51.100.40"
+
+
+def test_peer_events_and_introductions_cross_instances(cluster: Cluster) -> None:
+    """A subscriber on a hears a join and a leave on b; a worker on a is introduced to one on b."""
+
+    async def scenario() -> tuple[list[dict], dict, dict]:
+        watcher, _ = await open_worker(cluster.a.url, "watcher")
+        await watcher.send(json.dumps({"type": "subscribe_peers"}))
+        assert json.loads(await watcher.recv())["type"] == "peers_subscribed"
+        far, _ = await open_worker(cluster.b.url, "far")
+        events = [json.loads(await asyncio.wait_for(watcher.recv(), 5))]
+        endpoints = [{"ip": "198.51.100.1", "port": 4000}]
+        await watcher.send(
+            json.dumps(
+                {
+                    "type": "connect_request",
+                    "peer_id": "far",
+                    "request_id": "x1",
+                    "endpoints": endpoints,
+                    "nat_mapping": "endpoint-independent",
+                }
+            )
+        )
+        assert json.loads(await watcher.recv())["type"] == "connect_pending"
+        asked = json.loads(await asyncio.wait_for(far.recv(), 5))
+        await far.send(
+            json.dumps(
+                {
+                    "type": "introduction_accept",
+                    "introduction_id": asked["introduction_id"],
+                    "endpoints": [{"ip": "198.51.100.2", "port": 5000}],
+                    "nat_mapping": "endpoint-independent",
+                }
+            )
+        )
+        for_far = json.loads(await asyncio.wait_for(far.recv(), 5))
+        for_watcher = json.loads(await asyncio.wait_for(watcher.recv(), 5))
+        await far.close()
+        events.append(json.loads(await asyncio.wait_for(watcher.recv(), 5)))
+        await watcher.close()
+        return events, for_watcher, for_far
+
+    events, for_watcher, for_far = asyncio.run(scenario())
+    assert [(e["type"], e.get("worker_id") or e["peer"]["worker_id"]) for e in events] == [
+        ("peer_joined", "far"),
+        ("peer_left", "far"),
+    ]
+    assert for_watcher["type"] == for_far["type"] == "introduction"
+    assert for_watcher["key"] == for_far["key"]
+    assert for_watcher["peer_endpoints"] == [{"ip": "198.51.100.2", "port": 5000}]
+    assert for_far["peer_endpoints"] == [{"ip": "198.51.100.1", "port": 4000}]
