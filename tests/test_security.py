@@ -470,3 +470,27 @@ async def test_the_first_frame_after_the_welcome_confirms_the_enrolment(secured)
     await comm.disconnect()
     _, code = await welcome_or_close(handshake("w1", key))
     assert code == protocol.CloseCode.AUTHENTICATION_FAILED
+
+
+@pytest.mark.django_db(transaction=True)
+def test_credentials_bound_before_confirmation_existed_count_as_confirmed() -> None:
+    from django.db import connection
+    from django.db.migrations.executor import MigrationExecutor
+
+    executor = MigrationExecutor(connection)
+    executor.migrate([("registry", "0003_nat_traversal")])
+    old = executor.loader.project_state([("registry", "0003_nat_traversal")]).apps
+    issued = timezone.now() - timedelta(days=3)
+    old.get_model("registry", "Worker").objects.create(
+        id="veteran", first_seen=issued, last_seen=issued, credential_digest="d" * 64,
+        credential_issued_at=issued,
+    )  # fmt: skip
+    old.get_model("registry", "Worker").objects.create(
+        id="open-mode", first_seen=issued, last_seen=issued
+    )
+    executor = MigrationExecutor(connection)
+    executor.migrate([("registry", "0004_credential_confirmation")])
+    executor = MigrationExecutor(connection)
+    executor.migrate(executor.loader.graph.leaf_nodes())
+    assert Worker.objects.get(id="veteran").credential_confirmed_at == issued
+    assert Worker.objects.get(id="open-mode").credential_confirmed_at is None
