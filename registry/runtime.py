@@ -248,11 +248,14 @@ class InstanceRuntime:
         self.ensure_registered()
         if not services.heartbeat_instance(instance_id=self.instance_id, now=now):
             return self._recover_from_being_declared_dead()
+        departed: list[tuple[str, str]] = []
         swept = services.sweep_silent_instances(
             dead_after=timedelta(seconds=config["INSTANCE_DEAD_AFTER"]),
             now=now,
             exclude=self.instance_id,
+            departed=departed,
         )
+        self._announce_departures(departed)
         swept += services.close_connections_of_stopped_instances(now=now)
         touched = services.touch_held_workers(
             instance_id=self.instance_id, now=now, resolution=max(interval, timedelta(seconds=10))
@@ -277,6 +280,22 @@ class InstanceRuntime:
             orphans_closed=result.orphans_closed,
             sockets_closed=closed,
         )
+
+    def _announce_departures(self, departed: list[tuple[str, str]]) -> None:
+        """`peer_left` for the workers of an instance that died (it cannot say so itself).
+
+        Sent from this instance's event loop; an instance that never held a socket has none, and
+        then nobody hears it from here (another instance's sweep may).
+        """
+        loop = next((s.loop for s in list(self._sockets.values()) if not s.loop.is_closed()), None)
+        if not departed or loop is None:
+            return
+
+        def announce() -> None:
+            for worker_id, tags in departed:
+                self.peers.left(worker_id, tags)
+
+        loop.call_soon_threadsafe(announce)
 
     def _recover_from_being_declared_dead(self) -> HousekeepingReport:
         """Another instance swept us (we could not heartbeat in time): start over as a new boot.

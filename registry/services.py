@@ -370,10 +370,12 @@ def stop_instance(
     reason: str,
     code: int = CODE_CONNECTION_LOST,
     now: datetime | None = None,
+    departed: list[tuple[str, str]] | None = None,
 ) -> int:
     """Mark an instance stopped and close every connection it still held. Returns how many.
 
-    Safe to race: only the caller that flips `stopped_at` closes the sessions.
+    Safe to race: only the caller that flips `stopped_at` closes the sessions. The workers this
+    took offline are added to `departed` as (id, tags), for peer events.
     """
     now = now or timezone.now()
     with transaction.atomic():
@@ -391,12 +393,21 @@ def stop_instance(
         # row lock re-checks only that row on PostgreSQL, not the subquery, and would take a
         # worker offline whose newer connection (elsewhere) committed meanwhile.
         ids = list(Connection.objects.held_by(instance_id).values_list("id", flat=True))
+        if departed is not None:
+            for chunk in _chunks(ids):
+                departed += Worker.objects.filter(current_connection_id__in=chunk).values_list(
+                    "id", "tags"
+                )
         _end_connections({(code, reason[:200]): ids}, now=now, last_seen=min(last_alive, now))
         return len(ids)
 
 
 def sweep_silent_instances(
-    *, dead_after: timedelta, now: datetime | None = None, exclude: str | None = None
+    *,
+    dead_after: timedelta,
+    now: datetime | None = None,
+    exclude: str | None = None,
+    departed: list[tuple[str, str]] | None = None,
 ) -> int:
     """The staleness rule: an instance without a heartbeat for `dead_after` is dead.
 
@@ -411,7 +422,10 @@ def sweep_silent_instances(
     closed = 0
     for instance_id in silent.values_list("id", flat=True):
         count = stop_instance(
-            instance_id=instance_id, reason=protocol.REASON_INSTANCE_LOST, now=now
+            instance_id=instance_id,
+            reason=protocol.REASON_INSTANCE_LOST,
+            now=now,
+            departed=departed,
         )
         log.warning("instance=%s declared dead, %d sessions closed", instance_id, count)
         closed += count

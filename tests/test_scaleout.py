@@ -364,3 +364,20 @@ def test_peer_events_and_introductions_cross_instances(cluster: Cluster) -> None
     assert for_watcher["key"] == for_far["key"]
     assert for_watcher["peer_endpoints"] == [{"ip": "198.51.100.2", "port": 5000}]
     assert for_far["peer_endpoints"] == [{"ip": "198.51.100.1", "port": 4000}]
+
+
+def test_the_workers_of_a_killed_instance_are_announced_as_left_by_the_sweep(
+    cluster: Cluster,
+) -> None:
+    async def scenario() -> dict:
+        watcher, _ = await open_worker(cluster.b.url, "watcher")
+        await watcher.send(json.dumps({"type": "subscribe_peers"}))
+        assert json.loads(await watcher.recv())["type"] == "peers_subscribed"
+        _socket, _ = await open_worker(cluster.a.url, "lost")  # kept open until a dies
+        assert json.loads(await asyncio.wait_for(watcher.recv(), 5))["type"] == "peer_joined"
+        cluster.a.kill()  # a cannot say that "lost" left; b's sweep must
+        left = json.loads(await asyncio.wait_for(watcher.recv(), 15))
+        await watcher.close()
+        return left
+
+    assert asyncio.run(scenario()) == {"type": "peer_left", "worker_id": "lost"}
