@@ -22,6 +22,21 @@ def pytest_configure(config: pytest.Config) -> None:
     settings.RENDEZVOUS["SECURITY_MODE"] = "open"
 
 
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Remove what SQLite leaves beside the test database once Django has deleted it: the
+    -wal and -shm files of connections (servers, pool threads) that outlived it."""
+    from django.conf import settings
+
+    database = settings.DATABASES["default"]
+    if database["ENGINE"] != "django.db.backends.sqlite3":
+        return
+    name = Path(database["TEST"]["NAME"])
+    if name.exists():
+        return  # kept on purpose (--reuse-db)
+    for suffix in ("-wal", "-shm", "-journal"):
+        Path(f"{name}{suffix}").unlink(missing_ok=True)
+
+
 @pytest.fixture(autouse=True)
 def fresh_channel_layer() -> Iterator[None]:
     """A new layer object per test: a cached one keeps a closed event loop (channels #876)."""
