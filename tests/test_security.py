@@ -399,7 +399,7 @@ def test_create_api_token_prints_a_token_that_authenticates(capsys) -> None:
     assert api_access.authenticate_api_token(secret) is not None
 
 
-def test_the_default_mode_follows_debug() -> None:
+def test_the_default_mode_follows_debug(tmp_path) -> None:
     import subprocess
     import sys
 
@@ -407,7 +407,12 @@ def test_the_default_mode_follows_debug() -> None:
         code = "from django.conf import settings; print(settings.RENDEZVOUS['SECURITY_MODE'])"
         result = subprocess.run(
             [sys.executable, "-c", f"import django; django.setup(); {code}"],
-            env={"DJANGO_SETTINGS_MODULE": "rendezvous_project.settings", "PATH": "", **env},
+            env={
+                "DJANGO_SETTINGS_MODULE": "rendezvous_project.settings",
+                "PATH": "",
+                "RENDEZVOUS_DATA_DIR": str(tmp_path),  # its secret key and database go there
+                **env,
+            },
             capture_output=True,
             text=True,
             check=True,

@@ -8,9 +8,11 @@ RENDEZVOUS_REQUIRE_SERVICES=1 (CI), where that is a failure.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from urllib.parse import urlparse
 
 DEFAULT_POSTGRES_URL = "postgres://postgres@127.0.0.1:5432/test"
@@ -31,8 +33,19 @@ def pytest(label: str, env: dict[str, str], extra: list[str]) -> int:
 
 
 def main(argv: list[str]) -> int:
+    # Everything the suite and the processes it starts write under RENDEZVOUS_DATA_DIR (test
+    # databases, the local secret key) goes to a directory of its own, removed afterwards.
+    data_dir = tempfile.mkdtemp(prefix="rendezvous-tests-")
+    try:
+        return run(argv, data_dir)
+    finally:
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+
+def run(argv: list[str], data_dir: str) -> int:
     required = os.environ.get("RENDEZVOUS_REQUIRE_SERVICES", "") not in ("", "0", "false")
     base = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
+    base["RENDEZVOUS_DATA_DIR"] = data_dir
     failures = 0
     failures += pytest("SQLite", base, ["-m", "not postgres_only", *argv]) != 0
     postgres_url = os.environ.get("RENDEZVOUS_TEST_DATABASE_URL") or DEFAULT_POSTGRES_URL
