@@ -52,34 +52,57 @@ class EnrolmentKeyForm(forms.ModelForm):
         return tags
 
 
-def _keep_secret(request: HttpRequest, secret: str) -> None:
-    # On the request, not on the ModelAdmin: one instance serves every admin user at once.
-    request.rendezvous_secret = secret  # type: ignore[attr-defined]
+class SecretIssuingAdmin(admin.ModelAdmin):
+    """Objects created with a secret that is shown once and never stored, then only revoked:
+    their terms are what the holders of the secret were given, so nothing is editable."""
 
+    add_fields: tuple[str, ...] = ("name",)
+    usage = ""  # one sentence on the page that shows the secret: what to do with it
+    actions = ("revoke_selected",)
 
-def _kept_secret(request: HttpRequest) -> str:
-    return request.rendezvous_secret  # type: ignore[attr-defined,no-any-return]
+    def issue(self, request: HttpRequest, form: Any) -> tuple[Any, str]:
+        """Create the object (through its service) and return it with its secret."""
+        raise NotImplementedError
 
+    def get_fields(self, request: HttpRequest, obj: Any = None) -> Any:
+        return self.add_fields if obj is None else self.readonly_fields
 
-def _secret_page(
-    request: HttpRequest, model_admin: admin.ModelAdmin, *, obj: Any, secret: str, usage: str
-) -> TemplateResponse:
-    """The only place a secret is ever shown: rendered once, never stored (no message cookie)."""
-    context = {
-        **model_admin.admin_site.each_context(request),
-        "opts": model_admin.model._meta,
-        "title": f"{model_admin.model._meta.verbose_name.capitalize()} created",
-        "object": obj,
-        "secret": secret,
-        "usage": usage,
-    }
-    response = TemplateResponse(request, "admin/registry/secret_created.html", context)
-    response["Cache-Control"] = "no-store"
-    return response
+    def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> Any:
+        return self.readonly_fields if obj is not None else ()
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return super().has_change_permission(request, obj) and obj is None
+
+    def save_model(self, request: HttpRequest, obj: Any, form: Any, change: bool) -> None:
+        created, secret = self.issue(request, form)
+        obj.pk = created.pk
+        # On the request, not on the ModelAdmin: one instance serves every admin user at once.
+        request.rendezvous_secret = secret  # type: ignore[attr-defined]
+
+    def response_add(
+        self, request: HttpRequest, obj: Any, post_url_continue: Any = None
+    ) -> HttpResponse:
+        """The only place a secret is ever shown: rendered once, never stored (no message
+        cookie)."""
+        context = {
+            **self.admin_site.each_context(request),
+            "opts": self.model._meta,
+            "title": f"{self.model._meta.verbose_name.capitalize()} created",
+            "object": obj,
+            "secret": request.rendezvous_secret,  # type: ignore[attr-defined]
+            "usage": self.usage,
+        }
+        response = TemplateResponse(request, "admin/registry/secret_created.html", context)
+        response["Cache-Control"] = "no-store"
+        return response
+
+    @admin.display(description="last used", ordering="last_used_at")
+    def last_used(self, obj: Any) -> SafeString | str:
+        return ago(obj.last_used_at)
 
 
 @admin.register(EnrolmentKey)
-class EnrolmentKeyAdmin(admin.ModelAdmin):
+class EnrolmentKeyAdmin(SecretIssuingAdmin):
     list_display = (
         "name",
         "prefix",
@@ -93,7 +116,6 @@ class EnrolmentKeyAdmin(admin.ModelAdmin):
     )
     list_filter = ("reusable", "ephemeral", "revoked_at")
     search_fields = ("name", "prefix", "tags")
-    actions = ("revoke_selected",)
     readonly_fields = (
         "name",
         "prefix",
@@ -108,46 +130,25 @@ class EnrolmentKeyAdmin(admin.ModelAdmin):
         "created_by",
         "revoked_at",
     )
+    add_fields = ("name", "reusable", "ephemeral", "tag_text", "expires_in")
+    usage = (
+        "Give it to the workers to enrol: RENDEZVOUS_ENROLMENT_KEY=<key> "
+        "python -m worker_agent, or WorkerAgent(url, enrolment_key=...)."
+    )
 
     def get_form(self, request: HttpRequest, obj: Any = None, **kwargs: Any) -> Any:
         if obj is None:
             kwargs["form"] = EnrolmentKeyForm
         return super().get_form(request, obj, **kwargs)
 
-    def get_fields(self, request: HttpRequest, obj: Any = None) -> Any:
-        if obj is None:
-            return ("name", "reusable", "ephemeral", "tag_text", "expires_in")
-        return self.readonly_fields
-
-    def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> Any:
-        return self.readonly_fields if obj is not None else ()
-
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        # Viewable, never editable: a key's terms are what its holders were given.
-        return super().has_change_permission(request, obj) and obj is None
-
-    def save_model(self, request: HttpRequest, obj: EnrolmentKey, form: Any, change: bool) -> None:
-        key, secret = enrolment.create_enrolment_key(
+    def issue(self, request: HttpRequest, form: Any) -> tuple[EnrolmentKey, str]:
+        return enrolment.create_enrolment_key(
             name=form.cleaned_data["name"],
             reusable=form.cleaned_data["reusable"],
             ephemeral=form.cleaned_data["ephemeral"],
             tags=form.cleaned_data["tag_text"],
             expires_in=timedelta(seconds=form.cleaned_data["expires_in"]),
             created_by_id=request.user.pk,
-        )
-        obj.pk = key.pk
-        _keep_secret(request, secret)
-
-    def response_add(
-        self, request: HttpRequest, obj: EnrolmentKey, post_url_continue: Any = None
-    ) -> HttpResponse:
-        return _secret_page(
-            request,
-            self,
-            obj=obj,
-            secret=_kept_secret(request),
-            usage="Give it to the workers to enrol: RENDEZVOUS_ENROLMENT_KEY=<key> "
-            "python -m worker_agent, or WorkerAgent(url, enrolment_key=...).",
         )
 
     @admin.display(description="state")
@@ -157,10 +158,6 @@ class EnrolmentKeyAdmin(admin.ModelAdmin):
     @admin.display(description="tags")
     def tags_display(self, key: EnrolmentKey) -> str:
         return ", ".join(key.tag_list) or "-"
-
-    @admin.display(description="last used", ordering="last_used_at")
-    def last_used(self, key: EnrolmentKey) -> SafeString | str:
-        return ago(key.last_used_at)
 
     @admin.action(
         description="Revoke selected keys (enrolled workers keep their credentials)",
@@ -178,11 +175,10 @@ class ApiTokenForm(forms.ModelForm):
 
 
 @admin.register(ApiToken)
-class ApiTokenAdmin(admin.ModelAdmin):
+class ApiTokenAdmin(SecretIssuingAdmin):
     list_display = ("name", "prefix", "state_badge", "created_at", "created_by", "last_used")
     list_filter = ("revoked_at",)
     search_fields = ("name", "prefix")
-    actions = ("revoke_selected",)
     form = ApiTokenForm
     readonly_fields = (
         "name",
@@ -193,42 +189,19 @@ class ApiTokenAdmin(admin.ModelAdmin):
         "last_used",
         "revoked_at",
     )
+    usage = (
+        "Send it as 'Authorization: Bearer <token>' to /api/workers/, "
+        "/debug/list_workers and /metrics."
+    )
 
-    def get_fields(self, request: HttpRequest, obj: Any = None) -> Any:
-        return ("name",) if obj is None else self.readonly_fields
-
-    def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> Any:
-        return self.readonly_fields if obj is not None else ()
-
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return super().has_change_permission(request, obj) and obj is None
-
-    def save_model(self, request: HttpRequest, obj: ApiToken, form: Any, change: bool) -> None:
-        token, secret = api_access.create_api_token(
+    def issue(self, request: HttpRequest, form: Any) -> tuple[ApiToken, str]:
+        return api_access.create_api_token(
             name=form.cleaned_data["name"], created_by_id=request.user.pk
-        )
-        obj.pk = token.pk
-        _keep_secret(request, secret)
-
-    def response_add(
-        self, request: HttpRequest, obj: ApiToken, post_url_continue: Any = None
-    ) -> HttpResponse:
-        return _secret_page(
-            request,
-            self,
-            obj=obj,
-            secret=_kept_secret(request),
-            usage="Send it as 'Authorization: Bearer <token>' to /api/workers/, "
-            "/debug/list_workers and /metrics.",
         )
 
     @admin.display(description="state")
     def state_badge(self, token: ApiToken) -> SafeString:
         return badge("revoked" if token.revoked_at else "active")
-
-    @admin.display(description="last used", ordering="last_used_at")
-    def last_used(self, token: ApiToken) -> SafeString | str:
-        return ago(token.last_used_at)
 
     @admin.action(description="Revoke selected tokens", permissions=["change"])
     def revoke_selected(self, request: HttpRequest, queryset: QuerySet[ApiToken]) -> None:
