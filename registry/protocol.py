@@ -364,18 +364,10 @@ def parse_client_message(text: str, *, max_bytes: int = DEFAULT_MAX_FRAME_BYTES)
         raise MissingType("frame has no 'type'")
     if not isinstance(kind, str):
         raise UnknownType("'type' must be a string")
-    if kind == ClientMessageType.REGISTER_PUBLIC_IP:
-        if "ip" not in data:
-            raise MissingField("register_public_ip needs 'ip'")
-        return RegisterPublicIp(ip=normalize_ip(data["ip"]))
-    if kind == ClientMessageType.HEARTBEAT:
-        return Heartbeat()
-    if kind == ClientMessageType.AGENT_INFO:
-        return AgentInfo(info=_validate_agent_info(data.get("info")))
-    parse = _PEERING_PARSERS.get(kind)
-    if parse is not None:
-        return parse(data)
-    raise UnknownType(f"unknown message type {kind[:64]!r}")
+    parse = _PARSERS.get(kind)
+    if parse is None:
+        raise UnknownType(f"unknown message type {kind[:64]!r}")
+    return parse(data)
 
 
 def _optional_tag(data: dict[str, Any]) -> str | None:
@@ -476,7 +468,17 @@ def _parse_punch_result(data: dict[str, Any]) -> PunchResult:
     )
 
 
-_PEERING_PARSERS: dict[str, Any] = {
+def _parse_register_public_ip(data: dict[str, Any]) -> RegisterPublicIp:
+    if "ip" not in data:
+        raise MissingField("register_public_ip needs 'ip'")
+    return RegisterPublicIp(ip=normalize_ip(data["ip"]))
+
+
+# One parser per client message type: the frame's object in, the message (or a ProtocolError) out.
+_PARSERS: dict[str, Any] = {
+    ClientMessageType.REGISTER_PUBLIC_IP: _parse_register_public_ip,
+    ClientMessageType.HEARTBEAT: lambda d: Heartbeat(),
+    ClientMessageType.AGENT_INFO: lambda d: AgentInfo(info=_validate_agent_info(d.get("info"))),
     ClientMessageType.NAT_REPORT: _parse_nat_report,
     ClientMessageType.LIST_PEERS: lambda d: ListPeers(
         tag=_optional_tag(d), request_id=_request_id(d, required=False)

@@ -90,7 +90,7 @@ class InstanceRuntime:
         )
         # Secured mode: the credential checks of many handshakes, in one query per batch.
         self.authentications: Coalescer[tuple[str, str | None], enrolment.Outcome] = Coalescer(
-            lambda requests: enrolment.authenticate_many(requests), name="authentications"
+            enrolment.authenticate_many, name="authentications"
         )
         self.closes: Coalescer[services.CloseRequest, bool] = Coalescer(
             services.close_connections, name="closes", max_batch=2000
