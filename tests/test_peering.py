@@ -52,6 +52,27 @@ def endpoints(port: int) -> list[dict]:
     return [{"ip": "198.51.100.1", "port": port}, {"ip": "10.0.0.2", "port": port}]
 
 
+def connect_request(peer_id: str, *, request_id: str = "r", mapping: str = CONE) -> dict:
+    """A's request, announcing endpoints(5000)."""
+    return {
+        "type": "connect_request",
+        "peer_id": peer_id,
+        "request_id": request_id,
+        "endpoints": endpoints(5000),
+        "nat_mapping": mapping,
+    }
+
+
+def accept(introduction_id: str, *, mapping: str = CONE) -> dict:
+    """B's answer, announcing endpoints(6000)."""
+    return {
+        "type": "introduction_accept",
+        "introduction_id": introduction_id,
+        "endpoints": endpoints(6000),
+        "nat_mapping": mapping,
+    }
+
+
 async def test_a_nat_report_is_stored_for_the_admin_and_the_api() -> None:
     comm = await connected("a")
     await report_nat(comm, SYMMETRIC, 5000)
@@ -118,13 +139,7 @@ async def test_an_introduction_gives_both_sides_the_others_endpoints_a_key_and_a
     await report_nat(b, CONE, 6000)
     pending = await ask(
         a,
-        {
-            "type": "connect_request",
-            "peer_id": "b",
-            "request_id": "req-1",
-            "endpoints": endpoints(5000),
-            "nat_mapping": CONE,
-        },
+        connect_request("b", request_id="req-1"),
     )
     assert pending["type"] == "connect_pending" and pending["request_id"] == "req-1"
     asked = await b.receive_json_from(timeout=3)
@@ -137,12 +152,7 @@ async def test_an_introduction_gives_both_sides_the_others_endpoints_a_key_and_a
     before = time.time()
     for_b = await ask(
         b,
-        {
-            "type": "introduction_accept",
-            "introduction_id": asked["introduction_id"],
-            "endpoints": endpoints(6000),
-            "nat_mapping": CONE,
-        },
+        accept(asked["introduction_id"]),
     )
     for_a = await a.receive_json_from(timeout=3)
     assert for_a["type"] == for_b["type"] == "introduction"
@@ -163,12 +173,7 @@ async def test_an_introduction_gives_both_sides_the_others_endpoints_a_key_and_a
     # The introduction is used up: a second answer is an error, not a second introduction.
     again = await ask(
         b,
-        {
-            "type": "introduction_accept",
-            "introduction_id": asked["introduction_id"],
-            "endpoints": endpoints(6000),
-            "nat_mapping": CONE,
-        },
+        accept(asked["introduction_id"]),
     )
     assert again["type"] == "error"
     await a.disconnect()
@@ -177,13 +182,7 @@ async def test_an_introduction_gives_both_sides_the_others_endpoints_a_key_and_a
 
 async def test_a_refusing_peer_makes_the_request_fail_with_its_reason() -> None:
     a, b = await connected("a", 1), await connected("b", 2)
-    request = {
-        "type": "connect_request",
-        "peer_id": "b",
-        "request_id": "r",
-        "endpoints": endpoints(5000),
-        "nat_mapping": CONE,
-    }
+    request = connect_request("b")
     await ask(a, request)
     asked = await b.receive_json_from(timeout=3)
     acknowledged = await ask(
@@ -223,13 +222,7 @@ async def test_requests_that_cannot_succeed_fail_at_once(
     await report_nat(b, SYMMETRIC, 6000)
     reply = await ask(
         a,
-        {
-            "type": "connect_request",
-            "peer_id": peer_id,
-            "request_id": "r",
-            "endpoints": endpoints(5000),
-            "nat_mapping": mine,
-        },
+        connect_request(peer_id, mapping=mine),
     )
     assert (reply["type"], reply["code"]) == ("connect_failed", code)
     if code == "PUNCH_IMPOSSIBLE":
@@ -340,23 +333,12 @@ async def test_the_requested_side_is_told_why_when_both_nats_are_symmetric() -> 
     a, b = await connected("a", 1), await connected("b", 2)
     await ask(
         a,
-        {
-            "type": "connect_request",
-            "peer_id": "b",
-            "request_id": "r",
-            "endpoints": endpoints(5000),
-            "nat_mapping": SYMMETRIC,
-        },
+        connect_request("b", mapping=SYMMETRIC),
     )
     asked = await b.receive_json_from(timeout=3)
     for_b = await ask(
         b,
-        {
-            "type": "introduction_accept",
-            "introduction_id": asked["introduction_id"],
-            "endpoints": endpoints(6000),
-            "nat_mapping": SYMMETRIC,
-        },
+        accept(asked["introduction_id"], mapping=SYMMETRIC),
     )
     for_a = await a.receive_json_from(timeout=3)
     assert for_a["code"] == for_b["code"] == "PUNCH_IMPOSSIBLE"
@@ -367,13 +349,7 @@ async def test_the_requested_side_is_told_why_when_both_nats_are_symmetric() -> 
 
 async def test_connect_requests_beyond_the_burst_are_refused_without_bothering_the_peer() -> None:
     a, b = await connected("a", 1), await connected("b", 2)
-    request = {
-        "type": "connect_request",
-        "peer_id": "b",
-        "endpoints": endpoints(5000),
-        "nat_mapping": CONE,
-    }
-    codes = [(await ask(a, {**request, "request_id": f"r{n}"})).get("code") for n in range(7)]
+    codes = [(await ask(a, connect_request("b", request_id=f"r{n}"))).get("code") for n in range(7)]
     assert codes[:5] == [None] * 5  # connect_pending
     assert codes[5:] == ["RATE_LIMITED"] * 2
     asked = [await b.receive_json_from(timeout=3) for _ in range(5)]
