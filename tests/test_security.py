@@ -51,6 +51,12 @@ async def welcome_or_close(comm: WebsocketCommunicator) -> tuple[dict, int | Non
     return first, closed["code"]
 
 
+def enrol(grant: enrolment.Enrolment, worker_id: str, instance_id: str) -> services.Registration:
+    """Bind `grant` to `worker_id` and register a connection for it, as the consumer does."""
+    request = services.RegistrationRequest(worker_id, "c", None, None)
+    return enrolment.enrol_and_register(grant, request, instance_id=instance_id)
+
+
 def new_key(**kwargs) -> str:
     kwargs.setdefault("name", "test")
     kwargs.setdefault("expires_in", DAY)
@@ -131,13 +137,9 @@ def test_a_single_use_key_spent_between_check_and_enrolment_enrols_nobody(
     first = enrolment.authenticate(worker_id="w1", bearer=secret)
     second = enrolment.authenticate(worker_id="w2", bearer=secret)
     instance = runtime.ensure_registered()
-    enrolment.enrol_and_register(
-        first, services.RegistrationRequest("w1", "c", None, None), instance_id=instance
-    )
+    enrol(first, "w1", instance)
     with pytest.raises(enrolment.AuthenticationFailed, match="no longer usable"):
-        enrolment.enrol_and_register(
-            second, services.RegistrationRequest("w2", "c", None, None), instance_id=instance
-        )
+        enrol(second, "w2", instance)
     assert list(Worker.objects.values_list("id", flat=True)) == ["w1"]
 
 
@@ -147,13 +149,9 @@ def test_two_parties_racing_to_enrol_one_id_cannot_both_win(runtime: InstanceRun
     first = enrolment.authenticate(worker_id="w1", bearer=key)
     second = enrolment.authenticate(worker_id="w1", bearer=key)
     instance = runtime.ensure_registered()
-    enrolment.enrol_and_register(
-        first, services.RegistrationRequest("w1", "c", None, None), instance_id=instance
-    )
+    enrol(first, "w1", instance)
     with pytest.raises(enrolment.AuthenticationFailed, match="is enrolled"):
-        enrolment.enrol_and_register(
-            second, services.RegistrationRequest("w1", "c", None, None), instance_id=instance
-        )
+        enrol(second, "w1", instance)
     worker = Worker.objects.get(id="w1")
     assert tokens.matches(first.credential.secret, worker.credential_digest)
     assert EnrolmentKey.objects.get().use_count == 1  # the loser's use was rolled back
@@ -165,11 +163,7 @@ def test_a_bound_id_takes_only_its_credential_whatever_key_is_presented(
     runtime: InstanceRuntime,
 ) -> None:
     grant = enrolment.authenticate(worker_id="w1", bearer=new_key())
-    enrolment.enrol_and_register(
-        grant,
-        services.RegistrationRequest("w1", "c", None, None),
-        instance_id=runtime.ensure_registered(),
-    )
+    enrol(grant, "w1", runtime.ensure_registered())
     assert enrolment.authenticate(worker_id="w1", bearer=grant.credential.secret) is None
     for bearer in [new_key(reusable=True), None, "rvc_" + "A" * 43, grant.credential.secret[:-1]]:
         with pytest.raises(enrolment.AuthenticationFailed, match="is enrolled"):
@@ -183,11 +177,7 @@ def test_a_credential_is_bound_to_its_own_id_only(runtime: InstanceRuntime) -> N
     grants = {}
     for worker_id in ("w1", "w2"):
         grants[worker_id] = enrolment.authenticate(worker_id=worker_id, bearer=key)
-        enrolment.enrol_and_register(
-            grants[worker_id],
-            services.RegistrationRequest(worker_id, "c", None, None),
-            instance_id=instance,
-        )
+        enrol(grants[worker_id], worker_id, instance)
     with pytest.raises(enrolment.AuthenticationFailed):
         enrolment.authenticate(worker_id="w2", bearer=grants["w1"].credential.secret)
     with pytest.raises(enrolment.AuthenticationFailed, match="invalid enrolment key"):
@@ -363,11 +353,7 @@ def test_a_staff_session_opens_the_views_and_a_plain_user_does_not(secured, clie
 @pytest.mark.django_db
 def test_the_api_shows_tags_enrolment_and_bans(runtime: InstanceRuntime, client: Client) -> None:
     grant = enrolment.authenticate(worker_id="w1", bearer=new_key(tags=["gpu", "eu"]))
-    enrolment.enrol_and_register(
-        grant,
-        services.RegistrationRequest("w1", "c", None, None),
-        instance_id=runtime.ensure_registered(),
-    )
+    enrol(grant, "w1", runtime.ensure_registered())
     Worker.objects.create(id="w2", first_seen=timezone.now(), last_seen=timezone.now())
     body = client.get("/api/workers/?tag=gpu").json()
     assert [w["id"] for w in body["results"]] == ["w1"]
@@ -435,17 +421,13 @@ def test_an_enrolment_whose_welcome_was_lost_can_be_redone_with_the_same_key_onl
     instance = runtime.ensure_registered()
     key = new_key()  # single-use
     first = enrolment.authenticate(worker_id="w1", bearer=key)
-    registration = enrolment.enrol_and_register(
-        first, services.RegistrationRequest("w1", "c", None, None), instance_id=instance
-    )
+    registration = enrol(first, "w1", instance)
     # The welcome never arrived: the worker comes back with its key, not a credential.
     with pytest.raises(enrolment.AuthenticationFailed, match="is enrolled"):
         enrolment.authenticate(worker_id="w1", bearer=new_key(reusable=True))  # another key
     again = enrolment.authenticate(worker_id="w1", bearer=key)
     assert again is not None and again.again
-    enrolment.enrol_and_register(
-        again, services.RegistrationRequest("w1", "c", None, None), instance_id=instance
-    )
+    enrol(again, "w1", instance)
     worker = Worker.objects.get(id="w1")
     assert tokens.matches(again.credential.secret, worker.credential_digest)
     assert EnrolmentKey.objects.get(digest=tokens.digest(key)).use_count == 1  # spent once
