@@ -25,7 +25,7 @@ from django.utils.timesince import timesince
 from django.views.decorators.http import require_POST
 
 from registry import control, enrolment
-from registry.models import Connection, ServerInstance, Worker
+from registry.models import Connection, PeerConnection, ServerInstance, Worker
 from registry.selectors import RECENT_CONNECTIONS, registry_overview
 
 OBSERVED_WORKER_FIELDS = (
@@ -452,6 +452,57 @@ class ConnectionAdmin(admin.ModelAdmin):
     @admin.display(description="state")
     def state_badge(self, connection: Connection) -> SafeString:
         return badge("open" if connection.is_open else "closed")
+
+
+class OpenPeerConnectionFilter(admin.SimpleListFilter):
+    title = "state"
+    parameter_name = "open"
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
+        return [("1", "open"), ("0", "ended")]
+
+    def queryset(
+        self, request: HttpRequest, queryset: QuerySet[PeerConnection]
+    ) -> QuerySet[PeerConnection]:
+        if self.value() == "1":
+            return queryset.open()
+        if self.value() == "0":
+            return queryset.exclude(pk__in=queryset.open().values("pk"))
+        return queryset
+
+
+@admin.register(PeerConnection)
+class PeerConnectionAdmin(admin.ModelAdmin):
+    """Introductions between workers: who asked whom, how it went, which path it took."""
+
+    list_display = (
+        "short_id",
+        "requester_id",
+        "target_id",
+        "outcome",
+        "path_kind",
+        "setup_ms",
+        "relayed_bytes",
+        "requested_at",
+        "closed_at",
+    )
+    list_filter = (OpenPeerConnectionFilter, "outcome", "path_kind")
+    search_fields = ("id", "requester_id", "target_id")
+    date_hierarchy = "requested_at"
+    readonly_fields = [field.name for field in PeerConnection._meta.fields]
+    show_full_result_count = False
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(
+        self, request: HttpRequest, obj: PeerConnection | None = None
+    ) -> bool:
+        return False
+
+    @admin.display(description="introduction", ordering="id")
+    def short_id(self, record: PeerConnection) -> str:
+        return record.id[:8]
 
 
 @admin.register(ServerInstance)

@@ -7,6 +7,8 @@ from typing import Any
 from django.conf import settings
 from django.core.checks import Error, Warning, register
 
+from registry import turn
+
 
 @register()
 def check_rendezvous_settings(app_configs: Any = None, **kwargs: Any) -> list[Any]:
@@ -54,4 +56,54 @@ def check_rendezvous_settings(app_configs: Any = None, **kwargs: Any) -> list[An
                     id="rendezvous.E004",
                 )
             )
+    problems += _turn_problems(config)
+    return problems
+
+
+def _turn_problems(config: dict[str, Any]) -> list[Any]:
+    problems: list[Any] = []
+    for entry in config["TURN_SERVERS"]:
+        if turn.parse_server(entry) is None:
+            problems.append(
+                Error(
+                    f"RENDEZVOUS_TURN_SERVERS entry {entry!r} is not host:port.",
+                    hint="e.g. RENDEZVOUS_TURN_SERVERS=turn.example.com:3478",
+                    id="rendezvous.E005",
+                )
+            )
+    servers, secret = config["TURN_SERVERS"], config["TURN_SECRET"]
+    if servers and not secret:
+        problems.append(
+            Error(
+                "RENDEZVOUS_TURN_SERVERS is set but RENDEZVOUS_TURN_SECRET is not: the service "
+                "cannot mint TURN credentials.",
+                hint="Set RENDEZVOUS_TURN_SECRET to coturn's --static-auth-secret.",
+                id="rendezvous.E006",
+            )
+        )
+    elif secret and len(secret) < turn.MIN_SECRET_LENGTH:
+        problems.append(
+            Error(
+                f"RENDEZVOUS_TURN_SECRET is shorter than {turn.MIN_SECRET_LENGTH} characters: "
+                "whoever guesses it mints TURN credentials.",
+                hint="e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))'",
+                id="rendezvous.E006",
+            )
+        )
+    if secret and not servers:
+        problems.append(
+            Warning(
+                "RENDEZVOUS_TURN_SECRET is set but RENDEZVOUS_TURN_SERVERS is empty: no TURN "
+                "credentials are minted.",
+                id="rendezvous.W002",
+            )
+        )
+    if config["TURN_TTL"] < 60:
+        problems.append(
+            Error(
+                "RENDEZVOUS_TURN_TTL must be at least 60 seconds: shorter credentials expire "
+                "before a TURN allocation is refreshed.",
+                id="rendezvous.E007",
+            )
+        )
     return problems

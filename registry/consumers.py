@@ -27,20 +27,17 @@ from registry import (
     tokens,
 )
 from registry.addresses import observed_address
+from registry.introductions import PeerSide
 from registry.logs import InstanceLogAdapter
 from registry.origins import origin_allowed
 from registry.ratelimit import TokenBucket
-from registry.runtime import DELIVER, SUPERSEDE, get_runtime
+from registry.runtime import SUPERSEDE, get_runtime
 
 log = InstanceLogAdapter(logging.getLogger("registry.consumers"), lambda: get_runtime().instance_id)
 
 # Dropped messages count towards the 4029 close only while the drops keep coming: a gap this
 # long (seconds) without one starts the count again.
 FLOOD_MEMORY = 10.0
-
-# What a DELIVER message carries (runtime.DELIVER): a frame to pass on, or a request to hold.
-FRAME = "frame"
-INTRODUCTION_REQUEST = "introduction_request"
 
 
 class RegisterConsumer(AsyncWebsocketConsumer):
@@ -49,8 +46,7 @@ class RegisterConsumer(AsyncWebsocketConsumer):
     worker_id: str = ""
     tags: str = ""
     connection_id: int | None = None
-    _pending: introductions.PendingIntroductions | None = None
-    _introduction_bucket: TokenBucket | None = None
+    _peer_side: PeerSide | None = None
     _confirm_credential = False
     _server_close_code: int | None = None
     _last_heartbeat: float | None = None
@@ -153,7 +149,13 @@ class RegisterConsumer(AsyncWebsocketConsumer):
         # Held from here on, and nothing is awaited after it: a consumer cancelled before this
         # line leaves a row without a socket, which reconciliation closes; one cancelled after
         # an await here would leave a socket entry that nothing ever removes.
-        runtime.attach(self.connection_id, self.close_with, self.observed_ip, self.deliver)
+        runtime.attach(
+            self.connection_id,
+            self.close_with,
+            self.observed_ip,
+            deliver=self.deliver,
+            relay=self.relayed_to_me,
+        )
         runtime.peers.joined(self.worker_id, self.tags)
         log.info(
             "worker=%s connection=%s registered from %s:%s%s%s",
@@ -213,18 +215,16 @@ class RegisterConsumer(AsyncWebsocketConsumer):
         if self.connection_id is None:
             return
         metrics.message_received()
+        if text_data is None:
+            # Binary frames are relay frames, budgeted by the relay, not the message rate limit.
+            await self._relay(bytes_data or b"")
+            return
         if not self.bucket.take():
             await self._drop_for_rate_limit()
             return
         self.rate_limited_streak = False
         try:
-            if self._confirm_credential:
-                await database_sync_to_async(enrolment.confirm_credential)(
-                    connection_id=self.connection_id
-                )
-                self._confirm_credential = False
-            if text_data is None:
-                raise protocol.BinaryNotSupported("binary frames are not part of the protocol")
+            await self._confirm()
             message = protocol.parse_client_message(text_data, max_bytes=self.max_frame_bytes)
             reply = await self.handle(message)
         except DatabaseError as exc:
@@ -253,9 +253,56 @@ class RegisterConsumer(AsyncWebsocketConsumer):
             )
             reply = protocol.error(protocol.Unavailable("service busy; send it again later"))
             metrics.protocol_error(protocol.ErrorCode.UNAVAILABLE)
-        await self.send(reply)
+        if reply is not None:
+            await self.send(reply)
 
-    async def handle(self, message: protocol.ClientMessage) -> str:
+    async def _confirm(self) -> None:
+        """An enrolment is confirmed by the first frame the enrolled worker sends."""
+        if self._confirm_credential:
+            await database_sync_to_async(enrolment.confirm_credential)(
+                connection_id=self.connection_id
+            )
+            self._confirm_credential = False
+
+    async def _relay(self, frame: bytes) -> None:
+        try:
+            await self._confirm()
+            refused = await self.peer_side.relay.from_worker(frame)
+        except DatabaseError as exc:
+            log.error("worker=%s relay frame dropped: %s", self.worker_id, exc)
+            return
+        except Exception:  # the channel layer away: these datagrams are lost, as on UDP
+            log.exception("worker=%s relay frame failed", self.worker_id)
+            return
+        if refused is not None:
+            log.info(
+                "worker=%s connection=%s %s: %s",
+                self.worker_id,
+                self.connection_id,
+                refused.code,
+                refused.message,
+            )
+            metrics.protocol_error(refused.code)
+            await self.send(protocol.error(refused))
+
+    @property
+    def peer_side(self) -> PeerSide:
+        """This connection's part in introductions and the relay, made on first use."""
+        if self._peer_side is None:
+            self._peer_side = PeerSide(
+                worker_id=self.worker_id,
+                connection_id=self.connection_id or 0,
+                runtime=get_runtime(),
+                send=self.send,
+                send_bytes=self._send_bytes,
+                base_send=self.base_send,
+            )
+        return self._peer_side
+
+    async def _send_bytes(self, frame: bytes) -> None:
+        await self.send(bytes_data=frame)
+
+    async def handle(self, message: protocol.ClientMessage) -> str | None:
         match message:
             case protocol.RegisterPublicIp(ip=ip):
                 stored = await database_sync_to_async(services.report_public_ip)(
@@ -307,183 +354,35 @@ class RegisterConsumer(AsyncWebsocketConsumer):
                 get_runtime().peers.unsubscribe(self.connection_id)
                 return protocol.peers_unsubscribed()
             case protocol.ConnectRequest():
-                return await self._request_introduction(message)
+                return await self.peer_side.request(message)
             case protocol.IntroductionAccept() | protocol.IntroductionReject():
-                return await self._answer_introduction(message)
-            case protocol.PunchResult(introduction_id=introduction_id, ok=ok, detail=detail):
-                metrics.punch_result(ok)
-                log.info(
-                    "worker=%s introduction=%s punch %s%s",
-                    self.worker_id,
-                    introduction_id,
-                    "succeeded" if ok else "failed",
-                    f": {detail}" if detail else "",
-                )
-                return protocol.punch_result_recorded(introduction_id)
+                return await self.peer_side.answer(message)
+            case protocol.IceCandidates():
+                await self.peer_side.ice_candidates(message)
+                return None  # passed on; the peer answers with its own
+            case protocol.PathReport():
+                return await self.peer_side.path_report(message)
+            case protocol.PeerClose():
+                return await self.peer_side.close(message)
         raise AssertionError(f"unhandled message {message!r}")
 
-    # ---- introductions (registry/introductions.py) ---------------------------------------------
-
-    async def _request_introduction(self, request: protocol.ConnectRequest) -> str:
-        """This worker (A) asks to reach `request.peer_id` (B): ask B, on whichever instance."""
-
-        def failed(code: protocol.ConnectFailure, reason: str) -> str:
-            metrics.introduction(code)
-            log.info(
-                "worker=%s connect to %s failed: %s %s",
-                self.worker_id,
-                request.peer_id,
-                code,
-                reason,
-            )
-            return protocol.connect_failed(
-                request_id=request.request_id, peer_id=request.peer_id, code=code, reason=reason
-            )
-
-        if request.peer_id == self.worker_id:
-            return failed(protocol.ConnectFailure.NOT_YOURSELF, "a worker cannot reach itself")
-        if self._introduction_bucket is None:
-            self._introduction_bucket = TokenBucket(
-                rate=introductions.REQUEST_RATE, burst=introductions.REQUEST_BURST
-            )
-        if not self._introduction_bucket.take():
-            return failed(
-                protocol.ConnectFailure.RATE_LIMITED,
-                f"at most {introductions.REQUEST_RATE:g} connect request a second; slow down",
-            )
-        target = await database_sync_to_async(selectors.peer_target)(request.peer_id)
-        if target is None:
-            return failed(
-                protocol.ConnectFailure.PEER_UNAVAILABLE,
-                f"worker {request.peer_id} is not connected",
-            )
-        impossible = introductions.punch_impossible(request.nat_mapping, target.nat_mapping)
-        if impossible:
-            return failed(protocol.ConnectFailure.PUNCH_IMPOSSIBLE, impossible)
-        runtime = get_runtime()
-        introduction_id = introductions.new_introduction_id()
-        await runtime.send_command(
-            target.channel_name,
-            DELIVER,
-            target.connection_id,
-            event=INTRODUCTION_REQUEST,
-            **introductions.request_message(
-                introduction_id=introduction_id,
-                requester_id=self.worker_id,
-                requester_channel=runtime.channel_name,
-                requester_connection_id=self.connection_id or 0,
-                request=request,
-                key=introductions.new_key(),
-            ),
-        )
-        log.info(
-            "worker=%s introduction=%s asks to reach %s",
-            self.worker_id,
-            introduction_id,
-            request.peer_id,
-        )
-        return protocol.connect_pending(
-            request_id=request.request_id,
-            introduction_id=introduction_id,
-            peer_id=request.peer_id,
-        )
+    # ---- from other consumers (runtime.DELIVER, runtime.RELAY) -------------------------------
 
     async def deliver(self, message: dict[str, Any]) -> None:
         """A message from another consumer through the channel layer (runtime.DELIVER)."""
         event = message.get("event")
-        if event == FRAME:
+        if event == introductions.FRAME:
             await self.send(message["frame"])
-        elif event == INTRODUCTION_REQUEST:
-            pending = introductions.Pending.from_message(message)
-            if self._pending is None:
-                self._pending = introductions.PendingIntroductions()
-            if not self._pending.add(pending):
-                self._introduction_failed(
-                    pending, protocol.ConnectFailure.PEER_REFUSED, "too many pending"
-                )
-                await self._to_requester(
-                    pending,
-                    protocol.connect_failed(
-                        request_id=pending.request_id,
-                        peer_id=self.worker_id,
-                        code=protocol.ConnectFailure.PEER_REFUSED,
-                        reason="the peer has too many introductions pending",
-                        introduction_id=pending.introduction_id,
-                    ),
-                )
-                return
-            await self.send(
-                protocol.introduction_request(
-                    introduction_id=pending.introduction_id,
-                    peer_id=pending.requester_id,
-                    peer_nat_mapping=pending.nat_mapping,
-                )
-            )
+        elif event == introductions.INTRODUCTION_REQUEST:
+            await self.peer_side.requested(message)
+        elif event == introductions.INTRODUCED:
+            await self.peer_side.introduced(message)
+        elif event == introductions.LINK_CLOSED:
+            await self.peer_side.link_closed(message)
 
-    async def _answer_introduction(
-        self, answer: protocol.IntroductionAccept | protocol.IntroductionReject
-    ) -> str:
-        """This worker (B) answers a request: both sides get their `introduction`, or A is told
-        why not."""
-        pending = self._pending.take(answer.introduction_id) if self._pending else None
-        if pending is None:
-            raise protocol.InvalidField("no introduction pending under that id (expired?)")
-
-        def failure(code: protocol.ConnectFailure, reason: str, *, for_me: bool) -> str:
-            return protocol.connect_failed(
-                request_id=pending.request_id,
-                peer_id=pending.requester_id if for_me else self.worker_id,
-                code=code,
-                reason=reason,
-                introduction_id=pending.introduction_id,
-            )
-
-        if isinstance(answer, protocol.IntroductionReject):
-            reason = answer.reason or "the peer does not accept connections"
-            code = protocol.ConnectFailure.PEER_REFUSED
-            await self._to_requester(pending, failure(code, reason, for_me=False))
-            self._introduction_failed(pending, code, reason)
-            return protocol.introduction_rejected(answer.introduction_id)
-        impossible = introductions.punch_impossible(pending.nat_mapping, answer.nat_mapping)
-        if impossible:
-            code = protocol.ConnectFailure.PUNCH_IMPOSSIBLE
-            await self._to_requester(pending, failure(code, impossible, for_me=False))
-            self._introduction_failed(pending, code, impossible)
-            return failure(code, impossible, for_me=True)
-        for_requester, for_me = introductions.introductions(
-            pending, answer, target_id=self.worker_id, now=time.time()
-        )
-        await self._to_requester(pending, for_requester)
-        metrics.introduction(None)
-        log.info(
-            "worker=%s introduction=%s introduced to %s",
-            self.worker_id,
-            pending.introduction_id,
-            pending.requester_id,
-        )
-        return for_me
-
-    def _introduction_failed(
-        self, pending: introductions.Pending, code: protocol.ConnectFailure, reason: str
-    ) -> None:
-        metrics.introduction(code)
-        log.info(
-            "worker=%s introduction=%s from %s failed: %s %s",
-            self.worker_id,
-            pending.introduction_id,
-            pending.requester_id,
-            code,
-            reason,
-        )
-
-    async def _to_requester(self, pending: introductions.Pending, frame: str) -> None:
-        await get_runtime().send_command(
-            pending.requester_channel,
-            DELIVER,
-            pending.requester_connection_id,
-            event=FRAME,
-            frame=frame,
-        )
+    async def relayed_to_me(self, frame: bytes) -> None:
+        """A relay frame from a peer of this worker (runtime.RELAY)."""
+        await self.peer_side.relayed_to_me(frame)
 
     async def _drop_for_rate_limit(self) -> None:
         now = time.monotonic()
@@ -512,6 +411,11 @@ class RegisterConsumer(AsyncWebsocketConsumer):
         reason = protocol.describe_close(final_code, by_server=by_server)
         metrics.closed(final_code)
         runtime = get_runtime()
+        if self._peer_side is not None:
+            try:  # its peers hear at once; pending requests to it fail
+                await self._peer_side.disconnected()
+            except Exception:  # the channel layer away: their links end with their own sockets
+                log.warning("worker=%s peers not told of the close", self.worker_id, exc_info=True)
         try:
             ended = await runtime.closes.submit(
                 services.CloseRequest(self.connection_id, final_code or 1006, reason)

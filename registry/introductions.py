@@ -1,61 +1,76 @@
-"""Introductions: how two workers are told about each other so they can punch a UDP path.
+"""Introductions: how two workers are told about each other, and what they get from it.
 
-A asks to reach B (`connect_request`, with A's candidate endpoints); the service asks B
-(`introduction_request`); B answers with its own endpoints (`introduction_accept`); the service
-sends both an `introduction` with the other's endpoints, a fresh key for authenticating the
-probes, and a common start time. Between B's instance receiving the request and B's answer, the
-request waits in B's consumer (`Pending`), so no state is shared between instances.
+A asks to reach B (`connect_request`); the service asks B (`introduction_request`), on whichever
+instance holds it; B accepts or refuses at once. On acceptance both sides get an `introduction`:
+from then on the service relays their binary frames (registry/relay.py) and their ICE candidates,
+and each side has TURN credentials of its own when TURN is configured. While B decides, the
+request waits in B's consumer (`Pending`); afterwards each side's consumer keeps a `PeerLink`
+to the other. No state is shared between instances: consumers talk through the channel layer.
+
+`PeerSide` is one connection's part in all of this; the consumer hands it the peer messages.
 """
 
 from __future__ import annotations
 
-import secrets
+import asyncio
+import logging
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from registry import protocol
+from channels.db import database_sync_to_async
+from django.conf import settings
 
-# How long B has to answer an introduction request.
-PENDING_TTL = 30.0
-# Both sides start probing this long after the service sends the introductions: enough for the
-# frames to reach two instances and two agents.
-START_LEAD = 0.5
+from registry import metrics, protocol, selectors, services, turn
+from registry.logs import InstanceLogAdapter
+from registry.ratelimit import TokenBucket
+from registry.relay import PeerLink, PeerLinks, RelayPort, SendWindow
+from registry.runtime import DELIVER, InstanceRuntime, get_runtime
+
+log = InstanceLogAdapter(
+    logging.getLogger("registry.introductions"), lambda: get_runtime().instance_id
+)
+
+# B's agent answers an introduction request at once (accepting needs no network work); one that
+# has not answered by then is taken as unresponsive, so A hears within 2 s either way.
+ANSWER_TIMEOUT = 1.5
 MAX_PENDING = 32  # per connection: a worker cannot be made to hold unbounded state
-# Connect requests per connection: a burst, then one a second. Each makes the peer's agent open
-# a socket and probe, so a worker must not be able to set many peers probing at once.
+# Connect requests per connection: a burst, then one a second.
 REQUEST_RATE = 1.0
 REQUEST_BURST = 5
-KEY_BYTES = 32
 
 ROLE_INITIATOR = "initiator"
 ROLE_RESPONDER = "responder"
+
+# What one consumer asks another through the channel layer (runtime.DELIVER `event`).
+FRAME = "frame"  # pass a text frame to the worker
+INTRODUCTION_REQUEST = "introduction_request"  # A's request, for B to decide
+INTRODUCED = "introduced"  # B accepted: A's link and A's introduction frame
+LINK_CLOSED = "link_closed"  # the other side ended the introduction
+
+Send = Callable[[str], Awaitable[None]]
 
 
 def new_introduction_id() -> str:
     return uuid.uuid4().hex
 
 
-def new_key() -> str:
-    """The probes' HMAC key, as hex: from the service, so a stranger cannot forge a probe."""
-    return secrets.token_hex(KEY_BYTES)
+def outdated(version: int) -> bool:
+    return version < protocol.PEER_PROTOCOL_VERSION
 
 
-def punch_impossible(mine: str | None, theirs: str | None) -> str | None:
-    """Why no direct path can be punched between NATs with these mappings, or None to try.
-
-    Two endpoint-dependent ("symmetric") NATs each give the peer a port it cannot predict, so
-    neither side's probes can ever land. One endpoint-dependent NAT may still work when the
-    other side is a full cone (it answers wherever a probe came from), so that is tried.
-    """
-    dependent = protocol.NatMapping.ENDPOINT_DEPENDENT
-    if mine == dependent and theirs == dependent:
-        return (
-            "both NATs map endpoint-dependently (symmetric NAT): no direct UDP path can be "
-            "punched between them; a relay would be needed, and Rendezvous has none yet"
-        )
-    return None
+def turn_credentials(worker_id: str) -> dict[str, Any] | None:
+    """This worker's TURN credentials for one introduction, or None without TURN."""
+    config = settings.RENDEZVOUS
+    credentials = turn.mint(
+        servers=config["TURN_SERVERS"],
+        secret=config["TURN_SECRET"],
+        name=worker_id,
+        ttl=config["TURN_TTL"],
+    )
+    return None if credentials is None else credentials.as_dict()
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,10 +82,7 @@ class Pending:
     requester_channel: str
     requester_connection_id: int
     request_id: str
-    endpoints: list[dict[str, Any]]
-    nat_mapping: str
-    key: str
-    expires_at: float = field(default_factory=lambda: time.monotonic() + PENDING_TTL)
+    expires_at: float = field(default_factory=lambda: time.monotonic() + ANSWER_TIMEOUT)
 
     @classmethod
     def from_message(cls, message: dict[str, Any]) -> Pending:
@@ -80,77 +92,465 @@ class Pending:
             requester_channel=message["requester_channel"],
             requester_connection_id=message["requester_connection_id"],
             request_id=message["request_id"],
-            endpoints=message["endpoints"],
-            nat_mapping=message["nat_mapping"],
-            key=message["key"],
         )
+
+    def as_message(self) -> dict[str, Any]:
+        return {
+            "introduction_id": self.introduction_id,
+            "requester_id": self.requester_id,
+            "requester_channel": self.requester_channel,
+            "requester_connection_id": self.requester_connection_id,
+            "request_id": self.request_id,
+        }
 
 
 class PendingIntroductions:
+    """Requests waiting for this connection's answer. Each is removed by its answer or by its
+    expiry timer (`PeerSide._expire`), which tells the requester."""
+
     def __init__(self) -> None:
         self._pending: dict[str, Pending] = {}
 
     def add(self, pending: Pending) -> bool:
-        self._prune()
         if len(self._pending) >= MAX_PENDING:
             return False
         self._pending[pending.introduction_id] = pending
         return True
 
     def take(self, introduction_id: str) -> Pending | None:
-        self._prune()
+        """The request, to answer it; None if unknown, answered or expired (an expired one is
+        left for its timer)."""
+        pending = self._pending.get(introduction_id)
+        if pending is None or pending.expires_at <= time.monotonic():
+            return None
+        return self._pending.pop(introduction_id)
+
+    def expire(self, introduction_id: str) -> Pending | None:
+        """The request, if it is still unanswered at its expiry (the answer timer's call)."""
         return self._pending.pop(introduction_id, None)
 
-    def _prune(self) -> None:
-        now = time.monotonic()
-        self._pending = {k: p for k, p in self._pending.items() if p.expires_at > now}
+    def drain(self) -> list[Pending]:
+        pending, self._pending = list(self._pending.values()), {}
+        return pending
 
 
-def request_message(
-    *,
-    introduction_id: str,
-    requester_id: str,
-    requester_channel: str,
-    requester_connection_id: int,
-    request: protocol.ConnectRequest,
-    key: str,
-) -> dict[str, Any]:
-    """What the requester's instance sends the target's consumer (plain JSON-able values)."""
-    return {
-        "introduction_id": introduction_id,
-        "requester_id": requester_id,
-        "requester_channel": requester_channel,
-        "requester_connection_id": requester_connection_id,
-        "request_id": request.request_id,
-        "endpoints": [e.as_dict() for e in request.endpoints],
-        "nat_mapping": str(request.nat_mapping),
-        "key": key,
-    }
+class PeerSide:
+    """One connection's part in introductions: as requester (A), as target (B), and afterwards
+    as one end of a peer link (ICE candidates, relay frames, path reports, the close)."""
 
+    def __init__(
+        self,
+        *,
+        worker_id: str,
+        connection_id: int,
+        runtime: InstanceRuntime,
+        send: Send,
+        send_bytes: Callable[[bytes], Awaitable[None]],
+        base_send: Callable[..., Any],
+    ) -> None:
+        config = settings.RENDEZVOUS
+        self.worker_id = worker_id
+        self.connection_id = connection_id
+        self.runtime = runtime
+        self._send = send
+        self._send_bytes = send_bytes
+        self._base_send = base_send
+        self._pending = PendingIntroductions()
+        self._requests = TokenBucket(rate=REQUEST_RATE, burst=REQUEST_BURST)
+        self.links = PeerLinks(config["RELAY_MAX_PEERS"])
+        self.relay = RelayPort(
+            links=self.links,
+            forward=self._forward,
+            bytes_per_second=config["RELAY_BYTES_PER_SECOND"],
+            frames_per_second=config["RELAY_FRAMES_PER_SECOND"],
+        )
+        self._window: SendWindow | None = None
+        self._window_tried = False
 
-def introductions(
-    pending: Pending, accept: protocol.IntroductionAccept, *, target_id: str, now: float
-) -> tuple[str, str]:
-    """The two `introduction` frames: (for the requester, for the target)."""
-    start_at = now + START_LEAD
-    for_requester = protocol.introduction(
-        introduction_id=pending.introduction_id,
-        request_id=pending.request_id,
-        peer_id=target_id,
-        peer_endpoints=[e.as_dict() for e in accept.endpoints],
-        peer_nat_mapping=str(accept.nat_mapping),
-        key=pending.key,
-        start_at=start_at,
-        role=ROLE_INITIATOR,
-    )
-    for_target = protocol.introduction(
-        introduction_id=pending.introduction_id,
-        request_id=None,
-        peer_id=pending.requester_id,
-        peer_endpoints=pending.endpoints,
-        peer_nat_mapping=pending.nat_mapping,
-        key=pending.key,
-        start_at=start_at,
-        role=ROLE_RESPONDER,
-    )
-    return for_requester, for_target
+    # ---- A: asking to reach a peer ---------------------------------------------------------
+
+    async def request(self, request: protocol.ConnectRequest) -> str:
+        """This worker (A) asks to reach `request.peer_id` (B): ask B, on whichever instance."""
+
+        def failed(code: protocol.ConnectFailure, reason: str) -> str:
+            self._failed(code, reason, peer_id=request.peer_id, introduction_id="")
+            return protocol.connect_failed(
+                request_id=request.request_id, peer_id=request.peer_id, code=code, reason=reason
+            )
+
+        if request.peer_id == self.worker_id:
+            return failed(protocol.ConnectFailure.NOT_YOURSELF, "a worker cannot reach itself")
+        if outdated(request.protocol_version):
+            return failed(
+                protocol.ConnectFailure.AGENT_OUTDATED,
+                f"this service speaks peer protocol {protocol.PEER_PROTOCOL_VERSION} (ICE and a "
+                "relay); this agent is older: upgrade rendezvous-worker-agent",
+            )
+        if not self._requests.take():
+            return failed(
+                protocol.ConnectFailure.RATE_LIMITED,
+                f"at most {REQUEST_RATE:g} connect request a second; slow down",
+            )
+        if self.links.full():
+            return failed(protocol.ConnectFailure.TOO_MANY_PEERS, self._too_many(self.worker_id))
+        target = await database_sync_to_async(selectors.peer_target)(request.peer_id)
+        if target is None:
+            return failed(
+                protocol.ConnectFailure.PEER_UNAVAILABLE,
+                f"worker {request.peer_id} is not connected",
+            )
+        pending = Pending(
+            introduction_id=new_introduction_id(),
+            requester_id=self.worker_id,
+            requester_channel=self.runtime.channel_name,
+            requester_connection_id=self.connection_id,
+            request_id=request.request_id,
+        )
+        await self.runtime.send_command(
+            target.channel_name,
+            DELIVER,
+            target.connection_id,
+            event=INTRODUCTION_REQUEST,
+            **pending.as_message(),
+            bounce=self._bounce(
+                event=FRAME,
+                frame=protocol.connect_failed(
+                    request_id=request.request_id,
+                    peer_id=request.peer_id,
+                    code=protocol.ConnectFailure.PEER_UNAVAILABLE,
+                    reason=f"worker {request.peer_id} went offline",
+                    introduction_id=pending.introduction_id,
+                ),
+            ),
+        )
+        log.info(
+            "worker=%s introduction=%s asks to reach %s",
+            self.worker_id,
+            pending.introduction_id,
+            request.peer_id,
+        )
+        return protocol.connect_pending(
+            request_id=request.request_id,
+            introduction_id=pending.introduction_id,
+            peer_id=request.peer_id,
+        )
+
+    # ---- B: deciding ---------------------------------------------------------------------------
+
+    async def requested(self, message: dict[str, Any]) -> None:
+        """A's request reached this connection (B): hold it and ask the worker."""
+        pending = Pending.from_message(message)
+        if not self._pending.add(pending):
+            await self._refuse(pending, "the peer has too many introductions pending")
+            return
+        self.runtime.spawn(self._expire(pending), what="introduction answer timeout")
+        await self._send(
+            protocol.introduction_request(
+                introduction_id=pending.introduction_id, peer_id=pending.requester_id
+            )
+        )
+
+    async def _expire(self, pending: Pending) -> None:
+        await asyncio.sleep(max(0.0, pending.expires_at - time.monotonic()))
+        if self._pending.expire(pending.introduction_id) is None:
+            return  # answered (or failed otherwise)
+        reason = f"worker {self.worker_id} did not answer within {ANSWER_TIMEOUT:g}s"
+        code = protocol.ConnectFailure.PEER_UNRESPONSIVE
+        await self._to_requester(pending, self._failure(pending, code, reason))
+        self._failed(code, reason, peer_id=pending.requester_id, pending=pending)
+
+    async def answer(
+        self, answer: protocol.IntroductionAccept | protocol.IntroductionReject
+    ) -> str:
+        """This worker (B) answers: both sides get their `introduction`, or A is told why not."""
+        pending = self._pending.take(answer.introduction_id)
+        if pending is None:
+            raise protocol.InvalidField("no introduction pending under that id (expired?)")
+        if isinstance(answer, protocol.IntroductionReject):
+            await self._refuse(pending, answer.reason or "the peer does not accept connections")
+            return protocol.introduction_rejected(answer.introduction_id)
+        if outdated(answer.protocol_version):
+            code = protocol.ConnectFailure.AGENT_OUTDATED
+            reason = f"worker {self.worker_id} runs an agent too old for peer connections"
+            await self._to_requester(pending, self._failure(pending, code, reason))
+            self._failed(code, reason, peer_id=pending.requester_id, pending=pending)
+            raise protocol.ProtocolError(
+                f"this service speaks peer protocol {protocol.PEER_PROTOCOL_VERSION}; "
+                "upgrade rendezvous-worker-agent",
+                code=protocol.ErrorCode.INVALID_FIELD,
+            )
+        if self.links.full():
+            code = protocol.ConnectFailure.TOO_MANY_PEERS
+            reason = self._too_many(self.worker_id)
+            await self._to_requester(pending, self._failure(pending, code, reason))
+            self._failed(code, reason, peer_id=pending.requester_id, pending=pending)
+            return self._failure(pending, code, reason, for_me=True)
+        mine = PeerLink(
+            introduction_id=pending.introduction_id,
+            peer_id=pending.requester_id,
+            peer_channel=pending.requester_channel,
+            peer_connection_id=pending.requester_connection_id,
+            initiator=False,
+        )
+        self.links.add(mine)
+        theirs = PeerLink(
+            introduction_id=pending.introduction_id,
+            peer_id=self.worker_id,
+            peer_channel=self.runtime.channel_name,
+            peer_connection_id=self.connection_id,
+            initiator=True,
+        )
+        turn_a, turn_b = turn_credentials(pending.requester_id), turn_credentials(self.worker_id)
+        if turn_a is not None:
+            metrics.turn_credentials(2)
+        await self.runtime.send_command(
+            pending.requester_channel,
+            DELIVER,
+            pending.requester_connection_id,
+            event=INTRODUCED,
+            link=theirs.as_message(),
+            frame=protocol.introduction(
+                introduction_id=pending.introduction_id,
+                request_id=pending.request_id,
+                peer_id=self.worker_id,
+                role=ROLE_INITIATOR,
+                turn=turn_a,
+            ),
+            bounce=self._bounce(
+                event=LINK_CLOSED,
+                introduction_id=pending.introduction_id,
+                reason=f"worker {pending.requester_id} went offline",
+            ),
+        )
+        metrics.introduction(None)
+        self.runtime.spawn(
+            database_sync_to_async(services.record_introduction)(
+                introduction_id=pending.introduction_id,
+                requester_id=pending.requester_id,
+                target_id=self.worker_id,
+                requester_connection_id=pending.requester_connection_id,
+                target_connection_id=self.connection_id,
+            ),
+            what=f"record of introduction {pending.introduction_id}",
+        )
+        log.info(
+            "worker=%s introduction=%s introduced to %s%s",
+            self.worker_id,
+            pending.introduction_id,
+            pending.requester_id,
+            ", with TURN credentials" if turn_b else "",
+        )
+        return protocol.introduction(
+            introduction_id=pending.introduction_id,
+            request_id=None,
+            peer_id=pending.requester_id,
+            role=ROLE_RESPONDER,
+            turn=turn_b,
+        )
+
+    async def _refuse(self, pending: Pending, reason: str) -> None:
+        code = protocol.ConnectFailure.PEER_REFUSED
+        await self._to_requester(pending, self._failure(pending, code, reason))
+        self._failed(code, reason, peer_id=pending.requester_id, pending=pending)
+
+    # ---- A: the introduction arrives ----------------------------------------------------------
+
+    async def introduced(self, message: dict[str, Any]) -> None:
+        link = PeerLink.from_message(message["link"])
+        if not self.links.add(link):  # filled up while B was deciding
+            reason = self._too_many(self.worker_id)
+            await self._tell_peer(link, event=LINK_CLOSED, reason=reason)
+            await self._send(
+                protocol.peer_closed(
+                    introduction_id=link.introduction_id, peer_id=link.peer_id, reason=reason
+                )
+            )
+            return
+        await self._send(message["frame"])
+
+    # ---- both: once introduced ------------------------------------------------------------------
+
+    async def ice_candidates(self, message: protocol.IceCandidates) -> None:
+        """Pass the candidates on to the peer; nothing is answered when that works."""
+        link = self._link(message.introduction_id)
+        await self._tell_peer(link, event=FRAME, frame=protocol.ice_candidates(message))
+
+    async def path_report(self, report: protocol.PathReport) -> str:
+        link = self._link(report.introduction_id)
+        metrics.peer_path(report.kind)
+        requester, target = (
+            (self.worker_id, link.peer_id) if link.initiator else (link.peer_id, self.worker_id)
+        )
+        await database_sync_to_async(services.record_path)(
+            introduction_id=report.introduction_id,
+            requester_id=requester,
+            target_id=target,
+            kind=report.kind,
+            remote=report.remote or "",
+            setup_ms=report.setup_ms,
+        )
+        log.info(
+            "worker=%s introduction=%s path to %s: %s%s",
+            self.worker_id,
+            report.introduction_id,
+            link.peer_id,
+            report.kind,
+            f" via {report.remote}" if report.remote else "",
+        )
+        return protocol.path_report_recorded(report.introduction_id, report.kind)
+
+    async def close(self, request: protocol.PeerClose) -> str:
+        link = self._link(request.introduction_id)
+        reason = request.reason or f"closed by {self.worker_id}"
+        await self._end(link, reason)
+        await self._tell_peer(link, event=LINK_CLOSED, reason=reason)
+        return protocol.peer_closed(
+            introduction_id=link.introduction_id, peer_id=link.peer_id, reason=reason
+        )
+
+    async def link_closed(self, message: dict[str, Any]) -> None:
+        link = self.links.get(message["introduction_id"])
+        if link is None:
+            return
+        await self._end(link, message["reason"])
+        await self._send(
+            protocol.peer_closed(
+                introduction_id=link.introduction_id, peer_id=link.peer_id, reason=message["reason"]
+            )
+        )
+
+    async def disconnected(self) -> None:
+        """The connection ended: its pending requests fail and its peers are told."""
+        for pending in self._pending.drain():
+            reason = f"worker {self.worker_id} went offline"
+            await self._to_requester(
+                pending, self._failure(pending, protocol.ConnectFailure.PEER_UNAVAILABLE, reason)
+            )
+        for link in list(self.links.drain()):
+            reason = f"worker {self.worker_id} went offline"
+            await self._record_close(link, reason)
+            await self._tell_peer(link, event=LINK_CLOSED, reason=reason)
+
+    # ---- relay frames ------------------------------------------------------------------------
+
+    async def relayed_to_me(self, frame: bytes) -> None:
+        """A relay frame for this connection's worker, unless its socket is not keeping up."""
+        if not self._window_tried:
+            self._window_tried = True
+            self._window = SendWindow.attach(self._base_send)
+        if self._window is not None and self._window.paused:
+            metrics.relay_dropped("peer_slow")
+            return
+        await self._send_bytes(frame)
+
+    async def _forward(self, link: PeerLink, frame: bytes) -> bool:
+        return await self.runtime.relay_to(link.peer_channel, link.peer_connection_id, frame)
+
+    # ---- helpers -----------------------------------------------------------------------------
+
+    def _link(self, introduction_id: str) -> PeerLink:
+        link = self.links.get(introduction_id)
+        if link is None:
+            raise protocol.InvalidField("no introduction under that id on this connection")
+        return link
+
+    async def _end(self, link: PeerLink, reason: str) -> None:
+        if self.links.pop(link.introduction_id) is not None:
+            await self._record_close(link, reason)
+
+    async def _record_close(self, link: PeerLink, reason: str) -> None:
+        log.info(
+            "worker=%s introduction=%s with %s ended: %s (%d bytes relayed from this side)",
+            self.worker_id,
+            link.introduction_id,
+            link.peer_id,
+            reason,
+            link.relayed_bytes,
+        )
+        self.runtime.spawn(
+            database_sync_to_async(services.close_peer_connection)(
+                introduction_id=link.introduction_id,
+                reason=reason,
+                relayed_bytes=link.relayed_bytes,
+            ),
+            what=f"record of the end of introduction {link.introduction_id}",
+        )
+
+    async def _tell_peer(self, link: PeerLink, **message: Any) -> None:
+        await self.runtime.send_command(
+            link.peer_channel,
+            DELIVER,
+            link.peer_connection_id,
+            introduction_id=link.introduction_id,
+            **message,
+        )
+
+    async def _to_requester(self, pending: Pending, frame: str) -> None:
+        await self.runtime.send_command(
+            pending.requester_channel,
+            DELIVER,
+            pending.requester_connection_id,
+            event=FRAME,
+            frame=frame,
+        )
+
+    def _bounce(self, **message: Any) -> dict[str, Any]:
+        """What the receiving instance sends back here if the addressee is gone."""
+        return {
+            "channel": self.runtime.channel_name,
+            "connection_id": self.connection_id,
+            "message": message,
+        }
+
+    def _failure(
+        self,
+        pending: Pending,
+        code: protocol.ConnectFailure,
+        reason: str,
+        *,
+        for_me: bool = False,
+    ) -> str:
+        return protocol.connect_failed(
+            request_id=pending.request_id,
+            peer_id=pending.requester_id if for_me else self.worker_id,
+            code=code,
+            reason=reason,
+            introduction_id=pending.introduction_id,
+        )
+
+    def _failed(
+        self,
+        code: protocol.ConnectFailure,
+        reason: str,
+        *,
+        peer_id: str,
+        introduction_id: str = "",
+        pending: Pending | None = None,
+    ) -> None:
+        metrics.introduction(code)
+        log.info(
+            "worker=%s introduction=%s with %s failed: %s %s",
+            self.worker_id,
+            pending.introduction_id if pending else introduction_id or "-",
+            peer_id,
+            code,
+            reason,
+        )
+        if pending is not None:
+            self.runtime.spawn(
+                database_sync_to_async(services.record_failed_introduction)(
+                    introduction_id=pending.introduction_id,
+                    requester_id=pending.requester_id,
+                    target_id=self.worker_id,
+                    code=code,
+                    reason=reason,
+                ),
+                what=f"record of introduction {pending.introduction_id}",
+            )
+
+    @staticmethod
+    def _too_many(worker_id: str) -> str:
+        limit = settings.RENDEZVOUS["RELAY_MAX_PEERS"]
+        return (
+            f"worker {worker_id} has {limit} peer connections already (RENDEZVOUS_RELAY_MAX_PEERS)"
+        )

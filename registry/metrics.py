@@ -74,10 +74,36 @@ INTRODUCTIONS = Counter(
     "Introductions between workers, by outcome (introduced, or the connect_failed code).",
     ["instance_name", "outcome"],
 )
-PUNCHES = Counter(
-    "rendezvous_punch_results",
-    "Hole-punch results the agents reported, by result.",
-    ["instance_name", "result"],
+PEER_PATHS = Counter(
+    "rendezvous_peer_paths",
+    "Paths peer connections came up on or moved to, as the agents reported them, by kind.",
+    ["instance_name", "kind"],
+)
+PEER_LINKS = Gauge(
+    "rendezvous_peer_links",
+    "Introduced peer pairs whose relay and signalling this instance carries (one per side).",
+    ["instance_name"],
+    multiprocess_mode="livesum",
+)
+RELAYED_BYTES = Counter(
+    "rendezvous_relay_bytes",
+    "Bytes of relay frames forwarded between workers (headers included).",
+    ["instance_name"],
+)
+RELAYED_FRAMES = Counter(
+    "rendezvous_relay_frames",
+    "Relay frames forwarded between workers.",
+    ["instance_name"],
+)
+RELAY_DROPPED = Counter(
+    "rendezvous_relay_dropped",
+    "Relay frames not delivered, by reason (docs/protocol.md, the service relay).",
+    ["instance_name", "reason"],
+)
+TURN_CREDENTIALS = Counter(
+    "rendezvous_turn_credentials",
+    "TURN credentials minted for introduced workers.",
+    ["instance_name"],
 )
 MESSAGES_RECEIVED = Counter(
     "rendezvous_messages_received",
@@ -146,8 +172,30 @@ def introduction(failure: str | None) -> None:
     INTRODUCTIONS.labels(_instance(), str(failure) if failure else "introduced").inc()
 
 
-def punch_result(ok: bool) -> None:
-    PUNCHES.labels(_instance(), "success" if ok else "failure").inc()
+def peer_path(kind: str) -> None:
+    PEER_PATHS.labels(_instance(), kind).inc()
+
+
+def peer_link_opened() -> None:
+    PEER_LINKS.labels(_instance()).inc()
+
+
+def peer_link_closed() -> None:
+    PEER_LINKS.labels(_instance()).dec()
+
+
+def relayed(size: int) -> None:
+    instance = _instance()
+    RELAYED_BYTES.labels(instance).inc(size)
+    RELAYED_FRAMES.labels(instance).inc()
+
+
+def relay_dropped(reason: str) -> None:
+    RELAY_DROPPED.labels(_instance(), reason).inc()
+
+
+def turn_credentials(count: int) -> None:
+    TURN_CREDENTIALS.labels(_instance()).inc(count)
 
 
 def message_received() -> None:
@@ -181,6 +229,11 @@ class RegistryCollector(Collector):
         try:
             counts = selectors.worker_counts_by_status()
             running = selectors.running_instances()
+            by_path = {
+                **{str(kind): 0 for kind in protocol.PathKind},
+                selectors.PATH_PENDING: 0,
+                **selectors.peer_connections_by_path(),
+            }
         except DatabaseError as exc:
             log.warning("metrics: registry not readable: %s", exc)
             up.add_metric([], 0)
@@ -203,6 +256,14 @@ class RegistryCollector(Collector):
         for instance_id, name, heartbeat_at in running:
             age.add_metric([name, instance_id], (now - heartbeat_at).total_seconds())
         yield age
+        paths = GaugeMetricFamily(
+            "rendezvous_registry_peer_connections",
+            "Open peer connections, by the route their data takes now (pending: none reported).",
+            labels=["path_kind"],
+        )
+        for kind, count in by_path.items():
+            paths.add_metric([kind], count)
+        yield paths
 
 
 def render() -> bytes:

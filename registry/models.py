@@ -328,3 +328,71 @@ class ApiToken(models.Model):
 
     def __str__(self) -> str:
         return f"{self.name} ({self.prefix}…)"
+
+
+class PeerConnectionOutcome(models.TextChoices):
+    PENDING = "pending", "introduced, no path reported yet"
+    CONNECTED = "connected", "connected"
+    REFUSED = "refused", "refused"
+    FAILED = "failed", "failed"
+
+
+class PeerConnectionQuerySet(models.QuerySet["PeerConnection"]):
+    def open(self) -> PeerConnectionQuerySet:
+        """Introduced and not ended: the service still relays and signals for the pair."""
+        return self.filter(
+            closed_at__isnull=True,
+            outcome__in=[PeerConnectionOutcome.PENDING, PeerConnectionOutcome.CONNECTED],
+        )
+
+    def involving(self, worker_id: str) -> PeerConnectionQuerySet:
+        return self.filter(models.Q(requester_id=worker_id) | models.Q(target_id=worker_id))
+
+
+class PeerConnection(models.Model):
+    """One introduction between two workers: who asked whom, how it went, which path it took."""
+
+    id = models.CharField(primary_key=True, max_length=32, verbose_name="introduction id")
+    # Ids, not foreign keys: the record outlives a worker an operator removes.
+    requester_id = models.CharField(max_length=protocol.WORKER_ID_MAX_LENGTH, db_index=True)
+    target_id = models.CharField(max_length=protocol.WORKER_ID_MAX_LENGTH, db_index=True)
+    requester_connection = models.ForeignKey(
+        Connection, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    target_connection = models.ForeignKey(
+        Connection, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    requested_at = models.DateTimeField(db_index=True)
+    outcome = models.CharField(
+        max_length=16,
+        choices=PeerConnectionOutcome.choices,
+        default=PeerConnectionOutcome.PENDING,
+        db_index=True,
+    )
+    failure_code = models.CharField(max_length=32, blank=True, help_text="connect_failed code.")
+    detail = models.CharField(max_length=200, blank=True)
+    path_kind = models.CharField(
+        max_length=16,
+        choices=[(k.value, k.value) for k in protocol.PathKind],
+        blank=True,
+        db_index=True,
+        help_text="The route the pair's data takes now, as the requester's agent reported it.",
+    )
+    path_remote = models.CharField(max_length=64, blank=True)
+    path_changed_at = models.DateTimeField(null=True, blank=True)
+    path_changes = models.PositiveIntegerField(default=0)
+    setup_ms = models.PositiveIntegerField(
+        null=True, blank=True, help_text="From connect() to the first path, in milliseconds."
+    )
+    relayed_bytes = models.PositiveBigIntegerField(default=0)
+    closed_at = models.DateTimeField(null=True, blank=True, db_index=True)
+    close_reason = models.CharField(max_length=200, blank=True)
+
+    objects = PeerConnectionQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["-requested_at"]
+        verbose_name = "peer connection"
+
+    def __str__(self) -> str:
+        return f"{self.requester_id} → {self.target_id} ({self.id[:8]})"

@@ -15,7 +15,11 @@ from dataclasses import dataclass
 from enum import IntEnum, StrEnum
 from typing import Any
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
+# The peer messages changed in version 2 (ICE and the service relay replaced probe punching):
+# `connect_request` and `introduction_accept` say which version they speak, and an agent that
+# says less gets AGENT_OUTDATED instead of an introduction it could not use.
+PEER_PROTOCOL_VERSION = 2
 
 # Worker ids: what fits in a URL path segment, a log line and a channel-layer group name.
 WORKER_ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
@@ -46,7 +50,9 @@ class ClientMessageType(StrEnum):
     CONNECT_REQUEST = "connect_request"
     INTRODUCTION_ACCEPT = "introduction_accept"
     INTRODUCTION_REJECT = "introduction_reject"
-    PUNCH_RESULT = "punch_result"
+    ICE_CANDIDATES = "ice_candidates"
+    PATH_REPORT = "path_report"
+    PEER_CLOSE = "peer_close"
 
 
 class ServerMessageType(StrEnum):
@@ -67,7 +73,9 @@ class ServerMessageType(StrEnum):
     INTRODUCTION_REQUEST = "introduction_request"
     INTRODUCTION = "introduction"
     INTRODUCTION_REJECTED = "introduction_rejected"
-    PUNCH_RESULT_RECORDED = "punch_result_recorded"
+    ICE_CANDIDATES = "ice_candidates"  # forwarded from the peer
+    PATH_REPORT_RECORDED = "path_report_recorded"
+    PEER_CLOSED = "peer_closed"
 
 
 class NatMapping(StrEnum):
@@ -78,14 +86,32 @@ class NatMapping(StrEnum):
     UNKNOWN = "unknown"
 
 
+class PathKind(StrEnum):
+    """Which route carries a peer connection's data, best first (docs/nat-traversal.md)."""
+
+    LAN = "lan"  # host candidate to host candidate: no NAT in between
+    DIRECT = "direct"  # through one or both NATs, hole-punched by ICE
+    TURN = "turn"  # through a TURN server (coturn)
+    RELAY = "relay"  # through this service, over the workers' WebSockets
+
+
+class IcePolicy(StrEnum):
+    """Which candidates an ICE attempt gathers (aioice's transport policy)."""
+
+    ALL = "all"  # host and server-reflexive candidates: LAN and direct paths
+    RELAY = "relay"  # TURN relay candidates only
+
+
 class ConnectFailure(StrEnum):
     """Why an introduction did not happen (`connect_failed`)."""
 
     PEER_UNAVAILABLE = "PEER_UNAVAILABLE"  # the peer is not connected (or is disabled)
     PEER_REFUSED = "PEER_REFUSED"  # the peer does not accept connections
-    PUNCH_IMPOSSIBLE = "PUNCH_IMPOSSIBLE"  # both NATs are endpoint-dependent: no direct path
+    PEER_UNRESPONSIVE = "PEER_UNRESPONSIVE"  # the peer's agent did not answer in time
     NOT_YOURSELF = "NOT_YOURSELF"  # a worker asked to reach itself
     RATE_LIMITED = "RATE_LIMITED"  # more connect requests than INTRODUCTION_RATE allows
+    TOO_MANY_PEERS = "TOO_MANY_PEERS"  # either side holds RELAY_MAX_PEERS peer links already
+    AGENT_OUTDATED = "AGENT_OUTDATED"  # either side's agent speaks an older peer protocol
 
 
 class CloseCode(IntEnum):
@@ -149,10 +175,14 @@ class ErrorCode(StrEnum):
     MISSING_FIELD = "MISSING_FIELD"
     INVALID_IP = "INVALID_IP"
     INVALID_FIELD = "INVALID_FIELD"
-    BINARY_NOT_SUPPORTED = "BINARY_NOT_SUPPORTED"
     FRAME_TOO_LARGE = "FRAME_TOO_LARGE"
     RATE_LIMITED = "RATE_LIMITED"
     UNAVAILABLE = "UNAVAILABLE"
+    # Binary relay frames (docs/protocol.md, "The service relay").
+    RELAY_NOT_INTRODUCED = "RELAY_NOT_INTRODUCED"
+    RELAY_MALFORMED = "RELAY_MALFORMED"
+    RELAY_FRAME_TOO_LARGE = "RELAY_FRAME_TOO_LARGE"
+    RELAY_RATE_LIMITED = "RELAY_RATE_LIMITED"
 
 
 class ProtocolError(Exception):
@@ -195,10 +225,6 @@ class InvalidField(ProtocolError):
     code = ErrorCode.INVALID_FIELD
 
 
-class BinaryNotSupported(ProtocolError):
-    code = ErrorCode.BINARY_NOT_SUPPORTED
-
-
 class FrameTooLarge(ProtocolError):
     code = ErrorCode.FRAME_TOO_LARGE
 
@@ -211,6 +237,14 @@ class Unavailable(ProtocolError):
     """The frame was valid but the registry could not record it now; send it again later."""
 
     code = ErrorCode.UNAVAILABLE
+
+
+class RelayError(ProtocolError):
+    """A relay frame the service dropped; the error names the introduction it was for."""
+
+    def __init__(self, message: str, *, code: ErrorCode, introduction_id: str | None) -> None:
+        super().__init__(message, code=code)
+        self.introduction_id = introduction_id
 
 
 # ---- client messages ---------------------------------------------------------------------------
@@ -239,6 +273,9 @@ class UdpEndpoint:
     def as_dict(self) -> dict[str, Any]:
         return {"ip": self.ip, "port": self.port}
 
+    def text(self) -> str:
+        return f"[{self.ip}]:{self.port}" if ":" in self.ip else f"{self.ip}:{self.port}"
+
 
 @dataclass(frozen=True, slots=True)
 class NatReport:
@@ -266,15 +303,13 @@ class UnsubscribePeers:
 class ConnectRequest:
     peer_id: str
     request_id: str
-    endpoints: tuple[UdpEndpoint, ...]
-    nat_mapping: NatMapping
+    protocol_version: int
 
 
 @dataclass(frozen=True, slots=True)
 class IntroductionAccept:
     introduction_id: str
-    endpoints: tuple[UdpEndpoint, ...]
-    nat_mapping: NatMapping
+    protocol_version: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -284,10 +319,41 @@ class IntroductionReject:
 
 
 @dataclass(frozen=True, slots=True)
-class PunchResult:
+class IceCandidates:
+    """One side's ICE credentials and candidates for one attempt, for the peer (trickle ICE)."""
+
     introduction_id: str
-    ok: bool
-    detail: str
+    attempt: int
+    policy: IcePolicy
+    ufrag: str
+    pwd: str
+    candidates: tuple[str, ...]
+    done: bool
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "introduction_id": self.introduction_id,
+            "attempt": self.attempt,
+            "policy": self.policy,
+            "ufrag": self.ufrag,
+            "pwd": self.pwd,
+            "candidates": list(self.candidates),
+            "done": self.done,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class PathReport:
+    introduction_id: str
+    kind: PathKind
+    remote: str | None
+    setup_ms: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class PeerClose:
+    introduction_id: str
+    reason: str
 
 
 ClientMessage = (
@@ -301,15 +367,24 @@ ClientMessage = (
     | ConnectRequest
     | IntroductionAccept
     | IntroductionReject
-    | PunchResult
+    | IceCandidates
+    | PathReport
+    | PeerClose
 )
 
-# Candidates a worker may announce for one introduction (its STUN-mapped endpoint, LAN ones).
-MAX_ENDPOINTS = 8
 REQUEST_ID_PATTERN = r"[A-Za-z0-9._-]{1,64}"
 _REQUEST_ID_RE = re.compile(rf"\A{REQUEST_ID_PATTERN}\Z")
 _INTRODUCTION_ID_RE = re.compile(r"\A[0-9a-f]{32}\Z")
 MAX_DETAIL_LENGTH = 200
+# ICE (RFC 8445 section 5.3, RFC 8839 section 5.1): what one attempt may announce.
+MAX_CANDIDATES = 16
+MAX_CANDIDATE_LENGTH = 256
+MAX_ATTEMPT = 9999
+_ICE_CHARS = r"[A-Za-z0-9+/]"
+_UFRAG_RE = re.compile(rf"\A{_ICE_CHARS}{{4,256}}\Z")
+_PWD_RE = re.compile(rf"\A{_ICE_CHARS}{{22,256}}\Z")
+_FOUNDATION_RE = re.compile(rf"\A{_ICE_CHARS}{{1,32}}\Z")
+CANDIDATE_TYPES = ("host", "srflx", "prflx", "relay")
 
 
 def is_valid_worker_id(worker_id: str) -> bool:
@@ -412,16 +487,13 @@ def parse_udp_endpoint(value: Any) -> UdpEndpoint:
     if not isinstance(value, dict) or "ip" not in value or "port" not in value:
         raise InvalidField("an endpoint is an object with 'ip' and 'port'")
     port = value["port"]
-    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+    if not _is_port(port):
         raise InvalidField("an endpoint's 'port' must be an integer from 1 to 65535")
     return UdpEndpoint(ip=normalize_ip(value["ip"]), port=port)
 
 
-def _endpoints(data: dict[str, Any]) -> tuple[UdpEndpoint, ...]:
-    value = data.get("endpoints")
-    if not isinstance(value, list) or not 1 <= len(value) <= MAX_ENDPOINTS:
-        raise InvalidField(f"'endpoints' must be a list of 1 to {MAX_ENDPOINTS} endpoints")
-    return tuple(dict.fromkeys(parse_udp_endpoint(item) for item in value))
+def _is_port(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int) and 1 <= value <= 65535
 
 
 def _peer_id(data: dict[str, Any]) -> str:
@@ -440,6 +512,14 @@ def _detail(data: dict[str, Any], name: str) -> str:
     return value[:MAX_DETAIL_LENGTH]
 
 
+def _protocol_version(data: dict[str, Any]) -> int:
+    """What a peer message says it speaks; 1 when it says nothing (agents before version 2)."""
+    value = data.get("protocol_version", 1)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 1000:
+        raise InvalidField("'protocol_version' must be an integer from 1 to 1000")
+    return value
+
+
 def _parse_nat_report(data: dict[str, Any]) -> NatReport:
     if "mapping" not in data:
         raise MissingField("nat_report needs 'mapping'")
@@ -450,28 +530,104 @@ def _parse_nat_report(data: dict[str, Any]) -> NatReport:
     )
 
 
-def _parse_connect_request(data: dict[str, Any]) -> ConnectRequest:
-    return ConnectRequest(
-        peer_id=_peer_id(data),
-        request_id=_request_id(data, required=True) or "",
-        endpoints=_endpoints(data),
-        nat_mapping=_nat_mapping(data.get("nat_mapping")),
-    )
-
-
-def _parse_punch_result(data: dict[str, Any]) -> PunchResult:
-    ok = data.get("ok")
-    if not isinstance(ok, bool):
-        raise InvalidField("'ok' must be true or false")
-    return PunchResult(
-        introduction_id=_introduction_id(data), ok=ok, detail=_detail(data, "detail")
-    )
-
-
 def _parse_register_public_ip(data: dict[str, Any]) -> RegisterPublicIp:
     if "ip" not in data:
         raise MissingField("register_public_ip needs 'ip'")
     return RegisterPublicIp(ip=normalize_ip(data["ip"]))
+
+
+def parse_candidate(value: Any) -> str:
+    """An ICE candidate attribute value (RFC 8839 section 5.1), in canonical form, or
+    InvalidField. UDP only; the address must be an IP literal (no mDNS names)."""
+    if not isinstance(value, str) or not value or len(value) > MAX_CANDIDATE_LENGTH:
+        raise InvalidField(f"a candidate is a string of 1 to {MAX_CANDIDATE_LENGTH} characters")
+    text = value[len("candidate:") :] if value.startswith("candidate:") else value
+    bits = text.split()
+    if len(bits) < 8 or bits[6] != "typ":
+        raise InvalidField(f"{value[:60]!r} is not an ICE candidate")
+    foundation, component, transport, priority, ip, port, _, kind, *extensions = bits
+    if not _FOUNDATION_RE.match(foundation):
+        raise InvalidField("a candidate's foundation must be 1-32 ICE characters")
+    if not component.isdigit() or not 1 <= int(component) <= 256:
+        raise InvalidField("a candidate's component must be 1 to 256")
+    if transport.lower() != "udp":
+        raise InvalidField("only UDP candidates are supported")
+    if not priority.isdigit() or not 1 <= int(priority) <= 2**31 - 1:
+        raise InvalidField("a candidate's priority must be 1 to 2**31-1")
+    if not port.isdigit() or not _is_port(int(port)):
+        raise InvalidField("a candidate's port must be 1 to 65535")
+    if kind not in CANDIDATE_TYPES:
+        raise InvalidField(f"a candidate's type must be one of {', '.join(CANDIDATE_TYPES)}")
+    parts = [foundation, str(int(component)), "udp", str(int(priority))]
+    parts += [_candidate_ip(ip), str(int(port)), "typ", kind]
+    pairs = dict(zip(extensions[::2], extensions[1::2], strict=False))
+    if "raddr" in pairs and "rport" in pairs:
+        rport = pairs["rport"]
+        if not rport.isdigit() or not 0 <= int(rport) <= 65535:
+            raise InvalidField("a candidate's rport must be 0 to 65535")
+        parts += ["raddr", _candidate_ip(pairs["raddr"]), "rport", str(int(rport))]
+    return " ".join(parts)  # other extensions (generation, tcptype, ...) are dropped
+
+
+def _candidate_ip(value: str) -> str:
+    try:
+        return normalize_ip(value)
+    except InvalidIp:
+        raise InvalidField(
+            f"a candidate's address must be an IP literal, not {value[:60]!r}"
+        ) from None
+
+
+def _parse_ice_candidates(data: dict[str, Any]) -> IceCandidates:
+    attempt = data.get("attempt")
+    if isinstance(attempt, bool) or not isinstance(attempt, int) or not 0 <= attempt <= MAX_ATTEMPT:
+        raise InvalidField(f"'attempt' must be an integer from 0 to {MAX_ATTEMPT}")
+    try:
+        policy = IcePolicy(data.get("policy"))
+    except ValueError:
+        raise InvalidField("'policy' must be 'all' or 'relay'") from None
+    ufrag, pwd = data.get("ufrag"), data.get("pwd")
+    if not isinstance(ufrag, str) or not _UFRAG_RE.match(ufrag):
+        raise InvalidField("'ufrag' must be 4 to 256 ICE characters (A-Z a-z 0-9 + /)")
+    if not isinstance(pwd, str) or not _PWD_RE.match(pwd):
+        raise InvalidField("'pwd' must be 22 to 256 ICE characters (A-Z a-z 0-9 + /)")
+    candidates = data.get("candidates", [])
+    if not isinstance(candidates, list) or len(candidates) > MAX_CANDIDATES:
+        raise InvalidField(f"'candidates' must be a list of at most {MAX_CANDIDATES} candidates")
+    done = data.get("done", False)
+    if not isinstance(done, bool):
+        raise InvalidField("'done' must be true or false")
+    return IceCandidates(
+        introduction_id=_introduction_id(data),
+        attempt=attempt,
+        policy=policy,
+        ufrag=ufrag,
+        pwd=pwd,
+        candidates=tuple(dict.fromkeys(parse_candidate(c) for c in candidates)),
+        done=done,
+    )
+
+
+def _parse_path_report(data: dict[str, Any]) -> PathReport:
+    try:
+        kind = PathKind(data.get("kind"))
+    except ValueError:
+        raise InvalidField(
+            f"'kind' must be one of {', '.join(k.value for k in PathKind)}"
+        ) from None
+    remote = data.get("remote")
+    if remote is not None:
+        if not isinstance(remote, dict):
+            raise InvalidField("'remote' must be an endpoint object or null")
+        remote = parse_udp_endpoint(remote).text()
+    setup_ms = data.get("setup_ms")
+    if setup_ms is not None and (
+        isinstance(setup_ms, bool) or not isinstance(setup_ms, int) or not 0 <= setup_ms <= 10**7
+    ):
+        raise InvalidField("'setup_ms' must be an integer from 0 to 10000000, or null")
+    return PathReport(
+        introduction_id=_introduction_id(data), kind=kind, remote=remote, setup_ms=setup_ms
+    )
 
 
 # One parser per client message type: the frame's object in, the message (or a ProtocolError) out.
@@ -485,16 +641,22 @@ _PARSERS: dict[str, Any] = {
     ),
     ClientMessageType.SUBSCRIBE_PEERS: lambda d: SubscribePeers(tag=_optional_tag(d)),
     ClientMessageType.UNSUBSCRIBE_PEERS: lambda d: UnsubscribePeers(),
-    ClientMessageType.CONNECT_REQUEST: _parse_connect_request,
+    ClientMessageType.CONNECT_REQUEST: lambda d: ConnectRequest(
+        peer_id=_peer_id(d),
+        request_id=_request_id(d, required=True) or "",
+        protocol_version=_protocol_version(d),
+    ),
     ClientMessageType.INTRODUCTION_ACCEPT: lambda d: IntroductionAccept(
-        introduction_id=_introduction_id(d),
-        endpoints=_endpoints(d),
-        nat_mapping=_nat_mapping(d.get("nat_mapping")),
+        introduction_id=_introduction_id(d), protocol_version=_protocol_version(d)
     ),
     ClientMessageType.INTRODUCTION_REJECT: lambda d: IntroductionReject(
         introduction_id=_introduction_id(d), reason=_detail(d, "reason")
     ),
-    ClientMessageType.PUNCH_RESULT: _parse_punch_result,
+    ClientMessageType.ICE_CANDIDATES: _parse_ice_candidates,
+    ClientMessageType.PATH_REPORT: _parse_path_report,
+    ClientMessageType.PEER_CLOSE: lambda d: PeerClose(
+        introduction_id=_introduction_id(d), reason=_detail(d, "reason")
+    ),
 }
 
 
@@ -597,7 +759,10 @@ def agent_info_recorded() -> str:
 
 
 def error(exc: ProtocolError) -> str:
-    return encode({"type": ServerMessageType.ERROR, "code": exc.code, "message": exc.message})
+    extra = {"introduction_id": exc.introduction_id} if isinstance(exc, RelayError) else {}
+    return encode(
+        {"type": ServerMessageType.ERROR, "code": exc.code, "message": exc.message, **extra}
+    )
 
 
 def closing(code: CloseCode, reason: str | None = None) -> str:
@@ -673,13 +838,13 @@ def connect_failed(
     )
 
 
-def introduction_request(*, introduction_id: str, peer_id: str, peer_nat_mapping: str) -> str:
+def introduction_request(*, introduction_id: str, peer_id: str) -> str:
     return encode(
         {
             "type": ServerMessageType.INTRODUCTION_REQUEST,
             "introduction_id": introduction_id,
             "peer_id": peer_id,
-            "peer_nat_mapping": peer_nat_mapping,
+            "protocol_version": PEER_PROTOCOL_VERSION,
         }
     )
 
@@ -689,24 +854,20 @@ def introduction(
     introduction_id: str,
     request_id: str | None,
     peer_id: str,
-    peer_endpoints: list[dict[str, Any]],
-    peer_nat_mapping: str,
-    key: str,
-    start_at: float,
     role: str,
+    turn: dict[str, Any] | None,
 ) -> str:
-    """Both sides get one: the other's endpoints, a shared key for the probes, a start time."""
+    """Both sides get one once the peer accepted: from now on the service relays their binary
+    frames and ICE candidates. `turn`: credentials for this side alone, or None."""
     return encode(
         {
             "type": ServerMessageType.INTRODUCTION,
             "introduction_id": introduction_id,
             "request_id": request_id,
             "peer_id": peer_id,
-            "peer_endpoints": peer_endpoints,
-            "peer_nat_mapping": peer_nat_mapping,
-            "key": key,
-            "start_at": start_at,
             "role": role,
+            "relay": True,
+            "turn": turn,
         }
     )
 
@@ -717,7 +878,82 @@ def introduction_rejected(introduction_id: str) -> str:
     )
 
 
-def punch_result_recorded(introduction_id: str) -> str:
+def ice_candidates(message: IceCandidates) -> str:
+    """The peer's candidates, as validated (each candidate in canonical form)."""
+    return encode({"type": ServerMessageType.ICE_CANDIDATES, **message.as_dict()})
+
+
+def path_report_recorded(introduction_id: str, kind: PathKind) -> str:
     return encode(
-        {"type": ServerMessageType.PUNCH_RESULT_RECORDED, "introduction_id": introduction_id}
+        {
+            "type": ServerMessageType.PATH_REPORT_RECORDED,
+            "introduction_id": introduction_id,
+            "kind": kind,
+        }
     )
+
+
+def peer_closed(*, introduction_id: str, peer_id: str, reason: str) -> str:
+    return encode(
+        {
+            "type": ServerMessageType.PEER_CLOSED,
+            "introduction_id": introduction_id,
+            "peer_id": peer_id,
+            "reason": reason[:MAX_DETAIL_LENGTH],
+        }
+    )
+
+
+# ---- the service relay: binary frames ---------------------------------------------------------
+#
+# A relay frame is one binary WebSocket frame:
+#   byte 0        RELAY_DATA (1)
+#   bytes 1-16    the introduction id, as 16 raw bytes
+#   then          one or more datagrams, each a 2-byte big-endian length and that many bytes
+# The service checks the header and the packing and forwards the frame unchanged to the peer of
+# that introduction, whose agent unpacks it. Small datagrams ride together in one frame.
+
+RELAY_DATA = 1
+RELAY_HEADER_BYTES = 17
+RELAY_LENGTH_BYTES = 2
+# Frames up to this size are relayed; daphne's transport limit (manage.py serve) sits above it,
+# so a larger frame still gets RELAY_FRAME_TOO_LARGE rather than a dropped connection.
+RELAY_MAX_FRAME_BYTES = 65536
+MAX_DATAGRAM_BYTES = RELAY_MAX_FRAME_BYTES - RELAY_HEADER_BYTES - RELAY_LENGTH_BYTES
+
+
+def relay_frame_introduction(frame: bytes, *, max_bytes: int = RELAY_MAX_FRAME_BYTES) -> str:
+    """The introduction a relay frame is for, once its header and packing check out; or the
+    RelayError that says what is wrong. The datagrams themselves are never looked into."""
+    size = len(frame)
+    introduction_id = frame[1:RELAY_HEADER_BYTES].hex() if size >= RELAY_HEADER_BYTES else None
+    if size > max_bytes:
+        raise RelayError(
+            f"relay frames are limited to {max_bytes} bytes",
+            code=ErrorCode.RELAY_FRAME_TOO_LARGE,
+            introduction_id=introduction_id,
+        )
+    if introduction_id is None or frame[0] != RELAY_DATA:
+        raise RelayError(
+            "a relay frame starts with byte 1 and a 16-byte introduction id",
+            code=ErrorCode.RELAY_MALFORMED,
+            introduction_id=introduction_id,
+        )
+    offset = RELAY_HEADER_BYTES
+    if offset == size:
+        raise RelayError(
+            "a relay frame carries at least one datagram",
+            code=ErrorCode.RELAY_MALFORMED,
+            introduction_id=introduction_id,
+        )
+    while offset < size:
+        if offset + RELAY_LENGTH_BYTES > size:
+            break
+        offset += RELAY_LENGTH_BYTES + int.from_bytes(frame[offset : offset + RELAY_LENGTH_BYTES])
+    if offset != size:
+        raise RelayError(
+            "the datagram lengths in a relay frame do not add up to its size",
+            code=ErrorCode.RELAY_MALFORMED,
+            introduction_id=introduction_id,
+        )
+    return introduction_id

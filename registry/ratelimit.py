@@ -18,16 +18,17 @@ class TokenBucket:
         self._tokens = float(burst)
         self._last = clock()
 
-    def take(self) -> bool:
-        """Spend one token; False when the bucket is empty (the message must be dropped)."""
-        if self.peek():
-            self._tokens -= 1.0
+    def take(self, cost: float = 1.0) -> bool:
+        """Spend `cost` tokens (one message, or a frame's bytes); False when the bucket holds
+        fewer (the message must be dropped, and nothing is spent)."""
+        if self.peek(cost):
+            self._tokens -= cost
             return True
         return False
 
-    def peek(self) -> bool:
-        """Whether a token is available now, without spending it."""
+    def peek(self, cost: float = 1.0) -> bool:
+        """Whether `cost` tokens are available now, without spending them."""
         now = self._clock()
         self._tokens = min(self.burst, self._tokens + (now - self._last) * self.rate)
         self._last = now
-        return self._tokens >= 1.0
+        return self._tokens >= cost

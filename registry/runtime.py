@@ -36,6 +36,7 @@ log = logging.getLogger("registry.runtime")
 
 Closer = Callable[[int], Coroutine[Any, Any, None]]
 Deliverer = Callable[[dict[str, Any]], Coroutine[Any, Any, None]]
+Relayer = Callable[[bytes], Coroutine[Any, Any, None]]
 
 # Commands to a live connection, sent through the channel layer to the instance that holds it.
 SUPERSEDE = "worker.superseded"
@@ -43,6 +44,8 @@ DISCONNECT = "worker.disconnect"
 DISABLE = "worker.disabled"
 # Hand a message to a live connection's consumer (introductions between workers).
 DELIVER = "worker.deliver"
+# A relay frame for a live connection's worker (registry/relay.py).
+RELAY = "worker.relay"
 COMMAND_CLOSE_CODES = {
     SUPERSEDE: protocol.CloseCode.SUPERSEDED,
     DISCONNECT: protocol.CloseCode.DISCONNECTED_BY_OPERATOR,
@@ -57,6 +60,7 @@ class _LocalSocket:
     attached_at: datetime
     address: str | None
     deliver: Deliverer | None = None
+    relay: Relayer | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,10 +162,16 @@ class InstanceRuntime:
         close: Closer,
         address: str | None = None,
         deliver: Deliverer | None = None,
+        relay: Relayer | None = None,
     ) -> None:
         loop = asyncio.get_running_loop()
         self._sockets[connection_id] = _LocalSocket(
-            close=close, loop=loop, attached_at=timezone.now(), address=address, deliver=deliver
+            close=close,
+            loop=loop,
+            attached_at=timezone.now(),
+            address=address,
+            deliver=deliver,
+            relay=relay,
         )
         if self._admission is not None:
             self._admission.opened(address)
@@ -189,14 +199,46 @@ class InstanceRuntime:
             code = COMMAND_CLOSE_CODES.get(kind)
             local = self._sockets.get(message.get("connection_id"))  # type: ignore[arg-type]
             if local is None:
+                await self._undeliverable(message)
                 continue
             try:
                 if code is not None:
                     await local.close(code)
+                elif kind == RELAY and local.relay is not None:
+                    await local.relay(message["frame"])
                 elif kind == DELIVER and local.deliver is not None:
                     await local.deliver(message)
             except Exception:  # one socket's failure must not end the listener
                 log.exception("instance=%s command %s failed", self.instance_id, kind)
+
+    async def _undeliverable(self, message: dict[str, Any]) -> None:
+        """A DELIVER for a connection no longer held here: send its `bounce`, if it has one, so
+        the sender learns (an introduction for a worker that just left)."""
+        bounce = message.get("bounce") if message.get("type") == DELIVER else None
+        if not isinstance(bounce, dict):
+            return
+        try:
+            await self.send_command(
+                bounce["channel"], DELIVER, bounce["connection_id"], **bounce["message"]
+            )
+        except Exception:
+            log.warning("instance=%s bounce not sent", self.instance_id, exc_info=True)
+
+    async def relay_to(self, channel_name: str, connection_id: int, frame: bytes) -> bool:
+        """Hand a relay frame to the consumer of `connection_id`: a direct call when this
+        instance holds it, the channel layer otherwise. False when it is certainly gone."""
+        local = self._sockets.get(connection_id)
+        if local is not None and local.relay is not None:
+            await local.relay(frame)
+            return True
+        if channel_name == self.channel_name:
+            return False  # ours, and no longer held
+        try:
+            await self.send_command(channel_name, RELAY, connection_id, frame=frame)
+        except Exception:  # a full channel or Redis away: the datagrams are lost, as on UDP
+            log.debug("instance=%s relay frame not sent", self.instance_id, exc_info=True)
+            return False
+        return True
 
     def spawn(self, coroutine: Coroutine[Any, Any, None], *, what: str) -> None:
         """Run `coroutine` in the background on this loop; kept referenced, failures logged."""
@@ -270,6 +312,7 @@ class InstanceRuntime:
             now=now,
         )
         closed = sum(self._close_socket(pk, code) for pk, code in result.closed_elsewhere.items())
+        services.close_orphaned_peer_connections(now=now)
         enrolment.purge_ephemeral_workers(
             offline_for=timedelta(seconds=config["EPHEMERAL_AFTER"]), now=now
         )

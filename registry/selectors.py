@@ -9,7 +9,14 @@ from typing import Any
 
 from django.db.models import Count, Q
 
-from registry.models import Connection, ServerInstance, Worker, WorkerStatus, decode_tags
+from registry.models import (
+    Connection,
+    PeerConnection,
+    ServerInstance,
+    Worker,
+    WorkerStatus,
+    decode_tags,
+)
 
 RECENT_CONNECTIONS = 20
 
@@ -229,6 +236,7 @@ class RegistryOverview:
     seen_recently: int
     by_instance: list[InstanceShare]
     by_nat_mapping: list[tuple[str, int]]
+    peer_paths: list[tuple[str, int]]
 
 
 def registry_overview(*, now: datetime) -> RegistryOverview:
@@ -259,4 +267,16 @@ def registry_overview(*, now: datetime) -> RegistryOverview:
         .annotate(n=Count("id"))
         .order_by("-n", "nat_mapping")
     ]
-    return RegistryOverview(by_instance=by_instance, by_nat_mapping=by_nat_mapping, **counts)
+    peer_paths = sorted(peer_connections_by_path().items(), key=lambda item: -item[1])
+    return RegistryOverview(
+        by_instance=by_instance, by_nat_mapping=by_nat_mapping, peer_paths=peer_paths, **counts
+    )
+
+
+PATH_PENDING = "pending"  # introduced, no path reported yet
+
+
+def peer_connections_by_path() -> dict[str, int]:
+    """Open peer connections by the route their data takes now (one query)."""
+    rows = PeerConnection.objects.open().values_list("path_kind").annotate(n=Count("id")).order_by()
+    return {kind or PATH_PENDING: count for kind, count in rows}

@@ -11,11 +11,19 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from django.db import DatabaseError, transaction
-from django.db.models import OuterRef, Q, Subquery
+from django.db.models import Case, F, OuterRef, Q, Subquery, Value, When
+from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from registry import protocol
-from registry.models import Connection, ServerInstance, Worker, WorkerStatus
+from registry.models import (
+    Connection,
+    PeerConnection,
+    PeerConnectionOutcome,
+    ServerInstance,
+    Worker,
+    WorkerStatus,
+)
 
 log = logging.getLogger("registry.services")
 
@@ -488,3 +496,134 @@ def reconcile_instance(
         rows = Connection.objects.filter(id__in=missing).values_list("id", "close_code")
         closed_elsewhere.update({pk: code or CODE_CONNECTION_LOST for pk, code in rows})
     return Reconciliation(orphans_closed=len(orphans), closed_elsewhere=closed_elsewhere)
+
+
+# ---- peer connections (registry/introductions.py) ---------------------------------------------
+
+
+def record_introduction(
+    *,
+    introduction_id: str,
+    requester_id: str,
+    target_id: str,
+    requester_connection_id: int | None,
+    target_connection_id: int | None,
+    now: datetime | None = None,
+) -> None:
+    """An accepted introduction: the pair is linked, no path reported yet."""
+    PeerConnection.objects.update_or_create(
+        id=introduction_id,
+        defaults={
+            "requester_id": requester_id,
+            "target_id": target_id,
+            "requester_connection_id": requester_connection_id,
+            "target_connection_id": target_connection_id,
+        },
+        create_defaults={
+            "requester_id": requester_id,
+            "target_id": target_id,
+            "requester_connection_id": requester_connection_id,
+            "target_connection_id": target_connection_id,
+            "requested_at": now or timezone.now(),
+        },
+    )
+
+
+def record_failed_introduction(
+    *,
+    introduction_id: str,
+    requester_id: str,
+    target_id: str,
+    code: str,
+    reason: str,
+    now: datetime | None = None,
+) -> None:
+    """An introduction the target refused, or that failed once the target had been found."""
+    now = now or timezone.now()
+    outcome = (
+        PeerConnectionOutcome.REFUSED
+        if code == protocol.ConnectFailure.PEER_REFUSED
+        else PeerConnectionOutcome.FAILED
+    )
+    PeerConnection.objects.update_or_create(
+        id=introduction_id,
+        defaults={
+            "outcome": outcome,
+            "failure_code": code,
+            "detail": reason[:200],
+            "closed_at": now,
+        },
+        create_defaults={
+            "requester_id": requester_id,
+            "target_id": target_id,
+            "requested_at": now,
+            "outcome": outcome,
+            "failure_code": code,
+            "detail": reason[:200],
+            "closed_at": now,
+        },
+    )
+
+
+def record_path(
+    *,
+    introduction_id: str,
+    requester_id: str,
+    target_id: str,
+    kind: str,
+    remote: str,
+    setup_ms: int | None,
+    now: datetime | None = None,
+) -> None:
+    """The path a pair's data takes now; a change of kind is counted. The report may arrive
+    before the introduction's own record (written on the other worker's instance): it then
+    makes the record, which the introduction completes."""
+    now = now or timezone.now()
+    PeerConnection.objects.bulk_create(
+        [
+            PeerConnection(
+                id=introduction_id, requester_id=requester_id, target_id=target_id, requested_at=now
+            )
+        ],
+        ignore_conflicts=True,
+    )
+    PeerConnection.objects.filter(id=introduction_id).update(
+        outcome=PeerConnectionOutcome.CONNECTED,
+        path_changes=Case(
+            When(path_kind=kind, then=F("path_changes")),
+            default=F("path_changes") + 1,
+        ),
+        path_kind=kind,
+        path_remote=remote[:64],
+        path_changed_at=now,
+        setup_ms=Coalesce(F("setup_ms"), Value(setup_ms)),
+    )
+
+
+def close_peer_connection(
+    *, introduction_id: str, reason: str, relayed_bytes: int = 0, now: datetime | None = None
+) -> bool:
+    """One side ended the pair's link; the first reason stands, relayed bytes add up."""
+    now = now or timezone.now()
+    updated = PeerConnection.objects.filter(id=introduction_id).update(
+        closed_at=Coalesce(F("closed_at"), Value(now)),
+        close_reason=Case(
+            When(close_reason="", then=Value(reason[:200])), default=F("close_reason")
+        ),
+        relayed_bytes=F("relayed_bytes") + relayed_bytes,
+    )
+    return bool(updated)
+
+
+def close_orphaned_peer_connections(*, now: datetime | None = None) -> int:
+    """Backstop: a pair whose worker's connection is closed (its instance died, say) is over."""
+    now = now or timezone.now()
+    gone = Q(requester_connection__closed_at__isnull=False) | Q(
+        target_connection__closed_at__isnull=False
+    )
+    gone |= Q(requester_connection__isnull=True) | Q(target_connection__isnull=True)
+    return (
+        PeerConnection.objects.open()
+        .filter(gone)
+        .update(closed_at=now, close_reason="a worker's connection ended")
+    )

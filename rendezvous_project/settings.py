@@ -248,6 +248,17 @@ RENDEZVOUS = {
     # STUN servers (host:port) the service tells agents to use, e.g. its own `manage.py runstun`
     # on two addresses; at least two at different addresses classify a NAT.
     "STUN_SERVERS": env_list("RENDEZVOUS_STUN_SERVERS", []),
+    # The service relay (registry/relay.py): per worker connection, introduced peers at once,
+    # and what it may send through the relay (bytes and frames per second, bursts of a second).
+    "RELAY_MAX_PEERS": env_int("RENDEZVOUS_RELAY_MAX_PEERS", 64),
+    "RELAY_BYTES_PER_SECOND": env_float("RENDEZVOUS_RELAY_BYTES_PER_SECOND", 32 * 1024 * 1024),
+    "RELAY_FRAMES_PER_SECOND": env_float("RENDEZVOUS_RELAY_FRAMES_PER_SECOND", 5000.0),
+    # TURN servers (coturn, host:port, UDP) and the shared secret of coturn's TURN REST API
+    # (--use-auth-secret --static-auth-secret): the service mints credentials per introduction,
+    # valid for TURN_TTL seconds; agents never see the secret (registry/turn.py).
+    "TURN_SERVERS": env_list("RENDEZVOUS_TURN_SERVERS", []),
+    "TURN_SECRET": os.environ.get("RENDEZVOUS_TURN_SECRET") or "",
+    "TURN_TTL": env_float("RENDEZVOUS_TURN_TTL", 3600.0),
     # Seconds an ephemeral worker stays in the registry after it went offline.
     "EPHEMERAL_AFTER": env_float("RENDEZVOUS_EPHEMERAL_AFTER", 1800.0),
 }

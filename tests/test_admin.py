@@ -138,11 +138,12 @@ def page_with_constant_queries(
     url: str,
     fleet: Callable[[int], None],
     assert_max_queries: Callable[..., object],
+    budget: int = 8,
 ) -> str:
     """Load `url` with 5 workers, then with 50: a few queries, and the same number both times
     (no N+1). Returns the larger page."""
     fleet(5)
-    with assert_max_queries(8) as few:
+    with assert_max_queries(budget) as few:
         assert client.get(url).status_code == 200
     fleet(50)
     with assert_max_queries(len(few)) as many:  # type: ignore[arg-type]
@@ -157,8 +158,9 @@ def test_worker_list_costs_the_same_few_queries_for_5_or_50_workers(
     fleet: Callable[[int], None],
     django_assert_max_num_queries: Callable[..., object],
 ) -> None:
+    # One more than the connection list: the overview's tile of peer connections by path.
     page = page_with_constant_queries(
-        admin_client, "/admin/registry/worker/", fleet, django_assert_max_num_queries
+        admin_client, "/admin/registry/worker/", fleet, django_assert_max_num_queries, budget=9
     )
     assert page.count('class="rv-badge') == 50
 

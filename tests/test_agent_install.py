@@ -116,3 +116,26 @@ def test_only_the_agent_package_is_installed(agent_venv: Path) -> None:
     top_level = _run([python, "-c", code], cwd=agent_venv, timeout=30, env=_clean_env()).split()
     assert "worker_agent" in top_level
     assert not {"registry", "rendezvous_project", "tests"} & set(top_level)
+
+
+def test_without_the_p2p_extra_connect_names_the_extra_at_once(
+    agent_venv: Path,
+) -> None:
+    """Only websocket-client is installed: peer connections say which extra to install, at once,
+    without asking the service anything."""
+    code = textwrap.dedent(
+        """
+        import importlib.util
+        from worker_agent import P2PUnavailable, PeerPath, WorkerAgent
+
+        assert importlib.util.find_spec("aioice") is None
+        agent = WorkerAgent("https://rendezvous.example", "no-p2p")
+        try:
+            agent.peering.connect("gpu-box-7", timeout=1)
+        except P2PUnavailable as exc:
+            print(exc)
+        """
+    )
+    python = agent_venv / "bin" / "python"
+    out = _run([python, "-c", code], cwd=agent_venv, timeout=30, env=_clean_env())
+    assert "pip install 'rendezvous-worker-agent[p2p]'" in out

@@ -30,7 +30,7 @@ from typing import Any
 import pytest
 
 from registry import protocol
-from worker_agent import AgentGroup, Backoff, WorkerAgent, __version__, stun, wire
+from worker_agent import AgentGroup, Backoff, WorkerAgent, __version__, wire
 from worker_agent.cli import main
 from worker_agent.health import HealthServer
 from worker_agent.policy import Outcome, ReconnectPolicy
@@ -62,9 +62,17 @@ def test_wire_constants_match_the_server_protocol() -> None:
     assert wire.CloseCode.RATE_LIMITED == 4029
     assert wire.FINAL_CLOSE_CODES == protocol.FINAL_CLOSE_CODES
     assert _members(wire.ConnectFailure) == _members(protocol.ConnectFailure)
-    assert {m.value for m in stun.NatMapping} == {m.value for m in protocol.NatMapping}
+    assert _members(wire.NatMapping) == _members(protocol.NatMapping)
+    assert _members(wire.PathKind) == _members(protocol.PathKind)
+    assert _members(wire.IcePolicy) == _members(protocol.IcePolicy)
     for name in (
         "PROTOCOL_VERSION",
+        "PEER_PROTOCOL_VERSION",
+        "RELAY_DATA",
+        "RELAY_HEADER_BYTES",
+        "RELAY_LENGTH_BYTES",
+        "RELAY_MAX_FRAME_BYTES",
+        "MAX_DATAGRAM_BYTES",
         "WORKER_ID_PATTERN",
         "WORKER_ID_MAX_LENGTH",
         "DEFAULT_MAX_FRAME_BYTES",
@@ -90,16 +98,26 @@ def test_the_server_parses_every_frame_the_agent_builds() -> None:
         wire.list_peers(request_id="r", tag="gpu"): protocol.ListPeers("gpu", "r"),
         wire.subscribe_peers(): protocol.SubscribePeers(None),
         wire.unsubscribe_peers(): protocol.UnsubscribePeers(),
-        wire.connect_request(
-            peer_id="b", request_id="r", endpoints=[("198.51.100.7", 4000)], nat_mapping=cone
-        ): protocol.ConnectRequest("b", "r", (endpoint,), cone),
-        wire.introduction_accept(
-            introduction_id=intro, endpoints=[("198.51.100.7", 4000)], nat_mapping=cone
-        ): protocol.IntroductionAccept(intro, (endpoint,), cone),
+        wire.connect_request(peer_id="b", request_id="r"): protocol.ConnectRequest("b", "r", 2),
+        wire.introduction_accept(introduction_id=intro): protocol.IntroductionAccept(intro, 2),
         wire.introduction_reject(introduction_id=intro, reason="no"): protocol.IntroductionReject(
             intro, "no"
         ),
-        wire.punch_result(introduction_id=intro, ok=True): protocol.PunchResult(intro, True, ""),
+        wire.ice_candidates(
+            introduction_id=intro,
+            attempt=3,
+            policy="relay",
+            ufrag="abcd",
+            pwd="p" * 22,
+            candidates=[CANDIDATE],
+            done=True,
+        ): protocol.IceCandidates(
+            intro, 3, protocol.IcePolicy.RELAY, "abcd", "p" * 22, (CANDIDATE,), True
+        ),
+        wire.path_report(
+            introduction_id=intro, kind="direct", remote=("198.51.100.7", 4000), setup_ms=12
+        ): protocol.PathReport(intro, protocol.PathKind.DIRECT, "198.51.100.7:4000", 12),
+        wire.peer_close(introduction_id=intro, reason="done"): protocol.PeerClose(intro, "done"),
     }
     for frame, expected in frames.items():
         assert protocol.parse_client_message(frame) == expected
@@ -136,6 +154,36 @@ def test_server_frames_that_are_not_typed_objects_are_refused(frame: str) -> Non
 def test_binary_server_frames_are_refused() -> None:
     with pytest.raises(wire.ServerFrameError):
         wire.parse_server_message(b'{"type": "welcome"}')
+
+
+CANDIDATE = "6815297761 1 udp 2130706431 192.0.2.2 37929 typ host"
+
+
+def test_relay_frames_the_agent_builds_pass_the_services_check_and_unpack_again() -> None:
+    intro = "cd" * 16
+    datagrams = [b"", b"x", bytes(range(256)) * 4, b"y" * wire.MAX_DATAGRAM_BYTES]
+    for batch in ([datagrams[0]], datagrams[:3], [datagrams[3]]):
+        frame = wire.relay_frame(wire.relay_header(intro), batch)
+        assert protocol.relay_frame_introduction(frame) == intro
+        assert wire.parse_relay_frame(frame) == (intro, batch)
+    assert len(wire.relay_frame(wire.relay_header(intro), [datagrams[3]])) == (
+        wire.RELAY_MAX_FRAME_BYTES
+    )
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        b"",
+        b"\x01" + b"\x00" * 15,
+        b"\x02" + b"\x00" * 16 + b"\x00\x00",
+        b"\x01" + b"\x00" * 16 + b"\x00\x05ab",
+    ],
+    ids=["empty", "short header", "unknown kind", "length overruns"],
+)
+def test_the_agent_refuses_binary_frames_that_are_not_relay_frames(frame: bytes) -> None:
+    with pytest.raises(wire.ServerFrameError):
+        wire.parse_relay_frame(frame)
 
 
 def test_agent_info_cuts_long_strings_and_refuses_nested_values() -> None:

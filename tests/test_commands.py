@@ -38,7 +38,7 @@ def test_serve_runs_daphne_on_the_asgi_application_with_the_websocket_limits() -
     assert args[-1] == "rendezvous_project.asgi:application"
     assert args[args.index("--port") + 1] == "8080"
     assert args[args.index("--websocket_timeout") + 1] == "86400"
-    assert int(args[args.index("--websocket-max-message-size") + 1]) == 65536
+    assert int(args[args.index("--websocket-max-message-size") + 1]) == 2 * 65536  # relay frames
 
 
 def test_the_dockerfile_runs_the_commands_the_tests_run() -> None:

@@ -89,10 +89,12 @@ async def test_bad_text_frames_get_an_error_and_the_connection_stays(frame: str,
     await comm.disconnect()
 
 
-async def test_binary_frames_get_an_error_and_the_connection_stays() -> None:
+async def test_binary_frames_that_are_not_relay_frames_get_an_error_and_the_connection_stays() -> (
+    None
+):
     comm, _ = await connected("w1")
     await comm.send_to(bytes_data=b"\x00\x01")
-    assert (await comm.receive_json_from())["code"] == "BINARY_NOT_SUPPORTED"
+    assert (await comm.receive_json_from())["code"] == "RELAY_MALFORMED"
     await comm.send_to(text_data='{"type": "heartbeat"}')
     assert (await comm.receive_json_from())["type"] == "heartbeat_ack"
     await comm.disconnect()

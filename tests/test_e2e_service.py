@@ -200,7 +200,7 @@ def test_garbage_from_one_worker_is_answered_and_stored_nowhere(server: ServerPr
         "NOT_AN_OBJECT",
         "UNKNOWN_TYPE",
         "INVALID_IP",
-        "BINARY_NOT_SUPPORTED",
+        "RELAY_MALFORMED",
     ]
     assert Worker.objects.get(id="noisy").public_ip is None
 

@@ -138,3 +138,17 @@ def test_only_valid_addresses_ever_come_out_of_the_parser(frame: dict[str, objec
         import ipaddress
 
         assert str(ipaddress.ip_address(message.ip)) == message.ip
+
+
+def test_the_candidate_rule_keeps_what_ice_needs_and_drops_the_rest() -> None:
+    srflx = (
+        "candidate:842163049 1 UDP 1677729535 198.51.100.7 40312 typ srflx raddr 10.0.1.2 "
+        "rport 5000 generation 0"
+    )
+    assert protocol.parse_candidate(srflx) == (
+        "842163049 1 udp 1677729535 198.51.100.7 40312 typ srflx raddr 10.0.1.2 rport 5000"
+    )
+    relayed = "1 1 udp 16777215 203.0.113.10 50000 typ relay raddr 0.0.0.0 rport 9"
+    assert protocol.parse_candidate(relayed) == relayed
+    v6 = "2 1 udp 2130706431 2001:DB8::1 4000 typ host"
+    assert protocol.parse_candidate(v6) == "2 1 udp 2130706431 2001:db8::1 4000 typ host"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import queue
 import shutil
 import sys
 import time
@@ -17,11 +18,11 @@ import websockets
 from django.db import connection
 from websockets.exceptions import ConnectionClosed
 
-from registry.models import Connection, ServerInstance, Worker, WorkerStatus
+from registry.models import Connection, PeerConnection, ServerInstance, Worker, WorkerStatus
 from tests.support.backing import RedisServer, TcpProxy, require_or_skip
 from tests.support.databases import current_database_url
 from tests.support.processes import REPO, ServerProcess, get_json, wait_until
-from worker_agent import Backoff, WorkerAgent
+from worker_agent import Backoff, PeerPath, WorkerAgent
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.postgres_only]
 
@@ -316,54 +317,96 @@ def test_a_message_the_registry_cannot_record_gets_unavailable_and_the_socket_st
 
 
 def test_peer_events_and_introductions_cross_instances(cluster: Cluster) -> None:
-    """A subscriber on a hears a join and a leave on b; a worker on a is introduced to one on b."""
+    """A subscriber on a hears a join and a leave on b; a worker on a is introduced to one on b,
+    and a relay frame and ICE candidates cross from a to b through Redis."""
 
-    async def scenario() -> tuple[list[dict], dict, dict]:
+    async def scenario() -> tuple[list[dict], dict, dict, bytes, dict]:
         watcher, _ = await open_worker(cluster.a.url, "watcher")
         await watcher.send(json.dumps({"type": "subscribe_peers"}))
         assert json.loads(await watcher.recv())["type"] == "peers_subscribed"
         far, _ = await open_worker(cluster.b.url, "far")
         events = [json.loads(await asyncio.wait_for(watcher.recv(), 5))]
-        endpoints = [{"ip": "198.51.100.1", "port": 4000}]
-        await watcher.send(
-            json.dumps(
-                {
-                    "type": "connect_request",
-                    "peer_id": "far",
-                    "request_id": "x1",
-                    "endpoints": endpoints,
-                    "nat_mapping": "endpoint-independent",
-                }
-            )
-        )
+        request = {"type": "connect_request", "peer_id": "far", "request_id": "x1"}
+        await watcher.send(json.dumps({**request, "protocol_version": 2}))
         assert json.loads(await watcher.recv())["type"] == "connect_pending"
         asked = json.loads(await asyncio.wait_for(far.recv(), 5))
+        introduction_id = asked["introduction_id"]
         await far.send(
             json.dumps(
                 {
                     "type": "introduction_accept",
-                    "introduction_id": asked["introduction_id"],
-                    "endpoints": [{"ip": "198.51.100.2", "port": 5000}],
-                    "nat_mapping": "endpoint-independent",
+                    "introduction_id": introduction_id,
+                    "protocol_version": 2,
                 }
             )
         )
         for_far = json.loads(await asyncio.wait_for(far.recv(), 5))
         for_watcher = json.loads(await asyncio.wait_for(watcher.recv(), 5))
+        frame = b"\x01" + bytes.fromhex(introduction_id) + b"\x00\x05hello"
+        await watcher.send(frame)
+        relayed = await asyncio.wait_for(far.recv(), 5)
+        candidates = {
+            "type": "ice_candidates",
+            "introduction_id": introduction_id,
+            "attempt": 0,
+            "policy": "all",
+            "ufrag": "abcd",
+            "pwd": "p" * 22,
+            "candidates": ["1 1 udp 2130706431 10.0.0.1 4000 typ host"],
+            "done": True,
+        }
+        await watcher.send(json.dumps(candidates))
+        passed_on = json.loads(await asyncio.wait_for(far.recv(), 5))
         await far.close()
-        events.append(json.loads(await asyncio.wait_for(watcher.recv(), 5)))
+        # Both come, in either order: peer_left is batched (50 ms), peer_closed is not.
+        told = [json.loads(await asyncio.wait_for(watcher.recv(), 5)) for _ in range(2)]
+        events += [m for m in told if m["type"] == "peer_left"]
+        closed = next(m for m in told if m["type"] == "peer_closed")
         await watcher.close()
-        return events, for_watcher, for_far
+        assert passed_on == candidates
+        return events, for_watcher, for_far, relayed, closed
 
-    events, for_watcher, for_far = asyncio.run(scenario())
+    events, for_watcher, for_far, relayed, closed = asyncio.run(scenario())
     assert [(e["type"], e.get("worker_id") or e["peer"]["worker_id"]) for e in events] == [
         ("peer_joined", "far"),
         ("peer_left", "far"),
     ]
     assert for_watcher["type"] == for_far["type"] == "introduction"
-    assert for_watcher["key"] == for_far["key"]
-    assert for_watcher["peer_endpoints"] == [{"ip": "198.51.100.2", "port": 5000}]
-    assert for_far["peer_endpoints"] == [{"ip": "198.51.100.1", "port": 4000}]
+    assert (for_watcher["role"], for_far["role"]) == ("initiator", "responder")
+    assert relayed == b"\x01" + bytes.fromhex(for_far["introduction_id"]) + b"\x00\x05hello"
+    assert closed["type"] == "peer_closed" and closed["reason"] == "worker far went offline"
+
+
+def test_a_relayed_pair_on_two_instances_exchanges_data_through_redis(cluster: Cluster) -> None:
+    """Real agents, one on each instance, without UDP: their data crosses the channel layer."""
+    accepted: queue.Queue[PeerPath] = queue.Queue()
+    b = WorkerAgent(
+        cluster.b.url,
+        "far-b",
+        ip_echo_url="",
+        peer_udp=False,
+        on_peer=lambda agent, path: accepted.put(path),
+    )
+    a = WorkerAgent(cluster.a.url, "near-a", ip_echo_url="", peer_udp=False)
+    try:
+        b.start()
+        a.start()
+        assert a.wait_registered(10) and b.wait_registered(10)
+        with a.connect("far-b", timeout=5) as path:
+            other = accepted.get(timeout=5)
+            for n in range(300):
+                path.send(b"%d:" % n + b"x" * 2000)
+            got = [other.recv(timeout=5) for _ in range(300)]
+            other.send(b"back")
+            assert path.recv(timeout=5) == b"back"
+        assert got == [b"%d:" % n + b"x" * 2000 for n in range(300)]
+        wait_until(lambda: path.closed, timeout=5, what="the path to close")
+        assert [kind for _, kind in path.history] == ["relay", "none"]  # relay, then closed
+    finally:
+        a.stop(5)
+        b.stop(5)
+    record = PeerConnection.objects.get()
+    assert (record.requester_id, record.target_id, record.path_kind) == ("near-a", "far-b", "relay")
 
 
 def test_the_workers_of_a_killed_instance_are_announced_as_left_by_the_sweep(

@@ -1,9 +1,10 @@
 """STUN: the responder's codec against RFC 5769's test vectors, the drop counters, the real
-responder on loopback answered by the agent's real client, and `manage.py runstun`."""
+responder on loopback answered by the agent's client (aioice's STUN, in
+worker_agent/p2p/netcheck.py), and `manage.py runstun`."""
 
 from __future__ import annotations
 
-import contextlib
+import asyncio
 import hashlib
 import hmac
 import ipaddress
@@ -13,13 +14,13 @@ import socket
 import struct
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from aioice import stun as aioice_stun
 from django.core.management import CommandError, call_command
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -28,8 +29,9 @@ from registry import stun as server
 from registry.stun import Attribute, DropReason, StunClass, StunStats
 from tests.support.processes import REPO, wait_until
 from tests.support.stun_responder import running_responder
-from worker_agent import stun as client
-from worker_agent.stun import NatMapping
+from worker_agent import wire
+from worker_agent.p2p.netcheck import classify_nat
+from worker_agent.wire import NatMapping
 
 pytestmark = pytest.mark.standalone
 
@@ -63,6 +65,24 @@ RFC5769_IPV4_MAPPED = ("192.0.2.1", 32853)
 RFC5769_IPV6_MAPPED = ("2001:db8:1234:5678:11:2233:4455:6677", 32853)
 
 CLIENT = ("198.51.100.7", 40000)
+
+
+def mapped_by_the_agent(response: bytes, transaction_id: bytes) -> tuple[str, int] | None:
+    """What the agent's STUN client (aioice) reads as the mapped address of a response."""
+    try:
+        message = aioice_stun.parse_message(response)
+    except ValueError:
+        return None
+    if message.transaction_id != transaction_id:
+        return None
+    mapped = message.attributes.get("XOR-MAPPED-ADDRESS") or message.attributes.get(
+        "MAPPED-ADDRESS"
+    )
+    return None if mapped is None else (mapped[0], mapped[1])
+
+
+def classify(servers: list[tuple[str, int]], timeout: float = 2.0) -> Any:
+    return asyncio.run(classify_nat(servers, bind=("127.0.0.1", 0), timeout=timeout))
 
 
 def message_integrity_ok(message: bytes, key: bytes) -> bool:
@@ -106,7 +126,7 @@ def test_rfc5769_sample_responses_decode_to_their_mapped_address(
     value = message.get(Attribute.XOR_MAPPED_ADDRESS)
     assert value is not None
     assert server.decode_xor_address(value, RFC5769_TRANSACTION_ID) == mapped
-    assert client.parse_binding_response(vector, RFC5769_TRANSACTION_ID) == mapped
+    assert mapped_by_the_agent(vector, RFC5769_TRANSACTION_ID) == mapped
     assert message_integrity_ok(vector, RFC5769_PASSWORD)
 
 
@@ -132,7 +152,7 @@ def test_the_rfc5769_sample_request_is_answered_despite_its_ice_attributes() -> 
     stats = StunStats()
     reply = server.handle_datagram(RFC5769_REQUEST, CLIENT, stats)
     assert reply is not None
-    assert client.parse_binding_response(reply, RFC5769_TRANSACTION_ID) == CLIENT
+    assert mapped_by_the_agent(reply, RFC5769_TRANSACTION_ID) == CLIENT
     assert stats.snapshot()["answered"] == 1
 
 
@@ -164,34 +184,22 @@ def test_success_response_round_trips_through_the_agents_parser(
     response = server.build_binding_success(transaction_id, (ip, port))
     parsed = server.parse_message(response)  # layout and FINGERPRINT valid
     assert parsed.stun_class is StunClass.SUCCESS
-    assert client.parse_binding_response(response, transaction_id) == (ip, port)
+    assert mapped_by_the_agent(response, transaction_id) == (ip, port)
 
 
 def test_an_ipv4_client_seen_through_a_dual_stack_socket_is_reported_as_ipv4() -> None:
     transaction_id = os.urandom(12)
     response = server.build_binding_success(transaction_id, ("::ffff:198.51.100.7", 5000))
-    assert client.parse_binding_response(response, transaction_id) == ("198.51.100.7", 5000)
+    assert mapped_by_the_agent(response, transaction_id) == ("198.51.100.7", 5000)
 
 
 def test_the_agents_request_is_a_binding_request_to_the_responder() -> None:
-    transaction_id = client.new_transaction_id()
-    request = server.parse_binding_request(client.build_binding_request(transaction_id))
-    assert request.transaction_id == transaction_id
-    assert request.attributes == ()
-
-
-def test_the_agents_copy_of_the_wire_constants_agrees_with_the_responder() -> None:
-    assert client.MAGIC_COOKIE == server.MAGIC_COOKIE
-    assert client.FINGERPRINT_XOR == server.FINGERPRINT_XOR
-    assert client.HEADER_LENGTH == server.HEADER_LENGTH
-    binding = server.METHOD_BINDING
-    assert server.message_type(binding, StunClass.REQUEST) == client.BINDING_REQUEST
-    assert server.message_type(binding, StunClass.SUCCESS) == client.BINDING_SUCCESS
-    assert server.message_type(binding, StunClass.ERROR) == client.BINDING_ERROR
-    assert client.ATTR_XOR_MAPPED_ADDRESS == Attribute.XOR_MAPPED_ADDRESS
-    assert client.ATTR_MAPPED_ADDRESS == Attribute.MAPPED_ADDRESS
-    assert client.ATTR_ERROR_CODE == Attribute.ERROR_CODE
-    assert client.ATTR_FINGERPRINT == Attribute.FINGERPRINT
+    request = aioice_stun.Message(
+        message_method=aioice_stun.Method.BINDING, message_class=aioice_stun.Class.REQUEST
+    )
+    parsed = server.parse_binding_request(bytes(request))
+    assert parsed.transaction_id == request.transaction_id
+    assert parsed.attributes == ()
 
 
 def test_the_agent_reads_mapped_address_from_an_rfc3489_style_server() -> None:
@@ -203,14 +211,14 @@ def test_the_agent_reads_mapped_address_from_an_rfc3489_style_server() -> None:
         transaction_id,
         [(Attribute.MAPPED_ADDRESS, value)],
     )
-    assert client.parse_binding_response(response, transaction_id) == ("192.0.2.9", 4242)
+    assert mapped_by_the_agent(response, transaction_id) == ("192.0.2.9", 4242)
 
 
 def test_the_agent_ignores_a_response_with_a_corrupted_fingerprint() -> None:
     transaction_id = os.urandom(12)
     response = bytearray(server.build_binding_success(transaction_id, CLIENT))
     response[-1] ^= 0xFF
-    assert client.parse_binding_response(bytes(response), transaction_id) is None
+    assert mapped_by_the_agent(bytes(response), transaction_id) is None
 
 
 # -- what the responder drops, and counts ------------------------------------------------------
@@ -287,9 +295,8 @@ def test_an_unknown_comprehension_required_attribute_gets_a_420_naming_it() -> N
     message = server.parse_message(reply)
     assert message.stun_class is StunClass.ERROR
     assert message.get(Attribute.UNKNOWN_ATTRIBUTES) == b"\x00\x03"
-    with pytest.raises(client.StunErrorResponse) as caught:
-        client.parse_binding_response(reply, b"T" * 12)
-    assert caught.value.code == 420
+    error = aioice_stun.parse_message(reply).attributes["ERROR-CODE"]
+    assert error[0] == 420
     assert stats.snapshot()["rejected"] == 1
 
 
@@ -297,7 +304,7 @@ def test_an_unknown_comprehension_optional_attribute_is_ignored() -> None:
     stats = StunStats()
     reply = server.handle_datagram(request(struct.pack("!HHI", 0xC001, 4, 0)), CLIENT, stats)
     assert reply is not None
-    assert client.parse_binding_response(reply, b"T" * 12) == CLIENT
+    assert mapped_by_the_agent(reply, b"T" * 12) == CLIENT
 
 
 class RecordingTransport:
@@ -342,157 +349,48 @@ def responder() -> Iterator[server.StunServer]:
         yield running
 
 
-@pytest.fixture
-def udp() -> Iterator[socket.socket]:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        yield sock
-
-
-def test_binding_request_on_loopback_returns_the_sockets_own_endpoint(
-    responder: server.StunServer, udp: socket.socket
-) -> None:
-    assert client.binding_request(udp, responder.addresses[0], timeout=2) == udp.getsockname()
-    assert responder.stats.answered == 1
-
-
 def test_classification_on_loopback_is_endpoint_independent(
-    responder: server.StunServer, udp: socket.socket
+    responder: server.StunServer,
 ) -> None:
-    report = client.classify_nat(udp, responder.addresses, timeout=2)
+    report = classify(list(responder.addresses))
     assert report.mapping is NatMapping.ENDPOINT_INDEPENDENT
-    assert report.mapped == udp.getsockname()
-    assert [r.mapped for r in report.results] == [udp.getsockname()] * 2
-    assert report.behind_nat is False
+    assert report.mapped == report.local
+    assert [r.mapped for r in report.results] == [report.local] * 2
     assert report.as_dict()["mapping"] == "endpoint-independent"
+    assert responder.stats.answered == 2
 
 
 def test_classification_with_one_silent_server_is_unknown_and_says_which(
-    responder: server.StunServer, udp: socket.socket
+    responder: server.StunServer,
 ) -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:
         silent.bind(("127.0.0.1", 0))
         started = time.monotonic()
-        report = client.classify_nat(
-            udp, [responder.addresses[0], silent.getsockname()], timeout=0.5
-        )
+        report = classify([responder.addresses[0], silent.getsockname()], timeout=0.5)
     assert time.monotonic() - started < 1.5  # the servers were asked at once, not in turn
     assert report.mapping is NatMapping.UNKNOWN
-    assert report.mapped == udp.getsockname()
+    assert report.mapped == report.local
     assert report.results[1].mapped is None
     assert "no answer" in (report.results[1].error or "")
 
 
 def test_the_responder_counts_garbage_sent_to_it_and_keeps_answering(
-    responder: server.StunServer, udp: socket.socket
+    responder: server.StunServer,
 ) -> None:
-    for garbage in (b"", b"hello", b"\x00\x01\x00\x00" + b"\x00" * 16):
-        udp.sendto(garbage, responder.addresses[0])
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+        for garbage in (b"", b"hello", b"\x00\x01\x00\x00" + b"\x00" * 16):
+            udp.sendto(garbage, responder.addresses[0])
     wait_until(lambda: responder.stats.snapshot()["dropped_total"] == 3, timeout=5)
-    assert client.binding_request(udp, responder.addresses[1], timeout=2) == udp.getsockname()
+    assert classify([responder.addresses[1]]).mapped is not None
     dropped = responder.stats.snapshot()["dropped"]
     assert dropped["too_short"] == 2 and dropped["bad_magic_cookie"] == 1
 
 
-def test_binding_request_times_out_against_a_silent_server(udp: socket.socket) -> None:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:
-        silent.bind(("127.0.0.1", 0))
-        started = time.monotonic()
-        with pytest.raises(client.StunTimeout):
-            client.binding_request(udp, silent.getsockname(), timeout=0.4, retries=2, rto=0.05)
-        assert 0.35 < time.monotonic() - started < 1.0
-        silent.settimeout(0.5)
-        requests = [silent.recvfrom(2048)[0] for _ in range(3)]
-        assert len({r[8:20] for r in requests}) == 1  # retransmissions reuse the transaction id
-        silent.setblocking(False)
-        with pytest.raises(BlockingIOError):
-            silent.recvfrom(2048)  # one send and `retries` retransmissions, no more
-
-
-def test_the_callers_socket_timeout_is_left_as_it_was(
-    responder: server.StunServer, udp: socket.socket
-) -> None:
-    udp.settimeout(7.0)
-    client.binding_request(udp, responder.addresses[0], timeout=2)
-    assert udp.gettimeout() == 7.0
-
-
-class ScriptedServer:
-    """A fake STUN server: drops the first `drop` requests, then answers the way a test says."""
-
-    def __init__(self, drop: int = 0, forge_from: str | None = None) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.settimeout(5)
-        self.drop = drop
-        self.forge_from = forge_from
-        self.arrivals: list[float] = []
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    @property
-    def address(self) -> tuple[str, int]:
-        return self.sock.getsockname()
-
-    def _serve(self) -> None:
-        with contextlib.suppress(OSError):
-            while True:
-                data, peer = self.sock.recvfrom(2048)
-                self.arrivals.append(time.monotonic())
-                if len(self.arrivals) <= self.drop:
-                    continue
-                txid = data[8:20]
-                # First an answer to another transaction, then one from another address.
-                other = bytes(b ^ 0xFF for b in txid)
-                self.sock.sendto(server.build_binding_success(other, ("192.0.2.66", 1)), peer)
-                if self.forge_from:
-                    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as forger:
-                        forger.bind((self.forge_from, 0))
-                        forged = server.build_binding_success(txid, ("192.0.2.99", 2))
-                        forger.sendto(forged, peer)
-                self.sock.sendto(server.build_binding_success(txid, peer), peer)
-                return
-
-    def close(self) -> None:
-        self.sock.close()
-        self.thread.join(5)
-
-
-def test_the_client_retransmits_with_doubling_intervals_until_answered(
-    udp: socket.socket,
-) -> None:
-    fake = ScriptedServer(drop=3)
-    try:
-        mapped = client.binding_request(udp, fake.address, timeout=3, retries=6, rto=0.05)
-    finally:
-        fake.close()
-    assert mapped == udp.getsockname()
-    gaps = [b - a for a, b in zip(fake.arrivals, fake.arrivals[1:], strict=False)]
-    assert len(gaps) == 3
-    for gap, expected in zip(gaps, (0.05, 0.1, 0.2), strict=True):
-        assert expected * 0.8 < gap < expected + 0.15
-
-
-def test_answers_for_another_transaction_or_from_another_address_are_not_taken(
-    udp: socket.socket,
-) -> None:
-    fake = ScriptedServer(forge_from="127.0.0.2")
-    unmatched: list[tuple[bytes, Any]] = []
-    try:
-        mapped = client.binding_request(
-            udp, fake.address, timeout=3, on_unmatched=lambda d, a: unmatched.append((d, a))
-        )
-    finally:
-        fake.close()
-    assert mapped == udp.getsockname()
-    assert [source[0] for _, source in unmatched] == ["127.0.0.1", "127.0.0.2"]
-
-
 def test_endpoints_parse_as_configuration_values() -> None:
-    assert client.parse_endpoint("stun.example.org") == ("stun.example.org", 3478)
-    assert client.parse_endpoint("203.0.113.10:3479") == ("203.0.113.10", 3479)
-    assert client.parse_endpoint("[2001:db8::1]:3480") == ("2001:db8::1", 3480)
-    assert client.parse_endpoint("2001:db8::1") == ("2001:db8::1", 3478)
+    assert wire.parse_host_port("stun.example.org") == ("stun.example.org", 3478)
+    assert wire.parse_host_port("203.0.113.10:3479") == ("203.0.113.10", 3479)
+    assert wire.parse_host_port("[2001:db8::1]:3480") == ("2001:db8::1", 3480)
+    assert wire.parse_host_port("2001:db8::1") == ("2001:db8::1", 3478)
 
 
 # -- the command ---------------------------------------------------------------------------------
@@ -505,7 +403,7 @@ def free_udp_port() -> int:
 
 
 def test_runstun_answers_on_two_ports_from_the_environment_and_logs_counters_on_sigterm(
-    tmp_path: Path, udp: socket.socket
+    tmp_path: Path,
 ) -> None:
     first, second = free_udp_port(), free_udp_port()
     log = tmp_path / "runstun.log"
@@ -528,9 +426,10 @@ def test_runstun_answers_on_two_ports_from_the_environment_and_logs_counters_on_
     try:
         wait_until(lambda: "STUN responder on" in log.read_text(), timeout=20, what="runstun")
         servers = [("127.0.0.1", first), ("127.0.0.1", second)]
-        report = client.classify_nat(udp, servers, timeout=2)
+        report = classify(servers)
         assert report.mapping is NatMapping.ENDPOINT_INDEPENDENT
-        udp.sendto(b"\xff" * 24, servers[0])  # RTP or the like: not STUN
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            udp.sendto(b"\xff" * 24, servers[0])  # RTP or the like: not STUN
         time.sleep(0.1)
         process.send_signal(signal.SIGTERM)
         assert process.wait(10) == 0
@@ -552,23 +451,6 @@ def test_runstun_refuses_a_port_that_is_not_a_number(monkeypatch: pytest.MonkeyP
 def test_a_second_listener_identical_to_the_first_is_refused() -> None:
     with pytest.raises(ValueError, match="first one again"):
         server.listeners_from("127.0.0.1", 3478, 3478)
-
-
-def test_binding_request_over_ipv6_loopback_returns_an_ipv6_endpoint() -> None:
-    if not socket.has_ipv6:
-        pytest.skip("no IPv6 in this Python")
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as probe:
-            probe.bind(("::1", 0))
-    except OSError as exc:
-        pytest.skip(f"no IPv6 loopback here: {exc}")
-    with (
-        running_responder([("::1", 0)]) as responder,
-        socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as sock,
-    ):
-        sock.bind(("::1", 0))
-        mapped = client.binding_request(sock, responder.addresses[0], timeout=2)
-        assert mapped == ("::1", sock.getsockname()[1])
 
 
 def test_the_responder_core_runs_without_django() -> None:

@@ -6,28 +6,30 @@ Needs only `websocket-client` and the standard library; it imports nothing from 
 from .agent import AgentState, WorkerAgent
 from .agents import AgentGroup, run_agents
 from .backoff import Backoff
-from .peering import (
+from .p2p.errors import (
+    NoPath,
+    P2PUnavailable,
+    PeerClosed,
     PeerError,
     PeerRefused,
     PeerUnavailable,
-    PunchFailed,
-    PunchImpossible,
-    StunFailed,
+    PeerUnresponsive,
 )
-from .punch import PeerPath
+from .p2p.path import PeerPath
 from .version import __version__
 
 __all__ = [
     "AgentGroup",
     "AgentState",
     "Backoff",
+    "NoPath",
+    "P2PUnavailable",
+    "PeerClosed",
     "PeerError",
     "PeerPath",
     "PeerRefused",
     "PeerUnavailable",
-    "PunchFailed",
-    "PunchImpossible",
-    "StunFailed",
+    "PeerUnresponsive",
     "WorkerAgent",
     "__version__",
     "run_agents",

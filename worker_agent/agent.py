@@ -25,8 +25,10 @@ import websocket
 
 from . import credentials, wire
 from .backoff import Backoff
+from .p2p.errors import P2PUnavailable, PeerError
+from .p2p.path import PeerPath
 from .peering import DEFAULT_CONNECT_TIMEOUT as DEFAULT_PEER_CONNECT_TIMEOUT
-from .peering import DEFAULT_PUNCH_TIMEOUT, PeerError, Peering
+from .peering import Peering
 from .policy import (
     DEFAULT_MAX_SUPERSEDED,
     DEFAULT_SUPERSEDED_DELAY,
@@ -36,7 +38,6 @@ from .policy import (
     ReconnectPolicy,
 )
 from .public_ip import DEFAULT_IP_ECHO_URL, DEFAULT_TIMEOUT, fetch_public_ip
-from .punch import PeerPath
 from .version import __version__
 
 logger = logging.getLogger("worker_agent")
@@ -157,9 +158,8 @@ class WorkerAgent:
         credential: str | None = None,
         credential_file: str | os.PathLike[str] | None = None,
         stun_servers: Sequence[str] | None = None,
-        udp_host: str = "0.0.0.0",
         on_peer: PeerCallback | None = None,
-        punch_timeout: float = DEFAULT_PUNCH_TIMEOUT,
+        peer_udp: bool = True,
         report_nat: bool = True,
         suppress_origin: bool = False,
         sslopt: Mapping[str, Any] | None = None,
@@ -210,11 +210,11 @@ class WorkerAgent:
         self.peering = Peering(
             self.worker_id,
             self._send_current,
+            send_binary=self._send_binary_current,
             stun_servers=stun_servers,
-            udp_host=udp_host,
             # Like every callback here, on_peer gets the agent first.
             on_peer=(lambda path: on_peer(self, path)) if on_peer is not None else None,
-            punch_timeout=punch_timeout,
+            use_udp=peer_udp,
         )
         self.on_message = on_message
         self.on_registered = on_registered
@@ -374,6 +374,7 @@ class WorkerAgent:
                 if self._stop.wait(decision.delay):
                     break
         finally:
+            self.peering.close()  # every peer path ends with the agent
             with self._lock:
                 self._next_attempt_at = None
             self._set_state(AgentState.STOPPED)
@@ -383,10 +384,11 @@ class WorkerAgent:
     # ---- peers (worker_agent/peering.py) ---------------------------------------------------------
 
     def connect(self, peer_id: str, timeout: float = DEFAULT_PEER_CONNECT_TIMEOUT) -> PeerPath:
-        """A direct UDP path to another worker, punched through both NATs.
+        """A datagram path to another worker, as soon as one carries data: through the service
+        relay at first, moving to TURN, a direct or a LAN path when one comes up.
 
-        Blocks up to `timeout` (plus the punch itself); raises a `PeerError` subclass that says
-        why there is none: PeerUnavailable, PeerRefused, PunchImpossible, PunchFailed, ...
+        Raises a `PeerError` subclass that says why there is none, at once when the service or
+        the peer says so: PeerUnavailable, PeerUnresponsive, PeerRefused, NoPath, P2PUnavailable.
         """
         deadline = time.monotonic() + timeout
         if not self.wait_registered(timeout):
@@ -410,6 +412,11 @@ class WorkerAgent:
         with self._lock:
             conn = self._conn if self._registered else None
         return conn is not None and self._send(conn, frame)
+
+    def _send_binary_current(self, frame: bytes) -> bool:
+        with self._lock:
+            conn = self._conn if self._registered else None
+        return conn is not None and self._send(conn, frame, binary=True)
 
     @property
     def credential(self) -> str | None:
@@ -558,6 +565,9 @@ class WorkerAgent:
         conn.ended.set()
 
     def _handle_message(self, conn: _Connection, data: str | bytes) -> None:
+        if isinstance(data, bytes | bytearray):
+            self.peering.relay_frame(bytes(data))  # datagrams through the service relay
+            return
         try:
             message = wire.parse_server_message(data)
         except wire.ServerFrameError as exc:
@@ -707,6 +717,8 @@ class WorkerAgent:
     def _report_nat(self) -> None:
         try:
             self.peering.report_nat()
+        except P2PUnavailable:
+            logger.debug("worker=%s: no NAT check without the p2p extra", self.worker_id)
         except Exception as exc:  # the registration stands without it
             logger.warning("worker=%s: NAT check failed: %s", self.worker_id, exc)
 
@@ -716,12 +728,12 @@ class WorkerAgent:
         value = welcome.get("heartbeat_interval")
         return float(value) if _positive(value) else None
 
-    def _send(self, conn: _Connection, frame: str) -> bool:
+    def _send(self, conn: _Connection, frame: str | bytes, *, binary: bool = False) -> bool:
         app = conn.app
         if app is None or conn.ended.is_set():
             return False
         try:
-            app.send(frame)
+            app.send(frame, websocket.ABNF.OPCODE_BINARY if binary else websocket.ABNF.OPCODE_TEXT)
         except (websocket.WebSocketException, OSError) as exc:
             self._log(logging.DEBUG, conn, "send failed, connection is closing: %r", exc)
             return False

@@ -195,6 +195,8 @@ def configure_logging(level: str) -> None:
     # websocket-client logs every ordinary disconnect as an ERROR ("... - goodbye"); the agent
     # logs the same events once, with the worker id, so keep the library quiet unless debugging.
     logging.getLogger("websocket").setLevel(logging.DEBUG if level == "DEBUG" else logging.CRITICAL)
+    # aioice logs every ICE connectivity check at INFO; the agent logs each path change once.
+    logging.getLogger("aioice").setLevel(logging.DEBUG if level == "DEBUG" else logging.WARNING)
 
 
 def stop_on_signals(

@@ -1,74 +1,60 @@
-"""The agent's side of peer discovery and hole punching (docs/nat-traversal.md).
+"""The agent's side of peer discovery and introductions: signalling over the agent's WebSocket.
 
-`WorkerAgent` owns one `Peering` and forwards it the peer frames; the host program calls
-`agent.connect(peer_id)`, `agent.list_peers()` and `agent.subscribe_peers()`. Each connection
-gets a UDP socket of its own: STUN on it (two servers classify the NAT's mapping), candidates
-to the service, an introduction back, then `punch.punch` on that same socket. The side that is
-asked runs the same steps in a thread of its own and hands the path to `on_peer`.
+`WorkerAgent` owns one `Peering` and hands it the peer frames (text and binary); the host
+program calls `agent.connect(peer_id)`, `agent.list_peers()` and `agent.subscribe_peers()`.
+Discovery needs nothing beyond the standard library. Connections need the `p2p` extra (aioice):
+`worker_agent.p2p` runs ICE, the service relay and the path that moves between them, on an
+asyncio loop of its own (docs/nat-traversal.md).
 """
 
 from __future__ import annotations
 
 import logging
 import queue
-import socket
 import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from . import punch, stun, wire
-from .punch import PeerPath
+from . import wire
+from .p2p.errors import (
+    MISSING_EXTRA,
+    NoPath,
+    P2PUnavailable,
+    PeerClosed,
+    PeerError,
+    PeerRefused,
+    PeerUnavailable,
+    PeerUnresponsive,
+)
+
+if TYPE_CHECKING:
+    from .p2p.loop import LoopThread
+    from .p2p.netcheck import NatReport
+    from .p2p.path import PeerPath
+    from .p2p.relay import RelayLink
+    from .p2p.session import PeerSession
 
 logger = logging.getLogger("worker_agent")
 
-DEFAULT_CONNECT_TIMEOUT = 15.0
-DEFAULT_PUNCH_TIMEOUT = 5.0
-STUN_TIMEOUT = 2.0
-ANSWER_TIMEOUT = 30.0  # how long the asked side waits for its introduction
-MAX_LOCAL_CANDIDATES = 3
-# Introductions answered at once; more are refused: each costs a thread, a socket and probes.
-MAX_ANSWERING = 4
-# The longest the punch waits for the service's start time. Longer means our clock is behind the
-# service's; the punch then starts now rather than blocking past every timeout.
-MAX_START_WAIT = 3.0
+DEFAULT_CONNECT_TIMEOUT = 10.0
+NAT_CHECK_TIMEOUT = 3.0
 
 Send = Callable[[str], bool]
-PeerCallback = Callable[[PeerPath], None]
-
-
-class PeerError(Exception):
-    """A connection to a peer that did not come about; the message says why."""
-
-
-class PeerUnavailable(PeerError):
-    pass
-
-
-class PeerRefused(PeerError):
-    pass
-
-
-class PunchImpossible(PeerError):
-    """Both NATs map endpoint-dependently: no direct path can be punched (no relay yet)."""
-
-
-class PunchFailed(PeerError):
-    """Probes were sent but no path came about within the punch timeout."""
-
-
-class StunFailed(PeerError):
-    pass
-
+SendBinary = Callable[[bytes], bool]
+PeerCallback = Callable[["PeerPath"], None]
 
 _FAILURES: dict[str, type[PeerError]] = {
     wire.ConnectFailure.PEER_UNAVAILABLE: PeerUnavailable,
+    wire.ConnectFailure.PEER_UNRESPONSIVE: PeerUnresponsive,
     wire.ConnectFailure.PEER_REFUSED: PeerRefused,
-    wire.ConnectFailure.PUNCH_IMPOSSIBLE: PunchImpossible,
-    wire.ConnectFailure.NOT_YOURSELF: PeerError,
-    wire.ConnectFailure.RATE_LIMITED: PeerError,
 }
+_ANSWERS = (
+    wire.ServerMessageType.INTRODUCTION,
+    wire.ServerMessageType.CONNECT_FAILED,
+    wire.ServerMessageType.PEER_CLOSED,
+)
 
 
 class Peering:
@@ -77,61 +63,86 @@ class Peering:
         worker_id: str,
         send: Send,
         *,
+        send_binary: SendBinary,
         stun_servers: Sequence[str] | None = None,
-        udp_host: str = "0.0.0.0",
         on_peer: PeerCallback | None = None,
-        punch_timeout: float = DEFAULT_PUNCH_TIMEOUT,
+        use_udp: bool = True,
     ) -> None:
         self.worker_id = worker_id
         self._send = send
+        self._send_binary = send_binary
         self._configured_stun = list(stun_servers) if stun_servers else None
         self._advertised_stun: list[str] = []
-        self.udp_host = udp_host
         self.on_peer = on_peer
-        self.punch_timeout = punch_timeout
+        self.use_udp = use_udp
         self._lock = threading.Lock()
         self._waiters: dict[str, queue.Queue[dict[str, Any]]] = {}
         self._answering: set[str] = set()
+        self._sessions: dict[str, PeerSession] = {}
+        self._connects: dict[str, float] = {}  # request id -> when connect() began
         self._subscription: tuple[bool, str | None] = (False, None)
-        self.last_nat_report: stun.NatReport | None = None
+        self._loop: LoopThread | None = None
+        self._relay: RelayLink | None = None
+        self._closed = False
+        self.last_nat_report: NatReport | None = None
 
-    # ---- the session --------------------------------------------------------------------------
+    # ---- the session with the service ---------------------------------------------------------
 
     def session_started(self, welcome: dict[str, Any]) -> None:
-        """A new registration: take the service's STUN servers, renew the subscription."""
+        """A new registration: the service's STUN servers, the subscription renewed; relay links
+        of the previous connection are gone (direct routes carry on)."""
         advertised = welcome.get("stun_servers")
         if isinstance(advertised, list):
             self._advertised_stun = [s for s in advertised if isinstance(s, str)]
         subscribed, tag = self._subscription
         if subscribed:
             self._send(wire.subscribe_peers(tag))
+        with self._lock:
+            sessions = list(self._sessions.values())
+        for session in sessions:
+            self._on_loop(session.relay_lost, "the connection to the service was renewed")
 
-    def stun_servers(self) -> list[stun.Endpoint]:
+    def stun_servers(self) -> list[tuple[str, int]]:
         servers = []
         for text in self._configured_stun or self._advertised_stun:
             try:
-                servers.append(stun.parse_endpoint(text))
+                servers.append(wire.parse_host_port(text))
             except ValueError:
                 logger.warning("worker=%s: ignoring STUN server %r", self.worker_id, text)
         return servers
 
-    def report_nat(self) -> stun.NatReport | None:
+    def report_nat(self) -> NatReport | None:
         """Classify the NAT from a fresh socket and tell the service (admin, API, peer list)."""
         servers = self.stun_servers()
         if not servers:
             return None
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-            sock.bind((self.udp_host, 0))
-            report = stun.classify_nat(sock, servers, timeout=STUN_TIMEOUT)
+        from .p2p.netcheck import classify_nat
+
+        report = self._p2p_loop().call(
+            classify_nat(servers, timeout=NAT_CHECK_TIMEOUT), NAT_CHECK_TIMEOUT + 2
+        )
         self.last_nat_report = report
         self._send(wire.nat_report(report.mapping.value, report.mapped))
         logger.info(
             "worker=%s: NAT mapping %s, UDP endpoint %s",
             self.worker_id,
             report.mapping.value,
-            _format(report.mapped),
+            report.mapped,
         )
         return report
+
+    def close(self) -> None:
+        """The agent stops: every path ends, the peer loop stops."""
+        with self._lock:
+            self._closed = True
+            sessions = list(self._sessions.values())
+            loop, relay = self._loop, self._relay
+        for session in sessions:
+            self._on_loop(session.end, "the agent stopped")
+        if relay is not None:
+            relay.close()
+        if loop is not None:
+            loop.stop()
 
     # ---- what the host program calls ------------------------------------------------------------
 
@@ -151,194 +162,218 @@ class Peering:
         self._send(wire.unsubscribe_peers())
 
     def connect(self, peer_id: str, *, timeout: float = DEFAULT_CONNECT_TIMEOUT) -> PeerPath:
-        """A direct UDP path to `peer_id`, or a PeerError that says why there is none."""
-        deadline = time.monotonic() + timeout
-        sock = self._udp_socket()
+        """A path to `peer_id` as soon as one carries data (the service relay, normally), or a
+        PeerError that says why there is none."""
+        started = time.monotonic()
+        deadline = started + timeout
+        self._p2p_loop()  # P2PUnavailable at once, before the peer is bothered
+        request_id = _request_id()
+        with self._lock:
+            self._connects[request_id] = started
         try:
-            report, candidates = self._gather(sock)
-            request_id = _request_id()
             reply = self._ask(
-                wire.connect_request(
-                    peer_id=peer_id,
-                    request_id=request_id,
-                    endpoints=candidates,
-                    nat_mapping=report.mapping.value,
-                ),
+                wire.connect_request(peer_id=peer_id, request_id=request_id),
                 request_id,
-                max(0.1, deadline - time.monotonic()),
-                until=(wire.ServerMessageType.INTRODUCTION, wire.ServerMessageType.CONNECT_FAILED),
+                timeout,
+                until=_ANSWERS,
             )
-            if reply["type"] == wire.ServerMessageType.CONNECT_FAILED:
-                failure = _FAILURES.get(reply.get("code", ""), PeerError)
-                raise failure(f"cannot reach {peer_id}: {reply.get('reason')}")
-            return self._punch(sock, reply, report)
-        except BaseException:
-            sock.close()
-            raise
+        finally:
+            with self._lock:
+                self._connects.pop(request_id, None)
+        kind = reply["type"]
+        if kind == wire.ServerMessageType.CONNECT_FAILED:
+            code = str(reply.get("code", ""))
+            failure = _FAILURES.get(code, PeerError)
+            raise failure(f"cannot reach {peer_id}: {reply.get('reason')}", code=code)
+        if kind == wire.ServerMessageType.PEER_CLOSED:
+            raise PeerClosed(f"cannot reach {peer_id}: {reply.get('reason')}")
+        session = self._session(str(reply.get("introduction_id")))
+        if session is None:  # ended between the introduction and now
+            raise PeerClosed(f"the connection to {peer_id} ended at once")
+        path = session.path
+        if path.kind is None and not path.wait_for_kind(
+            *[k.value for k in wire.PathKind], timeout=max(0.0, deadline - time.monotonic())
+        ):
+            path.close("no path came up")
+            raise NoPath(
+                f"introduced to {peer_id}, but no route carried data within {timeout:g}s "
+                f"({path.closed_reason or 'the relay was not offered and ICE found no pair'})"
+            )
+        logger.info(
+            "worker=%s: connected to %s over %s in %.0f ms",
+            self.worker_id,
+            peer_id,
+            path.kind,
+            1000 * (time.monotonic() - started),
+        )
+        return path
 
-    # ---- frames from the service (called on the agent's socket thread: never block) ------------
+    # ---- frames from the service (on the agent's socket thread: never block) ------------------
 
     def handle(self, message: dict[str, Any]) -> bool:
         """Take a peer frame; False if it is not one of ours."""
         kind = message.get("type")
         if kind == wire.ServerMessageType.INTRODUCTION_REQUEST:
-            introduction_id = str(message.get("introduction_id"))
+            self._requested(message)
+            return True
+        if kind == wire.ServerMessageType.INTRODUCTION:
+            self._introduced(message)
+            return True
+        if kind == wire.ServerMessageType.ICE_CANDIDATES:
+            session = self._session(message.get("introduction_id"))
+            if session is not None:
+                self._on_loop(session.remote_candidates, message)
+            return True
+        if kind == wire.ServerMessageType.PEER_CLOSED:
+            session = self._session(message.get("introduction_id"))
+            if session is not None:
+                self._on_loop(session.end, f"closed by the peer: {message.get('reason')}")
+            else:
+                self._wake(message)
+            return True
+        if kind == wire.ServerMessageType.CONNECT_FAILED:
             with self._lock:
-                duplicate = introduction_id in self._answering
-                busy = len(self._answering) >= MAX_ANSWERING
-                if not duplicate and not busy:
-                    self._answering.add(introduction_id)
-            if duplicate:
-                return True  # the same request twice (a retried send): one answer is enough
-            if busy:
-                self._send(
-                    wire.introduction_reject(
-                        introduction_id=introduction_id,
-                        reason=f"busy: {MAX_ANSWERING} introductions in progress",
-                    )
-                )
-                return True
+                self._answering.discard(str(message.get("introduction_id")))
+            self._wake(message)
+            return True
+        if kind in (wire.ServerMessageType.PEERS, wire.ServerMessageType.CONNECT_PENDING):
+            self._wake(message)
+            return True
+        return kind in (
+            wire.ServerMessageType.PATH_REPORT_RECORDED,
+            wire.ServerMessageType.INTRODUCTION_REJECTED,
+        )
+
+    def relay_frame(self, frame: bytes) -> None:
+        """A binary frame: datagrams from a peer through the service relay."""
+        try:
+            introduction_id, datagrams = wire.parse_relay_frame(frame)
+        except wire.ServerFrameError as exc:
+            logger.warning("worker=%s: ignoring a binary frame: %s", self.worker_id, exc)
+            return
+        session = self._session(introduction_id)
+        if session is not None:
+            self._on_loop(session.relayed, datagrams)
+
+    # ---- introductions -------------------------------------------------------------------------
+
+    def _requested(self, request: dict[str, Any]) -> None:
+        """Another worker asks to reach this one: accept at once, or say why not."""
+        introduction_id = str(request.get("introduction_id"))
+        reason = None
+        if self.on_peer is None:
+            reason = "this worker does not accept peer connections"
+        else:
+            try:
+                self._p2p_loop()
+            except P2PUnavailable:
+                reason = f"this worker cannot take peer connections ({MISSING_EXTRA})"
+        if reason is not None:
+            self._send(wire.introduction_reject(introduction_id=introduction_id, reason=reason))
+            return
+        with self._lock:
+            self._answering.add(introduction_id)
+        self._send(wire.introduction_accept(introduction_id=introduction_id))
+
+    def _introduced(self, introduction: dict[str, Any]) -> None:
+        """Both sides get this: the session starts now, before any relayed datagram arrives."""
+        introduction_id = str(introduction.get("introduction_id"))
+        responder = introduction.get("role") == "responder"
+        with self._lock:
+            answering = introduction_id in self._answering
+            self._answering.discard(introduction_id)
+            waited_for = introduction.get("request_id") in self._waiters
+        if (responder and not answering) or (not responder and not waited_for):
+            # Nobody here asked for it any more (connect() gave up): end it for the peer too.
+            self._send(
+                wire.peer_close(introduction_id=introduction_id, reason="the requester gave up")
+            )
+            return
+        session = self._open_session(introduction)
+        if not responder:
+            self._wake(introduction)
+            return
+        callback = self.on_peer
+        if callback is not None:
             threading.Thread(
-                target=self._answer,
-                args=(message,),
-                name=f"worker-agent-answer-{self.worker_id[:12]}",
+                target=_call_on_peer,
+                args=(callback, session.path, self.worker_id),
+                name=f"worker-agent-peer-{session.peer_id[:12]}",
                 daemon=True,
             ).start()
-            return True
-        if kind in (
-            wire.ServerMessageType.PEERS,
-            wire.ServerMessageType.CONNECT_PENDING,
-            wire.ServerMessageType.CONNECT_FAILED,
-            wire.ServerMessageType.INTRODUCTION,
-        ):
-            # The asking side waits under its request id, the asked side under the introduction's.
-            with self._lock:
-                for key in (message.get("request_id"), message.get("introduction_id")):
-                    waiter = self._waiters.get(key) if isinstance(key, str) else None
-                    if waiter is not None:
-                        waiter.put(message)
-                        break
-            return True
-        return False
 
-    # ---- the steps -----------------------------------------------------------------------------
+    def _open_session(self, introduction: dict[str, Any]) -> PeerSession:
+        from .p2p.session import PeerSession
 
-    def _udp_socket(self) -> socket.socket:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        sock.bind((self.udp_host, 0))
-        return sock
-
-    def _gather(self, sock: socket.socket) -> tuple[stun.NatReport, list[stun.Endpoint]]:
-        """This socket's public endpoint and NAT mapping, and its candidates (public first)."""
+        loop, relay = self._p2p_loop(), self._relay_link()
         servers = self.stun_servers()
-        if not servers:
-            raise StunFailed(
-                "no STUN servers: pass stun_servers, or set RENDEZVOUS_STUN_SERVERS on the service"
-            )
-        report = stun.classify_nat(sock, servers, timeout=STUN_TIMEOUT)
-        if report.mapped is None:
-            errors = "; ".join(f"{_format(r.server)}: {r.error}" for r in report.results)
-            raise StunFailed(f"no STUN server answered ({errors})")
-        candidates = [report.mapped]
-        port = sock.getsockname()[1]
-        for ip in _local_addresses(self.udp_host, servers):
-            if (ip, port) not in candidates:
-                candidates.append((ip, port))
-        return report, candidates[: 1 + MAX_LOCAL_CANDIDATES]
-
-    def _punch(
-        self, sock: socket.socket, introduction: dict[str, Any], report: stun.NatReport
-    ) -> PeerPath:
-        intro = punch.Introduction(
-            introduction_id=introduction["introduction_id"],
-            my_id=self.worker_id,
-            peer_id=introduction["peer_id"],
-            peer_endpoints=tuple(
-                (e["ip"], int(e["port"])) for e in introduction.get("peer_endpoints", [])
-            ),
-            key=bytes.fromhex(introduction["key"]),
-            start_at=self._start_at(float(introduction["start_at"])),
+        with self._lock:
+            started = self._connects.get(str(introduction.get("request_id")))
+        session = PeerSession(
+            introduction=introduction,
+            loop=loop,
+            relay=relay,
+            signal=self._send,
+            stun_server=servers[0] if servers else None,
+            use_udp=self.use_udp,
+            started=started,
+            on_end=self._session_ended,
         )
-        peer_mapping = introduction.get("peer_nat_mapping")
-        try:
-            path = punch.punch(sock, intro, timeout=self.punch_timeout)
-        except punch.PunchTimeout as exc:
-            reason = _explain(str(exc), mine=report.mapping.value, theirs=peer_mapping)
-            self._send(
-                wire.punch_result(introduction_id=intro.introduction_id, ok=False, detail=reason)
-            )
-            raise PunchFailed(reason) from exc
-        self._send(wire.punch_result(introduction_id=intro.introduction_id, ok=True))
-        logger.info(
-            "worker=%s: direct path to %s at %s",
-            self.worker_id,
-            intro.peer_id,
-            _format(path.peer_address),
-        )
-        return path
+        with self._lock:
+            self._sessions[session.introduction_id] = session
+        loop.call_soon(session.start)
+        return session
 
-    def _start_at(self, start_at: float) -> float:
-        latest = time.time() + MAX_START_WAIT
-        if start_at > latest:
-            logger.warning(
-                "worker=%s: the punch was to start in %.1fs; this clock is probably behind the "
-                "service's. Starting in %.1fs instead",
-                self.worker_id,
-                start_at - time.time(),
-                MAX_START_WAIT,
-            )
-            return latest
-        return start_at
+    def _session_ended(self, session: PeerSession) -> None:
+        with self._lock:
+            if self._sessions.get(session.introduction_id) is session:
+                del self._sessions[session.introduction_id]
 
-    def _answer(self, request: dict[str, Any]) -> None:
-        try:
-            self._answer_one(request)
-        finally:
-            with self._lock:
-                self._answering.discard(str(request.get("introduction_id")))
+    def _session(self, introduction_id: Any) -> PeerSession | None:
+        with self._lock:
+            return self._sessions.get(introduction_id) if isinstance(introduction_id, str) else None
 
-    def _answer_one(self, request: dict[str, Any]) -> None:
-        """The asked side: accept (gather and punch) or refuse, then hand the path over."""
-        introduction_id = str(request.get("introduction_id"))
-        peer_id = request.get("peer_id")
-        if self.on_peer is None:
-            self._send(
-                wire.introduction_reject(
-                    introduction_id=introduction_id,
-                    reason="this worker does not accept peer connections",
-                )
-            )
-            return
-        sock = self._udp_socket()
-        try:
+    def sessions(self) -> list[PeerSession]:
+        with self._lock:
+            return list(self._sessions.values())
+
+    # ---- plumbing ------------------------------------------------------------------------------
+
+    def _p2p_loop(self) -> LoopThread:
+        with self._lock:
+            if self._loop is not None:
+                return self._loop
+            if self._closed:
+                raise PeerError("the agent has stopped")
             try:
-                report, candidates = self._gather(sock)
-            except (PeerError, OSError) as exc:
-                self._send(
-                    wire.introduction_reject(introduction_id=introduction_id, reason=str(exc))
-                )
-                raise
-            introduction = self._ask(
-                wire.introduction_accept(
-                    introduction_id=introduction_id,
-                    endpoints=candidates,
-                    nat_mapping=report.mapping.value,
-                ),
-                introduction_id,
-                ANSWER_TIMEOUT,
-                until=(wire.ServerMessageType.INTRODUCTION, wire.ServerMessageType.CONNECT_FAILED),
-            )
-            if introduction["type"] == wire.ServerMessageType.CONNECT_FAILED:
-                raise PeerError(str(introduction.get("reason")))
-            path = self._punch(sock, introduction, report)
-        except Exception as exc:
-            sock.close()
-            logger.warning("worker=%s: connection from %s failed: %s", self.worker_id, peer_id, exc)
-            return
-        try:
-            self.on_peer(path)
-        except Exception:
-            logger.exception("worker=%s: the on_peer callback raised", self.worker_id)
+                from .p2p.loop import LoopThread
+                from .p2p.session import PeerSession  # noqa: F401 - aioice present?
+            except ImportError as exc:
+                raise P2PUnavailable(f"{MISSING_EXTRA} ({exc})") from None
+            self._loop = LoopThread(f"worker-agent-p2p-{self.worker_id[:12]}")
+            return self._loop
+
+    def _relay_link(self) -> RelayLink:
+        from .p2p.relay import RelayLink
+
+        with self._lock:
+            if self._relay is None:
+                self._relay = RelayLink(self._send_binary)
+            return self._relay
+
+    def _on_loop(self, callback: Callable[..., Any], *args: Any) -> None:
+        loop = self._loop
+        if loop is not None:
+            loop.call_soon(callback, *args)
+
+    def _wake(self, message: dict[str, Any]) -> None:
+        """Hand a reply to whoever waits: under its request id, or its introduction id."""
+        with self._lock:
+            for key in (message.get("request_id"), message.get("introduction_id")):
+                waiter = self._waiters.get(key) if isinstance(key, str) else None
+                if waiter is not None:
+                    waiter.put(message)
+                    return
 
     def _ask(
         self,
@@ -348,8 +383,10 @@ class Peering:
         *,
         until: tuple[str, ...] | None = None,
     ) -> dict[str, Any]:
-        """Send `frame` and wait for the reply filed under `key` (one of `until`, if given)."""
+        """Send `frame` and wait for the reply filed under `key` (one of `until`, if given).
+        A `connect_pending` on the way files later replies under its introduction id too."""
         waiter: queue.Queue[dict[str, Any]] = queue.Queue()
+        keys = [key]
         with self._lock:
             if key in self._waiters:
                 raise PeerError(f"a request {key} is already waiting for its answer")
@@ -366,48 +403,27 @@ class Peering:
                         f"no answer from the service within {timeout:.1f}s"
                         + (" (the peer did not answer the introduction)" if until else "")
                     ) from None
+                introduction_id = reply.get("introduction_id")
+                if reply.get("type") == wire.ServerMessageType.CONNECT_PENDING and isinstance(
+                    introduction_id, str
+                ):
+                    with self._lock:
+                        self._waiters[introduction_id] = waiter
+                    keys.append(introduction_id)
                 if until is None or reply.get("type") in until:
                     return reply
         finally:
             with self._lock:
-                self._waiters.pop(key, None)
+                for name in keys:
+                    self._waiters.pop(name, None)
+
+
+def _call_on_peer(callback: PeerCallback, path: PeerPath, worker_id: str) -> None:
+    try:
+        callback(path)
+    except Exception:
+        logger.exception("worker=%s: the on_peer callback raised", worker_id)
 
 
 def _request_id() -> str:
     return uuid.uuid4().hex[:16]
-
-
-def _format(endpoint: tuple[str, int] | None) -> str:
-    if endpoint is None:
-        return "-"
-    host, port = endpoint[0], endpoint[1]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def _local_addresses(bind_host: str, servers: Sequence[stun.Endpoint]) -> list[str]:
-    """The address this host would send from towards the STUN servers (its LAN address)."""
-    if bind_host not in ("0.0.0.0", ""):
-        return [bind_host]
-    found: list[str] = []
-    for host, port in servers:
-        try:
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-                probe.connect((host, port))  # no packet is sent: this only picks a route
-                address = probe.getsockname()[0]
-        except OSError:
-            continue
-        if address not in found:
-            found.append(address)
-    return found
-
-
-def _explain(detail: str, *, mine: str, theirs: Any) -> str:
-    dependent = stun.NatMapping.ENDPOINT_DEPENDENT.value
-    sides = [name for name, m in (("our", mine), ("the peer's", theirs)) if m == dependent]
-    if not sides:
-        return f"hole punching failed: {detail}"
-    return (
-        f"hole punching failed: {' and '.join(sides)} NAT maps endpoint-dependently "
-        "(symmetric), so a probe only gets through if the other NAT accepts packets from any "
-        f"port (full cone), and it did not; no direct path, and no relay yet. {detail}"
-    )

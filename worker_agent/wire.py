@@ -14,7 +14,8 @@ from enum import IntEnum, StrEnum
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
+PEER_PROTOCOL_VERSION = 2
 
 WORKER_ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
 WORKER_ID_MAX_LENGTH = 128
@@ -43,7 +44,9 @@ class ClientMessageType(StrEnum):
     CONNECT_REQUEST = "connect_request"
     INTRODUCTION_ACCEPT = "introduction_accept"
     INTRODUCTION_REJECT = "introduction_reject"
-    PUNCH_RESULT = "punch_result"
+    ICE_CANDIDATES = "ice_candidates"
+    PATH_REPORT = "path_report"
+    PEER_CLOSE = "peer_close"
 
 
 class ServerMessageType(StrEnum):
@@ -64,15 +67,39 @@ class ServerMessageType(StrEnum):
     INTRODUCTION_REQUEST = "introduction_request"
     INTRODUCTION = "introduction"
     INTRODUCTION_REJECTED = "introduction_rejected"
-    PUNCH_RESULT_RECORDED = "punch_result_recorded"
+    ICE_CANDIDATES = "ice_candidates"
+    PATH_REPORT_RECORDED = "path_report_recorded"
+    PEER_CLOSED = "peer_closed"
+
+
+class PathKind(StrEnum):
+    """Which route carries a peer connection's data, best first."""
+
+    LAN = "lan"
+    DIRECT = "direct"
+    TURN = "turn"
+    RELAY = "relay"
+
+
+class NatMapping(StrEnum):
+    ENDPOINT_INDEPENDENT = "endpoint-independent"
+    ENDPOINT_DEPENDENT = "endpoint-dependent"
+    UNKNOWN = "unknown"
+
+
+class IcePolicy(StrEnum):
+    ALL = "all"
+    RELAY = "relay"
 
 
 class ConnectFailure(StrEnum):
     PEER_UNAVAILABLE = "PEER_UNAVAILABLE"
     PEER_REFUSED = "PEER_REFUSED"
-    PUNCH_IMPOSSIBLE = "PUNCH_IMPOSSIBLE"
+    PEER_UNRESPONSIVE = "PEER_UNRESPONSIVE"
     NOT_YOURSELF = "NOT_YOURSELF"
     RATE_LIMITED = "RATE_LIMITED"
+    TOO_MANY_PEERS = "TOO_MANY_PEERS"
+    AGENT_OUTDATED = "AGENT_OUTDATED"
 
 
 class CloseCode(IntEnum):
@@ -103,10 +130,13 @@ class ErrorCode(StrEnum):
     MISSING_FIELD = "MISSING_FIELD"
     INVALID_IP = "INVALID_IP"
     INVALID_FIELD = "INVALID_FIELD"
-    BINARY_NOT_SUPPORTED = "BINARY_NOT_SUPPORTED"
     FRAME_TOO_LARGE = "FRAME_TOO_LARGE"
     RATE_LIMITED = "RATE_LIMITED"
     UNAVAILABLE = "UNAVAILABLE"
+    RELAY_NOT_INTRODUCED = "RELAY_NOT_INTRODUCED"
+    RELAY_MALFORMED = "RELAY_MALFORMED"
+    RELAY_FRAME_TOO_LARGE = "RELAY_FRAME_TOO_LARGE"
+    RELAY_RATE_LIMITED = "RELAY_RATE_LIMITED"
 
 
 class ServerFrameError(ValueError):
@@ -144,6 +174,18 @@ def websocket_url(service_url: str, worker_id: str) -> str:
         ) from None
     path = parts.path.rstrip("/") + REGISTER_PATH.format(worker_id=worker_id)
     return urlunsplit((scheme, parts.netloc, path, parts.query, ""))
+
+
+def parse_host_port(text: str, default_port: int = 3478) -> tuple[str, int]:
+    """`host`, `host:port`, `[v6]:port` or a bare IPv6 address, as a configuration value."""
+    text = text.strip()
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        return host, int(rest[1:]) if rest.startswith(":") else default_port
+    if text.count(":") == 1:
+        host, port = text.split(":")
+        return host, int(port)
+    return text, default_port
 
 
 # ---- frames the agent sends --------------------------------------------------------------------
@@ -215,29 +257,23 @@ def unsubscribe_peers() -> str:
     return encode({"type": ClientMessageType.UNSUBSCRIBE_PEERS})
 
 
-def connect_request(
-    *, peer_id: str, request_id: str, endpoints: list[tuple[str, int]], nat_mapping: str
-) -> str:
+def connect_request(*, peer_id: str, request_id: str) -> str:
     return encode(
         {
             "type": ClientMessageType.CONNECT_REQUEST,
             "peer_id": peer_id,
             "request_id": request_id,
-            "endpoints": _endpoints(endpoints),
-            "nat_mapping": nat_mapping,
+            "protocol_version": PEER_PROTOCOL_VERSION,
         }
     )
 
 
-def introduction_accept(
-    *, introduction_id: str, endpoints: list[tuple[str, int]], nat_mapping: str
-) -> str:
+def introduction_accept(*, introduction_id: str) -> str:
     return encode(
         {
             "type": ClientMessageType.INTRODUCTION_ACCEPT,
             "introduction_id": introduction_id,
-            "endpoints": _endpoints(endpoints),
-            "nat_mapping": nat_mapping,
+            "protocol_version": PEER_PROTOCOL_VERSION,
         }
     )
 
@@ -252,15 +288,96 @@ def introduction_reject(*, introduction_id: str, reason: str) -> str:
     )
 
 
-def punch_result(*, introduction_id: str, ok: bool, detail: str = "") -> str:
+def ice_candidates(
+    *,
+    introduction_id: str,
+    attempt: int,
+    policy: str,
+    ufrag: str,
+    pwd: str,
+    candidates: list[str],
+    done: bool,
+) -> str:
     return encode(
         {
-            "type": ClientMessageType.PUNCH_RESULT,
+            "type": ClientMessageType.ICE_CANDIDATES,
             "introduction_id": introduction_id,
-            "ok": ok,
-            "detail": detail[:200],
+            "attempt": attempt,
+            "policy": policy,
+            "ufrag": ufrag,
+            "pwd": pwd,
+            "candidates": candidates,
+            "done": done,
         }
     )
+
+
+def path_report(
+    *,
+    introduction_id: str,
+    kind: str,
+    remote: tuple[str, int] | None,
+    setup_ms: int | None = None,
+) -> str:
+    return encode(
+        {
+            "type": ClientMessageType.PATH_REPORT,
+            "introduction_id": introduction_id,
+            "kind": kind,
+            "remote": _endpoints([remote])[0] if remote else None,
+            "setup_ms": setup_ms,
+        }
+    )
+
+
+def peer_close(*, introduction_id: str, reason: str = "") -> str:
+    return encode(
+        {
+            "type": ClientMessageType.PEER_CLOSE,
+            "introduction_id": introduction_id,
+            "reason": reason[:200],
+        }
+    )
+
+
+# ---- relay frames (binary; registry/protocol.py has the layout) ---------------------------------
+
+RELAY_DATA = 1
+RELAY_HEADER_BYTES = 17
+RELAY_LENGTH_BYTES = 2
+RELAY_MAX_FRAME_BYTES = 65536
+MAX_DATAGRAM_BYTES = RELAY_MAX_FRAME_BYTES - RELAY_HEADER_BYTES - RELAY_LENGTH_BYTES
+
+
+def relay_header(introduction_id: str) -> bytes:
+    return bytes([RELAY_DATA]) + bytes.fromhex(introduction_id)
+
+
+def relay_frame(header: bytes, datagrams: list[bytes]) -> bytes:
+    """One frame for the datagrams; the caller keeps it within RELAY_MAX_FRAME_BYTES."""
+    parts = [header]
+    for datagram in datagrams:
+        parts.append(len(datagram).to_bytes(RELAY_LENGTH_BYTES, "big"))
+        parts.append(datagram)
+    return b"".join(parts)
+
+
+def parse_relay_frame(frame: bytes) -> tuple[str, list[bytes]]:
+    """(introduction id, datagrams) of a relay frame; ServerFrameError if it is not one."""
+    size = len(frame)
+    if size < RELAY_HEADER_BYTES or frame[0] != RELAY_DATA:
+        raise ServerFrameError("binary frame is not a relay frame")
+    datagrams = []
+    offset = RELAY_HEADER_BYTES
+    view = memoryview(frame)
+    while offset < size:
+        end = offset + RELAY_LENGTH_BYTES
+        length = int.from_bytes(view[offset:end], "big")
+        if end + length > size:
+            raise ServerFrameError("relay frame datagram lengths overrun the frame")
+        datagrams.append(bytes(view[end : end + length]))
+        offset = end + length
+    return frame[1:RELAY_HEADER_BYTES].hex(), datagrams
 
 
 # ---- frames the agent reads --------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """Real NAT on one machine, for the NAT traversal tests: network namespaces, veths, a bridge and
 iptables MASQUERADE, as measured in /work/shared/nat-testing.md.
 
-    public namespace  (bridge br0: 203.0.113.10 and .11, the service and its STUN responder)
-      |-- NAT n1 (wan0 203.0.113.1, lan0 10.0.1.1, MASQUERADE)  -- worker w1 (eth0 10.0.1.2)
+    public namespace  (bridge br0: 203.0.113.10 and .11: the service, STUN, coturn)
+      |-- NAT n1 (wan0 203.0.113.1, bridge lan0 10.0.1.1, MASQUERADE)
+      |      |-- worker w1 (eth0 10.0.1.2), and with workers=2 also w1b (eth0 10.0.1.3)
       |-- NAT n2 (wan0 203.0.113.2, lan0 10.0.2.1, MASQUERADE --random-fully) -- worker w2
       ...
 
@@ -41,6 +42,21 @@ SERVICE_IP = "203.0.113.10"
 SECOND_SERVICE_IP = "203.0.113.11"  # a second address for the second STUN listener
 STUN_PORT = 3478
 SECOND_STUN_PORT = 3479
+TURN_PORT = 3480
+# What coturn must not relay to: private, loopback, link-local and multicast networks, or a
+# TURN client could reach an operator's internal network through it.
+DENIED_PEER_RANGES = (
+    "0.0.0.0-0.255.255.255",
+    "10.0.0.0-10.255.255.255",
+    "100.64.0.0-100.127.255.255",
+    "127.0.0.0-127.255.255.255",
+    "169.254.0.0-169.254.255.255",
+    "172.16.0.0-172.31.255.255",
+    "192.168.0.0-192.168.255.255",
+    "::1",
+    "fc00::-fdff:ffff:ffff:ffff:ffff:ffff:ffff:ffff",
+    "fe80::-febf:ffff:ffff:ffff:ffff:ffff:ffff:ffff",
+)
 MAX_SITES = 9  # NAT public addresses are 203.0.113.1 .. .9, below the service's
 
 # iptables and ip live in sbin, which a non-login shell may not have on PATH.
@@ -56,15 +72,23 @@ class NatKind(StrEnum):
 
 @dataclass(frozen=True)
 class Site:
-    """One NAT router and the worker namespace behind it."""
+    """One NAT router and the worker namespaces behind it (one LAN)."""
 
     index: int
     kind: NatKind
     nat: str  # namespace names
-    worker: str
+    workers: tuple[str, ...]
     public_ip: str  # the NAT's address on the public bridge, what STUN reports
-    gateway_ip: str  # the NAT's LAN address, the worker's default route
-    worker_ip: str
+    gateway_ip: str  # the NAT's LAN address, the workers' default route
+    worker_ips: tuple[str, ...]
+
+    @property
+    def worker(self) -> str:
+        return self.workers[0]
+
+    @property
+    def worker_ip(self) -> str:
+        return self.worker_ips[0]
 
 
 def _which(name: str) -> str | None:
@@ -125,6 +149,7 @@ class NatTopology:
         self,
         kinds: Sequence[NatKind | str] = (NatKind.MASQUERADE,),
         *,
+        workers: Sequence[int] | None = None,
         prefix: str | None = None,
         service_ips: Sequence[str] = (SERVICE_IP, SECOND_SERVICE_IP),
         log_dir: Path | None = None,
@@ -135,17 +160,23 @@ class NatTopology:
         self.public = f"{self.prefix}pub"
         self.service_ips = list(service_ips)
         self.log_dir = log_dir
+        counts = list(workers) if workers is not None else [1] * len(kinds)
+        if len(counts) != len(kinds) or not all(1 <= n <= 9 for n in counts):
+            raise ValueError("workers: one count (1 to 9) per NAT site")
         self.sites = [
             Site(
                 index=i,
                 kind=NatKind(kind),
                 nat=f"{self.prefix}n{i}",
-                worker=f"{self.prefix}w{i}",
+                workers=tuple(
+                    f"{self.prefix}w{i}" + ("" if n == 0 else chr(ord("a") + n))
+                    for n in range(count)
+                ),
                 public_ip=f"203.0.113.{i}",
                 gateway_ip=f"10.0.{i}.1",
-                worker_ip=f"10.0.{i}.2",
+                worker_ips=tuple(f"10.0.{i}.{2 + n}" for n in range(count)),
             )
-            for i, kind in enumerate(kinds, start=1)
+            for i, (kind, count) in enumerate(zip(kinds, counts, strict=True), start=1)
         ]
         self.created: list[str] = []  # namespaces, in creation order: only these are deleted
         self.processes: list[subprocess.Popen[Any]] = []
@@ -170,22 +201,26 @@ class NatTopology:
     def _build_site(self, site: Site) -> None:
         port = f"p{site.index}"  # the NAT's veth end on the bridge
         self._add_namespace(site.nat)
-        self._add_namespace(site.worker)
         # Both ends are created directly in their namespaces: no name ever appears in the
         # machine's own namespace, so parallel runs cannot collide on interface names.
         self._ip(site.nat, "link", "add", "wan0", "type", "veth", "peer", "name", port,
                  "netns", self.public)  # fmt: skip
         self._ip(self.public, "link", "set", port, "master", "br0", "up")
         self._ip(site.nat, "addr", "add", f"{site.public_ip}/24", "dev", "wan0")
-        self._ip(site.nat, "link", "add", "lan0", "type", "veth", "peer", "name", "eth0",
-                 "netns", site.worker)  # fmt: skip
+        # The LAN is a bridge in the NAT's namespace, one veth per worker.
+        self._ip(site.nat, "link", "add", "lan0", "type", "bridge")
         self._ip(site.nat, "addr", "add", f"{site.gateway_ip}/24", "dev", "lan0")
         for device in ("lo", "wan0", "lan0"):
             self._ip(site.nat, "link", "set", device, "up")
-        self._ip(site.worker, "addr", "add", f"{site.worker_ip}/24", "dev", "eth0")
-        for device in ("lo", "eth0"):
-            self._ip(site.worker, "link", "set", device, "up")
-        self._ip(site.worker, "route", "add", "default", "via", site.gateway_ip)
+        for n, (worker, worker_ip) in enumerate(zip(site.workers, site.worker_ips, strict=True)):
+            self._add_namespace(worker)
+            self._ip(site.nat, "link", "add", f"l{n}", "type", "veth", "peer", "name", "eth0",
+                     "netns", worker)  # fmt: skip
+            self._ip(site.nat, "link", "set", f"l{n}", "master", "lan0", "up")
+            self._ip(worker, "addr", "add", f"{worker_ip}/24", "dev", "eth0")
+            for device in ("lo", "eth0"):
+                self._ip(worker, "link", "set", device, "up")
+            self._ip(worker, "route", "add", "default", "via", site.gateway_ip)
         masquerade = ["-j", "MASQUERADE"]
         if site.kind is NatKind.RANDOM_FULLY:
             masquerade.append("--random-fully")
@@ -335,6 +370,73 @@ class NatTopology:
             time.sleep(0.02)
         return process
 
+    def start_turn(
+        self,
+        *,
+        secret: str,
+        host: str = SERVICE_IP,
+        port: int = TURN_PORT,
+        timeout: float = 15,
+    ) -> subprocess.Popen[Any]:
+        """coturn in the public namespace with the TURN REST secret, returned once it listens.
+        It relays between public addresses only: private and loopback peers are denied, as
+        docs/nat-traversal.md tells operators to configure it."""
+        if self.log_dir is None:
+            raise ValueError("start_turn needs a log_dir for coturn's log")
+        binary = _which("turnserver")
+        if binary is None:
+            raise RuntimeError("coturn is not installed (tools/install_system_packages.sh)")
+        log_name = f"coturn-{self.prefix}.log"
+        empty = self.log_dir / "turnserver.conf"  # not the machine's /etc/turnserver.conf
+        empty.write_text("")
+        argv = [
+            binary, "-c", str(empty), "--no-cli", "--no-tls", "--no-dtls", "--fingerprint",
+            f"--listening-ip={host}", f"--listening-port={port}", f"--relay-ip={host}",
+            "--min-port=50000", "--max-port=50999",
+            "--use-auth-secret", f"--static-auth-secret={secret}", "--realm=rendezvous.test",
+            *(f"--denied-peer-ip={r}" for r in DENIED_PEER_RANGES),
+            "--no-multicast-peers", "--simple-log", "--log-file=stdout", "--verbose",
+            f"--pidfile={self.log_dir / f'coturn-{self.prefix}.pid'}",
+        ]  # fmt: skip
+        process = self.popen(self.public, argv, log_name=log_name)
+        log_path = self.log_dir / log_name
+        deadline = time.monotonic() + timeout
+        while "Total General servers" not in _read(log_path):  # coturn's last start-up line
+            if process.poll() is not None:
+                raise RuntimeError(f"coturn exited {process.returncode}:\n{_read(log_path)}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"coturn not listening after {timeout}s:\n{_read(log_path)}")
+            time.sleep(0.05)
+        return process
+
+    def block_udp(self, site: Site, *, to: str | None = None) -> None:
+        """Drop the UDP the site's NAT would forward out (to one address, or anywhere): a
+        firewall that lets only TCP through, such as a corporate network's."""
+        self._exec(site.nat, "iptables", "-w", "5", *self._udp_rule("-I", to))
+
+    def unblock_udp(self, site: Site, *, to: str | None = None) -> None:
+        self._exec(site.nat, "iptables", "-w", "5", *self._udp_rule("-D", to))
+
+    @staticmethod
+    def _udp_rule(action: str, to: str | None) -> list[str]:
+        destination = ["-d", to] if to else []
+        return [action, "FORWARD", "-i", "lan0", "-p", "udp", *destination, "-j", "DROP"]
+
+    def forwarded_udp(self, site: Site, destination: str) -> int:
+        """Packets the site's NAT forwarded to `destination` so far (a counting rule is added
+        on the first call)."""
+        rule = ["FORWARD", "-o", "wan0", "-p", "udp", "-d", destination]
+        try:
+            self._exec(site.nat, "iptables", "-w", "5", "-C", *rule)
+        except RuntimeError:
+            self._exec(site.nat, "iptables", "-w", "5", "-A", *rule)
+        listing = self.run(site.nat, ["iptables", "-w", "5", "-nvxL", "FORWARD"]).stdout
+        for line in listing.splitlines():
+            fields = line.split()
+            if fields[-1:] == [destination] and "DROP" not in fields:
+                return int(fields[0])
+        raise AssertionError(f"no counting rule for {destination} in {site.nat}:\n{listing}")
+
     def input_drop_packets(self, site: Site) -> int:
         """Packets the NAT's drop-unsolicited-inbound rule has dropped so far."""
         output = _run(
@@ -368,8 +470,13 @@ def _stop(process: subprocess.Popen[Any], grace: float = 3.0) -> None:
 
 @contextlib.contextmanager
 def nat_topology(
-    *kinds: NatKind | str, log_dir: Path | None = None, prefix: str | None = None
+    *kinds: NatKind | str,
+    workers: Sequence[int] | None = None,
+    log_dir: Path | None = None,
+    prefix: str | None = None,
 ) -> Iterator[NatTopology]:
     """`with nat_topology("masquerade", "random-fully", log_dir=tmp_path) as net:`"""
-    with NatTopology(kinds or (NatKind.MASQUERADE,), log_dir=log_dir, prefix=prefix) as topology:
+    with NatTopology(
+        kinds or (NatKind.MASQUERADE,), workers=workers, log_dir=log_dir, prefix=prefix
+    ) as topology:
         yield topology

@@ -12,11 +12,12 @@ from typing import Any
 from django.conf import settings
 from django.core.management.base import BaseCommand
 
-from registry import enrolment
+from registry import enrolment, protocol
 
 # daphne's own frame cap: above it the WebSocket layer drops the connection (the client sees 1006).
-# Frames between MAX_FRAME_BYTES and this get the protocol's FRAME_TOO_LARGE error instead.
-TRANSPORT_MAX_MESSAGE_BYTES = 64 * 1024
+# Text frames between MAX_FRAME_BYTES and this get the protocol's FRAME_TOO_LARGE error, relay
+# frames between RELAY_MAX_FRAME_BYTES and this RELAY_FRAME_TOO_LARGE.
+TRANSPORT_MAX_MESSAGE_BYTES = 2 * protocol.RELAY_MAX_FRAME_BYTES
 
 
 def daphne_arguments(host: str, port: int) -> list[str]:

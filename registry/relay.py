@@ -1,0 +1,223 @@
+"""The service relay: binary frames between the two workers of an accepted introduction.
+
+Each connection keeps the peers it was introduced to (`PeerLinks`); a relay frame, or ICE
+candidates, for an introduction the connection is not part of are refused. A frame goes to the
+peer's consumer unchanged: directly when this instance holds the peer, through the channel layer
+otherwise (`runtime.RELAY`). What a worker may send is budgeted per connection (bytes and frames
+per second); a peer whose socket does not keep up has frames dropped for it (`SendWindow`), so a
+slow reader never makes the service buffer without bound. Dropping is what a router does with
+datagrams it cannot carry: the layer above (QUIC) retransmits.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from registry import metrics, protocol
+from registry.ratelimit import TokenBucket
+
+log = logging.getLogger("registry.relay")
+
+# Twisted pauses a producer when a socket's unsent bytes pass the transport's buffer size (64 KiB
+# by default, less than one relay frame); a relayed worker's socket may hold this much.
+SEND_BUFFER_BYTES = 1024 * 1024
+
+# Why a relay frame was not delivered (the `reason` label of rendezvous_relay_dropped).
+DROP_RATE_LIMITED = "rate_limited"
+DROP_NOT_INTRODUCED = "not_introduced"
+DROP_MALFORMED = "malformed"
+DROP_TOO_LARGE = "too_large"
+DROP_PEER_SLOW = "peer_slow"
+DROP_PEER_GONE = "peer_gone"
+_DROP_REASONS = {
+    protocol.ErrorCode.RELAY_RATE_LIMITED: DROP_RATE_LIMITED,
+    protocol.ErrorCode.RELAY_NOT_INTRODUCED: DROP_NOT_INTRODUCED,
+    protocol.ErrorCode.RELAY_MALFORMED: DROP_MALFORMED,
+    protocol.ErrorCode.RELAY_FRAME_TOO_LARGE: DROP_TOO_LARGE,
+}
+
+Forward = Callable[["PeerLink", bytes], Awaitable[bool]]
+
+
+@dataclass(slots=True)
+class PeerLink:
+    """One side of an accepted introduction: where the peer's consumer is."""
+
+    introduction_id: str
+    peer_id: str
+    peer_channel: str
+    peer_connection_id: int
+    initiator: bool  # this side asked for the introduction
+    opened_at: float = field(default_factory=time.monotonic)
+    relayed_bytes: int = 0
+    relayed_frames: int = 0
+
+    def as_message(self) -> dict[str, Any]:
+        """For the channel layer: plain values only."""
+        return {
+            "introduction_id": self.introduction_id,
+            "peer_id": self.peer_id,
+            "peer_channel": self.peer_channel,
+            "peer_connection_id": self.peer_connection_id,
+            "initiator": self.initiator,
+        }
+
+    @classmethod
+    def from_message(cls, message: dict[str, Any]) -> PeerLink:
+        return cls(
+            introduction_id=message["introduction_id"],
+            peer_id=message["peer_id"],
+            peer_channel=message["peer_channel"],
+            peer_connection_id=message["peer_connection_id"],
+            initiator=message["initiator"],
+        )
+
+
+class PeerLinks:
+    """A connection's introduced peers, at most `limit` at once."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._links: dict[str, PeerLink] = {}
+
+    def full(self) -> bool:
+        return len(self._links) >= self.limit
+
+    def add(self, link: PeerLink) -> bool:
+        if link.introduction_id not in self._links and self.full():
+            return False
+        if link.introduction_id not in self._links:
+            metrics.peer_link_opened()
+        self._links[link.introduction_id] = link
+        return True
+
+    def get(self, introduction_id: str) -> PeerLink | None:
+        return self._links.get(introduction_id)
+
+    def pop(self, introduction_id: str) -> PeerLink | None:
+        link = self._links.pop(introduction_id, None)
+        if link is not None:
+            metrics.peer_link_closed()
+        return link
+
+    def drain(self) -> list[PeerLink]:
+        links = list(self._links.values())
+        for link in links:
+            self.pop(link.introduction_id)
+        return links
+
+    def __len__(self) -> int:
+        return len(self._links)
+
+
+class RelayPort:
+    """One connection's side of the relay: what it sends (checked, budgeted, forwarded)."""
+
+    def __init__(
+        self,
+        *,
+        links: PeerLinks,
+        forward: Forward,
+        bytes_per_second: float,
+        frames_per_second: float,
+    ) -> None:
+        self.links = links
+        self._forward = forward
+        # Bursts of one second's worth, and never less than one full frame.
+        self._bytes = TokenBucket(
+            rate=bytes_per_second,
+            burst=max(int(bytes_per_second), protocol.RELAY_MAX_FRAME_BYTES),
+        )
+        self._frames = TokenBucket(rate=frames_per_second, burst=max(int(frames_per_second), 1))
+        self._failing = False  # within a streak of refused frames: one error per streak
+
+    async def from_worker(self, frame: bytes) -> protocol.RelayError | None:
+        """Relay a frame from this connection's worker; the error to tell it about, if any
+        (only the first of a streak of refused frames gets one)."""
+        try:
+            link = self._check(frame)
+        except protocol.RelayError as exc:
+            metrics.relay_dropped(_DROP_REASONS.get(exc.code, DROP_MALFORMED))
+            first, self._failing = not self._failing, True
+            return exc if first else None
+        self._failing = False
+        link.relayed_bytes += len(frame)
+        link.relayed_frames += 1
+        metrics.relayed(len(frame))
+        if not await self._forward(link, frame):
+            metrics.relay_dropped(DROP_PEER_GONE)
+        return None
+
+    def _check(self, frame: bytes) -> PeerLink:
+        introduction_id = protocol.relay_frame_introduction(frame)
+        link = self.links.get(introduction_id)
+        if link is None:
+            raise protocol.RelayError(
+                "no introduction under that id on this connection (closed, or never made)",
+                code=protocol.ErrorCode.RELAY_NOT_INTRODUCED,
+                introduction_id=introduction_id,
+            )
+        if not self._frames.peek() or not self._bytes.take(len(frame)):
+            raise protocol.RelayError(
+                "relay budget exceeded; this frame was dropped",
+                code=protocol.ErrorCode.RELAY_RATE_LIMITED,
+                introduction_id=introduction_id,
+            )
+        self._frames.take()
+        return link
+
+
+class SendWindow:
+    """Whether a worker's socket keeps up: `paused` while Twisted holds more than
+    SEND_BUFFER_BYTES of it unsent, so frames for that worker can be dropped, not buffered.
+
+    Twisted pauses a socket's registered streaming producer when its buffer passes the
+    transport's `bufferSize`, and says so in the transport's `producerPaused`. daphne leaves the
+    HTTP channel that upgraded the connection registered as that producer, so the flag is kept
+    up to date already; where no producer is registered, the window registers itself. Built from
+    the send callable daphne gives the consumer; None elsewhere (WebsocketCommunicator, other
+    servers), where nothing is dropped.
+    """
+
+    def __init__(self, transport: Any) -> None:
+        self._transport = transport
+        self._own = False
+        self._paused = False
+
+    @property
+    def paused(self) -> bool:
+        if self._own:
+            return self._paused
+        return bool(getattr(self._transport, "producerPaused", False))
+
+    @classmethod
+    def attach(cls, send: Callable[..., Any]) -> SendWindow | None:
+        # daphne hands each application `functools.partial(server.handle_reply, protocol)`.
+        server_protocol = next(iter(getattr(send, "args", ())), None)
+        transport = getattr(server_protocol, "transport", None)
+        if transport is None or not hasattr(transport, "producerPaused"):
+            return None
+        window = cls(transport)
+        try:
+            transport.bufferSize = SEND_BUFFER_BYTES
+            if getattr(transport, "producer", None) is None:
+                transport.registerProducer(window, True)
+                window._own = True
+        except Exception:  # a closed transport
+            log.debug("no send window on this socket", exc_info=True)
+            return None
+        return window
+
+    # IPushProducer (Twisted's names), when the window registered itself
+    def pauseProducing(self) -> None:
+        self._paused = True
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+
+    def stopProducing(self) -> None:
+        self._paused = True

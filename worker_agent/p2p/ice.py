@@ -1,0 +1,215 @@
+"""ICE (RFC 8445) with aioice: one attempt at a UDP path to a peer, LAN, direct or via TURN.
+
+An attempt is one aioice `Connection` with one set of credentials. The two sides exchange their
+credentials and candidates through the service (`ice_candidates`, trickle ICE: each side sends
+once its gathering is done, and that ends its list). The side that asked for the introduction
+controls (nominates). An attempt either comes up, with a nominated pair that says which kind of
+path it is, or fails within its timeout; a new attempt is a new connection (an ICE restart).
+
+Two policies: `all` gathers host candidates (every interface, IPv4 and IPv6) and a
+server-reflexive one from the STUN server, for LAN and direct paths; `relay` gathers only a TURN
+relay candidate. They run as separate attempts because aioice nominates the first pair that
+answers and never moves: with TURN in the same attempt, the relay usually wins the race even
+where a direct path exists (`/work/shared/p2p-notes.md`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import aioice
+
+from .. import wire
+from .errors import PeerError
+
+logger = logging.getLogger("worker_agent.p2p")
+
+# How long one attempt may take from its start to a nominated pair.
+DEFAULT_TIMEOUT = 10.0
+
+Endpoint = tuple[str, int]
+Signal = Callable[[str], bool]
+
+
+@dataclass(frozen=True, slots=True)
+class TurnServer:
+    host: str
+    port: int
+    username: str
+    password: str
+    expires_at: int
+
+
+class IceFailed(PeerError):
+    pass
+
+
+class IceAttempt:
+    """One aioice connection to the peer. Runs on the peer loop; `datagram` gets what arrives."""
+
+    def __init__(
+        self,
+        *,
+        introduction_id: str,
+        attempt: int,
+        policy: wire.IcePolicy,
+        controlling: bool,
+        signal: Signal,
+        datagram: Callable[[IceAttempt, bytes], None],
+        stun_server: Endpoint | None = None,
+        turn: TurnServer | None = None,
+        use_ipv6: bool = True,
+    ) -> None:
+        self.introduction_id = introduction_id
+        self.attempt = attempt
+        self.policy = policy
+        self._signal = signal
+        self._datagram = datagram
+        relay = policy == wire.IcePolicy.RELAY
+        self.connection = aioice.Connection(
+            ice_controlling=controlling,
+            stun_server=None if relay else stun_server,
+            turn_server=(turn.host, turn.port) if relay and turn else None,
+            turn_username=turn.username if relay and turn else None,
+            turn_password=turn.password if relay and turn else None,
+            use_ipv6=use_ipv6,
+            transport_policy=aioice.TransportPolicy.RELAY if relay else aioice.TransportPolicy.ALL,
+        )
+        self._remote_known = asyncio.Event()
+        self._receiver: asyncio.Task[None] | None = None
+        self.kind: wire.PathKind | None = None
+        self.remote: Endpoint | None = None
+        self.local: Endpoint | None = None
+        self.failure: str | None = None
+        self.closed = asyncio.Event()
+        self.started = time.monotonic()
+        self.connected_after: float | None = None
+
+    def __repr__(self) -> str:
+        return f"<IceAttempt {self.policy}#{self.attempt} {self.kind or self.failure or '...'}>"
+
+    async def run(self, timeout: float = DEFAULT_TIMEOUT) -> bool:
+        """Gather, announce, check. True once a pair is nominated; False (and `failure`) if not."""
+        try:
+            await asyncio.wait_for(self._establish(), timeout)
+        except asyncio.CancelledError:
+            await self.close()
+            raise
+        except (TimeoutError, ConnectionError, OSError, ValueError, PeerError) as exc:
+            self.failure = _describe(exc, timeout)
+            logger.info(
+                "introduction=%s ICE %s attempt %d failed: %s",
+                self.introduction_id,
+                self.policy,
+                self.attempt,
+                self.failure,
+            )
+            await self.close()
+            return False
+        self.connected_after = time.monotonic() - self.started
+        self._receiver = asyncio.get_running_loop().create_task(self._receive())
+        return True
+
+    async def _establish(self) -> None:
+        await self.connection.gather_candidates()
+        candidates = [c.to_sdp() for c in self.connection.local_candidates]
+        if not candidates:
+            raise IceFailed(
+                "no local candidates"
+                + (" (the TURN server did not grant an allocation)" if self._relay else "")
+            )
+        sent = self._signal(
+            wire.ice_candidates(
+                introduction_id=self.introduction_id,
+                attempt=self.attempt,
+                policy=self.policy,
+                ufrag=self.connection.local_username,
+                pwd=self.connection.local_password,
+                candidates=candidates[:16],
+                done=True,
+            )
+        )
+        if not sent:
+            raise IceFailed("not connected to the rendezvous service")
+        await self._remote_known.wait()
+        await self.connection.connect()
+        pair = _nominated(self.connection)
+        if pair is None:
+            raise IceFailed("ICE completed without a nominated pair")
+        local, remote = pair.local_candidate, pair.remote_candidate
+        self.local = (local.host, local.port)
+        self.remote = pair.remote_addr
+        if self._relay or "relay" in (local.type, remote.type):
+            self.kind = wire.PathKind.TURN
+        elif local.type == "host" and remote.type == "host":
+            self.kind = wire.PathKind.LAN
+        else:
+            self.kind = wire.PathKind.DIRECT
+
+    @property
+    def _relay(self) -> bool:
+        return self.policy == wire.IcePolicy.RELAY
+
+    async def remote_candidates(self, message: dict[str, Any]) -> None:
+        """The peer's credentials and candidates for this attempt (from the service)."""
+        if self.closed.is_set():
+            return
+        connection = self.connection
+        connection.remote_username = message["ufrag"]
+        connection.remote_password = message["pwd"]
+        for text in message.get("candidates") or []:
+            try:
+                await connection.add_remote_candidate(aioice.Candidate.from_sdp(text))
+            except ValueError as exc:  # validated by the service; still, never trust the wire
+                logger.debug("introduction=%s bad remote candidate: %s", self.introduction_id, exc)
+        if message.get("done"):
+            with contextlib.suppress(ValueError):  # end-of-candidates twice
+                await connection.add_remote_candidate(None)
+        self._remote_known.set()
+
+    def send(self, data: bytes) -> None:
+        """Send one datagram on the nominated pair (on the loop; never blocks)."""
+        pair = _nominated(self.connection)
+        if pair is None or self.closed.is_set():
+            return
+        pair.protocol.transport.sendto(data, pair.remote_addr)
+
+    async def _receive(self) -> None:
+        try:
+            while True:
+                data = await self.connection.recv()
+                self._datagram(self, data)
+        except ConnectionError:
+            pass  # closed here, or consent to send expired (the peer is gone from this path)
+        except asyncio.CancelledError:
+            raise
+        finally:
+            self.closed.set()
+
+    async def close(self) -> None:
+        if self._receiver is not None and self._receiver is not asyncio.current_task():
+            self._receiver.cancel()
+        self.closed.set()
+        with contextlib.suppress(Exception):
+            await self.connection.close()
+
+
+def _nominated(connection: aioice.Connection) -> Any:
+    """The nominated candidate pair of component 1, or None. aioice has no public accessor:
+    this reads `_nominated` (aioice 0.13, pinned in pyproject.toml; tests/test_ice.py checks it)."""
+    return connection._nominated.get(1)
+
+
+def _describe(exc: BaseException, timeout: float) -> str:
+    if isinstance(exc, TimeoutError):
+        return f"no working candidate pair within {timeout:g}s"
+    text = str(exc) or type(exc).__name__
+    if "401" in text or "Unauthorized" in text:
+        return f"the TURN server refused the credentials ({text}): expired?"
+    return text

@@ -1,0 +1,325 @@
+"""One introduction, from the agent's side: which routes to try, when, and what to tell.
+
+The service relay carries data from the moment of the introduction. The side that asked for it
+(the initiator, controlling ICE) then drives the attempts at something better:
+
+- an `all` attempt (LAN and direct) at once; after a failure, again after 3, 6, 12, 24, then
+  every 30 s, for as long as the path has no LAN or direct route (a NAT rule may change, a
+  firewall may open: the path moves up when it does);
+- with TURN credentials, a `relay` (TURN) attempt one second later unless a direct route is up
+  by then, retried less often; it is closed again once a direct route is up, to free the
+  allocation.
+
+The other side answers each attempt it hears of. Routes that die (consent to send expires, the
+TURN allocation ends) leave the path, which falls back to the next best.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from .. import wire
+from .ice import DEFAULT_TIMEOUT, IceAttempt, TurnServer
+from .loop import LoopThread
+from .path import PeerPath, RelayRoute
+from .relay import RelayLink
+
+logger = logging.getLogger("worker_agent.p2p")
+
+DIRECT_RETRY_DELAYS = (3.0, 6.0, 12.0, 24.0, 30.0)
+TURN_RETRY_DELAYS = (10.0, 20.0, 40.0, 60.0)
+TURN_HEAD_START = 1.0  # how long a direct attempt has before TURN is tried too
+# The answering side follows the initiator: a newer attempt replaces an older one still checking,
+# and its own timeout is a backstop only. aioice nominates aggressively: the initiator's side
+# completes as soon as one of its checks is answered, the answering side only once one of its
+# own (retransmitted, up to 31.5 s later) gets through, so it must not give up first.
+ANSWERING_TIMEOUT = 45.0
+
+Signal = Callable[[str], bool]
+
+
+class PeerSession:
+    def __init__(
+        self,
+        *,
+        introduction: dict[str, Any],
+        loop: LoopThread,
+        relay: RelayLink,
+        signal: Signal,
+        stun_server: tuple[str, int] | None,
+        use_udp: bool = True,
+        started: float | None = None,
+        on_end: Callable[[PeerSession], None] | None = None,
+        attempt_timeout: float = DEFAULT_TIMEOUT,
+    ) -> None:
+        self.introduction_id: str = introduction["introduction_id"]
+        self.peer_id: str = introduction["peer_id"]
+        self.controlling = introduction.get("role") == "initiator"
+        self._loop = loop
+        self._signal = signal
+        self._stun_server = stun_server
+        self._use_udp = use_udp
+        self._started = time.monotonic() if started is None else started
+        self._on_end = on_end
+        self._attempt_timeout = attempt_timeout
+        self.turn = _turn_server(introduction.get("turn"))
+        self._attempts: dict[tuple[str, int], IceAttempt] = {}
+        self._next_attempt = {wire.IcePolicy.ALL: 0, wire.IcePolicy.RELAY: 0}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._direct_up: asyncio.Event | None = None
+        self._reported: tuple[str | None, Any] = (None, None)
+        self.ended = False
+        self.path = PeerPath(
+            peer_id=self.peer_id,
+            introduction_id=self.introduction_id,
+            loop=loop,
+            on_close=self.close,
+        )
+        self.relay_route: RelayRoute | None = None
+        if introduction.get("relay"):
+            self.relay_route = RelayRoute(relay, wire.relay_header(self.introduction_id))
+        self.path.on_change(self._path_changed)
+
+    def __repr__(self) -> str:
+        return f"<PeerSession {self.introduction_id[:8]} with {self.peer_id} {self.path.kind}>"
+
+    # ---- on the peer loop ----------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._direct_up = asyncio.Event()
+        if self.relay_route is not None:
+            self.path.add_route(self.relay_route)
+        if self.controlling and self._use_udp:
+            self._spawn(self._drive_direct())
+            if self.turn is not None:
+                self._spawn(self._drive_turn())
+
+    def relayed(self, datagrams: list[bytes]) -> None:
+        for datagram in datagrams:
+            self.path.deliver(datagram, wire.PathKind.RELAY)
+
+    def remote_candidates(self, message: dict[str, Any]) -> None:
+        """The peer's `ice_candidates` for one attempt: feed ours, or answer a new one."""
+        if self.ended:
+            return
+        policy = wire.IcePolicy(message["policy"])
+        key = (policy.value, int(message["attempt"]))
+        attempt = self._attempts.get(key)
+        if attempt is None:
+            if self.controlling or not self._use_udp:
+                return  # we start our attempts ourselves; or UDP is off here
+            if key[1] < self._next_attempt[policy]:
+                logger.info("introduction=%s ignored ICE attempt %s", self.introduction_id, key)
+                return
+            self._next_attempt[policy] = key[1] + 1
+            for (other_policy, _), older in list(self._attempts.items()):
+                if other_policy == policy.value and older.kind is None:
+                    self._spawn_detached(older.close())  # the initiator has given up on it
+            attempt = self._new_attempt(policy, key[1])
+            self._spawn(self._run(attempt, ANSWERING_TIMEOUT))
+        self._spawn(attempt.remote_candidates(message))
+
+    def close(self, reason: str = "closed") -> None:
+        """Closed here (the caller): tell the peer through the service, then end."""
+        if self.ended:
+            return
+        self._signal(wire.peer_close(introduction_id=self.introduction_id, reason=reason))
+        self.end(reason)
+
+    def end(self, reason: str) -> None:
+        if self.ended:
+            return
+        self.ended = True
+        for task in list(self._tasks):
+            task.cancel()
+        for attempt in list(self._attempts.values()):
+            self._spawn_detached(attempt.close())
+        self._attempts.clear()
+        self.path.ended(reason)
+        if self._on_end is not None:
+            self._on_end(self)
+
+    def relay_lost(self, reason: str) -> None:
+        """The service link of this introduction is gone (the WebSocket dropped)."""
+        if self.relay_route is not None:
+            self.path.remove_route(self.relay_route)
+            self.relay_route = None
+        if not self.path.routes():
+            self.end(reason)
+
+    # ---- attempts --------------------------------------------------------------------------------
+
+    def _new_attempt(self, policy: wire.IcePolicy, number: int) -> IceAttempt:
+        attempt = IceAttempt(
+            introduction_id=self.introduction_id,
+            attempt=number,
+            policy=policy,
+            controlling=self.controlling,
+            signal=self._signal,
+            datagram=self._ice_datagram,
+            stun_server=self._stun_server,
+            turn=self.turn,
+        )
+        self._attempts[(policy.value, number)] = attempt
+        return attempt
+
+    def _ice_datagram(self, attempt: IceAttempt, data: bytes) -> None:
+        self.path.deliver(data, attempt.kind or wire.PathKind.DIRECT)
+
+    async def _run(self, attempt: IceAttempt, timeout: float | None = None) -> bool:
+        """Run an attempt; while it is up it is a route of the path."""
+        key = (attempt.policy.value, attempt.attempt)
+        try:
+            if not await attempt.run(timeout or self._attempt_timeout):
+                return False
+            previous = self.path.routes().get(str(attempt.kind))
+            self.path.add_route(attempt)
+            if isinstance(previous, IceAttempt) and previous is not attempt:
+                await previous.close()
+            if attempt.kind in (wire.PathKind.LAN, wire.PathKind.DIRECT):
+                self._direct_up_changed()
+            logger.info(
+                "introduction=%s %s path to %s up after %.0f ms (%s -> %s)",
+                self.introduction_id,
+                attempt.kind,
+                self.peer_id,
+                1000 * (attempt.connected_after or 0),
+                attempt.local,
+                attempt.remote,
+            )
+            await attempt.closed.wait()
+            return True
+        finally:
+            self.path.remove_route(attempt)
+            if self._attempts.get(key) is attempt:
+                del self._attempts[key]
+            self._direct_up_changed()
+
+    def _direct_up_changed(self) -> None:
+        if self._direct_up is None:
+            return
+        if self._has_direct():
+            self._direct_up.set()
+        else:
+            self._direct_up.clear()
+
+    def _has_direct(self) -> bool:
+        return any(k in self.path.routes() for k in (wire.PathKind.LAN, wire.PathKind.DIRECT))
+
+    async def _drive_direct(self) -> None:
+        failures = 0
+        while not self.ended:
+            attempt = self._new_attempt(wire.IcePolicy.ALL, self._next_number(wire.IcePolicy.ALL))
+            if await self._run(attempt):
+                failures = 0  # it was up, and has gone: try again at once
+                continue
+            delay = DIRECT_RETRY_DELAYS[min(failures, len(DIRECT_RETRY_DELAYS) - 1)]
+            failures += 1
+            await asyncio.sleep(delay)
+
+    async def _drive_turn(self) -> None:
+        assert self._direct_up is not None
+        await asyncio.sleep(TURN_HEAD_START)
+        failures = 0
+        while not self.ended:
+            while self._has_direct():
+                await self._wait_direct_down()
+            if self.turn is not None and self.turn.expires_at <= time.time():
+                logger.warning(
+                    "introduction=%s TURN credentials expired at %s; not trying TURN",
+                    self.introduction_id,
+                    self.turn.expires_at,
+                )
+                return
+            attempt = self._new_attempt(
+                wire.IcePolicy.RELAY, self._next_number(wire.IcePolicy.RELAY)
+            )
+            runner = asyncio.get_running_loop().create_task(self._run(attempt))
+            self._tasks.add(runner)
+            runner.add_done_callback(self._tasks.discard)
+            # Up, down or failed; or a direct route came up meanwhile: TURN is not needed then.
+            direct = asyncio.get_running_loop().create_task(self._direct_up.wait())
+            await asyncio.wait({runner, direct}, return_when=asyncio.FIRST_COMPLETED)
+            direct.cancel()
+            if not runner.done():
+                await attempt.close()
+                await asyncio.gather(runner, return_exceptions=True)
+                continue
+            if runner.exception() is None and runner.result():
+                failures = 0
+                continue
+            delay = TURN_RETRY_DELAYS[min(failures, len(TURN_RETRY_DELAYS) - 1)]
+            failures += 1
+            await asyncio.sleep(delay)
+
+    async def _wait_direct_down(self) -> None:
+        while self._has_direct() and not self.ended:
+            await asyncio.sleep(1.0)
+
+    def _next_number(self, policy: wire.IcePolicy) -> int:
+        number = self._next_attempt[policy]
+        self._next_attempt[policy] = number + 1
+        return number
+
+    # ---- reporting ---------------------------------------------------------------------------
+
+    def _path_changed(self, path: PeerPath, old: str | None, new: str | None) -> None:
+        if new is None or not self.controlling:
+            return  # the initiator speaks for the pair
+        report = (new, path.remote_address)
+        if report == self._reported:
+            return
+        first = self._reported[0] is None
+        self._reported = report
+        self._signal(
+            wire.path_report(
+                introduction_id=self.introduction_id,
+                kind=new,
+                remote=path.remote_address,
+                setup_ms=round(1000 * (time.monotonic() - self._started)) if first else None,
+            )
+        )
+
+    # ---- tasks ---------------------------------------------------------------------------------
+
+    def _spawn(self, coroutine: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _spawn_detached(self, coroutine: Any) -> None:
+        asyncio.get_running_loop().create_task(coroutine)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.warning(
+                "introduction=%s: %r failed",
+                self.introduction_id,
+                task.exception(),
+                exc_info=task.exception(),
+            )
+
+
+def _turn_server(offer: Any) -> TurnServer | None:
+    if not isinstance(offer, dict):
+        return None
+    servers = offer.get("servers") or []
+    if not servers:
+        return None
+    host, _, port = str(servers[0]).rpartition(":")
+    try:
+        return TurnServer(
+            host=host.strip("[]"),
+            port=int(port),
+            username=str(offer["username"]),
+            password=str(offer["password"]),
+            expires_at=int(offer.get("expires_at") or 0),
+        )
+    except (KeyError, ValueError):
+        logger.warning("ignoring unusable TURN credentials from the service")
+        return None
