@@ -1,0 +1,261 @@
+"""A worker for bench/peer_paths.py, run in a worker's network namespace (or on loopback).
+
+    python bench/path_agent.py answer --url URL --id B [--no-udp]
+    python bench/path_agent.py ttfb   --url URL --id A --peer B --count 20 [--wait-kind direct]
+    python bench/path_agent.py blast  --url URL --id A --peer B --seconds 5 [--no-udp]
+    python bench/path_agent.py offline --url URL --id A --count 20
+    python bench/path_agent.py udp-recv --bind 203.0.113.10:9000 --seconds 5
+    python bench/path_agent.py udp-send --to 203.0.113.10:9000 --seconds 5
+
+`answer` echoes pings and counts bulk bytes. `ttfb` connects `count` times, each time timing
+connect() and the first echoed byte, and the time until the path reaches its best kind. `blast`
+sends 1,200-byte datagrams as fast as the path takes them and asks the peer how many bytes
+arrived between the first and the last (the clock stops at the last byte's arrival).
+`offline` times connect() to a worker that is not there. `udp-recv` and `udp-send` are the
+baseline: the same 1,200-byte datagrams over a plain UDP socket between the same namespaces.
+Each prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import socket
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from worker_agent import PeerError, PeerPath, WorkerAgent
+
+DATAGRAM = 1200
+
+
+class Counter:
+    def __init__(self) -> None:
+        self.bytes = 0
+        self.first: float | None = None
+        self.last: float | None = None
+
+
+def answer(agent: WorkerAgent, path: PeerPath) -> None:
+    counter = Counter()
+
+    def serve() -> None:
+        with path:
+            while True:
+                try:
+                    data = path.recv(timeout=300)
+                except (TimeoutError, PeerError):
+                    return
+                if data.startswith(b"bulk"):
+                    now = time.monotonic()
+                    counter.first = counter.first or now
+                    counter.last = now
+                    counter.bytes += len(data)
+                elif data == b"stat":
+                    reply = {"bytes": counter.bytes, "first": counter.first, "last": counter.last}
+                    path.send(b"stat:" + json.dumps(reply).encode())
+                else:
+                    path.send(b"echo:" + data)
+
+    threading.Thread(target=serve, daemon=True).start()
+
+
+def percentile(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
+
+
+def wait_listed(agent: WorkerAgent, peer: str) -> None:
+    deadline = time.monotonic() + 30
+    while not any(p["worker_id"] == peer for p in agent.list_peers(timeout=5)):
+        if time.monotonic() > deadline:
+            raise PeerError(f"{peer} never appeared")
+        time.sleep(0.1)
+
+
+def ttfb(agent: WorkerAgent, peer: str, count: int, kinds: list[str], wait: float) -> dict:
+    connects, firsts, best = [], [], []
+    final: dict[str, int] = {}
+    for n in range(count):
+        started = time.monotonic()
+        path = agent.connect(peer, timeout=10)
+        connects.append(1000 * (time.monotonic() - started))
+        path.send(b"ping:%d" % n)
+        while path.recv(timeout=5) != b"echo:ping:%d" % n:
+            pass
+        firsts.append(1000 * (time.monotonic() - started))
+        if kinds and path.wait_for_kind(*kinds, timeout=wait):
+            best.append(1000 * (time.monotonic() - started))
+        final[str(path.kind)] = final.get(str(path.kind), 0) + 1
+        path.close()
+        time.sleep(1.05)  # the service allows one connect request a second after a burst of 5
+    result: dict[str, Any] = {
+        "count": count,
+        "connect_p50_ms": round(statistics.median(connects), 1),
+        "ttfb_p50_ms": round(statistics.median(firsts), 1),
+        "ttfb_p99_ms": round(percentile(firsts, 99), 1),
+        "final_kinds": final,
+    }
+    if best:
+        result["best_kind_p50_ms"] = round(statistics.median(best), 1)
+        result["best_kind_p99_ms"] = round(percentile(best, 99), 1)
+    return result
+
+
+def blast(agent: WorkerAgent, peer: str, seconds: float, kinds: list[str]) -> dict:
+    path = agent.connect(peer, timeout=10)
+    if kinds:
+        path.wait_for_kind(*kinds, timeout=15)
+    kind = path.kind
+    payload = b"bulk" + b"\0" * (DATAGRAM - 4)
+    sent = 0
+    started = time.monotonic()
+    while time.monotonic() - started < seconds:
+        for _ in range(64):
+            path.send(payload, timeout=None)
+        sent += 64 * DATAGRAM
+    elapsed = time.monotonic() - started
+    time.sleep(1.0)  # stragglers
+    path.send(b"stat")
+    while not (reply := path.recv(timeout=10)).startswith(b"stat:"):
+        pass
+    stat = json.loads(reply[5:])
+    window = (stat["last"] or 0) - (stat["first"] or 0)
+    path.close()
+    return {
+        "kind": kind,
+        "sent_mb": round(sent / 1e6, 2),
+        "send_seconds": round(elapsed, 2),
+        "received_mb": round(stat["bytes"] / 1e6, 2),
+        "receive_seconds": round(window, 3),
+        "mb_per_s": round(stat["bytes"] / 1e6 / window, 2) if window > 0 else None,
+        "delivered": round(stat["bytes"] / sent, 4) if sent else None,
+    }
+
+
+def offline(agent: WorkerAgent, count: int) -> dict:
+    times = []
+    for n in range(count):
+        started = time.monotonic()
+        try:
+            agent.connect(f"nobody-{n}", timeout=10)
+        except PeerError:
+            times.append(1000 * (time.monotonic() - started))
+        time.sleep(1.05)
+    return {
+        "count": count,
+        "failure_p50_ms": round(statistics.median(times), 1),
+        "failure_p99_ms": round(percentile(times, 99), 1),
+    }
+
+
+def udp_recv(bind: str, seconds: float) -> dict:
+    host, port = bind.rsplit(":", 1)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * 1024 * 1024)
+        sock.bind((host, int(port)))
+        print(json.dumps({"listening": bind}), flush=True)
+        sock.settimeout(seconds + 30)
+        received, first, last = 0, None, None
+        while True:
+            try:
+                data = sock.recv(65536)
+            except TimeoutError:
+                break
+            if data == b"done":
+                break
+            last = time.monotonic()
+            first = first or last
+            received += len(data)
+            sock.settimeout(2.0)
+    window = (last or 0) - (first or 0)
+    return {
+        "received_mb": round(received / 1e6, 2),
+        "receive_seconds": round(window, 3),
+        "mb_per_s": round(received / 1e6 / window, 2) if window > 0 else None,
+    }
+
+
+def udp_send(to: str, seconds: float) -> dict:
+    host, port = to.rsplit(":", 1)
+    payload = b"\0" * DATAGRAM
+    sent = 0
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.connect((host, int(port)))
+        started = time.monotonic()
+        while time.monotonic() - started < seconds:
+            for _ in range(64):
+                try:
+                    sock.send(payload)
+                    sent += DATAGRAM
+                except OSError:  # ENOBUFS: the datagram is dropped, as the relay drops too
+                    pass
+        time.sleep(0.5)
+        for _ in range(5):
+            sock.send(b"done")
+    return {"sent_mb": round(sent / 1e6, 2)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument(
+        "mode", choices=["answer", "ttfb", "blast", "offline", "udp-recv", "udp-send"]
+    )
+    parser.add_argument("--url")
+    parser.add_argument("--id")
+    parser.add_argument("--bind")
+    parser.add_argument("--to")
+    parser.add_argument("--peer")
+    parser.add_argument("--count", type=int, default=20)
+    parser.add_argument("--seconds", type=float, default=5)
+    parser.add_argument("--wait-kind", default="")
+    parser.add_argument("--wait", type=float, default=15)
+    parser.add_argument("--no-udp", action="store_true")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    if args.mode == "udp-recv":
+        print(json.dumps(udp_recv(args.bind, args.seconds)), flush=True)
+        return 0
+    if args.mode == "udp-send":
+        print(json.dumps(udp_send(args.to, args.seconds)), flush=True)
+        return 0
+    agent = WorkerAgent(
+        args.url,
+        args.id,
+        ip_echo_url="",
+        on_peer=answer if args.mode == "answer" else None,
+        peer_udp=not args.no_udp,
+    )
+    agent.start()
+    if not agent.wait_registered(30):
+        print(json.dumps({"error": "not registered"}), flush=True)
+        return 1
+    print(json.dumps({"registered": args.id}), flush=True)
+    if args.mode == "answer":
+        threading.Event().wait()
+    kinds = [k for k in args.wait_kind.split(",") if k]
+    try:
+        if args.mode == "offline":
+            result = offline(agent, args.count)
+        else:
+            wait_listed(agent, args.peer)
+            if args.mode == "ttfb":
+                result = ttfb(agent, args.peer, args.count, kinds, args.wait)
+            else:
+                result = blast(agent, args.peer, args.seconds, kinds)
+    except (PeerError, TimeoutError) as exc:
+        result = {"error": f"{type(exc).__name__}: {exc}"}
+    print(json.dumps(result), flush=True)
+    agent.stop(5)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
