@@ -126,6 +126,7 @@ class Bench:
         self.answering.clear()
 
     def run(self, namespace: str, argv: list[str], timeout: float = 600) -> dict[str, Any]:
+        """Run a path agent to its end: its JSON line, or what went wrong instead."""
         process = self.net.popen(
             namespace,
             argv,
@@ -133,8 +134,12 @@ class Bench:
             stderr=(self.log_dir / "agents.log").open("ab"),
             text=True,
         )
-        stdout, _ = process.communicate(timeout=timeout)
-        return json.loads(stdout.strip().splitlines()[-1])
+        try:
+            stdout, _ = process.communicate(timeout=timeout)
+            return json.loads(stdout.strip().splitlines()[-1])
+        except (subprocess.TimeoutExpired, ValueError, IndexError) as exc:
+            process.kill()
+            return {"error": f"{type(exc).__name__}: {exc}"}
 
 
 def scenarios(bench: Bench, count: int) -> list[tuple[str, dict[str, Any]]]:
@@ -217,13 +222,16 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--count", type=int, default=20, help="connects per scenario")
     parser.add_argument("--seconds", type=float, default=5, help="seconds per throughput run")
+    parser.add_argument("--only", choices=["ttfb", "throughput"], help="run one part only")
+    parser.add_argument("--logs", type=Path, help="keep every process's log in this directory")
     args = parser.parse_args()
     reason = netns_unavailable_reason()
     if reason:
         print(f"cannot run: {reason}")
         return 2
     with tempfile.TemporaryDirectory(prefix="rendezvous-peer-bench-") as tmp:
-        log_dir = Path(tmp)
+        log_dir = args.logs or Path(tmp)
+        log_dir.mkdir(parents=True, exist_ok=True)
         database_url = f"sqlite:///{log_dir / 'bench.sqlite3'}"
         env = {**os.environ, "DATABASE_URL": database_url}
         subprocess.run(
@@ -237,6 +245,7 @@ def main() -> int:
             net.popen(
                 net.public,
                 ["redis-server", "--bind", SERVICE_IP, "--port", str(REDIS_PORT), "--save", "",
+                 "--protected-mode", "no",
                  "--appendonly", "no"],
                 log_name="redis.log",
             )  # fmt: skip
@@ -249,18 +258,23 @@ def main() -> int:
                 RENDEZVOUS_TURN_SERVERS=f"{SERVICE_IP}:{TURN_PORT}",
                 RENDEZVOUS_TURN_SECRET=TURN_SECRET,
             )
-            bench.serve("redis-a", 8002, **redis)
-            bench.serve("redis-b", 8003, **redis)
-            print(f"time to first byte ({args.count} connects each):", flush=True)
-            ttfbs = scenarios(bench, args.count)
-            offline = bench.run(
-                net.sites[0].worker,
-                [*AGENT, "offline", "--url", bench.url("plain"), "--id", "lonely",
-                 "--count", str(args.count)],
-            )  # fmt: skip
-            print(f"  offline peer: {offline}", flush=True)
-            print(f"throughput ({args.seconds:g} s each, 1,200-byte datagrams):", flush=True)
-            rates = throughput(bench, args.seconds)
+            bench.serve("redis-a", 8002, LOG_LEVEL="INFO", **redis)
+            bench.serve("redis-b", 8003, LOG_LEVEL="INFO", **redis)
+            ttfbs: list[tuple[str, dict[str, Any]]] = []
+            offline: dict[str, Any] = {}
+            rates: dict[str, Any] = {}
+            if args.only != "throughput":
+                print(f"time to first byte ({args.count} connects each):", flush=True)
+                ttfbs = scenarios(bench, args.count)
+                offline = bench.run(
+                    net.sites[0].worker,
+                    [*AGENT, "offline", "--url", bench.url("plain"), "--id", "lonely",
+                     "--count", str(args.count)],
+                )  # fmt: skip
+                print(f"  offline peer: {offline}", flush=True)
+            if args.only != "ttfb":
+                print(f"throughput ({args.seconds:g} s each, 1,200-byte datagrams):", flush=True)
+                rates = throughput(bench, args.seconds)
             bench.stop_answering()
     report(ttfbs, offline, rates)
     return 0
@@ -269,6 +283,15 @@ def main() -> int:
 def report(
     ttfbs: list[tuple[str, dict[str, Any]]], offline: dict[str, Any], rates: dict[str, Any]
 ) -> None:
+    if ttfbs:
+        report_ttfb(ttfbs, offline)
+    if rates:
+        report_rates(rates)
+    if ttfbs and rates:
+        report_targets(ttfbs, rates)
+
+
+def report_ttfb(ttfbs: list[tuple[str, dict[str, Any]]], offline: dict[str, Any]) -> None:
     print(
         "\n| scenario | path (of each connect) | TTFB p50 / p99 (ms) | best path p50 / p99 (ms) |"
     )
@@ -284,6 +307,9 @@ def report(
         f"\noffline peer: connect() fails in {offline.get('failure_p50_ms')} ms p50, "
         f"{offline.get('failure_p99_ms')} ms p99 (target: within 2,000 ms)"
     )
+
+
+def report_rates(rates: dict[str, Any]) -> None:
     baseline = rates["raw UDP (worker -> NAT -> public)"].get("mb_per_s") or 0
     print("\n| path | MB/s | x raw UDP | service CPU-s per MB |")
     print("|---|---|---|---|")
@@ -292,6 +318,9 @@ def report(
         ratio = f"{rate / baseline:.2f}" if baseline else "-"
         cpu = r.get("service_cpu_s_per_mb", "-")
         print(f"| {name} | {rate} | {ratio} | {cpu} |")
+
+
+def report_targets(ttfbs: list[tuple[str, dict[str, Any]]], rates: dict[str, Any]) -> None:
     relay = rates["service relay, one instance"]
     first = max(r.get("ttfb_p50_ms") or 0 for name, r in ttfbs if "no TURN" in name)
     print(

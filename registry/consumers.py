@@ -267,7 +267,7 @@ class RegisterConsumer(AsyncWebsocketConsumer):
     async def _relay(self, frame: bytes) -> None:
         try:
             await self._confirm()
-            refused = await self.peer_side.relay.from_worker(frame)
+            refused = await self.peer_side.relay_from_worker(frame)
         except DatabaseError as exc:
             log.error("worker=%s relay frame dropped: %s", self.worker_id, exc)
             return

@@ -26,7 +26,7 @@ from django.conf import settings
 from registry import metrics, protocol, selectors, services, turn
 from registry.logs import InstanceLogAdapter
 from registry.ratelimit import TokenBucket
-from registry.relay import PeerLink, PeerLinks, RelayPort, SendWindow
+from registry.relay import PeerLink, PeerLinks, ReadWindow, RelayPort, SendWindow
 from registry.runtime import DELIVER, InstanceRuntime, get_runtime
 
 log = InstanceLogAdapter(
@@ -166,6 +166,7 @@ class PeerSide:
         )
         self._window: SendWindow | None = None
         self._window_tried = False
+        self._reading = ReadWindow.attach(base_send)
 
     # ---- A: asking to reach a peer ---------------------------------------------------------
 
@@ -432,6 +433,14 @@ class PeerSide:
             await self._tell_peer(link, event=LINK_CLOSED, reason=reason)
 
     # ---- relay frames ------------------------------------------------------------------------
+
+    async def relay_from_worker(self, frame: bytes) -> protocol.RelayError | None:
+        """A relay frame from this connection's worker: relayed, or the error to tell it."""
+        try:
+            return await self.relay.from_worker(frame)
+        finally:
+            if self._reading is not None:
+                self._reading.handled()
 
     async def relayed_to_me(self, frame: bytes) -> None:
         """A relay frame for this connection's worker, unless its socket is not keeping up."""

@@ -25,6 +25,10 @@ log = logging.getLogger("registry.relay")
 # Twisted pauses a producer when a socket's unsent bytes pass the transport's buffer size (64 KiB
 # by default, less than one relay frame); a relayed worker's socket may hold this much.
 SEND_BUFFER_BYTES = 1024 * 1024
+# Frames daphne has read from a worker and not yet handed to its consumer: above the first, the
+# worker's socket is no longer read (TCP pushes back on the sender); below the second, it is again.
+READ_QUEUE_PAUSE = 64  # frames: 4 MiB of full relay frames
+READ_QUEUE_RESUME = 16
 
 # Why a relay frame was not delivered (the `reason` label of rendezvous_relay_dropped).
 DROP_RATE_LIMITED = "rate_limited"
@@ -171,6 +175,46 @@ class RelayPort:
         return link
 
 
+def _daphne_protocol(send: Callable[..., Any]) -> Any:
+    """The daphne protocol behind a consumer's send callable, or None (another server, or
+    WebsocketCommunicator): daphne hands each application
+    `functools.partial(server.handle_reply, protocol)`."""
+    return next(iter(getattr(send, "args", ())), None)
+
+
+class ReadWindow:
+    """Stops reading a worker's socket while daphne holds more of its frames than the consumer
+    has handled, so a worker that sends faster than its frames can be relayed (say, across
+    instances) is slowed down by TCP instead of filling the service's memory: daphne itself
+    reads every frame at once and queues it for the application, without a bound."""
+
+    def __init__(self, transport: Any, queue: Any) -> None:
+        self._transport = transport
+        self._queue = queue
+        self.paused = False
+        self.pauses = 0
+
+    @classmethod
+    def attach(cls, send: Callable[..., Any]) -> ReadWindow | None:
+        server_protocol = _daphne_protocol(send)
+        transport = getattr(server_protocol, "transport", None)
+        queue = getattr(server_protocol, "application_queue", None)
+        if transport is None or not hasattr(queue, "qsize"):
+            return None
+        return cls(transport, queue)
+
+    def handled(self) -> None:
+        """After each frame the consumer handled: pause or resume reading as the queue says."""
+        waiting = self._queue.qsize()
+        if not self.paused and waiting > READ_QUEUE_PAUSE:
+            self.paused = True
+            self.pauses += 1
+            self._transport.pauseProducing()
+        elif self.paused and waiting <= READ_QUEUE_RESUME:
+            self.paused = False
+            self._transport.resumeProducing()
+
+
 class SendWindow:
     """Whether a worker's socket keeps up: `paused` while Twisted holds more than
     SEND_BUFFER_BYTES of it unsent, so frames for that worker can be dropped, not buffered.
@@ -196,9 +240,7 @@ class SendWindow:
 
     @classmethod
     def attach(cls, send: Callable[..., Any]) -> SendWindow | None:
-        # daphne hands each application `functools.partial(server.handle_reply, protocol)`.
-        server_protocol = next(iter(getattr(send, "args", ())), None)
-        transport = getattr(server_protocol, "transport", None)
+        transport = getattr(_daphne_protocol(send), "transport", None)
         if transport is None or not hasattr(transport, "producerPaused"):
             return None
         window = cls(transport)
