@@ -9,6 +9,7 @@ import logging
 import time
 from typing import Any
 
+from autobahn.exception import Disconnected
 from channels.consumer import get_handler_name
 from channels.db import database_sync_to_async
 from channels.exceptions import StopConsumer
@@ -37,6 +38,10 @@ log = InstanceLogAdapter(logging.getLogger("registry.consumers"), lambda: get_ru
 # Dropped messages count towards the 4029 close only while the drops keep coming: a gap this
 # long (seconds) without one starts the count again.
 FLOOD_MEMORY = 10.0
+
+# What a send to a socket that has just closed raises: ASGI asks servers for an OSError
+# (uvicorn's ClientDisconnected), daphne lets autobahn's Disconnected through.
+SEND_AFTER_CLOSE: tuple[type[Exception], ...] = (OSError, Disconnected)
 
 # What a DELIVER message carries (runtime.DELIVER): a frame to pass on, or a request to hold.
 FRAME = "frame"
@@ -546,8 +551,21 @@ class RegisterConsumer(AsyncWebsocketConsumer):
     async def send(
         self, text_data: str | None = None, bytes_data: bytes | None = None, close: bool = False
     ) -> None:
+        try:
+            await super().send(text_data, bytes_data, close)
+        except SEND_AFTER_CLOSE as exc:
+            # The socket closed (or began to) while this frame was on its way: a normal race. Its
+            # disconnect is queued behind this event and does the clean-up; raising here would
+            # end the consumer without it.
+            metrics.send_after_close()
+            log.debug(
+                "worker=%s connection=%s frame dropped, socket closed: %s",
+                self.worker_id,
+                self.connection_id,
+                exc,
+            )
+            return
         metrics.message_sent()
-        await super().send(text_data, bytes_data, close)
 
     async def close_with(self, code: int, reason: str | None = None) -> None:
         """Close from the server side: say why in a `closing` frame, then close with `code`."""

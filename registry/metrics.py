@@ -89,6 +89,11 @@ MESSAGES_SENT = Counter(
     "Frames sent to workers.",
     ["instance_name"],
 )
+SENDS_AFTER_CLOSE = Counter(
+    "rendezvous_sends_after_close",
+    "Frames dropped because the worker's socket closed while they were on their way.",
+    ["instance_name"],
+)
 HEARTBEAT_INTERVAL = Histogram(
     "rendezvous_heartbeat_interval_seconds",
     "Time between two application heartbeats on one connection, as the service saw them.",
@@ -156,6 +161,10 @@ def message_received() -> None:
 
 def message_sent() -> None:
     MESSAGES_SENT.labels(_instance()).inc()
+
+
+def send_after_close() -> None:
+    SENDS_AFTER_CLOSE.labels(_instance()).inc()
 
 
 def heartbeat(previous: float | None) -> float:
