@@ -221,6 +221,9 @@ RENDEZVOUS = {
     "RATE_LIMIT_CLOSE_AFTER": env_int("RENDEZVOUS_RATE_LIMIT_CLOSE_AFTER", 100),
     # Seconds daphne keeps a WebSocket open at most; agents reconnect when it ends.
     "WEBSOCKET_TIMEOUT": env_int("RENDEZVOUS_WEBSOCKET_TIMEOUT", 86400),
+    # Pending TCP connections the listening socket queues (the kernel caps it at somaxconn).
+    # Twisted's default, 50, drops SYNs in a burst of handshakes and clients retry after 1 s.
+    "LISTEN_BACKLOG": env_int("RENDEZVOUS_LISTEN_BACKLOG", 2048),
     "PING_INTERVAL": env_int("RENDEZVOUS_PING_INTERVAL", 20),
     "PING_TIMEOUT": env_int("RENDEZVOUS_PING_TIMEOUT", 30),
     # daphne's access log: a line per HTTP request and two per WebSocket. The service logs its own

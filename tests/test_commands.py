@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from django.core.management import get_commands
 
-from registry.management.commands.serve import daphne_arguments
+from registry.management.commands.serve import daphne_arguments, endpoint
 from tests.support.processes import REPO, SERVE_ARGV, WORKER_ARGV, child_process
 
 pytestmark = pytest.mark.standalone
@@ -36,9 +36,18 @@ def test_runworker_with_channel_names_hands_over_to_channels_worker(tmp_path: Pa
 def test_serve_runs_daphne_on_the_asgi_application_with_the_websocket_limits() -> None:
     args = daphne_arguments("0.0.0.0", 8080)
     assert args[-1] == "rendezvous_project.asgi:application"
-    assert args[args.index("--port") + 1] == "8080"
+    assert args[args.index("--endpoint") + 1] == "tcp:port=8080:interface=0.0.0.0:backlog=2048"
     assert args[args.index("--websocket_timeout") + 1] == "86400"
     assert int(args[args.index("--websocket-max-message-size") + 1]) == 65536
+
+
+@pytest.mark.parametrize(
+    ("host", "interface"), [("::", r"\:\:"), ("[::1]", r"\:\:1"), ("fe80::1", r"fe80\:\:1")]
+)
+def test_serve_escapes_the_colons_of_an_ipv6_address_in_daphnes_endpoint(
+    host: str, interface: str
+) -> None:
+    assert endpoint(host, 8000, 64) == f"tcp:port=8000:interface={interface}:backlog=64"
 
 
 def test_the_dockerfile_runs_the_commands_the_tests_run() -> None:
