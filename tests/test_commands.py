@@ -96,3 +96,40 @@ def test_stun_servers_must_be_host_and_port(settings, servers, problems) -> None
     settings.RENDEZVOUS = {**settings.RENDEZVOUS, "STUN_SERVERS": servers}
     found = [p.id for p in check_rendezvous_settings() if p.id == "rendezvous.E004"]
     assert found == [f"rendezvous.{p}" for p in problems]
+
+
+@pytest.mark.parametrize(
+    ("given", "environ", "expected"),
+    [
+        ("http://a:1", {"RENDEZVOUS_SERVICE_URL": "http://b:2"}, "http://a:1"),
+        (None, {"RENDEZVOUS_SERVICE_URL": "http://b:2"}, "http://b:2"),
+        (None, {}, "http://127.0.0.1:8000"),
+    ],
+)
+def test_runworker_takes_url_then_the_agents_variable_then_the_local_server(
+    settings, given: str | None, environ: dict[str, str], expected: str
+) -> None:
+    from registry.management.commands.runworker import service_url
+
+    settings.HOST, settings.PORT = "0.0.0.0", 8000
+    assert service_url(given, environ) == expected
+
+
+@pytest.mark.django_db(transaction=True)
+def test_runworker_registers_with_the_service_rendezvous_service_url_names(
+    server_factory, tmp_path: Path
+) -> None:
+    from registry.models import Worker, WorkerStatus
+    from tests.support.processes import free_port, wait_until
+
+    server = server_factory().start()
+    # HOST:PORT name a port where nothing listens: only the variable leads to the service.
+    env = {**os.environ, "RENDEZVOUS_SERVICE_URL": server.url, "PORT": str(free_port())}
+    argv = [sys.executable, "manage.py", "runworker", "--worker-id", "from-env"]
+    with child_process(argv, env=env, log_path=tmp_path / "runworker.log"):
+        wait_until(
+            lambda: Worker.objects.filter(id="from-env", status=WorkerStatus.CONNECTED).exists(),
+            timeout=20,
+            what="the agent registered through RENDEZVOUS_SERVICE_URL",
+        )
+    assert server.url in (tmp_path / "runworker.log").read_text()
