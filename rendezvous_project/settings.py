@@ -8,12 +8,14 @@ from __future__ import annotations
 import os
 import secrets
 import socket
+import sys
 from pathlib import Path
 
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
 from registry.addresses import parse_networks
+from registry.logs import log_stream
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -268,13 +270,14 @@ LOGGING = {
         "json": {"()": "registry.logs.JsonFormatter"},
     },
     "handlers": {
-        "stdout": {
+        "console": {
             "class": "logging.StreamHandler",
-            "stream": "ext://sys.stdout",
+            # stdout for the servers, stderr for the other management commands (registry.logs).
+            "stream": log_stream(sys.argv),
             "formatter": LOG_FORMAT,
         }
     },
-    "root": {"handlers": ["stdout"], "level": LOG_LEVEL},
+    "root": {"handlers": ["console"], "level": LOG_LEVEL},
     "loggers": {
         "django.channels.server": {"level": "WARNING"},
     },
