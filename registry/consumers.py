@@ -263,39 +263,17 @@ class RegisterConsumer(AsyncWebsocketConsumer):
     async def handle(self, message: protocol.ClientMessage) -> str:
         match message:
             case protocol.RegisterPublicIp(ip=ip):
-                stored = await database_sync_to_async(services.report_public_ip)(
-                    connection_id=self.connection_id, ip=ip
-                )
-                log.info(
-                    "worker=%s connection=%s public_ip=%s%s",
-                    self.worker_id,
-                    self.connection_id,
-                    ip,
-                    "" if stored else " ignored: no longer the current connection",
-                )
+                await self._report(services.Report(self.connection_id or 0, public_ip=ip))
                 return protocol.public_ip_registered(ip)
             case protocol.Heartbeat():
                 self._last_heartbeat = metrics.heartbeat(self._last_heartbeat)
                 # No write: housekeeping refreshes last_seen of every held worker in one statement.
                 return protocol.heartbeat_ack(time.time())
             case protocol.AgentInfo(info=info):
-                await database_sync_to_async(services.record_agent_info)(
-                    connection_id=self.connection_id, info=info
-                )
+                await self._report(services.Report(self.connection_id or 0, agent_info=info))
                 return protocol.agent_info_recorded()
             case protocol.NatReport():
-                await database_sync_to_async(services.record_nat_report)(
-                    connection_id=self.connection_id, report=message
-                )
-                log.info(
-                    "worker=%s connection=%s nat_mapping=%s udp_endpoint=%s",
-                    self.worker_id,
-                    self.connection_id,
-                    message.mapping,
-                    f"{message.udp_endpoint.ip}:{message.udp_endpoint.port}"
-                    if message.udp_endpoint
-                    else "-",
-                )
+                await self._report(services.Report(self.connection_id or 0, nat=message))
                 return protocol.nat_report_recorded(message.mapping)
             case protocol.ListPeers(tag=tag, request_id=request_id):
                 peer_list, truncated = await database_sync_to_async(selectors.list_peers)(
@@ -326,6 +304,19 @@ class RegisterConsumer(AsyncWebsocketConsumer):
                 )
                 return protocol.punch_result_recorded(introduction_id)
         raise AssertionError(f"unhandled message {message!r}")
+
+    async def _report(self, report: services.Report) -> None:
+        """Written with every other connection's reports in one batch (runtime.reports); counted,
+        and logged at DEBUG only: a line per frame costs more than the write."""
+        stored = await get_runtime().reports.submit(report)
+        metrics.report(report.kind, stored)
+        log.debug(
+            "worker=%s connection=%s reported %s%s",
+            self.worker_id,
+            self.connection_id,
+            report.kind,
+            "" if stored else " ignored: no longer the current connection",
+        )
 
     # ---- introductions (registry/introductions.py) ---------------------------------------------
 

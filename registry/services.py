@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from django.db import DatabaseError, transaction
+from django.db import connection as db_connection
 from django.db.models import OuterRef, Q, Subquery
 from django.utils import timezone
 
@@ -262,36 +263,115 @@ def _end_connections(
     return ended
 
 
+@dataclass(frozen=True, slots=True)
+class Report:
+    """What a connection tells about its worker in one frame: its public address (already
+    normalised: protocol.normalize_ip), its agent info, or its NAT findings."""
+
+    connection_id: int
+    public_ip: str | None = None
+    agent_info: dict[str, object] | None = None
+    nat: protocol.NatReport | None = None
+
+    @property
+    def kind(self) -> str:
+        """What it reports, for metrics and logs: `public_ip`, `agent_info` or `nat_report`."""
+        kinds = ["public_ip"] * (self.public_ip is not None)
+        kinds += ["agent_info"] * (self.agent_info is not None)
+        kinds += ["nat_report"] * (self.nat is not None)
+        return "+".join(kinds) or "nothing"
+
+
+def record_reports(reports: Sequence[Report], *, now: datetime | None = None) -> list[bool]:
+    """Store a batch of reports in one transaction; each returns whether it was stored.
+
+    A report counts only while its connection still owns the worker id (a superseded
+    connection's is ignored). Reports of one connection apply in order: the last address wins.
+    One UPDATE statement per kind of change, executed for every worker in the batch (executemany:
+    no per-row CASE, no statement built per report).
+    """
+    now = now or timezone.now()
+    merged: dict[int, dict[str, object]] = {}
+    for report in reports:
+        fields = merged.setdefault(report.connection_id, {})
+        if report.public_ip is not None:
+            fields.update(public_ip=report.public_ip, public_ip_reported_at=now, last_seen=now)
+        if report.agent_info is not None:
+            fields["agent_info"] = report.agent_info
+        if report.nat is not None:
+            endpoint = report.nat.udp_endpoint
+            fields.update(
+                nat_mapping=report.nat.mapping,
+                udp_ip=endpoint.ip if endpoint else None,
+                udp_port=endpoint.port if endpoint else None,
+                nat_reported_at=now,
+            )
+    with transaction.atomic():
+        # Worker rows locked in id order, as registrations and closes take them (no deadlock).
+        owners: dict[int, str] = {}
+        for chunk in _chunks(list(merged)):
+            rows = (
+                Worker.objects.select_for_update(of=("self",))
+                .filter(current_connection_id__in=chunk)
+                .order_by("id")
+                .values_list("current_connection_id", "id")
+            )
+            owners.update(rows)
+        by_fields: dict[tuple[str, ...], list[tuple[str, dict[str, object]]]] = {}
+        for connection_id in sorted(owners, key=owners.__getitem__):
+            fields = merged[connection_id]
+            by_fields.setdefault(tuple(fields), []).append((owners[connection_id], fields))
+        for names, changes in by_fields.items():
+            _update_each(Worker, names, [(worker_id, f) for worker_id, f in changes])
+        addresses = [
+            (connection_id, {"public_ip": merged[connection_id]["public_ip"]})
+            for connection_id in sorted(owners)
+            if "public_ip" in merged[connection_id]
+        ]
+        _update_each(Connection, ("public_ip",), addresses)
+    return [report.connection_id in owners for report in reports]
+
+
+def _update_each(
+    model: type[Worker] | type[Connection],
+    names: Sequence[str],
+    rows: Sequence[tuple[object, dict[str, object]]],
+) -> None:
+    """`UPDATE table SET a = %s, ... WHERE pk = %s` once, executed for every (pk, values) row.
+
+    Values are prepared by their model fields (datetimes, JSON, addresses), as the ORM would.
+    """
+    if not rows:
+        return
+    meta = model._meta
+    quote = db_connection.ops.quote_name
+    fields = [meta.get_field(name) for name in names]
+    assignments = ", ".join(f"{quote(field.column)} = %s" for field in fields)
+    sql = f"UPDATE {quote(meta.db_table)} SET {assignments} WHERE {quote(meta.pk.column)} = %s"
+    params = [
+        [field.get_db_prep_save(values[field.name], db_connection) for field in fields]
+        + [meta.pk.get_db_prep_value(pk, db_connection)]
+        for pk, values in rows
+    ]
+    with db_connection.cursor() as cursor:
+        cursor.executemany(sql, params)
+
+
 def report_public_ip(*, connection_id: int, ip: str, now: datetime | None = None) -> bool:
     """Store the worker's self-reported address, if `connection_id` still owns the worker id."""
-    now = now or timezone.now()
-    ip = protocol.normalize_ip(ip)
-    with transaction.atomic():
-        updated = Worker.objects.filter(current_connection_id=connection_id).update(
-            public_ip=ip, public_ip_reported_at=now, last_seen=now
-        )
-        if updated:
-            Connection.objects.filter(pk=connection_id).update(public_ip=ip)
-    return bool(updated)
+    report = Report(connection_id, public_ip=protocol.normalize_ip(ip))
+    return record_reports([report], now=now)[0]
 
 
 def record_nat_report(
     *, connection_id: int, report: protocol.NatReport, now: datetime | None = None
 ) -> bool:
     """Store the agent's STUN findings, if `connection_id` still owns the worker id."""
-    endpoint = report.udp_endpoint
-    updated = Worker.objects.filter(current_connection_id=connection_id).update(
-        nat_mapping=report.mapping,
-        udp_ip=endpoint.ip if endpoint else None,
-        udp_port=endpoint.port if endpoint else None,
-        nat_reported_at=now or timezone.now(),
-    )
-    return bool(updated)
+    return record_reports([Report(connection_id, nat=report)], now=now)[0]
 
 
 def record_agent_info(*, connection_id: int, info: dict[str, object]) -> bool:
-    updated = Worker.objects.filter(current_connection_id=connection_id).update(agent_info=info)
-    return bool(updated)
+    return record_reports([Report(connection_id, agent_info=info)])[0]
 
 
 def touch_held_workers(*, instance_id: str, now: datetime, resolution: timedelta) -> int:
