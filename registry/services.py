@@ -116,7 +116,13 @@ def _register_round(
     # Worker rows are always locked in id order, here and in _end_connections, so concurrent
     # batches on several instances cannot deadlock on PostgreSQL.
     ids = sorted(r.worker_id for r in requests)
-    _create_missing_workers(ids, now)
+    _insert_rows(
+        Worker,
+        {"first_seen": now, "last_seen": now},
+        ("id",),
+        [(worker_id,) for worker_id in ids],
+        ignore_conflicts=True,
+    )
     rows = (
         Worker.objects.select_for_update(of=("self",))
         .filter(id__in=ids)
@@ -145,22 +151,22 @@ def _register_round(
         Connection.objects.filter(
             id__in=[connection_id for connection_id, _ in previous.values()], closed_at__isnull=True
         ).update(closed_at=now, close_code=protocol.CloseCode.SUPERSEDED, close_reason="superseded")
-    connections = Connection.objects.bulk_create(
-        [
-            Connection(
-                worker_id=r.worker_id,
-                instance_id=instance_id,
-                channel_name=r.channel_name,
-                opened_at=now,
-                observed_ip=r.observed_ip,
-                observed_port=r.observed_port,
-            )
-            for r in admitted
-        ]
+    _insert_rows(
+        Connection,
+        {"instance_id": instance_id, "opened_at": now},
+        ("worker", "channel_name", "observed_ip", "observed_port"),
+        [(r.worker_id, r.channel_name, r.observed_ip, r.observed_port) for r in admitted],
+    )
+    # The rows just written: this round has each worker once, and any older open row of these
+    # workers was closed above.
+    opened = dict(
+        Connection.objects.filter(
+            worker_id__in=ids, instance_id=instance_id, opened_at=now, closed_at__isnull=True
+        ).values_list("worker_id", "id")
     )
     # One UPDATE for the whole batch, each worker reading its values from its new connection row
     # (bulk_update's per-row CASE expressions cost more CPU than the rest of the registration).
-    newest = Connection.objects.filter(worker_id=OuterRef("pk"), id__in=[c.pk for c in connections])
+    newest = Connection.objects.filter(worker_id=OuterRef("pk"), id__in=list(opened.values()))
     Worker.objects.filter(id__in=ids).update(
         status=WorkerStatus.CONNECTED,
         last_seen=now,
@@ -174,16 +180,14 @@ def _register_round(
         nat_reported_at=None,
     )
     registrations = []
-    opened = iter(connections)
     for r in requests:
         if r.worker_id in disabled:
             registrations.append(REFUSED)
             continue
-        c = next(opened)
         superseded = previous.get(r.worker_id)
         registrations.append(
             Registration(
-                connection_id=c.pk,
+                connection_id=opened[r.worker_id],
                 superseded_connection_id=superseded[0] if superseded else None,
                 superseded_channel=superseded[1] if superseded else None,
                 tags=tags.get(r.worker_id, ""),
@@ -192,28 +196,48 @@ def _register_round(
     return registrations
 
 
-def _create_missing_workers(ids: Sequence[str], now: datetime) -> None:
-    """INSERT ... ON CONFLICT DO NOTHING for every id, one statement executed for all of them.
-
-    The rows differ only in their id, so the values are prepared once from one model instance
-    (defaults included); `bulk_create` compiles every field of every row, which was 11% of the
-    server's CPU while 2,000 new workers registered.
+def _insert_rows(
+    model: type[Worker] | type[Connection],
+    common: dict[str, object],
+    varying: Sequence[str],
+    rows: Sequence[Sequence[object]],
+    *,
+    ignore_conflicts: bool = False,
+) -> None:
+    """One INSERT statement executed for every row (`executemany`), ON CONFLICT DO NOTHING
+    if asked. The values in `common` and every default are prepared once; per row only the
+    `varying` fields are. `bulk_create` compiles every field of every row: while 2,000 new
+    workers registered that was 11% of the server's CPU for the worker rows alone.
     """
-    fields = Worker._meta.concrete_fields
-    model = Worker(id="", first_seen=now, last_seen=now)
-    values = [f.get_db_prep_save(f.pre_save(model, True), db_connection) for f in fields]
-    pk = next(i for i, f in enumerate(fields) if f.primary_key)
-    ops, quote = db_connection.ops, db_connection.ops.quote_name
-    columns = ", ".join(quote(f.column) for f in fields)
-    placeholders = ", ".join(["%s"] * len(fields))
+    if not rows:
+        return
+    meta, ops = model._meta, db_connection.ops
+    fields = [f for f in meta.concrete_fields if not (f.primary_key and f.name not in varying)]
+    template = model(**common)
+    constant = {
+        f.name: f.get_db_prep_save(f.pre_save(template, True), db_connection)
+        for f in fields
+        if f.name not in varying
+    }
+    position = {name: i for i, name in enumerate(varying)}
+    conflict = OnConflict.IGNORE if ignore_conflicts else None
     sql = (
-        f"{ops.insert_statement(on_conflict=OnConflict.IGNORE)} {quote(Worker._meta.db_table)} "
-        f"({columns}) VALUES ({placeholders})"
-        f"{ops.on_conflict_suffix_sql(fields, OnConflict.IGNORE, None, None)}"
+        f"{ops.insert_statement(on_conflict=conflict)} {ops.quote_name(meta.db_table)} "
+        f"({', '.join(ops.quote_name(f.column) for f in fields)}) "
+        f"VALUES ({', '.join(['%s'] * len(fields))})"
+        f"{ops.on_conflict_suffix_sql(fields, conflict, None, None) or ''}"
     )
-    rows = [[*values[:pk], worker_id, *values[pk + 1 :]] for worker_id in ids]
+    params = [
+        [
+            f.get_db_prep_save(row[position[f.name]], db_connection)
+            if f.name in position
+            else constant[f.name]
+            for f in fields
+        ]
+        for row in rows
+    ]
     with db_connection.cursor() as cursor:
-        cursor.executemany(sql, rows)
+        cursor.executemany(sql, params)
 
 
 def close_connection(
