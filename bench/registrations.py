@@ -131,7 +131,8 @@ def start_server(setup: str, workdir: Path, security: str, enrolled: list[str]) 
         # The bench measures registrations, not the flood guard.
         "RENDEZVOUS_RATE_LIMIT": "100",
         "RENDEZVOUS_SECURITY_MODE": security,
-        "LOG_LEVEL": "WARNING",
+        # As `make run` logs (INFO): a line per registration and per close.
+        "LOG_LEVEL": os.environ.get("LOG_LEVEL", "INFO"),
     }
     env.pop("DATABASE_URL", None)
     env.pop("REDIS_URL", None)
@@ -340,14 +341,15 @@ async def whole_flow(
     outcomes = await asyncio.gather(
         *(register(url, w, gate) for w in workers), return_exceptions=True
     )
+    # Memory per connected worker: every worker connected and its address sent, before the
+    # views are read (a listing's transient objects are not per-worker state).
+    rss_after = rss_bytes(server.pid)
     failures = [o for o in outcomes if isinstance(o, BaseException)]
     registered = [w for w in workers if w.welcomed]
     await wait_listed(url, {w.worker_id: w.public_ip for w in registered}, timeout=120)
     elapsed = time.perf_counter() - started
     cpu_spent = cpu_seconds(server.pid) - cpu_before
     stop_profiler(profiler)
-    await asyncio.sleep(1)
-    rss_after = rss_bytes(server.pid)
     latencies = [w.welcomed - w.connect_started for w in registered]
     results: dict[str, float | int | str] = {
         "registration_failures": len(failures),
