@@ -9,6 +9,7 @@ import logging
 import time
 from typing import Any
 
+from autobahn.exception import Disconnected
 from channels.consumer import get_handler_name
 from channels.db import database_sync_to_async
 from channels.exceptions import StopConsumer
@@ -38,6 +39,10 @@ log = InstanceLogAdapter(logging.getLogger("registry.consumers"), lambda: get_ru
 # Dropped messages count towards the 4029 close only while the drops keep coming: a gap this
 # long (seconds) without one starts the count again.
 FLOOD_MEMORY = 10.0
+
+# What a send to a socket that has just closed raises: ASGI asks servers for an OSError
+# (uvicorn's ClientDisconnected), daphne lets autobahn's Disconnected through.
+SEND_AFTER_CLOSE: tuple[type[Exception], ...] = (OSError, Disconnected)
 
 
 class RegisterConsumer(AsyncWebsocketConsumer):
@@ -305,39 +310,17 @@ class RegisterConsumer(AsyncWebsocketConsumer):
     async def handle(self, message: protocol.ClientMessage) -> str | None:
         match message:
             case protocol.RegisterPublicIp(ip=ip):
-                stored = await database_sync_to_async(services.report_public_ip)(
-                    connection_id=self.connection_id, ip=ip
-                )
-                log.info(
-                    "worker=%s connection=%s public_ip=%s%s",
-                    self.worker_id,
-                    self.connection_id,
-                    ip,
-                    "" if stored else " ignored: no longer the current connection",
-                )
+                await self._report(services.Report(self.connection_id or 0, public_ip=ip))
                 return protocol.public_ip_registered(ip)
             case protocol.Heartbeat():
                 self._last_heartbeat = metrics.heartbeat(self._last_heartbeat)
                 # No write: housekeeping refreshes last_seen of every held worker in one statement.
                 return protocol.heartbeat_ack(time.time())
             case protocol.AgentInfo(info=info):
-                await database_sync_to_async(services.record_agent_info)(
-                    connection_id=self.connection_id, info=info
-                )
+                await self._report(services.Report(self.connection_id or 0, agent_info=info))
                 return protocol.agent_info_recorded()
             case protocol.NatReport():
-                await database_sync_to_async(services.record_nat_report)(
-                    connection_id=self.connection_id, report=message
-                )
-                log.info(
-                    "worker=%s connection=%s nat_mapping=%s udp_endpoint=%s",
-                    self.worker_id,
-                    self.connection_id,
-                    message.mapping,
-                    f"{message.udp_endpoint.ip}:{message.udp_endpoint.port}"
-                    if message.udp_endpoint
-                    else "-",
-                )
+                await self._report(services.Report(self.connection_id or 0, nat=message))
                 return protocol.nat_report_recorded(message.mapping)
             case protocol.ListPeers(tag=tag, request_id=request_id):
                 peer_list, truncated = await database_sync_to_async(selectors.list_peers)(
@@ -365,6 +348,19 @@ class RegisterConsumer(AsyncWebsocketConsumer):
             case protocol.PeerClose():
                 return await self.peer_side.close(message)
         raise AssertionError(f"unhandled message {message!r}")
+
+    async def _report(self, report: services.Report) -> None:
+        """Written with every other connection's reports in one batch (runtime.reports); counted,
+        and logged at DEBUG only: a line per frame costs more than the write."""
+        stored = await get_runtime().reports.submit(report)
+        metrics.report(report.kind, stored)
+        log.debug(
+            "worker=%s connection=%s reported %s%s",
+            self.worker_id,
+            self.connection_id,
+            report.kind,
+            "" if stored else " ignored: no longer the current connection",
+        )
 
     # ---- from other consumers (runtime.DELIVER, runtime.RELAY) -------------------------------
 
@@ -450,8 +446,21 @@ class RegisterConsumer(AsyncWebsocketConsumer):
     async def send(
         self, text_data: str | None = None, bytes_data: bytes | None = None, close: bool = False
     ) -> None:
+        try:
+            await super().send(text_data, bytes_data, close)
+        except SEND_AFTER_CLOSE as exc:
+            # The socket closed (or began to) while this frame was on its way: a normal race. Its
+            # disconnect is queued behind this event and does the clean-up; raising here would
+            # end the consumer without it.
+            metrics.send_after_close()
+            log.debug(
+                "worker=%s connection=%s frame dropped, socket closed: %s",
+                self.worker_id,
+                self.connection_id,
+                exc,
+            )
+            return
         metrics.message_sent()
-        await super().send(text_data, bytes_data, close)
 
     async def close_with(self, code: int, reason: str | None = None) -> None:
         """Close from the server side: say why in a `closing` frame, then close with `code`."""

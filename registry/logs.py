@@ -9,11 +9,25 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Callable, MutableMapping
+from collections.abc import Callable, MutableMapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 # The ids as the service's messages write them (`worker=w1 connection=42 instance=ab12...`).
+# The management commands that are servers: they log on stdout, as a container's main process
+# does. Every other command prints its result there (a key, a token, a listing), so it logs on
+# stderr and `KEY=$(python manage.py create_enrolment_key ...)` captures the key alone.
+SERVER_COMMANDS = frozenset({"serve", "runstun"})
+
+
+def log_stream(argv: Sequence[str]) -> str:
+    """The stream log lines go to in a process started as `argv` (a `logging` config string)."""
+    command = argv[1] if len(argv) > 1 else ""
+    if argv and argv[0].endswith("manage.py") and command not in SERVER_COMMANDS:
+        return "ext://sys.stderr"
+    return "ext://sys.stdout"  # daphne, `manage.py serve`, `runstun`, the test runner
+
+
 _ID = re.compile(r"(?<![\w.])(worker|connection|instance)=([^\s,;()'\"]+)")
 _FIELDS = {"worker": "worker_id", "connection": "connection_id", "instance": "instance_id"}
 

@@ -115,6 +115,17 @@ MESSAGES_SENT = Counter(
     "Frames sent to workers.",
     ["instance_name"],
 )
+REPORTS = Counter(
+    "rendezvous_reports",
+    "Reports from workers (public_ip, agent_info, nat_report), by whether they were stored or"
+    " ignored (sent by a connection that was no longer the worker's current one).",
+    ["instance_name", "kind", "outcome"],
+)
+SENDS_AFTER_CLOSE = Counter(
+    "rendezvous_sends_after_close",
+    "Frames dropped because the worker's socket closed while they were on their way.",
+    ["instance_name"],
+)
 HEARTBEAT_INTERVAL = Histogram(
     "rendezvous_heartbeat_interval_seconds",
     "Time between two application heartbeats on one connection, as the service saw them.",
@@ -204,6 +215,14 @@ def message_received() -> None:
 
 def message_sent() -> None:
     MESSAGES_SENT.labels(_instance()).inc()
+
+
+def report(kind: str, stored: bool) -> None:
+    REPORTS.labels(_instance(), kind, "stored" if stored else "ignored").inc()
+
+
+def send_after_close() -> None:
+    SENDS_AFTER_CLOSE.labels(_instance()).inc()
 
 
 def heartbeat(previous: float | None) -> float:

@@ -99,6 +99,10 @@ class InstanceRuntime:
         self.closes: Coalescer[services.CloseRequest, bool] = Coalescer(
             services.close_connections, name="closes", max_batch=2000
         )
+        # What connections report about their workers (address, agent info, NAT findings).
+        self.reports: Coalescer[services.Report, bool] = Coalescer(
+            services.record_reports, name="reports"
+        )
 
     def _write_registrations(
         self, requests: list[services.RegistrationRequest]

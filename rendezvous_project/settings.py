@@ -8,12 +8,14 @@ from __future__ import annotations
 import os
 import secrets
 import socket
+import sys
 from pathlib import Path
 
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
 from registry.addresses import parse_networks
+from registry.logs import log_stream
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -221,6 +223,9 @@ RENDEZVOUS = {
     "RATE_LIMIT_CLOSE_AFTER": env_int("RENDEZVOUS_RATE_LIMIT_CLOSE_AFTER", 100),
     # Seconds daphne keeps a WebSocket open at most; agents reconnect when it ends.
     "WEBSOCKET_TIMEOUT": env_int("RENDEZVOUS_WEBSOCKET_TIMEOUT", 86400),
+    # Pending TCP connections the listening socket queues (the kernel caps it at somaxconn).
+    # Twisted's default, 50, drops SYNs in a burst of handshakes and clients retry after 1 s.
+    "LISTEN_BACKLOG": env_int("RENDEZVOUS_LISTEN_BACKLOG", 2048),
     "PING_INTERVAL": env_int("RENDEZVOUS_PING_INTERVAL", 20),
     "PING_TIMEOUT": env_int("RENDEZVOUS_PING_TIMEOUT", 30),
     # daphne's access log: a line per HTTP request and two per WebSocket. The service logs its own
@@ -276,13 +281,14 @@ LOGGING = {
         "json": {"()": "registry.logs.JsonFormatter"},
     },
     "handlers": {
-        "stdout": {
+        "console": {
             "class": "logging.StreamHandler",
-            "stream": "ext://sys.stdout",
+            # stdout for the servers, stderr for the other management commands (registry.logs).
+            "stream": log_stream(sys.argv),
             "formatter": LOG_FORMAT,
         }
     },
-    "root": {"handlers": ["stdout"], "level": LOG_LEVEL},
+    "root": {"handlers": ["console"], "level": LOG_LEVEL},
     "loggers": {
         "django.channels.server": {"level": "WARNING"},
     },

@@ -157,3 +157,26 @@ async def test_many_consumers_registering_at_once_use_few_transactions(
     assert runtime.registrations.batches < 10
     connected = await database_sync_to_async(Worker.objects.connected().count)()
     assert connected == 100
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.asyncio
+async def test_many_connections_reporting_at_once_use_few_transactions(
+    runtime: InstanceRuntime,
+) -> None:
+    await database_sync_to_async(runtime.ensure_registered)()
+    registered = await asyncio.gather(
+        *(runtime.registrations.submit(request(f"w{n}")) for n in range(100))
+    )
+    reports = [
+        services.Report(r.connection_id or 0, public_ip=f"198.51.100.{n}")
+        for n, r in enumerate(registered)
+    ]
+    reports += [services.Report(r.connection_id or 0, agent_info={"n": 1}) for r in registered]
+    stored = await asyncio.gather(*(runtime.reports.submit(report) for report in reports))
+    assert stored == [True] * 200
+    assert runtime.reports.batches < 10
+    addresses = await database_sync_to_async(
+        lambda: dict(Worker.objects.values_list("id", "public_ip"))
+    )()
+    assert addresses == {f"w{n}": f"198.51.100.{n}" for n in range(100)}

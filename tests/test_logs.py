@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -17,7 +18,7 @@ from channels.routing import URLRouter
 from channels.testing import WebsocketCommunicator
 from django.conf import settings
 
-from registry.logs import InstanceLogAdapter, JsonFormatter
+from registry.logs import InstanceLogAdapter, JsonFormatter, log_stream
 from registry.routing import websocket_urlpatterns
 from registry.runtime import InstanceRuntime
 from tests.support.processes import REPO, ServerProcess, wait_until
@@ -138,8 +139,52 @@ def test_log_format_json_switches_the_root_handler(tmp_path: Path) -> None:
         timeout=60,
         check=True,
     )
-    entry = json.loads(out.stdout.strip().splitlines()[-1])
+    entry = json.loads(out.stderr.strip().splitlines()[-1])  # a command other than serve
     assert (entry["severity"], entry["worker_id"], entry["connection_id"]) == ("WARNING", "w1", 7)
+
+
+@pytest.mark.parametrize(
+    ("argv", "stream"),
+    [
+        (["manage.py", "serve"], "ext://sys.stdout"),
+        (["/app/manage.py", "runstun", "--port", "3478"], "ext://sys.stdout"),
+        (
+            ["/usr/lib/python3/site-packages/daphne/__main__.py", "-e", "tcp:8000"],
+            "ext://sys.stdout",
+        ),
+        (["manage.py", "create_enrolment_key", "--name", "ci"], "ext://sys.stderr"),
+        (["manage.py", "migrate"], "ext://sys.stderr"),
+        (["manage.py"], "ext://sys.stderr"),
+    ],
+)
+def test_servers_log_on_stdout_and_other_commands_on_stderr(argv: list[str], stream: str) -> None:
+    assert log_stream(argv) == stream
+
+
+@pytest.mark.standalone
+@pytest.mark.parametrize(
+    ("command", "secret"),
+    [("create_enrolment_key", r"rvk_[\w-]+"), ("create_api_token", r"rvt_[\w-]+")],
+)
+def test_key_commands_print_only_the_secret_on_stdout(
+    tmp_path: Path, command: str, secret: str
+) -> None:
+    env = {**os.environ, "RENDEZVOUS_DATA_DIR": str(tmp_path), "LOG_LEVEL": "INFO"}
+    env.pop("DATABASE_URL", None)  # a SQLite registry of its own
+    subprocess.run(
+        [sys.executable, "manage.py", "migrate", "-v0"], cwd=REPO, env=env, check=True, timeout=120
+    )
+    out = subprocess.run(
+        [sys.executable, "manage.py", command, "--name", "ci"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert re.fullmatch(secret + "\n", out.stdout), out.stdout  # what KEY=$(...) captures
+    assert "INFO registry." in out.stderr and "created" in out.stderr
 
 
 def test_an_unknown_log_format_stops_the_start() -> None:

@@ -103,6 +103,51 @@ def test_reported_address_is_normalised_and_recorded_on_worker_and_connection() 
     assert Connection.objects.get().public_ip == "2001:db8::1"
 
 
+def test_two_addresses_from_one_connection_in_one_batch_the_last_wins() -> None:
+    instance = start()
+    connection_id = register("w1", instance).connection_id
+    stored = services.record_reports(
+        [
+            services.Report(connection_id, public_ip="198.51.100.1"),
+            services.Report(connection_id, agent_info={"version": "1"}),
+            services.Report(connection_id, public_ip="198.51.100.2"),
+        ]
+    )
+    assert stored == [True, True, True]
+    worker = Worker.objects.get(id="w1")
+    assert (worker.public_ip, worker.agent_info) == ("198.51.100.2", {"version": "1"})
+    assert Connection.objects.get().public_ip == "198.51.100.2"
+
+
+def test_a_batch_stores_the_current_connections_reports_and_ignores_a_superseded_ones() -> None:
+    instance = start()
+    old = register("w1", instance).connection_id
+    new = register("w1", instance).connection_id
+    other = register("w2", instance).connection_id
+    nat = protocol.NatReport(
+        mapping=protocol.NatMapping.ENDPOINT_INDEPENDENT,
+        udp_endpoint=protocol.UdpEndpoint(ip="203.0.113.5", port=40000),
+    )
+    stored = services.record_reports(
+        [
+            services.Report(old, public_ip="198.51.100.66", agent_info={"stale": True}),
+            services.Report(new, nat=nat),
+            services.Report(other, public_ip="2001:db8::7"),
+            services.Report(new, agent_info={"version": "2"}),
+        ]
+    )
+    assert stored == [False, True, True, True]
+    w1, w2 = Worker.objects.order_by("id")
+    assert (w1.public_ip, w1.agent_info) == (None, {"version": "2"})
+    assert (w1.nat_mapping, w1.udp_ip, w1.udp_port) == (
+        "endpoint-independent",
+        "203.0.113.5",
+        40000,
+    )
+    assert w2.public_ip == "2001:db8::7" and w2.public_ip_reported_at is not None
+    assert Connection.objects.get(id=old).public_ip is None
+
+
 def test_a_malformed_address_never_reaches_the_database() -> None:
     instance = start()
     registration = register("w1", instance)

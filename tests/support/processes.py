@@ -83,7 +83,9 @@ class ServerProcess:
         port: int | None = None,
         env: dict[str, str] | None = None,
         name: str = "server",
+        host: str = "127.0.0.1",
     ) -> None:
+        self.host = host
         self.port = port or free_port()
         self.name = name
         self.log_path = log_dir / f"{name}-{self.port}.log"
@@ -91,7 +93,7 @@ class ServerProcess:
             **os.environ,
             "DATABASE_URL": database_url,
             "PORT": str(self.port),
-            "HOST": "127.0.0.1",
+            "HOST": host,
             "RENDEZVOUS_INSTANCE_NAME": f"test-{name}-{self.port}",
             "RENDEZVOUS_HOUSEKEEPING": "1",
             "RENDEZVOUS_HOUSEKEEPING_INTERVAL": "1",
@@ -105,11 +107,15 @@ class ServerProcess:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self._authority}"
 
     @property
     def ws_url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}"
+        return f"ws://{self._authority}"
+
+    @property
+    def _authority(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
     def start(self, timeout: float = 30.0) -> ServerProcess:
         self.starts += 1
@@ -117,7 +123,7 @@ class ServerProcess:
         log.write(f"\n===== start {self.starts} =====\n".encode())
         log.flush()
         self.process = subprocess.Popen(
-            [sys.executable, *SERVE_ARGV, "--host", "127.0.0.1", "--port", str(self.port)],
+            [sys.executable, *SERVE_ARGV, "--host", self.host, "--port", str(self.port)],
             cwd=REPO,
             env=self.env,
             stdout=log,

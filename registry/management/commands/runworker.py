@@ -8,7 +8,9 @@ command is the one Django finds (system check rendezvous.E003 guards the order).
 
 from __future__ import annotations
 
+import os
 import threading
+from collections.abc import Mapping
 from typing import Any
 
 from channels.management.commands.runworker import Command as ChannelsRunworker
@@ -21,12 +23,24 @@ from worker_agent.cli import configure_logging, stop_on_signals
 
 def local_service_url() -> str:
     host = "127.0.0.1" if settings.HOST in ("0.0.0.0", "::", "") else settings.HOST
+    host = f"[{host}]" if ":" in host else host
     return f"http://{host}:{settings.PORT}"
+
+
+def service_url(given: str | None, environ: Mapping[str, str] = os.environ) -> str:
+    """`--url`, else RENDEZVOUS_SERVICE_URL (the variable the standalone agent reads), else the
+    local server at HOST:PORT."""
+    return (
+        (given or "").strip()
+        or environ.get("RENDEZVOUS_SERVICE_URL", "").strip()
+        or (local_service_url())
+    )
 
 
 class Command(BaseCommand):
     help = (
-        "Run worker agents against the local service (default: the dev server at HOST:PORT). "
+        "Run worker agents against a service: --url, else $RENDEZVOUS_SERVICE_URL, else the "
+        "local server at HOST:PORT. "
         "Given channel names, run Channels' background worker for them instead."
     )
 
@@ -35,7 +49,12 @@ class Command(BaseCommand):
             "channels", nargs="*", help="Channel names: run Channels' worker for them instead."
         )
         parser.add_argument("--layer", default="default", help="(Channels' worker) layer alias")
-        parser.add_argument("--url", default=None, help="Service URL (default: local server)")
+        parser.add_argument(
+            "--url",
+            default=None,
+            help="Service URL (default: $RENDEZVOUS_SERVICE_URL if set, else the local server "
+            "at HOST:PORT)",
+        )
         parser.add_argument("--count", type=int, default=1, help="Agents to run in this process")
         parser.add_argument(
             "--worker-id",
@@ -69,7 +88,7 @@ class Command(BaseCommand):
             worker_ids = (
                 [worker_id] if count == 1 else [f"{worker_id}-{n}" for n in range(1, count + 1)]
             )
-        url = options["url"] or local_service_url()
+        url = service_url(options["url"])
         configure_logging(settings.LOG_LEVEL)
         self.stdout.write(f"Running {count} worker agent(s) against {url}; Ctrl-C stops them.")
         stop = threading.Event()

@@ -20,13 +20,20 @@ from registry import enrolment, protocol
 TRANSPORT_MAX_MESSAGE_BYTES = 2 * protocol.RELAY_MAX_FRAME_BYTES
 
 
+def endpoint(host: str, port: int, backlog: int) -> str:
+    """A Twisted endpoint string: daphne's --bind/--port cannot set the listen backlog.
+
+    Colons separate its fields, so an IPv6 address has each of its own escaped.
+    """
+    interface = host.strip("[]").replace(":", r"\:")
+    return f"tcp:port={int(port)}:interface={interface}:backlog={int(backlog)}"
+
+
 def daphne_arguments(host: str, port: int) -> list[str]:
     config = settings.RENDEZVOUS
     return [
-        "--bind",
-        host,
-        "--port",
-        str(port),
+        "--endpoint",
+        endpoint(host, port, config["LISTEN_BACKLOG"]),
         "--websocket_timeout",
         str(config["WEBSOCKET_TIMEOUT"]),
         "--ping-interval",
