@@ -85,7 +85,7 @@ def ttfb(agent: WorkerAgent, peer: str, count: int, kinds: list[str], wait: floa
     final: dict[str, int] = {}
     for n in range(count):
         started = time.monotonic()
-        path = agent.connect(peer, timeout=10)
+        path = agent.connect_path(peer, timeout=10)
         connects.append(1000 * (time.monotonic() - started))
         path.send(b"ping:%d" % n)
         while path.recv(timeout=5) != b"echo:ping:%d" % n:
@@ -110,7 +110,7 @@ def ttfb(agent: WorkerAgent, peer: str, count: int, kinds: list[str], wait: floa
 
 
 def blast(agent: WorkerAgent, peer: str, seconds: float, kinds: list[str]) -> dict:
-    path = agent.connect(peer, timeout=10)
+    path = agent.connect_path(peer, timeout=10)
     if kinds:
         path.wait_for_kind(*kinds, timeout=15)
     kind = path.kind
@@ -145,7 +145,7 @@ def offline(agent: WorkerAgent, count: int) -> dict:
     for n in range(count):
         started = time.monotonic()
         try:
-            agent.connect(f"nobody-{n}", timeout=10)
+            agent.connect_path(f"nobody-{n}", timeout=10)
         except PeerError:
             times.append(1000 * (time.monotonic() - started))
         time.sleep(1.05)
@@ -230,7 +230,7 @@ def main() -> int:
         args.url,
         args.id,
         ip_echo_url="",
-        on_peer=answer if args.mode == "answer" else None,
+        on_peer_path=answer if args.mode == "answer" else None,
         peer_udp=not args.no_udp,
     )
     agent.start()

@@ -24,7 +24,7 @@ from django.utils.safestring import SafeString
 from django.utils.timesince import timesince
 from django.views.decorators.http import require_POST
 
-from registry import control, enrolment
+from registry import control, enrolment, identities
 from registry.models import Connection, PeerConnection, ServerInstance, Worker
 from registry.selectors import RECENT_CONNECTIONS, registry_overview
 
@@ -47,6 +47,8 @@ OBSERVED_WORKER_FIELDS = (
     "nat_mapping",
     "udp_endpoint",
     "nat_reported_at",
+    "identity",
+    "certificate_bound_at",
 )
 
 CONNECTION_FIELDS = (
@@ -245,7 +247,13 @@ class WorkerAdmin(admin.ModelAdmin):
     readonly_fields = OBSERVED_WORKER_FIELDS
     fields = OBSERVED_WORKER_FIELDS
     inlines = (ConnectionInline,)
-    actions = ("disconnect_selected", "disable_selected", "enable_selected", "forget_credentials")
+    actions = (
+        "disconnect_selected",
+        "disable_selected",
+        "enable_selected",
+        "forget_credentials",
+        "reset_identities",
+    )
     list_per_page = 100
     show_full_result_count = False
 
@@ -411,6 +419,22 @@ class WorkerAdmin(admin.ModelAdmin):
     def forget_credentials(self, request: HttpRequest, queryset: QuerySet[Worker]) -> None:
         count = enrolment.forget_credentials(queryset.values_list("id", flat=True))
         self.message_user(request, f"{count} credential(s) forgotten.", messages.SUCCESS)
+
+    @admin.action(
+        description="Reset identities of selected workers (each binds its next certificate)",
+        permissions=["change"],
+    )
+    def reset_identities(self, request: HttpRequest, queryset: QuerySet[Worker]) -> None:
+        count = identities.reset(list(queryset.values_list("id", flat=True)))
+        self.message_user(
+            request,
+            f"{count} identity(ies) reset; peers will pin the certificate each presents next.",
+            messages.SUCCESS,
+        )
+
+    @admin.display(description="identity (SHA-256)")
+    def identity(self, worker: Worker) -> str:
+        return identities.display(worker.certificate_fingerprint) or "none (no certificate yet)"
 
 
 @admin.register(Connection)

@@ -19,6 +19,7 @@ from django.db import DatabaseError
 
 from registry import (
     enrolment,
+    identities,
     introductions,
     metrics,
     peers,
@@ -51,6 +52,7 @@ class RegisterConsumer(AsyncWebsocketConsumer):
     worker_id: str = ""
     tags: str = ""
     connection_id: int | None = None
+    certificate: identities.Certificate | None = None
     _peer_side: PeerSide | None = None
     _confirm_credential = False
     _server_close_code: int | None = None
@@ -188,12 +190,27 @@ class RegisterConsumer(AsyncWebsocketConsumer):
     async def _register(
         self, request: services.RegistrationRequest
     ) -> tuple[services.Registration, str | None]:
-        """Authenticate (secured mode) and register; the credential issued on enrolment, if any."""
+        """Authenticate (secured mode) and register; the credential issued on enrolment, if the
+        service made it; the worker's certificate recorded when it is new."""
         runtime = get_runtime()
+        headers = self.scope.get("headers", [])
+        try:
+            self.certificate = identities.presented(headers)
+        except identities.InvalidCertificate as exc:
+            raise enrolment.AuthenticationFailed(
+                f"invalid certificate: {exc}", f"invalid certificate ({exc})"
+            ) from None
+        secured = settings.RENDEZVOUS["SECURITY_MODE"] == enrolment.SECURED
         grant = None
-        if settings.RENDEZVOUS["SECURITY_MODE"] == enrolment.SECURED:
-            bearer = tokens.bearer_token(self.scope.get("headers", []))
-            grant = await runtime.authentications.submit((self.worker_id, bearer))
+        if secured:
+            grant = await runtime.authentications.submit(
+                enrolment.Handshake(
+                    worker_id=self.worker_id,
+                    bearer=tokens.bearer_token(headers),
+                    offered=tokens.header_value(headers, tokens.CREDENTIAL_HEADER),
+                    certificate=self.certificate,
+                )
+            )
         if grant is enrolment.UNCONFIRMED:
             self._confirm_credential = True  # presenting it proves the worker has it
             grant = None
@@ -207,7 +224,23 @@ class RegisterConsumer(AsyncWebsocketConsumer):
             )
         if grant is not None:
             self._confirm_credential = True  # at its first frame after the welcome
-        return registration, grant.credential.secret if grant else None
+        elif self._identity_is_new(registration.fingerprint, secured):
+            assert self.certificate is not None
+            runtime.spawn(
+                runtime.identities.submit(
+                    identities.Announcement(registration.connection_id or 0, self.certificate)
+                ),
+                what=f"identity of worker {self.worker_id}",
+            )
+        issued = grant.credential.secret if grant is not None and grant.issued else None
+        return registration, issued
+
+    def _identity_is_new(self, recorded: str, secured: bool) -> bool:
+        """Whether this connection's certificate is to be recorded: in open mode whenever it
+        changed, in secured mode only where none is bound (a bound one never changes here)."""
+        if self.certificate is None or self.certificate.fingerprint == recorded:
+            return False
+        return not secured or not recorded
 
     @staticmethod
     def _enrol(
@@ -301,6 +334,7 @@ class RegisterConsumer(AsyncWebsocketConsumer):
                 send=self.send,
                 send_bytes=self._send_bytes,
                 base_send=self.base_send,
+                certificate=self.certificate,
             )
         return self._peer_side
 

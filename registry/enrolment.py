@@ -1,9 +1,12 @@
-"""Who may register a worker id: enrolment keys, per-worker credentials, and bans.
+"""Who may register a worker id: enrolment keys, per-worker credentials, identities and bans.
 
-In secured mode a new id enrols with an enrolment key and is given a credential bound to it;
-every later connection under that id must present that credential. In open mode nobody is
-asked for anything (the proof of concept's behaviour), but a disabled worker stays refused.
-See docs/security.md.
+In secured mode a new id enrols with an enrolment key and the credential the enrolling agent
+made for itself (`Rendezvous-Credential`): the service binds that credential (or, for an agent
+that brings none, one it issues) and the agent's certificate to the id. Every later connection
+under that id must present that credential, and no other certificate. Since only the enrolling
+agent knows its credential, nobody else holding the same key can redo or take over the
+enrolment, even before the worker's first frame. In open mode nobody is asked for anything (the
+proof of concept's behaviour), but a disabled worker stays refused. See docs/security.md.
 """
 
 from __future__ import annotations
@@ -14,10 +17,11 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from django.db import transaction
-from django.db.models import F, Q
+from django.db.models import F
 from django.utils import timezone
 
 from registry import protocol, services, tokens
+from registry.identities import Certificate
 from registry.models import EnrolmentKey, Worker, encode_tags
 
 log = logging.getLogger("registry.enrolment")
@@ -55,17 +59,27 @@ class WorkerDisabled(AuthenticationFailed):
 
 
 @dataclass(frozen=True, slots=True)
+class Handshake:
+    """What a handshake presents: its `Authorization: Bearer` secret, the credential its agent
+    made to be bound at enrolment, and its certificate."""
+
+    worker_id: str
+    bearer: str | None
+    offered: str | None = None
+    certificate: Certificate | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Enrolment:
-    """What a successful key check grants: a new credential, and the key's tags and kind."""
+    """What a successful key check grants: the credential to bind, and the key's tags and kind."""
 
     key_id: int
     key_prefix: str
     credential: tokens.Issued
     tags: str
     ephemeral: bool
-    # The id's enrolment with this same key never reached its worker (no frame came back after
-    # the welcome): enrol it again, without spending the key a second time.
-    again: bool = False
+    issued: bool  # the service made the credential (the agent brought none): send it in welcome
+    certificate: Certificate | None = None
 
 
 class _Unconfirmed:
@@ -80,15 +94,21 @@ UNCONFIRMED = _Unconfirmed()
 
 
 def authenticate(
-    *, worker_id: str, bearer: str | None, now: datetime | None = None
+    *,
+    worker_id: str,
+    bearer: str | None,
+    offered: str | None = None,
+    certificate: Certificate | None = None,
+    now: datetime | None = None,
 ) -> Enrolment | None:
     """Secured mode: may this handshake register `worker_id`?
 
-    None: it presented the id's credential. An Enrolment: the id is unbound and it presented a
-    usable enrolment key (nothing is written yet; `enrol_and_register` binds). Otherwise
-    AuthenticationFailed. Read-only.
+    None: it presented the id's credential (as bearer, or as the credential to bind). An
+    Enrolment: the id is unbound and it presented a usable enrolment key (nothing is written
+    yet; `enrol_and_register` binds). Otherwise AuthenticationFailed. Read-only.
     """
-    outcome = authenticate_many([(worker_id, bearer)], now=now)[0]
+    handshake = Handshake(worker_id, bearer, offered, certificate)
+    outcome = authenticate_many([handshake], now=now)[0]
     if isinstance(outcome, AuthenticationFailed):
         raise outcome
     return None if outcome is UNCONFIRMED else outcome  # type: ignore[return-value]
@@ -98,7 +118,7 @@ Outcome = Enrolment | _Unconfirmed | None | AuthenticationFailed
 
 
 def authenticate_many(
-    requests: Sequence[tuple[str, str | None]], *, now: datetime | None = None
+    requests: Sequence[Handshake], *, now: datetime | None = None
 ) -> list[Outcome]:
     """`authenticate` for a batch of handshakes, in two queries at most whatever its size (the
     runtime coalesces handshakes like registrations). Refusals are returned, not raised, so
@@ -106,23 +126,27 @@ def authenticate_many(
     now = now or timezone.now()
     rows = {
         row[0]: _Row(*row[1:])
-        for row in Worker.objects.filter(id__in={worker_id for worker_id, _ in requests})
+        for row in Worker.objects.filter(id__in={r.worker_id for r in requests})
         .values_list(
-            "id", "credential_digest", "disabled_at", "credential_confirmed_at", "enrolled_with_id"
+            "id",
+            "credential_digest",
+            "disabled_at",
+            "credential_confirmed_at",
+            "certificate_fingerprint",
         )
         .iterator()
     }
     key_digests = {
-        tokens.digest(bearer)
-        for worker_id, bearer in requests
-        if bearer and tokens.kind_of(bearer) is tokens.Kind.ENROLMENT_KEY
+        tokens.digest(r.bearer)
+        for r in requests
+        if r.bearer and tokens.kind_of(r.bearer) is tokens.Kind.ENROLMENT_KEY
     }
     keys = (
         {key.digest: key for key in EnrolmentKey.objects.filter(digest__in=key_digests)}
         if key_digests
         else {}
     )
-    return [_authenticate_one(worker_id, bearer, rows, keys, now) for worker_id, bearer in requests]
+    return [_authenticate_one(request, rows, keys, now) for request in requests]
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,35 +154,36 @@ class _Row:
     digest: str = ""
     disabled_at: datetime | None = None
     confirmed_at: datetime | None = None
-    enrolled_with_id: int | None = None
+    fingerprint: str = ""
 
 
 def _authenticate_one(
-    worker_id: str,
-    bearer: str | None,
-    rows: dict[str, _Row],
-    keys: dict[str, EnrolmentKey],
-    now: datetime,
+    request: Handshake, rows: dict[str, _Row], keys: dict[str, EnrolmentKey], now: datetime
 ) -> Outcome:
-    row = rows.get(worker_id, _Row())
+    bearer = request.bearer
+    row = rows.get(request.worker_id, _Row())
     if row.disabled_at is not None:
         return WorkerDisabled(protocol.CLOSE_REASONS[protocol.CloseCode.WORKER_DISABLED])
     kind = tokens.kind_of(bearer) if bearer else None
     if row.digest:
-        if kind is tokens.Kind.WORKER_CREDENTIAL and tokens.matches(bearer or "", row.digest):
-            return UNCONFIRMED if row.confirmed_at is None else None
-        key = keys.get(tokens.digest(bearer)) if kind is tokens.Kind.ENROLMENT_KEY else None
-        if (
-            key is not None
-            and row.confirmed_at is None
-            and key.pk == row.enrolled_with_id
-            and key.state(now) in ("usable", "used")
-        ):
-            return _grant(key, again=True)
-        return AuthenticationFailed(
-            "this worker id is enrolled: present its credential (Authorization: Bearer)",
-            f"credential missing or wrong (presented {_describe(bearer)})",
-        )
+        held = kind is tokens.Kind.WORKER_CREDENTIAL and tokens.matches(bearer or "", row.digest)
+        # An agent that made its own credential proves it by presenting it, the key or not:
+        # its welcome may have been lost. Nobody else knows it.
+        held = held or bool(request.offered and tokens.matches(request.offered, row.digest))
+        if not held:
+            return AuthenticationFailed(
+                "this worker id is enrolled: present its credential (Authorization: Bearer)",
+                f"credential missing or wrong (presented {_describe(bearer)})",
+            )
+        certificate = request.certificate
+        if certificate and row.fingerprint and certificate.fingerprint != row.fingerprint:
+            return AuthenticationFailed(
+                "this certificate is not the identity bound to this worker id (an operator can "
+                "reset it; enrolling again binds a new one)",
+                f"certificate {certificate.fingerprint[:16]}… is not the bound "
+                f"{row.fingerprint[:16]}…",
+            )
+        return UNCONFIRMED if row.confirmed_at is None else None
     if bearer is None:
         return AuthenticationFailed(
             "an enrolment key is required (Authorization: Bearer)", "no credential presented"
@@ -173,17 +198,22 @@ def _authenticate_one(
     state = key.state(now)
     if state != "usable":
         return AuthenticationFailed(f"enrolment key {state}", f"key {key.prefix}… is {state}")
-    return _grant(key)
-
-
-def _grant(key: EnrolmentKey, *, again: bool = False) -> Enrolment:
+    offered = request.offered
+    if offered is not None and not tokens.is_well_formed(offered, tokens.Kind.WORKER_CREDENTIAL):
+        return AuthenticationFailed(
+            "the credential to bind must be rvc_ and at least 32 random characters",
+            f"malformed credential offered ({_describe(offered)})",
+        )
     return Enrolment(
         key_id=key.pk,
         key_prefix=key.prefix,
-        credential=tokens.issue(tokens.Kind.WORKER_CREDENTIAL),
+        credential=tokens.adopt(offered)
+        if offered
+        else tokens.issue(tokens.Kind.WORKER_CREDENTIAL),
         tags=key.tags,
         ephemeral=key.ephemeral,
-        again=again,
+        issued=offered is None,
+        certificate=request.certificate,
     )
 
 
@@ -202,12 +232,7 @@ def enrol_and_register(
     now = now or timezone.now()
     with transaction.atomic():
         keys = EnrolmentKey.objects.filter(pk=enrolment.key_id)
-        if enrolment.again:  # the same enrolment once more: the key is not spent again
-            spent = keys.filter(revoked_at__isnull=True, expires_at__gt=now).update(
-                last_used_at=now
-            )
-        else:
-            spent = keys.usable(now).update(use_count=F("use_count") + 1, last_used_at=now)
+        spent = keys.usable(now).update(use_count=F("use_count") + 1, last_used_at=now)
         if not spent:
             raise AuthenticationFailed(
                 "enrolment key no longer usable", f"key {enrolment.key_prefix}… spent meanwhile"
@@ -215,11 +240,9 @@ def enrol_and_register(
         Worker.objects.bulk_create(
             [Worker(id=request.worker_id, first_seen=now, last_seen=now)], ignore_conflicts=True
         )
-        unbound = Q(credential_digest="")
-        if enrolment.again:
-            unbound = Q(credential_confirmed_at__isnull=True, enrolled_with_id=enrolment.key_id)
+        certificate = enrolment.certificate
         bound = Worker.objects.filter(
-            unbound, id=request.worker_id, disabled_at__isnull=True
+            credential_digest="", id=request.worker_id, disabled_at__isnull=True
         ).update(
             credential_digest=enrolment.credential.digest,
             credential_prefix=enrolment.credential.display_prefix,
@@ -228,6 +251,10 @@ def enrol_and_register(
             enrolled_with_id=enrolment.key_id,
             tags=enrolment.tags,
             ephemeral=enrolment.ephemeral,
+            # Enrolling binds the identity too (a new one replaces what an earlier one bound).
+            certificate=certificate.encoded if certificate else "",
+            certificate_fingerprint=certificate.fingerprint if certificate else "",
+            certificate_bound_at=now if certificate else None,
         )
         if not bound:
             raise AuthenticationFailed(

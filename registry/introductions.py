@@ -24,6 +24,7 @@ from channels.db import database_sync_to_async
 from django.conf import settings
 
 from registry import metrics, protocol, selectors, services, turn
+from registry.identities import Certificate
 from registry.logs import InstanceLogAdapter
 from registry.ratelimit import TokenBucket
 from registry.relay import PeerLink, PeerLinks, ReadWindow, RelayPort, SendWindow
@@ -82,6 +83,8 @@ class Pending:
     requester_channel: str
     requester_connection_id: int
     request_id: str
+    transport: protocol.Transport = protocol.Transport.QUIC
+    requester_certificate: str | None = None  # base64 DER, as the requester presented it
     expires_at: float = field(default_factory=lambda: time.monotonic() + ANSWER_TIMEOUT)
 
     @classmethod
@@ -92,6 +95,8 @@ class Pending:
             requester_channel=message["requester_channel"],
             requester_connection_id=message["requester_connection_id"],
             request_id=message["request_id"],
+            transport=protocol.Transport(message["transport"]),
+            requester_certificate=message["requester_certificate"],
         )
 
     def as_message(self) -> dict[str, Any]:
@@ -101,6 +106,8 @@ class Pending:
             "requester_channel": self.requester_channel,
             "requester_connection_id": self.requester_connection_id,
             "request_id": self.request_id,
+            "transport": str(self.transport),
+            "requester_certificate": self.requester_certificate,
         }
 
 
@@ -147,10 +154,12 @@ class PeerSide:
         send: Send,
         send_bytes: Callable[[bytes], Awaitable[None]],
         base_send: Callable[..., Any],
+        certificate: Certificate | None = None,
     ) -> None:
         config = settings.RENDEZVOUS
         self.worker_id = worker_id
         self.connection_id = connection_id
+        self.certificate = certificate.encoded if certificate else None
         self.runtime = runtime
         self._send = send
         self._send_bytes = send_bytes
@@ -194,6 +203,8 @@ class PeerSide:
             )
         if self.links.full():
             return failed(protocol.ConnectFailure.TOO_MANY_PEERS, self._too_many(self.worker_id))
+        if request.transport == protocol.Transport.QUIC and self.certificate is None:
+            return failed(protocol.ConnectFailure.NO_IDENTITY, _no_identity(self.worker_id))
         target = await database_sync_to_async(selectors.peer_target)(request.peer_id)
         if target is None:
             return failed(
@@ -206,6 +217,8 @@ class PeerSide:
             requester_channel=self.runtime.channel_name,
             requester_connection_id=self.connection_id,
             request_id=request.request_id,
+            transport=request.transport,
+            requester_certificate=self.certificate,
         )
         await self.runtime.send_command(
             target.channel_name,
@@ -247,7 +260,9 @@ class PeerSide:
         self.runtime.spawn(self._expire(pending), what="introduction answer timeout")
         await self._send(
             protocol.introduction_request(
-                introduction_id=pending.introduction_id, peer_id=pending.requester_id
+                introduction_id=pending.introduction_id,
+                peer_id=pending.requester_id,
+                transport=pending.transport,
             )
         )
 
@@ -280,9 +295,13 @@ class PeerSide:
                 "upgrade rendezvous-worker-agent",
                 code=protocol.ErrorCode.INVALID_FIELD,
             )
+        refusal = None
         if self.links.full():
-            code = protocol.ConnectFailure.TOO_MANY_PEERS
-            reason = self._too_many(self.worker_id)
+            refusal = protocol.ConnectFailure.TOO_MANY_PEERS, self._too_many(self.worker_id)
+        elif pending.transport == protocol.Transport.QUIC and self.certificate is None:
+            refusal = protocol.ConnectFailure.NO_IDENTITY, _no_identity(self.worker_id)
+        if refusal is not None:
+            code, reason = refusal
             await self._to_requester(pending, self._failure(pending, code, reason))
             self._failed(code, reason, peer_id=pending.requester_id, pending=pending)
             return self._failure(pending, code, reason, for_me=True)
@@ -316,6 +335,8 @@ class PeerSide:
                 peer_id=self.worker_id,
                 role=ROLE_INITIATOR,
                 turn=turn_a,
+                transport=pending.transport,
+                peer_certificate=self.certificate,
             ),
             bounce=self._bounce(
                 event=LINK_CLOSED,
@@ -347,6 +368,8 @@ class PeerSide:
             peer_id=pending.requester_id,
             role=ROLE_RESPONDER,
             turn=turn_b,
+            transport=pending.transport,
+            peer_certificate=pending.requester_certificate,
         )
 
     async def _refuse(self, pending: Pending, reason: str) -> None:
@@ -563,3 +586,10 @@ class PeerSide:
         return (
             f"worker {worker_id} has {limit} peer connections already (RENDEZVOUS_RELAY_MAX_PEERS)"
         )
+
+
+def _no_identity(worker_id: str) -> str:
+    return (
+        f"worker {worker_id} presented no certificate: encrypted connections need the agent's "
+        "p2p extra on both sides"
+    )

@@ -131,7 +131,7 @@ class Worker(models.Model):
     credential_prefix = models.CharField(max_length=16, blank=True, editable=False)
     credential_issued_at = models.DateTimeField(null=True, blank=True, editable=False)
     # Set at the first frame the enrolling connection sends after its welcome: the worker has
-    # its credential. Until then the same key may enrol the id again (a lost welcome).
+    # its credential (informative: a worker that made its own credential needs no second try).
     credential_confirmed_at = models.DateTimeField(null=True, blank=True, editable=False)
     enrolled_with = models.ForeignKey(
         "EnrolmentKey",
@@ -142,6 +142,13 @@ class Worker(models.Model):
         editable=False,
     )
     tags = models.CharField(max_length=1000, blank=True, editable=False)
+    # Peer connections (registry/identities.py): the certificate the worker's agent made for
+    # itself, pinned by its peers. Secured mode: bound at enrolment, reset by an operator.
+    certificate = models.TextField(blank=True, editable=False, help_text="Base64 DER.")
+    certificate_fingerprint = models.CharField(
+        max_length=64, blank=True, editable=False, verbose_name="identity (SHA-256)"
+    )
+    certificate_bound_at = models.DateTimeField(null=True, blank=True, editable=False)
     ephemeral = models.BooleanField(
         default=False, help_text="Removed from the registry once offline for a while."
     )

@@ -102,6 +102,14 @@ class IcePolicy(StrEnum):
     RELAY = "relay"  # TURN relay candidates only
 
 
+class Transport(StrEnum):
+    """What an introduction is for: encrypted QUIC streams between pinned identities
+    (peer-connections.md), or raw datagrams on the path."""
+
+    QUIC = "quic"
+    DATAGRAMS = "datagrams"
+
+
 class ConnectFailure(StrEnum):
     """Why an introduction did not happen (`connect_failed`)."""
 
@@ -112,6 +120,7 @@ class ConnectFailure(StrEnum):
     RATE_LIMITED = "RATE_LIMITED"  # more connect requests than INTRODUCTION_RATE allows
     TOO_MANY_PEERS = "TOO_MANY_PEERS"  # either side holds RELAY_MAX_PEERS peer links already
     AGENT_OUTDATED = "AGENT_OUTDATED"  # either side's agent speaks an older peer protocol
+    NO_IDENTITY = "NO_IDENTITY"  # a QUIC connection, and either side presented no certificate
 
 
 class CloseCode(IntEnum):
@@ -304,6 +313,7 @@ class ConnectRequest:
     peer_id: str
     request_id: str
     protocol_version: int
+    transport: Transport = Transport.QUIC
 
 
 @dataclass(frozen=True, slots=True)
@@ -520,6 +530,13 @@ def _protocol_version(data: dict[str, Any]) -> int:
     return value
 
 
+def _transport(data: dict[str, Any]) -> Transport:
+    try:
+        return Transport(data.get("transport", Transport.QUIC))
+    except ValueError:
+        raise InvalidField("'transport' must be 'quic' or 'datagrams'") from None
+
+
 def _parse_nat_report(data: dict[str, Any]) -> NatReport:
     if "mapping" not in data:
         raise MissingField("nat_report needs 'mapping'")
@@ -645,6 +662,7 @@ _PARSERS: dict[str, Any] = {
         peer_id=_peer_id(d),
         request_id=_request_id(d, required=True) or "",
         protocol_version=_protocol_version(d),
+        transport=_transport(d),
     ),
     ClientMessageType.INTRODUCTION_ACCEPT: lambda d: IntroductionAccept(
         introduction_id=_introduction_id(d), protocol_version=_protocol_version(d)
@@ -838,13 +856,14 @@ def connect_failed(
     )
 
 
-def introduction_request(*, introduction_id: str, peer_id: str) -> str:
+def introduction_request(*, introduction_id: str, peer_id: str, transport: Transport) -> str:
     return encode(
         {
             "type": ServerMessageType.INTRODUCTION_REQUEST,
             "introduction_id": introduction_id,
             "peer_id": peer_id,
             "protocol_version": PEER_PROTOCOL_VERSION,
+            "transport": transport,
         }
     )
 
@@ -856,9 +875,12 @@ def introduction(
     peer_id: str,
     role: str,
     turn: dict[str, Any] | None,
+    transport: Transport,
+    peer_certificate: str | None,
 ) -> str:
     """Both sides get one once the peer accepted: from now on the service relays their binary
-    frames and ICE candidates. `turn`: credentials for this side alone, or None."""
+    frames and ICE candidates. `turn`: credentials for this side alone, or None.
+    `peer_certificate`: the other side's identity (base64 DER), for this side to pin."""
     return encode(
         {
             "type": ServerMessageType.INTRODUCTION,
@@ -868,6 +890,8 @@ def introduction(
             "role": role,
             "relay": True,
             "turn": turn,
+            "transport": transport,
+            "peer_certificate": peer_certificate,
         }
     )
 

@@ -26,7 +26,7 @@ from django.conf import settings
 from django.db import close_old_connections
 from django.utils import timezone
 
-from registry import enrolment, metrics, protocol, services
+from registry import enrolment, identities, metrics, protocol, services
 from registry.admission import Admission
 from registry.batching import Coalescer
 from registry.peers import EVENTS as PEER_EVENTS
@@ -93,8 +93,15 @@ class InstanceRuntime:
             Coalescer(self._write_registrations, name="registrations")
         )
         # Secured mode: the credential checks of many handshakes, in one query per batch.
-        self.authentications: Coalescer[tuple[str, str | None], enrolment.Outcome] = Coalescer(
+        self.authentications: Coalescer[enrolment.Handshake, enrolment.Outcome] = Coalescer(
             enrolment.authenticate_many, name="authentications"
+        )
+        # Workers' certificates, recorded when a connection presents a new one.
+        self.identities: Coalescer[identities.Announcement, bool] = Coalescer(
+            lambda batch: identities.record(
+                batch, secured=self.config["SECURITY_MODE"] == enrolment.SECURED
+            ),
+            name="identities",
         )
         self.closes: Coalescer[services.CloseRequest, bool] = Coalescer(
             services.close_connections, name="closes", max_batch=2000

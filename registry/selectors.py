@@ -41,6 +41,8 @@ _WORKER_FIELDS = (
     "udp_ip",
     "udp_port",
     "nat_reported_at",
+    "certificate_fingerprint",
+    "certificate_bound_at",
 )
 
 _CONNECTION_FIELDS = (
@@ -114,6 +116,10 @@ def _worker_dict(row: dict[str, Any]) -> dict[str, Any]:
             if row["udp_ip"]
             else None,
             "reported_at": _iso(row["nat_reported_at"]),
+        },
+        "identity": {
+            "fingerprint": row["certificate_fingerprint"] or None,
+            "bound_at": _iso(row["certificate_bound_at"]),
         },
     }
 

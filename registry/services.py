@@ -48,6 +48,7 @@ class Registration:
     superseded_connection_id: int | None
     superseded_channel: str | None
     tags: str = ""  # the worker's tags, as stored (models.encode_tags)
+    fingerprint: str = ""  # the worker's recorded certificate (registry/identities.py)
 
     @property
     def refused(self) -> bool:
@@ -142,13 +143,16 @@ def _register_round(
             "current_connection__closed_at",
             "disabled_at",
             "tags",
+            "certificate_fingerprint",
         )
     )
     previous: dict[str, tuple[int, str]] = {}
     disabled: set[str] = set()
     tags: dict[str, str] = {}
-    for worker_id, connection_id, channel, closed_at, disabled_at, worker_tags in rows:
+    fingerprints: dict[str, str] = {}
+    for worker_id, connection_id, channel, closed_at, disabled_at, worker_tags, print_ in rows:
         tags[worker_id] = worker_tags
+        fingerprints[worker_id] = print_
         if disabled_at is not None:
             disabled.add(worker_id)  # a ban holds in every mode, checked under the row lock
         elif connection_id is not None and closed_at is None:
@@ -199,6 +203,7 @@ def _register_round(
                 superseded_connection_id=superseded[0] if superseded else None,
                 superseded_channel=superseded[1] if superseded else None,
                 tags=tags.get(r.worker_id, ""),
+                fingerprint=fingerprints.get(r.worker_id, ""),
             )
         )
     return registrations

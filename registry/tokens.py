@@ -20,6 +20,9 @@ class Kind(StrEnum):
     API_TOKEN = "rvt_"
 
 
+# The handshake header in which an enrolling agent presents the credential it made itself.
+CREDENTIAL_HEADER = b"rendezvous-credential"
+
 # Shown in the admin and in logs to tell secrets apart without revealing them.
 DISPLAY_PREFIX_LENGTH = 12
 MAX_LENGTH = 100
@@ -37,6 +40,35 @@ def issue(kind: Kind) -> Issued:
     return Issued(
         secret=secret, digest=digest(secret), display_prefix=secret[:DISPLAY_PREFIX_LENGTH]
     )
+
+
+def adopt(secret: str) -> Issued:
+    """A secret made elsewhere (a worker's own credential), as if issued here."""
+    return Issued(
+        secret=secret, digest=digest(secret), display_prefix=secret[:DISPLAY_PREFIX_LENGTH]
+    )
+
+
+# A worker's own credential: the prefix and at least 32 URL-safe characters (192 bits and up).
+_MIN_SECRET_CHARACTERS = 32
+
+
+def is_well_formed(secret: str, kind: Kind) -> bool:
+    body = secret[len(kind.value) :]
+    return (
+        secret.startswith(kind.value)
+        and len(secret) <= MAX_LENGTH
+        and len(body) >= _MIN_SECRET_CHARACTERS
+        and all(c.isalnum() or c in "-_" for c in body)
+    )
+
+
+def header_value(headers: list[tuple[bytes, bytes]] | list[list[bytes]], name: bytes) -> str | None:
+    """A handshake header's value (the first), if present."""
+    for key, value in headers:
+        if key.lower() == name:
+            return value.decode("latin-1").strip() or None
+    return None
 
 
 def digest(secret: str) -> str:

@@ -70,15 +70,16 @@ def metric(server: ServerProcess, name: str, **labels: str) -> float:
 def test_the_quickstart_connects_through_the_relay_at_once_then_moves_to_the_lan(
     server: ServerProcess, agents: Callable[..., WorkerAgent]
 ) -> None:
-    """`make run` with nothing configured: no STUN, no TURN. The README's example."""
+    """`make run` with nothing configured: no STUN, no TURN. Raw datagram paths (the encrypted
+    connections over them: tests/test_connections_e2e.py, with the README's example)."""
     accepted: queue.Queue[PeerPath] = queue.Queue()
-    b = agents(server.url, "gpu-box-7", on_peer=lambda agent, path: accepted.put(path))
+    b = agents(server.url, "gpu-box-7", on_peer_path=lambda agent, path: accepted.put(path))
     a = agents(server.url, "laptop-3")
     b.start()
     a.start()
     assert a.wait_registered(10) and b.wait_registered(10)
     started = time.monotonic()
-    with a.connect("gpu-box-7") as path:
+    with a.connect_path("gpu-box-7") as path:
         assert time.monotonic() - started < 1.0
         assert path.kind == "relay" and path.remote_address is None
         path.send(b"ping")
@@ -111,12 +112,12 @@ def test_a_worker_that_sends_no_udp_is_reached_through_the_relay_alone(
     server: ServerProcess, agents: Callable[..., WorkerAgent]
 ) -> None:
     accepted: queue.Queue[PeerPath] = queue.Queue()
-    b = agents(server.url, "b", on_peer=lambda agent, path: accepted.put(path), peer_udp=False)
+    b = agents(server.url, "b", on_peer_path=lambda agent, path: accepted.put(path), peer_udp=False)
     a = agents(server.url, "a", peer_udp=False)
     b.start()
     a.start()
     assert a.wait_registered(10) and b.wait_registered(10)
-    with a.connect("b", timeout=5) as path:
+    with a.connect_path("b", timeout=5) as path:
         other = accepted.get(timeout=5)
         for n in range(200):
             path.send(b"%d" % n + b"x" * 1000)
@@ -162,7 +163,7 @@ def test_a_peer_that_stops_reading_has_frames_dropped_for_it_not_buffered(
         b = await websockets.connect(f"{server.ws_url}/ws/register/b", max_size=2**20, max_queue=1)
         await a.recv(), await b.recv()  # welcomes
         await a.send(json.dumps({"type": "connect_request", "peer_id": "b", "request_id": "r",
-                                 "protocol_version": 2}))  # fmt: skip
+                                 "protocol_version": 2, "transport": "datagrams"}))  # fmt: skip
         await a.recv()  # connect_pending
         asked = json.loads(await b.recv())
         await b.send(json.dumps({"type": "introduction_accept", "protocol_version": 2,
@@ -445,3 +446,25 @@ def test_a_relayed_pair_moves_to_direct_when_the_firewall_opens_and_data_keeps_f
     assert stream["lost"] == 0, stream  # nothing lost across the move
     record = PeerConnection.objects.get()
     assert (record.path_kind, record.path_changes) == ("direct", 2)
+
+
+@pytest.mark.standalone
+@pytest.mark.parametrize(
+    ("service", "frm", "to", "kind"),
+    [("plain", 1, 2, "direct"), ("turn", 2, 3, "turn"), ("plain", 3, 4, "relay")],
+    ids=["direct", "turn", "service relay"],
+)
+def test_eight_megabytes_cross_real_nat_encrypted_on_each_kind_of_path(
+    internet: NatTopology, services: dict, service: str, frm: int, to: int, kind: str
+) -> None:
+    """QUIC between pinned identities over each route: the digest of 8 MB matches."""
+    a, b = site(internet, frm), site(internet, to)
+    wait = [] if kind == "relay" else ["--wait-kind", kind]
+    outcome = scenario(
+        internet, services[service], (a.worker, f"q{frm}{kind[0]}"), (b.worker, f"q{to}{kind[0]}"),
+        "--quic", str(8 * 1024 * 1024), *wait,
+    )  # fmt: skip
+    assert outcome["ok"] is True, outcome
+    assert outcome["first_kind"] == "relay" and outcome["kind"] == kind
+    assert outcome["datagram"] == "echo:dg"
+    assert len(outcome["peer_fingerprint"]) == 64

@@ -48,8 +48,17 @@ async def report_nat(comm: WebsocketCommunicator, mapping: str, port: int) -> No
     assert reply == {"type": "nat_report_recorded", "mapping": mapping}
 
 
-def connect_request(peer_id: str, *, request_id: str = "r", version: int | None = 2) -> dict:
-    request = {"type": "connect_request", "peer_id": peer_id, "request_id": request_id}
+def connect_request(
+    peer_id: str, *, request_id: str = "r", version: int | None = 2, transport: str = "datagrams"
+) -> dict:
+    """A raw datagram path by default: these communicators present no certificate (QUIC
+    introductions, which need one, are tested in tests/test_identities.py)."""
+    request = {
+        "type": "connect_request",
+        "peer_id": peer_id,
+        "request_id": request_id,
+        "transport": transport,
+    }
     return request if version is None else {**request, "protocol_version": version}
 
 
@@ -139,6 +148,7 @@ async def test_an_introduction_tells_both_sides_of_each_other_and_of_the_relay()
         "introduction_id": pending["introduction_id"],
         "peer_id": "a",
         "protocol_version": 2,
+        "transport": "datagrams",
     }
     for_b = await ask(b, accept(asked["introduction_id"]))
     for_a = await a.receive_json_from(timeout=3)
@@ -150,6 +160,8 @@ async def test_an_introduction_tells_both_sides_of_each_other_and_of_the_relay()
         "role": "initiator",
         "relay": True,
         "turn": None,  # no TURN configured
+        "transport": "datagrams",
+        "peer_certificate": None,
     }
     assert for_b == {
         **common,
@@ -158,6 +170,8 @@ async def test_an_introduction_tells_both_sides_of_each_other_and_of_the_relay()
         "role": "responder",
         "relay": True,
         "turn": None,
+        "transport": "datagrams",
+        "peer_certificate": None,
     }
     # The introduction is used up: a second answer is an error, not a second introduction.
     again = await ask(b, accept(asked["introduction_id"]))

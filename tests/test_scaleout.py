@@ -326,7 +326,12 @@ def test_peer_events_and_introductions_cross_instances(cluster: Cluster) -> None
         assert json.loads(await watcher.recv())["type"] == "peers_subscribed"
         far, _ = await open_worker(cluster.b.url, "far")
         events = [json.loads(await asyncio.wait_for(watcher.recv(), 5))]
-        request = {"type": "connect_request", "peer_id": "far", "request_id": "x1"}
+        request = {
+            "type": "connect_request",
+            "peer_id": "far",
+            "request_id": "x1",
+            "transport": "datagrams",
+        }
         await watcher.send(json.dumps({**request, "protocol_version": 2}))
         assert json.loads(await watcher.recv())["type"] == "connect_pending"
         asked = json.loads(await asyncio.wait_for(far.recv(), 5))
@@ -385,14 +390,14 @@ def test_a_relayed_pair_on_two_instances_exchanges_data_through_redis(cluster: C
         "far-b",
         ip_echo_url="",
         peer_udp=False,
-        on_peer=lambda agent, path: accepted.put(path),
+        on_peer_path=lambda agent, path: accepted.put(path),
     )
     a = WorkerAgent(cluster.a.url, "near-a", ip_echo_url="", peer_udp=False)
     try:
         b.start()
         a.start()
         assert a.wait_registered(10) and b.wait_registered(10)
-        with a.connect("far-b", timeout=5) as path:
+        with a.connect_path("far-b", timeout=5) as path:
             other = accepted.get(timeout=5)
             for n in range(300):
                 path.send(b"%d:" % n + b"x" * 2000)

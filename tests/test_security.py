@@ -31,9 +31,17 @@ def secured(settings) -> None:
 
 
 def handshake(
-    worker_id: str, bearer: str | None = None, client: tuple[str, int] = ("203.0.113.5", 40000)
+    worker_id: str,
+    bearer: str | None = None,
+    client: tuple[str, int] = ("203.0.113.5", 40000),
+    offered: str | None = None,
+    certificate: str | None = None,
 ) -> WebsocketCommunicator:
     headers = [(b"authorization", f"Bearer {bearer}".encode())] if bearer else []
+    if offered:
+        headers.append((b"rendezvous-credential", offered.encode()))
+    if certificate:
+        headers.append((b"rendezvous-certificate", certificate.encode()))
     comm = WebsocketCommunicator(application, f"/ws/register/{worker_id}", headers=headers)
     comm.scope["client"] = client
     return comm
@@ -411,52 +419,82 @@ def test_the_default_mode_follows_debug(tmp_path) -> None:
     assert mode({"RENDEZVOUS_SECURITY_MODE": "open"}) == "open"
 
 
-# ---- a lost welcome ---------------------------------------------------------------------------
+# ---- a lost welcome, and the enrolment race ---------------------------------------------------
 
 
 @pytest.mark.django_db
-def test_an_enrolment_whose_welcome_was_lost_can_be_redone_with_the_same_key_only(
+def test_a_worker_whose_welcome_was_lost_comes_back_with_its_own_credential_alone(
     runtime: InstanceRuntime,
 ) -> None:
     instance = runtime.ensure_registered()
-    key = new_key()  # single-use
-    first = enrolment.authenticate(worker_id="w1", bearer=key)
-    registration = enrol(first, "w1", instance)
-    # The welcome never arrived: the worker comes back with its key, not a credential.
-    with pytest.raises(enrolment.AuthenticationFailed, match="is enrolled"):
-        enrolment.authenticate(worker_id="w1", bearer=new_key(reusable=True))  # another key
-    again = enrolment.authenticate(worker_id="w1", bearer=key)
-    assert again is not None and again.again
-    enrol(again, "w1", instance)
-    worker = Worker.objects.get(id="w1")
-    assert tokens.matches(again.credential.secret, worker.credential_digest)
-    assert EnrolmentKey.objects.get(digest=tokens.digest(key)).use_count == 1  # spent once
-    # Once the worker speaks on its connection, the enrolment is final.
-    new_connection = worker.current_connection_id
-    assert new_connection != registration.connection_id
-    assert enrolment.confirm_credential(connection_id=new_connection)
+    key = new_key(reusable=True)
+    own = tokens.issue(tokens.Kind.WORKER_CREDENTIAL).secret  # made by the agent
+    first = enrolment.authenticate(worker_id="w1", bearer=key, offered=own)
+    assert first is not None and not first.issued
+    enrol(first, "w1", instance)
+    assert tokens.matches(own, Worker.objects.get(id="w1").credential_digest)
+    # The welcome never arrived: the agent presents the key and its credential again, and is
+    # let in as itself; the key is not spent again.
+    assert enrolment.authenticate(worker_id="w1", bearer=key, offered=own) is None
+    assert enrolment.authenticate(worker_id="w1", bearer=own) is None
+    assert EnrolmentKey.objects.get(digest=tokens.digest(key)).use_count == 1
+    # Anyone else holding the key cannot redo the enrolment, with a credential of its own or
+    # none: only the enrolling agent knows the bound credential.
+    other = tokens.issue(tokens.Kind.WORKER_CREDENTIAL).secret
+    for offered in (other, None):
+        with pytest.raises(enrolment.AuthenticationFailed, match="is enrolled"):
+            enrolment.authenticate(worker_id="w1", bearer=key, offered=offered)
+
+
+@pytest.mark.django_db
+def test_a_service_issued_credential_cannot_be_redone_with_the_key(
+    runtime: InstanceRuntime,
+) -> None:
+    """An agent that brings no credential (before identities) gets one in its welcome; its
+    enrolment can no longer be redone with the key by anyone, since nobody can prove to be it."""
+    instance = runtime.ensure_registered()
+    key = new_key(reusable=True)
+    grant = enrolment.authenticate(worker_id="w1", bearer=key)
+    assert grant is not None and grant.issued
+    enrol(grant, "w1", instance)
     with pytest.raises(enrolment.AuthenticationFailed, match="is enrolled"):
         enrolment.authenticate(worker_id="w1", bearer=key)
-    assert enrolment.authenticate(worker_id="w1", bearer=again.credential.secret) is None
+    assert enrolment.authenticate(worker_id="w1", bearer=grant.credential.secret) is None
+
+
+@pytest.mark.parametrize(
+    "offered", ["rvc_short", "rvk_" + "a" * 43, "rvc_" + "!" * 43, "rvc_" + "a" * 200]
+)
+@pytest.mark.django_db
+def test_a_malformed_credential_to_bind_is_refused(offered: str) -> None:
+    with pytest.raises(enrolment.AuthenticationFailed, match="credential to bind"):
+        enrolment.authenticate(worker_id="w1", bearer=new_key(), offered=offered)
 
 
 @pytest.mark.django_db(transaction=True)
 @pytest.mark.asyncio
-async def test_the_first_frame_after_the_welcome_confirms_the_enrolment(secured) -> None:
-    key = await database_sync_to_async(new_key)()
-    comm = handshake("w1", key)
-    welcome, _ = await welcome_or_close(comm)
-    await comm.disconnect()  # gone before saying anything: maybe it never got the welcome
-    comm = handshake("w1", key)
-    again, code = await welcome_or_close(comm)
-    assert code is None and again["credential"] != welcome["credential"]
-    await comm.send_json_to({"type": "heartbeat"})
-    assert (await comm.receive_json_from())["type"] == "heartbeat_ack"
-    worker = await database_sync_to_async(Worker.objects.get)(id="w1")
-    assert worker.credential_confirmed_at is not None
-    await comm.disconnect()
-    _, code = await welcome_or_close(handshake("w1", key))
-    assert code == protocol.CloseCode.AUTHENTICATION_FAILED
+async def test_nobody_but_the_enrolling_agent_can_redo_its_enrolment_before_its_first_frame(
+    secured,
+) -> None:
+    """The attack: between a new worker's welcome and its first frame, a party holding the same
+    enrolment key enrols the same id again, gets a fresh credential and pushes the worker out.
+    Now the worker's own credential is what is bound, and only it may come back."""
+    key = await database_sync_to_async(new_key)(reusable=True)
+    own = tokens.issue(tokens.Kind.WORKER_CREDENTIAL).secret
+    worker = handshake("w1", key, offered=own)
+    welcome, code = await welcome_or_close(worker)
+    assert code is None and "credential" not in welcome  # its own is bound: nothing to send
+    attacker_credential = tokens.issue(tokens.Kind.WORKER_CREDENTIAL).secret
+    for offered in (attacker_credential, None):
+        closing, code = await welcome_or_close(handshake("w1", key, ("198.51.100.66", 1), offered))
+        assert code == protocol.CloseCode.AUTHENTICATION_FAILED
+        assert "is enrolled" in closing["reason"]
+    # The worker was not pushed out, and its first frame still confirms its enrolment.
+    await worker.send_json_to({"type": "heartbeat"})
+    assert (await worker.receive_json_from())["type"] == "heartbeat_ack"
+    row = await database_sync_to_async(Worker.objects.get)(id="w1")
+    assert tokens.matches(own, row.credential_digest) and row.credential_confirmed_at
+    await worker.disconnect()
 
 
 @pytest.mark.django_db(transaction=True)

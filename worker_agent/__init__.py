@@ -6,7 +6,10 @@ Needs only `websocket-client` and the standard library; it imports nothing from 
 from .agent import AgentState, WorkerAgent
 from .agents import AgentGroup, run_agents
 from .backoff import Backoff
+from .p2p.connection import PeerConnection, PeerStream
 from .p2p.errors import (
+    HandshakeFailed,
+    IdentityMismatch,
     NoPath,
     P2PUnavailable,
     PeerClosed,
@@ -14,6 +17,7 @@ from .p2p.errors import (
     PeerRefused,
     PeerUnavailable,
     PeerUnresponsive,
+    StreamReset,
 )
 from .p2p.path import PeerPath
 from .version import __version__
@@ -22,14 +26,19 @@ __all__ = [
     "AgentGroup",
     "AgentState",
     "Backoff",
+    "HandshakeFailed",
+    "IdentityMismatch",
     "NoPath",
     "P2PUnavailable",
     "PeerClosed",
+    "PeerConnection",
     "PeerError",
     "PeerPath",
     "PeerRefused",
+    "PeerStream",
     "PeerUnavailable",
     "PeerUnresponsive",
+    "StreamReset",
     "WorkerAgent",
     "__version__",
     "run_agents",

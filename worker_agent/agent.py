@@ -19,7 +19,7 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import websocket
 
@@ -27,6 +27,10 @@ from . import credentials, wire
 from .backoff import Backoff
 from .p2p.errors import P2PUnavailable, PeerError
 from .p2p.path import PeerPath
+
+if TYPE_CHECKING:
+    from .p2p.connection import PeerConnection
+    from .p2p.identity import WorkerIdentity
 from .peering import DEFAULT_CONNECT_TIMEOUT as DEFAULT_PEER_CONNECT_TIMEOUT
 from .peering import Peering
 from .policy import (
@@ -52,7 +56,8 @@ CLOSE_GRACE = 3.0
 
 MessageCallback = Callable[["WorkerAgent", dict[str, Any]], None]
 StateCallback = Callable[["WorkerAgent", str, str], None]
-PeerCallback = Callable[["WorkerAgent", PeerPath], None]
+PeerCallback = Callable[["WorkerAgent", "PeerConnection"], None]
+PathCallback = Callable[["WorkerAgent", PeerPath], None]
 
 
 class AgentState(StrEnum):
@@ -159,6 +164,7 @@ class WorkerAgent:
         credential_file: str | os.PathLike[str] | None = None,
         stun_servers: Sequence[str] | None = None,
         on_peer: PeerCallback | None = None,
+        on_peer_path: PathCallback | None = None,
         peer_udp: bool = True,
         report_nat: bool = True,
         suppress_origin: bool = False,
@@ -179,7 +185,13 @@ class WorkerAgent:
             worker_id = stored.worker_id
         self.worker_id = str(uuid.uuid4()) if worker_id is None else worker_id
         self.enrolment_key = enrolment_key
-        self._credential = credential or (stored.credential if stored else None)
+        self._credential = credential or (stored.credential if stored else None) or None
+        self._enrolled = bool(credential) or (stored is not None and stored.enrolled)
+        if self._credential is None and enrolment_key:
+            # Made here, presented at enrolment: the service binds it, so nobody else holding
+            # the same key can redo this enrolment; a lost welcome costs nothing either.
+            self._credential, self._enrolled = credentials.new_credential(), False
+        self.identity = _identity(stored, self.worker_id)  # None without the p2p extra
         self.service_url = url
         self.url = wire.websocket_url(url, self.worker_id)  # ValueError says what is wrong
 
@@ -212,9 +224,11 @@ class WorkerAgent:
             self._send_current,
             send_binary=self._send_binary_current,
             stun_servers=stun_servers,
-            # Like every callback here, on_peer gets the agent first.
-            on_peer=(lambda path: on_peer(self, path)) if on_peer is not None else None,
+            # Like every callback here, these get the agent first.
+            on_peer=(lambda conn: on_peer(self, conn)) if on_peer is not None else None,
+            on_peer_path=(lambda path: on_peer_path(self, path)) if on_peer_path else None,
             use_udp=peer_udp,
+            identity=self.identity,
         )
         self.on_message = on_message
         self.on_registered = on_registered
@@ -243,6 +257,20 @@ class WorkerAgent:
         self._next_attempt_at: str | None = None
         self._final_reason: str | None = None
         self._key_fallback_used = False
+        if credential_file is not None and self._stored() != stored:
+            credentials.save(credential_file, self._stored())  # before any enrolment starts
+
+    def _stored(self) -> credentials.Identity:
+        """What the credential file holds for this agent now."""
+        identity = self.identity
+        return credentials.Identity(
+            worker_id=self.worker_id,
+            credential=self._credential or "",
+            service_url=self.service_url,
+            enrolled=self._enrolled,
+            private_key=identity.private_key_pem.decode() if identity else "",
+            certificate=identity.certificate_pem.decode() if identity else "",
+        )
 
     # ---- public surface ------------------------------------------------------------------------
 
@@ -329,7 +357,7 @@ class WorkerAgent:
                 "last_close_code": self._last_close_code,
                 "last_close_reason": self._last_close_reason,
                 "superseded_count": self.policy.superseded_count,
-                "enrolled": self._credential is not None,
+                "enrolled": self._enrolled,
                 "next_attempt_at": self._next_attempt_at,
                 "final_reason": self._final_reason,
             }
@@ -383,17 +411,29 @@ class WorkerAgent:
 
     # ---- peers (worker_agent/peering.py) ---------------------------------------------------------
 
-    def connect(self, peer_id: str, timeout: float = DEFAULT_PEER_CONNECT_TIMEOUT) -> PeerPath:
-        """A datagram path to another worker, as soon as one carries data: through the service
-        relay at first, moving to TURN, a direct or a LAN path when one comes up.
+    def connect(
+        self, peer_id: str, timeout: float = DEFAULT_PEER_CONNECT_TIMEOUT
+    ) -> PeerConnection:
+        """An encrypted connection to another worker (QUIC, both identities pinned), as soon as
+        its handshake completes over the first route that carries data: the service relay at
+        first, moving to TURN, a direct or a LAN path underneath when one comes up.
 
         Raises a `PeerError` subclass that says why there is none, at once when the service or
-        the peer says so: PeerUnavailable, PeerUnresponsive, PeerRefused, NoPath, P2PUnavailable.
+        the peer says so: PeerUnavailable, PeerUnresponsive, PeerRefused, IdentityMismatch,
+        NoPath, P2PUnavailable (docs/peer-connections.md).
         """
         deadline = time.monotonic() + timeout
         if not self.wait_registered(timeout):
             raise PeerError("not registered with the rendezvous service")
         return self.peering.connect(peer_id, timeout=max(0.1, deadline - time.monotonic()))
+
+    def connect_path(self, peer_id: str, timeout: float = DEFAULT_PEER_CONNECT_TIMEOUT) -> PeerPath:
+        """A raw datagram path to another worker (not encrypted; the peer gets it in
+        `on_peer_path`), as soon as a route carries data. See `connect` for the errors."""
+        deadline = time.monotonic() + timeout
+        if not self.wait_registered(timeout):
+            raise PeerError("not registered with the rendezvous service")
+        return self.peering.connect_path(peer_id, timeout=max(0.1, deadline - time.monotonic()))
 
     def list_peers(self, tag: str | None = None, timeout: float = 5.0) -> list[dict[str, Any]]:
         """Connected workers this one may connect to: id, tags, NAT mapping."""
@@ -426,9 +466,19 @@ class WorkerAgent:
             return self._credential
 
     def _headers(self) -> dict[str, str]:
-        # A header, never the URL: URLs end up in access logs.
-        secret = self.credential or self.enrolment_key
-        return {**self.header, "Authorization": f"Bearer {secret}"} if secret else self.header
+        # Headers, never the URL: URLs end up in access logs.
+        headers = dict(self.header)
+        with self._lock:
+            credential, enrolled = self._credential, self._enrolled
+        if credential and (enrolled or not self.enrolment_key):
+            headers["Authorization"] = f"Bearer {credential}"
+        elif self.enrolment_key:
+            headers["Authorization"] = f"Bearer {self.enrolment_key}"
+            if credential:
+                headers[wire.CREDENTIAL_HEADER] = credential  # ours, to be bound
+        if self.identity is not None:
+            headers[wire.CERTIFICATE_HEADER] = self.identity.header_value()
+        return headers
 
     def _connect_once(self, conn: _Connection) -> None:
         app = websocket.WebSocketApp(
@@ -477,11 +527,12 @@ class WorkerAgent:
                 not decision.retry
                 and code == wire.CloseCode.AUTHENTICATION_FAILED
                 and self._credential is not None
+                and self._enrolled
                 and self.enrolment_key is not None
                 and not self._key_fallback_used
             )
             if can:
-                self._credential = None
+                self._enrolled = False  # present the key, and the credential to bind again
                 self._key_fallback_used = True
         if not can:
             return decision
@@ -620,7 +671,9 @@ class WorkerAgent:
     def _handle_welcome(self, conn: _Connection, welcome: dict[str, Any]) -> None:
         issued = welcome.pop("credential", None)
         if isinstance(issued, str) and issued:
-            self._keep_credential(conn, issued)
+            self._keep_credential(conn, issued)  # a service that makes credentials itself
+        elif not self._enrolled and self._credential and self.enrolment_key:
+            self._keep_credential(conn, self._credential)  # ours is bound now
         with self._lock:
             self._key_fallback_used = False
         with self._lock:
@@ -651,17 +704,14 @@ class WorkerAgent:
             )
             conn.session.start()
 
-    def _keep_credential(self, conn: _Connection, issued: str) -> None:
+    def _keep_credential(self, conn: _Connection, credential: str) -> None:
         with self._lock:
-            self._credential = issued
+            self._credential, self._enrolled = credential, True
         if self.credential_file is None:
             self._log(logging.INFO, conn, "enrolled: credential kept in memory only")
             return
         try:
-            credentials.save(
-                self.credential_file,
-                credentials.Identity(self.worker_id, issued, self.service_url),
-            )
+            credentials.save(self.credential_file, self._stored())
         except OSError as exc:
             self._log(
                 logging.ERROR,
@@ -789,6 +839,19 @@ class WorkerAgent:
 
     def __repr__(self) -> str:
         return f"<WorkerAgent {self.worker_id} {self._state}>"
+
+
+def _identity(stored: credentials.Identity | None, worker_id: str) -> WorkerIdentity | None:
+    """The stored key pair, or a new one; None without the p2p extra (no cryptography)."""
+    try:
+        from .p2p import identity
+    except ImportError:
+        return None
+    if stored is not None and stored.private_key and stored.certificate:
+        return identity.WorkerIdentity(
+            private_key_pem=stored.private_key.encode(), certificate_pem=stored.certificate.encode()
+        )
+    return identity.create(worker_id)
 
 
 def _abort(conn: _Connection) -> None:

@@ -197,6 +197,7 @@ def configure_logging(level: str) -> None:
     logging.getLogger("websocket").setLevel(logging.DEBUG if level == "DEBUG" else logging.CRITICAL)
     # aioice logs every ICE connectivity check at INFO; the agent logs each path change once.
     logging.getLogger("aioice").setLevel(logging.DEBUG if level == "DEBUG" else logging.WARNING)
+    logging.getLogger("quic").setLevel(logging.DEBUG if level == "DEBUG" else logging.WARNING)
 
 
 def stop_on_signals(

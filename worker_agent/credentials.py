@@ -1,19 +1,24 @@
-"""The worker's identity on disk: its id and the credential the service bound to it.
+"""The worker's identity on disk: its id, its credential, its key pair for peer connections.
 
-Written once at enrolment, read at every start, so a restarted worker comes back as itself
-without its enrolment key. The file is created with mode 0600 and replaced atomically; it holds
-a secret, so keep it where only the worker's user can read it.
+The agent makes its credential itself before it enrols (the service binds the credential the
+enrolling agent presents, so nobody else holding the enrolment key can redo that enrolment), and
+its key pair and certificate (worker_agent/p2p/identity.py); all of it is kept here, read at
+every start, so a restarted worker comes back as itself without its enrolment key. The file is
+created with mode 0600 and replaced atomically; it holds secrets, so keep it where only the
+worker's user can read it. Files of format 1 (a credential the service issued, no key pair) are
+still read.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 CREDENTIAL_PREFIX = "rvc_"
 
 
@@ -26,6 +31,15 @@ class Identity:
     worker_id: str
     credential: str
     service_url: str = ""
+    # Whether the service has bound the credential (a welcome came back for it).
+    enrolled: bool = True
+    private_key: str = ""  # PEM: the worker's peer-connection key, never sent anywhere
+    certificate: str = ""  # PEM: its self-signed certificate, sent to the service
+
+
+def new_credential() -> str:
+    """A credential made on the worker: 256 random bits, in the service's own format."""
+    return CREDENTIAL_PREFIX + secrets.token_urlsafe(32)
 
 
 def load(path: str | os.PathLike[str]) -> Identity | None:
@@ -44,10 +58,13 @@ def load(path: str | os.PathLike[str]) -> Identity | None:
             worker_id=str(data["worker_id"]),
             credential=str(data["credential"]),
             service_url=str(data.get("service_url", "")),
+            enrolled=bool(data.get("enrolled", True)),  # format 1: issued at enrolment
+            private_key=str(data.get("private_key", "")),
+            certificate=str(data.get("certificate", "")),
         )
     except (ValueError, KeyError, TypeError) as exc:
         raise CredentialFileError(f"credential file {file} is not valid: {exc}") from exc
-    if not identity.credential.startswith(CREDENTIAL_PREFIX):
+    if identity.credential and not identity.credential.startswith(CREDENTIAL_PREFIX):
         raise CredentialFileError(f"credential file {file} holds no worker credential")
     return identity
 
@@ -61,6 +78,9 @@ def save(path: str | os.PathLike[str], identity: Identity) -> None:
             "worker_id": identity.worker_id,
             "credential": identity.credential,
             "service_url": identity.service_url,
+            "enrolled": identity.enrolled,
+            "private_key": identity.private_key,
+            "certificate": identity.certificate,
         },
         indent=2,
     )

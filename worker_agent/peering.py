@@ -30,6 +30,8 @@ from .p2p.errors import (
 )
 
 if TYPE_CHECKING:
+    from .p2p.connection import PeerConnection
+    from .p2p.identity import WorkerIdentity
     from .p2p.loop import LoopThread
     from .p2p.netcheck import NatReport
     from .p2p.path import PeerPath
@@ -40,10 +42,12 @@ logger = logging.getLogger("worker_agent")
 
 DEFAULT_CONNECT_TIMEOUT = 10.0
 NAT_CHECK_TIMEOUT = 3.0
+HANDSHAKE_TIMEOUT = 10.0  # the answering side's wait for the initiator's QUIC handshake
 
 Send = Callable[[str], bool]
 SendBinary = Callable[[bytes], bool]
-PeerCallback = Callable[["PeerPath"], None]
+PeerCallback = Callable[["PeerConnection"], None]
+PathCallback = Callable[["PeerPath"], None]
 
 _FAILURES: dict[str, type[PeerError]] = {
     wire.ConnectFailure.PEER_UNAVAILABLE: PeerUnavailable,
@@ -66,7 +70,9 @@ class Peering:
         send_binary: SendBinary,
         stun_servers: Sequence[str] | None = None,
         on_peer: PeerCallback | None = None,
+        on_peer_path: PathCallback | None = None,
         use_udp: bool = True,
+        identity: WorkerIdentity | None = None,
     ) -> None:
         self.worker_id = worker_id
         self._send = send
@@ -74,7 +80,9 @@ class Peering:
         self._configured_stun = list(stun_servers) if stun_servers else None
         self._advertised_stun: list[str] = []
         self.on_peer = on_peer
+        self.on_peer_path = on_peer_path
         self.use_udp = use_udp
+        self.identity = identity
         self._lock = threading.Lock()
         self._waiters: dict[str, queue.Queue[dict[str, Any]]] = {}
         self._answering: set[str] = set()
@@ -161,18 +169,67 @@ class Peering:
         self._subscription = (False, None)
         self._send(wire.unsubscribe_peers())
 
-    def connect(self, peer_id: str, *, timeout: float = DEFAULT_CONNECT_TIMEOUT) -> PeerPath:
-        """A path to `peer_id` as soon as one carries data (the service relay, normally), or a
-        PeerError that says why there is none."""
+    def connect(self, peer_id: str, *, timeout: float = DEFAULT_CONNECT_TIMEOUT) -> PeerConnection:
+        """An encrypted connection to `peer_id`, pinned to its introduced identity, once its
+        handshake completed over the first route that carries data (the relay, normally)."""
         started = time.monotonic()
-        deadline = started + timeout
+        session = self._introduce(peer_id, wire.Transport.QUIC, timeout)
+        try:
+            connection = self._p2p_loop().call(
+                session.established(), max(0.1, started + timeout - time.monotonic())
+            )
+        except TimeoutError:
+            session.path.close("no QUIC handshake in time")
+            raise NoPath(
+                f"introduced to {peer_id}, but the encrypted handshake did not complete within "
+                f"{timeout:g}s (path: {session.path.kind})"
+            ) from None
+        except PeerError:
+            session.path.close("no QUIC connection")
+            raise
+        logger.info(
+            "worker=%s: connected to %s over %s in %.0f ms (handshake %.0f ms)",
+            self.worker_id,
+            peer_id,
+            connection.path_kind,
+            1000 * (time.monotonic() - started),
+            1000 * (connection.handshake_seconds or 0),
+        )
+        return connection
+
+    def connect_path(self, peer_id: str, *, timeout: float = DEFAULT_CONNECT_TIMEOUT) -> PeerPath:
+        """A raw datagram path to `peer_id` (not encrypted), as soon as a route carries data."""
+        started = time.monotonic()
+        session = self._introduce(peer_id, wire.Transport.DATAGRAMS, timeout)
+        path = session.path
+        if path.kind is None and not path.wait_for_kind(
+            *[k.value for k in wire.PathKind],
+            timeout=max(0.0, started + timeout - time.monotonic()),
+        ):
+            path.close("no path came up")
+            raise NoPath(
+                f"introduced to {peer_id}, but no route carried data within {timeout:g}s "
+                f"({path.closed_reason or 'the relay was not offered and ICE found no pair'})"
+            )
+        logger.info(
+            "worker=%s: path to %s over %s in %.0f ms",
+            self.worker_id,
+            peer_id,
+            path.kind,
+            1000 * (time.monotonic() - started),
+        )
+        return path
+
+    def _introduce(self, peer_id: str, transport: str, timeout: float) -> PeerSession:
+        """Ask the service to introduce us to `peer_id`; the session the introduction opened."""
+        started = time.monotonic()
         self._p2p_loop()  # P2PUnavailable at once, before the peer is bothered
         request_id = _request_id()
         with self._lock:
             self._connects[request_id] = started
         try:
             reply = self._ask(
-                wire.connect_request(peer_id=peer_id, request_id=request_id),
+                wire.connect_request(peer_id=peer_id, request_id=request_id, transport=transport),
                 request_id,
                 timeout,
                 until=_ANSWERS,
@@ -190,23 +247,7 @@ class Peering:
         session = self._session(str(reply.get("introduction_id")))
         if session is None:  # ended between the introduction and now
             raise PeerClosed(f"the connection to {peer_id} ended at once")
-        path = session.path
-        if path.kind is None and not path.wait_for_kind(
-            *[k.value for k in wire.PathKind], timeout=max(0.0, deadline - time.monotonic())
-        ):
-            path.close("no path came up")
-            raise NoPath(
-                f"introduced to {peer_id}, but no route carried data within {timeout:g}s "
-                f"({path.closed_reason or 'the relay was not offered and ICE found no pair'})"
-            )
-        logger.info(
-            "worker=%s: connected to %s over %s in %.0f ms",
-            self.worker_id,
-            peer_id,
-            path.kind,
-            1000 * (time.monotonic() - started),
-        )
-        return path
+        return session
 
     # ---- frames from the service (on the agent's socket thread: never block) ------------------
 
@@ -261,8 +302,15 @@ class Peering:
         """Another worker asks to reach this one: accept at once, or say why not."""
         introduction_id = str(request.get("introduction_id"))
         reason = None
-        if self.on_peer is None:
-            reason = "this worker does not accept peer connections"
+        quic = request.get("transport", wire.Transport.QUIC) == wire.Transport.QUIC
+        if (self.on_peer if quic else self.on_peer_path) is None:
+            reason = (
+                "this worker does not accept peer connections"
+                if quic
+                else "this worker does not accept raw datagram paths"
+            )
+        elif quic and self.identity is None:
+            reason = "this worker has no identity for encrypted connections"
         else:
             try:
                 self._p2p_loop()
@@ -293,14 +341,35 @@ class Peering:
         if not responder:
             self._wake(introduction)
             return
-        callback = self.on_peer
-        if callback is not None:
-            threading.Thread(
-                target=_call_on_peer,
-                args=(callback, session.path, self.worker_id),
-                name=f"worker-agent-peer-{session.peer_id[:12]}",
-                daemon=True,
-            ).start()
+        threading.Thread(
+            target=self._hand_over,
+            args=(session,),
+            name=f"worker-agent-peer-{session.peer_id[:12]}",
+            daemon=True,
+        ).start()
+
+    def _hand_over(self, session: PeerSession) -> None:
+        """The answering side: `on_peer(connection)` once the handshake completed, or
+        `on_peer_path(path)` for a raw datagram path."""
+        try:
+            if session.transport == wire.Transport.QUIC:
+                connection = self._p2p_loop().call(session.established(), HANDSHAKE_TIMEOUT)
+                callback: Callable[[Any], None] | None = self.on_peer
+                handed: Any = connection
+            else:
+                callback, handed = self.on_peer_path, session.path
+        except (PeerError, TimeoutError) as exc:
+            logger.warning(
+                "worker=%s: connection from %s failed: %s", self.worker_id, session.peer_id, exc
+            )
+            session.path.close(f"no connection: {exc}")
+            return
+        if callback is None:
+            return
+        try:
+            callback(handed)
+        except Exception:
+            logger.exception("worker=%s: the on_peer callback raised", self.worker_id)
 
     def _open_session(self, introduction: dict[str, Any]) -> PeerSession:
         from .p2p.session import PeerSession
@@ -318,6 +387,7 @@ class Peering:
             use_udp=self.use_udp,
             started=started,
             on_end=self._session_ended,
+            identity=self.identity,
         )
         with self._lock:
             self._sessions[session.introduction_id] = session
@@ -416,13 +486,6 @@ class Peering:
             with self._lock:
                 for name in keys:
                     self._waiters.pop(name, None)
-
-
-def _call_on_peer(callback: PeerCallback, path: PeerPath, worker_id: str) -> None:
-    try:
-        callback(path)
-    except Exception:
-        logger.exception("worker=%s: the on_peer callback raised", worker_id)
 
 
 def _request_id() -> str:

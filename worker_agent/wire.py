@@ -27,6 +27,9 @@ AGENT_INFO_MAX_KEY_LENGTH = 64
 AGENT_INFO_MAX_VALUE_LENGTH = 256
 
 REGISTER_PATH = "/ws/register/{worker_id}"
+# Handshake headers besides Authorization (registry/protocol.py has the rules).
+CREDENTIAL_HEADER = "Rendezvous-Credential"  # the agent's own credential, to bind at enrolment
+CERTIFICATE_HEADER = "Rendezvous-Certificate"  # its identity certificate, base64 DER
 
 _WEBSOCKET_SCHEMES = {"http": "ws", "https": "wss", "ws": "ws", "wss": "wss"}
 
@@ -81,6 +84,13 @@ class PathKind(StrEnum):
     RELAY = "relay"
 
 
+class Transport(StrEnum):
+    """What an introduction is for: encrypted QUIC streams, or raw datagrams on the path."""
+
+    QUIC = "quic"
+    DATAGRAMS = "datagrams"
+
+
 class NatMapping(StrEnum):
     ENDPOINT_INDEPENDENT = "endpoint-independent"
     ENDPOINT_DEPENDENT = "endpoint-dependent"
@@ -100,6 +110,7 @@ class ConnectFailure(StrEnum):
     RATE_LIMITED = "RATE_LIMITED"
     TOO_MANY_PEERS = "TOO_MANY_PEERS"
     AGENT_OUTDATED = "AGENT_OUTDATED"
+    NO_IDENTITY = "NO_IDENTITY"
 
 
 class CloseCode(IntEnum):
@@ -257,13 +268,14 @@ def unsubscribe_peers() -> str:
     return encode({"type": ClientMessageType.UNSUBSCRIBE_PEERS})
 
 
-def connect_request(*, peer_id: str, request_id: str) -> str:
+def connect_request(*, peer_id: str, request_id: str, transport: str = Transport.QUIC) -> str:
     return encode(
         {
             "type": ClientMessageType.CONNECT_REQUEST,
             "peer_id": peer_id,
             "request_id": request_id,
             "protocol_version": PEER_PROTOCOL_VERSION,
+            "transport": transport,
         }
     )
 

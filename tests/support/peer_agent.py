@@ -4,25 +4,91 @@
     python -m tests.support.peer_agent connect --url URL --id w1 --peer w2 [--wait-kind direct]
                                                [--stream 10] [--no-udp]
 
-`answer` keeps a WorkerAgent registered and echoes every datagram that arrives on a path
-(prefixed with b"echo:"). `connect` waits until the peer is listed, connects, sends b"ping" and
-waits for its echo (the time to first byte), optionally waits for the path to reach a kind,
-optionally streams numbered datagrams for a while (counting echoes, and the route each went
-out on), and prints one JSON line: the outcome, the path's kinds over time, the figures, or the
-error's class and message. Exit status 0 either way; the test reads the line.
+`answer` keeps a WorkerAgent registered. On a raw path it echoes every datagram (prefixed with
+b"echo:"); on an encrypted connection it answers each stream with the SHA-256 of what arrived
+on it, and echoes datagrams. `connect` waits until the peer is listed, then either opens a raw
+path (the default), sends b"ping" and waits for its echo (the time to first byte), optionally
+waits for the path to reach a kind, optionally streams numbered datagrams for a while (counting
+echoes, and the route each went out on); or, with `--quic BYTES`, connects encrypted and sends
+that many random bytes over one stream, checking the digest that comes back. It prints one
+JSON line: the outcome, the path's kinds over time, the figures, or the error's class and
+message. Exit status 0 either way; the test reads the line.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
+import os
 import sys
 import threading
 import time
 from typing import Any
 
-from worker_agent import PeerError, PeerPath, WorkerAgent
+from worker_agent import PeerConnection, PeerError, PeerPath, WorkerAgent
+
+
+def digest_streams(agent: WorkerAgent, conn: PeerConnection) -> None:
+    """Each stream: the SHA-256 of everything that arrived on it, sent back when it ends."""
+
+    def one(stream: Any) -> None:
+        digest = hashlib.sha256()
+        while data := stream.recv(1 << 20, timeout=120):
+            digest.update(data)
+        stream.sendall(digest.hexdigest().encode())
+        stream.shutdown_write()
+
+    def datagrams() -> None:
+        while True:
+            try:
+                conn.send_datagram(b"echo:" + conn.recv_datagram(timeout=300))
+            except (TimeoutError, PeerError):
+                return
+
+    def serve() -> None:
+        threading.Thread(target=datagrams, daemon=True).start()
+        while True:
+            try:
+                stream = conn.accept_stream(timeout=300)
+            except (TimeoutError, PeerError):
+                return
+            threading.Thread(target=one, args=(stream,), daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+
+
+def quic_transfer(agent: WorkerAgent, peer: str, size: int, kinds: list[str]) -> dict[str, Any]:
+    started = time.monotonic()
+    conn = agent.connect(peer, timeout=15)
+    connected = time.monotonic() - started
+    first_kind = conn.path_kind
+    if kinds:
+        conn.path.wait_for_kind(*kinds, timeout=15)
+    payload = os.urandom(size)
+    stream = conn.open_stream()
+    began = time.monotonic()
+    stream.sendall(payload, timeout=120)
+    stream.shutdown_write()
+    reply = stream.recv_exactly(64, timeout=120).decode()
+    seconds = time.monotonic() - began
+    conn.send_datagram(b"dg")
+    datagram = conn.recv_datagram(timeout=10)
+    result = {
+        "ok": reply == hashlib.sha256(payload).hexdigest(),
+        "first_kind": first_kind,
+        "kind": conn.path_kind,
+        "kinds": [kind for _, kind in conn.path.history],
+        "connect_ms": round(1000 * connected, 1),
+        "handshake_ms": round(1000 * (conn.handshake_seconds or 0), 1),
+        "mb_per_s": round(size / 1e6 / seconds, 2),
+        "peer_fingerprint": conn.peer_fingerprint,
+        "datagram": datagram.decode(),
+        "remote_address": list(conn.remote_address) if conn.remote_address else None,
+    }
+    conn.close()
+    return result
 
 
 def echo(agent: WorkerAgent, path: PeerPath) -> None:
@@ -83,6 +149,8 @@ def main() -> int:
     parser.add_argument("--stream", type=float, default=0, help="seconds of numbered datagrams")
     parser.add_argument("--rate", type=float, default=50, help="datagrams a second when streaming")
     parser.add_argument("--no-udp", action="store_true", help="the service relay only")
+    parser.add_argument("--quic", type=int, default=0, help="bytes over one encrypted stream")
+    parser.add_argument("--credential-file", default=None)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(message)s")
     logging.getLogger("aioice").setLevel(logging.WARNING)
@@ -90,8 +158,10 @@ def main() -> int:
         args.url,
         args.id,
         ip_echo_url="",
-        on_peer=echo if args.mode == "answer" else None,
+        on_peer=digest_streams if args.mode == "answer" else None,
+        on_peer_path=echo if args.mode == "answer" else None,
         peer_udp=not args.no_udp,
+        credential_file=args.credential_file,
     )
     agent.start()
     if args.mode == "answer":
@@ -104,8 +174,13 @@ def main() -> int:
             if time.monotonic() > deadline:
                 raise PeerError(f"{args.peer} never appeared in the peer list")
             time.sleep(0.2)
+        if args.quic:
+            kinds = [k for k in args.wait_kind.split(",") if k]
+            print(json.dumps(quic_transfer(agent, args.peer, args.quic, kinds)), flush=True)
+            agent.stop(5)
+            return 0
         started = time.monotonic()
-        path = agent.connect(args.peer, timeout=10)
+        path = agent.connect_path(args.peer, timeout=10)
         connected = time.monotonic() - started
         first_kind = path.kind
         path.send(b"ping")

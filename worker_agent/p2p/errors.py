@@ -37,6 +37,23 @@ class PeerClosed(PeerError):
     """The connection ended: closed by either side, or every route to the peer was lost."""
 
 
+class IdentityMismatch(PeerError):
+    """The peer did not prove the identity it was introduced with (another certificate, or
+    none): the connection is refused, whichever side noticed."""
+
+    code = "IDENTITY_MISMATCH"
+
+
+class HandshakeFailed(PeerError):
+    code = "HANDSHAKE_FAILED"
+
+
+class StreamReset(PeerError):
+    """The peer reset the stream: what it had not yet sent never will be."""
+
+    code = "STREAM_RESET"
+
+
 class P2PUnavailable(PeerError):
     """This agent was installed without the `p2p` extra (aioice)."""
 

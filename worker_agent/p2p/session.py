@@ -23,9 +23,13 @@ from collections.abc import Callable
 from typing import Any
 
 from .. import wire
+from .connection import PeerConnection
+from .errors import NoPath
 from .ice import DEFAULT_TIMEOUT, IceAttempt, TurnServer
+from .identity import WorkerIdentity, certificate_from_header
 from .loop import LoopThread
 from .path import PeerPath, RelayRoute
+from .quic import QuicSession
 from .relay import RelayLink
 
 logger = logging.getLogger("worker_agent.p2p")
@@ -55,10 +59,17 @@ class PeerSession:
         started: float | None = None,
         on_end: Callable[[PeerSession], None] | None = None,
         attempt_timeout: float = DEFAULT_TIMEOUT,
+        identity: WorkerIdentity | None = None,
     ) -> None:
         self.introduction_id: str = introduction["introduction_id"]
         self.peer_id: str = introduction["peer_id"]
         self.controlling = introduction.get("role") == "initiator"
+        self.transport = introduction.get("transport") or wire.Transport.QUIC
+        self._identity = identity
+        self._peer_certificate = introduction.get("peer_certificate")
+        self.quic: QuicSession | None = None
+        self.connection: PeerConnection | None = None
+        self.quic_failure: NoPath | None = None
         self._loop = loop
         self._signal = signal
         self._stun_server = stun_server
@@ -93,10 +104,45 @@ class PeerSession:
         self._direct_up = asyncio.Event()
         if self.relay_route is not None:
             self.path.add_route(self.relay_route)
+        if self.transport == wire.Transport.QUIC:
+            self._start_quic()
         if self.controlling and self._use_udp:
             self._spawn(self._drive_direct())
             if self.turn is not None:
                 self._spawn(self._drive_turn())
+
+    def _start_quic(self) -> None:
+        """QUIC over the path from the start: the initiator is the client."""
+        try:
+            if self._identity is None:
+                raise NoPath("this agent has no identity (no p2p extra, or it could not make one)")
+            if not self._peer_certificate:
+                raise NoPath(f"worker {self.peer_id} has no identity: its agent is too old")
+            peer = certificate_from_header(self._peer_certificate)
+        except (NoPath, ValueError) as exc:
+            self.quic_failure = exc if isinstance(exc, NoPath) else NoPath(str(exc))
+            logger.warning("introduction=%s: no QUIC: %s", self.introduction_id, exc)
+            self.close(str(self.quic_failure))
+            return
+        try:
+            self.quic = QuicSession(
+                path=self.path, own=self._identity, peer_certificate=peer, client=self.controlling
+            )
+        except (ValueError, TypeError) as exc:  # an unusable own identity
+            self.quic_failure = NoPath(f"cannot start QUIC: {exc}")
+            logger.warning("introduction=%s: %s", self.introduction_id, self.quic_failure)
+            self.close(str(self.quic_failure))
+            return
+        self.quic.on_closed = lambda quic: self.end(f"connection closed: {quic.closed_reason}")
+        self.connection = PeerConnection(session=self.quic, loop=self._loop, path=self.path)
+        self.quic.start()
+
+    async def established(self) -> PeerConnection:
+        """The connection once its handshake completed (pinned identities checked both ways)."""
+        if self.quic is None or self.connection is None:
+            raise self.quic_failure or NoPath("no QUIC connection on this introduction")
+        await asyncio.shield(self.quic.handshake)
+        return self.connection
 
     def relayed(self, datagrams: list[bytes]) -> None:
         for datagram in datagrams:
@@ -134,6 +180,8 @@ class PeerSession:
         if self.ended:
             return
         self.ended = True
+        if self.quic is not None:
+            self.quic.close(reason)
         for task in list(self._tasks):
             task.cancel()
         for attempt in list(self._attempts.values()):

@@ -1,0 +1,283 @@
+"""QUIC between two pinned identities over a PeerPath, in one process: two agents' sessions on
+one peer loop, their paths joined by an in-memory route (which a test can tamper with). Real
+aioquic handshakes and streams; what the real routes add is tests/test_connections_e2e.py."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import aioquic
+import pytest
+
+from worker_agent import PeerClosed, wire
+from worker_agent.p2p import identity, quic
+from worker_agent.p2p.connection import PeerConnection
+from worker_agent.p2p.errors import HandshakeFailed, IdentityMismatch
+from worker_agent.p2p.loop import LoopThread
+from worker_agent.p2p.path import PeerPath
+from worker_agent.p2p.quic import QuicSession
+
+pytestmark = pytest.mark.standalone
+
+INTRO = "ab" * 16
+ALICE, BOB, MALLORY = identity.create("alice"), identity.create("bob"), identity.create("mallory")
+
+
+class Wire:
+    """A route that hands each datagram to the other path on the loop; `tamper` may drop or
+    replace it."""
+
+    kind = wire.PathKind.LAN
+    remote = ("192.0.2.9", 4000)
+
+    def __init__(self, loop: LoopThread) -> None:
+        self.loop = loop
+        self.peer: PeerPath | None = None
+        self.tamper: Any = None
+        self.sent = 0
+
+    def send(self, data: bytes) -> None:
+        self.sent += 1
+        if self.tamper is not None:
+            data = self.tamper(data)
+            if data is None:
+                return
+        assert self.peer is not None
+        self.loop.loop.call_soon(self.peer.deliver, data, wire.PathKind.LAN)
+
+
+@dataclass
+class Pair:
+    loop: LoopThread
+    client: PeerConnection
+    server: PeerConnection
+    to_server: Wire
+    to_client: Wire
+
+
+@pytest.fixture
+def loop() -> Iterator[LoopThread]:
+    thread = LoopThread("test-quic")
+    yield thread
+    thread.stop()
+
+
+def pair(
+    loop: LoopThread,
+    *,
+    client_is: identity.WorkerIdentity = ALICE,
+    server_is: identity.WorkerIdentity = BOB,
+    client_pins: identity.WorkerIdentity = BOB,
+    server_pins: identity.WorkerIdentity = ALICE,
+) -> tuple[Pair, QuicSession, QuicSession]:
+    paths = [
+        PeerPath(peer_id=peer, introduction_id=INTRO, loop=loop, on_close=lambda reason: None)
+        for peer in ("bob", "alice")
+    ]
+    wires = [Wire(loop), Wire(loop)]
+    wires[0].peer, wires[1].peer = paths[1], paths[0]
+
+    async def start() -> tuple[QuicSession, QuicSession]:
+        paths[0].add_route(wires[0])
+        paths[1].add_route(wires[1])
+        client = QuicSession(
+            path=paths[0], own=client_is, peer_certificate=client_pins.certificate, client=True
+        )
+        server = QuicSession(
+            path=paths[1], own=server_is, peer_certificate=server_pins.certificate, client=False
+        )
+        server.start()
+        client.start()
+        return client, server
+
+    client, server = loop.call(start(), 5)
+    connections = Pair(
+        loop,
+        PeerConnection(session=client, loop=loop, path=paths[0]),
+        PeerConnection(session=server, loop=loop, path=paths[1]),
+        wires[0],
+        wires[1],
+    )
+    return connections, client, server
+
+
+def established(loop: LoopThread, session: QuicSession, timeout: float = 5) -> None:
+    async def wait() -> None:
+        await asyncio.wait_for(asyncio.shield(session.handshake), timeout)
+
+    loop.call(wait(), timeout + 1)
+
+
+def test_aioquic_still_has_the_private_parts_the_agent_uses() -> None:
+    """worker_agent/p2p/quic.py relies on these in aioquic 1.7 (pinned in pyproject.toml)."""
+    assert aioquic.__version__.startswith("1.7.")
+    from aioquic.quic.connection import QuicConnection
+    from aioquic.tls import Context
+
+    assert hasattr(QuicConnection, "_write_stream_limits") and hasattr(
+        QuicConnection, "_initialize"
+    )
+    context = Context(is_client=False)
+    assert context._request_client_certificate is False and context._peer_certificate is None
+
+
+def test_both_sides_prove_the_identities_they_were_introduced_with(loop) -> None:
+    connections, client, server = pair(loop)
+    established(loop, client)
+    established(loop, server)
+    assert connections.client.peer_fingerprint == BOB.fingerprint
+    assert connections.server.peer_fingerprint == ALICE.fingerprint
+    assert client.handshake_seconds is not None and client.handshake_seconds < 1
+
+
+def test_eight_megabytes_arrive_whole_over_one_stream_both_ways(loop) -> None:
+    connections, client, _ = pair(loop)
+    established(loop, client)
+    payload = os.urandom(8 * 1024 * 1024)
+    received: dict[str, Any] = {}
+
+    def serve() -> None:
+        stream = connections.server.accept_stream(timeout=10)
+        digest = hashlib.sha256()
+        while data := stream.recv(1 << 20, timeout=30):
+            digest.update(data)
+        stream.sendall(digest.hexdigest().encode())
+        stream.shutdown_write()
+        received["digest"] = digest.hexdigest()
+
+    server_thread = threading.Thread(target=serve)
+    server_thread.start()
+    stream = connections.client.open_stream()
+    stream.sendall(payload)
+    stream.shutdown_write()
+    reply = stream.recv_exactly(64, timeout=30)
+    assert stream.recv(timeout=5) == b""  # and then the end of the stream
+    server_thread.join(10)
+    assert reply.decode() == received["digest"] == hashlib.sha256(payload).hexdigest()
+
+
+def test_many_concurrent_streams_each_carry_their_own_bytes(loop) -> None:
+    connections, client, _ = pair(loop)
+    established(loop, client)
+    count = 64
+    echoed: dict[int, bytes] = {}
+
+    def echo() -> None:
+        for _ in range(count):
+            stream = connections.server.accept_stream(timeout=10)
+            threading.Thread(target=lambda s=stream: (s.sendall(s.recv_exactly(20_000)),
+                                                        s.shutdown_write())).start()  # fmt: skip
+
+    threading.Thread(target=echo, daemon=True).start()
+
+    def talk(n: int) -> None:
+        stream = connections.client.open_stream()
+        body = bytes([n]) * 20_000
+        stream.sendall(body)
+        echoed[n] = stream.recv_exactly(20_000, timeout=20)
+
+    workers = [threading.Thread(target=talk, args=(n,)) for n in range(count)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join(30)
+    assert echoed == {n: bytes([n]) * 20_000 for n in range(count)}
+
+
+def test_datagrams_go_both_ways_and_oversized_ones_are_refused(loop) -> None:
+    connections, client, server = pair(loop)
+    established(loop, client)
+    established(loop, server)
+    connections.client.send_datagram(b"ping")
+    assert connections.server.recv_datagram(timeout=5) == b"ping"
+    connections.server.send_datagram(b"pong" * 300)
+    assert connections.client.recv_datagram(timeout=5) == b"pong" * 300
+    with pytest.raises(ValueError, match="1200"):
+        connections.client.send_datagram(b"x" * 1201)
+
+
+@pytest.mark.parametrize("side", ["client", "server"])
+def test_a_peer_presenting_another_certificate_is_refused(loop, side: str) -> None:
+    """Mallory sits where Bob (or Alice) should be: the other side refuses, whichever it is."""
+    if side == "server":  # Alice expects Bob; Mallory answers
+        connections, client, server = pair(loop, server_is=MALLORY)
+        refusing, refused = client, server
+    else:  # Bob expects Alice; Mallory calls
+        connections, client, server = pair(loop, client_is=MALLORY, server_pins=ALICE)
+        refusing, refused = server, client
+    with pytest.raises(IdentityMismatch, match="identity"):
+        established(loop, refusing)
+    assert refusing.peer_fingerprint is None
+    # The impostor's side ends too: refused mid-handshake (its client checks the pin) or closed
+    # by the refusing server with the identity close code right after.
+    deadline = time.monotonic() + 5
+    while not (connections.client.closed and connections.server.closed):
+        assert time.monotonic() < deadline, "the connection stayed open"
+        time.sleep(0.02)
+    assert "certificate" in (refused.closed_reason or "").lower() or isinstance(
+        refused.handshake.exception(), IdentityMismatch | HandshakeFailed
+    )
+    with pytest.raises(PeerClosed):
+        connections.server.accept_stream(timeout=1)
+
+
+def test_garbage_on_the_path_is_ignored_and_the_connection_carries_on(loop) -> None:
+    connections, client, _ = pair(loop)
+    established(loop, client)
+    originals: list[bytes] = []
+
+    def garble(data: bytes) -> bytes:
+        originals.append(data)
+        return os.urandom(len(data)) if len(originals) % 3 == 0 else data  # a third garbled
+
+    connections.to_server.tamper = garble
+    for n in range(30):  # injected junk, too, of every size
+        loop.call_soon(connections.server.path.deliver, os.urandom(n * 40), wire.PathKind.LAN)
+    stream = connections.client.open_stream()
+    payload = os.urandom(300_000)
+    stream.sendall(payload)
+    stream.shutdown_write()
+    incoming = connections.server.accept_stream(timeout=10)
+    got = b""
+    while data := incoming.recv(1 << 20, timeout=30):
+        got += data
+    assert got == payload  # retransmitted around the garbage
+    assert len(originals) > 0 and not connections.server.closed
+
+
+def test_a_reader_that_does_not_read_holds_the_sender_back(loop) -> None:
+    """Bounded memory: what arrives ahead of the reader is at most the stream window, and the
+    sender waits (its sendall times out) rather than buffering without end."""
+    connections, client, _ = pair(loop)
+    established(loop, client)
+    stream = connections.client.open_stream()
+    with pytest.raises(TimeoutError):
+        stream.sendall(os.urandom(32 * 1024 * 1024), timeout=3)
+    incoming = connections.server.accept_stream(timeout=5)
+    buffered = incoming._buffer.buffered
+    assert quic.STREAM_WINDOW // 2 <= buffered <= quic.STREAM_WINDOW, buffered
+
+
+def test_a_flood_of_streams_is_held_to_quic_stream_limit(loop) -> None:
+    """A peer opening streams without end: the ones beyond the limit wait for the reader."""
+    connections, client, server = pair(loop)
+    established(loop, client)
+
+    async def flood() -> int:
+        for _ in range(1000):
+            stream_id = client.open_stream()
+            client.quic.send_stream_data(stream_id, b"x", end_stream=False)
+        client.transmit()
+        await asyncio.sleep(0.5)
+        return server.incoming.qsize()
+
+    arrived = loop.call(flood(), 10)
+    assert 0 < arrived <= 128  # aioquic's default limit of open streams
+    assert not connections.server.closed and not connections.client.closed
