@@ -28,6 +28,9 @@ DEFAULT_TIMEOUT = 30.0
 READ_SIZE = 64 * 1024
 MAX_DATAGRAM = 1200  # a QUIC datagram frame fits one packet (quic.MAX_PACKET)
 LINGER = 5.0  # how long close() waits for the peer to acknowledge what was written
+# Bytes read before the peer's send window grows by them: a sixteenth of quic.STREAM_WINDOW, so
+# the peer always has most of its window while the reader keeps up.
+WINDOW_STEP = 256 * 1024
 
 
 class StreamBuffer:
@@ -41,9 +44,14 @@ class StreamBuffer:
         self._changed = threading.Condition()
 
     def feed(self, data: bytes, end: bool) -> None:
+        """Append what arrived; the reader hears of it at `wake()` (once per burst of packets,
+        not per packet)."""
         with self._changed:
             self._data += data
             self._eof = self._eof or end
+
+    def wake(self) -> None:
+        with self._changed:
             self._changed.notify_all()
 
     def fail(self, error: PeerError) -> None:
@@ -77,6 +85,7 @@ class PeerStream:
         self.stream_id = stream_id
         self._buffer = buffer
         self._write_closed = False
+        self._unannounced = 0  # bytes read and not yet given back to the peer's send window
 
     def sendall(self, data: bytes, *, timeout: float | None = DEFAULT_TIMEOUT) -> None:
         """Send every byte, waiting while the peer is behind; TimeoutError after `timeout`."""
@@ -92,7 +101,14 @@ class PeerStream:
             raise ValueError("max_bytes must be positive")
         data = self._buffer.read(max_bytes, timeout)
         if data:
-            self.connection._loop.call_soon(self._session.consumed_bytes, self.stream_id, len(data))
+            # The peer may send as much more as was read: told in steps, not per read (each
+            # step is a wake-up of the loop and a window update on the wire).
+            self._unannounced += len(data)
+            if self._unannounced >= WINDOW_STEP:
+                self.connection._loop.call_soon(
+                    self._session.consumed_bytes, self.stream_id, self._unannounced
+                )
+                self._unannounced = 0
         return data
 
     def recv_exactly(self, size: int, *, timeout: float | None = DEFAULT_TIMEOUT) -> bytes:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,6 +33,11 @@ logger = logging.getLogger("worker_agent.p2p")
 
 # How long one attempt may take from its start to a nominated pair.
 DEFAULT_TIMEOUT = 10.0
+# Datagrams read in one go once the path's socket is readable (see `_Drain`).
+DRAIN_MAX = 64
+# Receive buffer asked for on the path's socket: a burst of a fast sender is queued, not dropped.
+# The kernel grants at most net.core.rmem_max (Linux's default is 208 KiB).
+RECEIVE_BUFFER = 4 * 1024 * 1024
 
 Endpoint = tuple[str, int]
 Signal = Callable[[str], bool]
@@ -48,6 +54,22 @@ class TurnServer:
 
 class IceFailed(PeerError):
     pass
+
+
+class _Connection(aioice.Connection):
+    """aioice's connection, handing each datagram to `on_data` as it arrives instead of queueing
+    it for `recv()`: one task wake-up less per datagram. `data_received` is what aioice's socket
+    protocols call for every datagram that is not STUN (aioice 0.13, pinned in pyproject.toml;
+    the ICE attempt in tests/test_p2p_unit.py carries datagrams through it). `recv()` still
+    reports the end (ConnectionError) once the connection closes or loses consent."""
+
+    on_data: Callable[[bytes], None] | None = None
+
+    def data_received(self, data: bytes, component: int) -> None:
+        if self.on_data is not None:
+            self.on_data(data)
+        else:
+            super().data_received(data, component)
 
 
 class IceAttempt:
@@ -70,9 +92,8 @@ class IceAttempt:
         self.attempt = attempt
         self.policy = policy
         self._signal = signal
-        self._datagram = datagram
         relay = policy == wire.IcePolicy.RELAY
-        self.connection = aioice.Connection(
+        self.connection = _Connection(
             ice_controlling=controlling,
             stun_server=None if relay else stun_server,
             turn_server=(turn.host, turn.port) if relay and turn else None,
@@ -81,6 +102,9 @@ class IceAttempt:
             use_ipv6=use_ipv6,
             transport_policy=aioice.TransportPolicy.RELAY if relay else aioice.TransportPolicy.ALL,
         )
+        self._datagram = datagram
+        self._drain: _Drain | None = None
+        self.connection.on_data = self._on_data
         self._remote_known = asyncio.Event()
         self._receiver: asyncio.Task[None] | None = None
         self.kind: wire.PathKind | None = None
@@ -113,6 +137,7 @@ class IceAttempt:
             await self.close()
             return False
         self.connected_after = time.monotonic() - self.started
+        self._drain = _Drain.of(_nominated(self.connection))
         self._receiver = asyncio.get_running_loop().create_task(self._receive())
         return True
 
@@ -180,11 +205,16 @@ class IceAttempt:
             return
         pair.protocol.transport.sendto(data, pair.remote_addr)
 
+    def _on_data(self, data: bytes) -> None:
+        self._datagram(self, data)
+        if self._drain is not None:
+            self._drain.read_more()
+
     async def _receive(self) -> None:
+        """Datagrams go to `datagram` as they arrive (`_Connection`): this waits for the end."""
         try:
             while True:
-                data = await self.connection.recv()
-                self._datagram(self, data)
+                await self.connection.recv()
         except ConnectionError:
             pass  # closed here, or consent to send expired (the peer is gone from this path)
         except asyncio.CancelledError:
@@ -196,13 +226,84 @@ class IceAttempt:
         if self._receiver is not None and self._receiver is not asyncio.current_task():
             self._receiver.cancel()
         self.closed.set()
+        if self._drain is not None:
+            self._drain.close()
+            self._drain = None
         with contextlib.suppress(Exception):
             await self.connection.close()
 
 
+class _Drain:
+    """Reads every datagram waiting on the path's socket once asyncio reported one.
+
+    asyncio reads one datagram per turn of the loop, and a turn costs a poll of the sockets:
+    at tens of thousands of datagrams a second that is most of a peer's CPU, and the reason a
+    fast sender overruns the receiver. This reads the rest of what is queued through a duplicate
+    of the socket (`TransportSocket.dup()`, public) and hands each datagram to the same aioice
+    protocol asyncio would, so STUN (consent checks) and TURN framing are handled as before.
+
+    For a TURN pair the socket is the one under aioice's TURN transport, which aioice keeps
+    private (`TurnTransport.__inner_protocol`, aioice 0.13, pinned; tests/test_p2p_unit.py
+    checks it); without it that pair is read one datagram per turn, as before.
+    """
+
+    def __init__(self, sock: socket.socket, protocol: asyncio.DatagramProtocol) -> None:
+        self._socket = sock
+        self._protocol = protocol
+        self._reading = False
+
+    @classmethod
+    def of(cls, pair: Any) -> _Drain | None:
+        if pair is None:
+            return None
+        protocol, transport = pair.protocol, pair.protocol.transport
+        inner = getattr(transport, "_TurnTransport__inner_protocol", None)
+        if inner is not None:  # a TURN pair: the socket is the TURN client's
+            protocol, transport = inner, inner.transport
+        wrapped = transport.get_extra_info("socket") if transport is not None else None
+        if wrapped is None:
+            return None
+        try:
+            wrapped.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
+            sock = wrapped.dup()
+        except OSError as exc:
+            logger.debug("path socket not read in batches: %s", exc)
+            return None
+        sock.setblocking(False)
+        granted = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+        if granted < RECEIVE_BUFFER:  # Linux reports twice what it grants
+            logger.debug(
+                "the path socket's receive buffer is %d bytes (net.core.rmem_max caps it); "
+                "a fast peer may overrun it",
+                granted,
+            )
+        return cls(sock, protocol)
+
+    def read_more(self) -> None:
+        if self._reading:
+            return  # this datagram came from our own read below
+        self._reading = True
+        try:
+            for _ in range(DRAIN_MAX):
+                try:
+                    data, address = self._socket.recvfrom(65535)
+                except (BlockingIOError, InterruptedError):
+                    return
+                except OSError as exc:  # an ICMP error for an earlier send, or closed
+                    self._protocol.error_received(exc)
+                    return
+                self._protocol.datagram_received(data, address)
+        finally:
+            self._reading = False
+
+    def close(self) -> None:
+        self._socket.close()
+
+
 def _nominated(connection: aioice.Connection) -> Any:
     """The nominated candidate pair of component 1, or None. aioice has no public accessor:
-    this reads `_nominated` (aioice 0.13, pinned in pyproject.toml; tests/test_ice.py checks it)."""
+    this reads `_nominated` (aioice 0.13, pinned in pyproject.toml; tests/test_p2p_unit.py checks
+    it)."""
     return connection._nominated.get(1)
 
 

@@ -137,6 +137,7 @@ class QuicSession:
             else None
         )
         self.streams: dict[int, StreamBuffer] = {}
+        self._fed: set[StreamBuffer] = set()  # buffers with data their reader has not heard of
         self.incoming: queue.SimpleQueue[int | None] = queue.SimpleQueue()  # peer-opened ids
         self.datagrams: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
         self._queued_datagrams = 0
@@ -186,6 +187,8 @@ class QuicSession:
 
     def transmit(self) -> None:
         self._transmit_scheduled = False
+        while self._fed:
+            self._fed.pop().wake()
         if self.quic is None:
             return
         now = time.monotonic()
@@ -236,7 +239,9 @@ class QuicSession:
             if isinstance(event, events.HandshakeCompleted):
                 self._handshake_completed()
             elif isinstance(event, events.StreamDataReceived):
-                self._stream(event.stream_id).feed(event.data, event.end_stream)
+                buffer = self._stream(event.stream_id)
+                buffer.feed(event.data, event.end_stream)
+                self._fed.add(buffer)
             elif isinstance(event, events.DatagramFrameReceived):
                 if self._queued_datagrams < MAX_QUEUED_DATAGRAMS:
                     self._queued_datagrams += 1
