@@ -305,12 +305,14 @@ class PeerSide:
             await self._to_requester(pending, self._failure(pending, code, reason))
             self._failed(code, reason, peer_id=pending.requester_id, pending=pending)
             return self._failure(pending, code, reason, for_me=True)
+        relay = bool(settings.RENDEZVOUS["RELAY"])
         mine = PeerLink(
             introduction_id=pending.introduction_id,
             peer_id=pending.requester_id,
             peer_channel=pending.requester_channel,
             peer_connection_id=pending.requester_connection_id,
             initiator=False,
+            relay=relay,
         )
         self.links.add(mine)
         theirs = PeerLink(
@@ -319,6 +321,7 @@ class PeerSide:
             peer_channel=self.runtime.channel_name,
             peer_connection_id=self.connection_id,
             initiator=True,
+            relay=relay,
         )
         turn_a, turn_b = turn_credentials(pending.requester_id), turn_credentials(self.worker_id)
         if turn_a is not None:
@@ -337,6 +340,7 @@ class PeerSide:
                 turn=turn_a,
                 transport=pending.transport,
                 peer_certificate=self.certificate,
+                relay=relay,
             ),
             bounce=self._bounce(
                 event=LINK_CLOSED,
@@ -370,6 +374,7 @@ class PeerSide:
             turn=turn_b,
             transport=pending.transport,
             peer_certificate=pending.requester_certificate,
+            relay=relay,
         )
 
     async def _refuse(self, pending: Pending, reason: str) -> None:

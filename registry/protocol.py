@@ -192,6 +192,7 @@ class ErrorCode(StrEnum):
     RELAY_MALFORMED = "RELAY_MALFORMED"
     RELAY_FRAME_TOO_LARGE = "RELAY_FRAME_TOO_LARGE"
     RELAY_RATE_LIMITED = "RELAY_RATE_LIMITED"
+    RELAY_OFF = "RELAY_OFF"  # the introduction said relay: false (RENDEZVOUS_RELAY off)
 
 
 class ProtocolError(Exception):
@@ -877,10 +878,11 @@ def introduction(
     turn: dict[str, Any] | None,
     transport: Transport,
     peer_certificate: str | None,
+    relay: bool,
 ) -> str:
-    """Both sides get one once the peer accepted: from now on the service relays their binary
-    frames and ICE candidates. `turn`: credentials for this side alone, or None.
-    `peer_certificate`: the other side's identity (base64 DER), for this side to pin."""
+    """Both sides get one once the peer accepted: from now on the service passes on their ICE
+    candidates, and relays their binary frames if `relay`. `turn`: credentials for this side
+    alone, or None. `peer_certificate`: the other side's identity (base64 DER), to pin."""
     return encode(
         {
             "type": ServerMessageType.INTRODUCTION,
@@ -888,7 +890,7 @@ def introduction(
             "request_id": request_id,
             "peer_id": peer_id,
             "role": role,
-            "relay": True,
+            "relay": relay,
             "turn": turn,
             "transport": transport,
             "peer_certificate": peer_certificate,

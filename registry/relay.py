@@ -37,11 +37,13 @@ DROP_MALFORMED = "malformed"
 DROP_TOO_LARGE = "too_large"
 DROP_PEER_SLOW = "peer_slow"
 DROP_PEER_GONE = "peer_gone"
+DROP_RELAY_OFF = "relay_off"
 _DROP_REASONS = {
     protocol.ErrorCode.RELAY_RATE_LIMITED: DROP_RATE_LIMITED,
     protocol.ErrorCode.RELAY_NOT_INTRODUCED: DROP_NOT_INTRODUCED,
     protocol.ErrorCode.RELAY_MALFORMED: DROP_MALFORMED,
     protocol.ErrorCode.RELAY_FRAME_TOO_LARGE: DROP_TOO_LARGE,
+    protocol.ErrorCode.RELAY_OFF: DROP_RELAY_OFF,
 }
 
 Forward = Callable[["PeerLink", bytes], Awaitable[bool]]
@@ -56,6 +58,7 @@ class PeerLink:
     peer_channel: str
     peer_connection_id: int
     initiator: bool  # this side asked for the introduction
+    relay: bool = True  # the service relays this pair's frames
     opened_at: float = field(default_factory=time.monotonic)
     relayed_bytes: int = 0
     relayed_frames: int = 0
@@ -68,6 +71,7 @@ class PeerLink:
             "peer_channel": self.peer_channel,
             "peer_connection_id": self.peer_connection_id,
             "initiator": self.initiator,
+            "relay": self.relay,
         }
 
     @classmethod
@@ -78,6 +82,7 @@ class PeerLink:
             peer_channel=message["peer_channel"],
             peer_connection_id=message["peer_connection_id"],
             initiator=message["initiator"],
+            relay=message.get("relay", True),
         )
 
 
@@ -163,6 +168,12 @@ class RelayPort:
             raise protocol.RelayError(
                 "no introduction under that id on this connection (closed, or never made)",
                 code=protocol.ErrorCode.RELAY_NOT_INTRODUCED,
+                introduction_id=introduction_id,
+            )
+        if not link.relay:
+            raise protocol.RelayError(
+                "this service does not relay (RENDEZVOUS_RELAY is off): use the UDP path",
+                code=protocol.ErrorCode.RELAY_OFF,
                 introduction_id=introduction_id,
             )
         if not self._frames.peek() or not self._bytes.take(len(frame)):

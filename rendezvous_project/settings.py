@@ -255,6 +255,8 @@ RENDEZVOUS = {
     "STUN_SERVERS": env_list("RENDEZVOUS_STUN_SERVERS", []),
     # The service relay (registry/relay.py): per worker connection, introduced peers at once,
     # and what it may send through the relay (bytes and frames per second, bursts of a second).
+    # Off: the service carries no peer traffic; pairs connect over UDP (direct, LAN or TURN).
+    "RELAY": env_bool("RENDEZVOUS_RELAY", True),
     "RELAY_MAX_PEERS": env_int("RENDEZVOUS_RELAY_MAX_PEERS", 64),
     "RELAY_BYTES_PER_SECOND": env_float("RENDEZVOUS_RELAY_BYTES_PER_SECOND", 32 * 1024 * 1024),
     "RELAY_FRAMES_PER_SECOND": env_float("RENDEZVOUS_RELAY_FRAMES_PER_SECOND", 5000.0),

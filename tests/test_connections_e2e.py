@@ -15,6 +15,7 @@ import re
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,7 +24,7 @@ import pytest
 from registry import enrolment, identities
 from registry.models import Worker
 from tests.support.processes import REPO, ServerProcess, wait_until
-from worker_agent import PeerConnection, WorkerAgent
+from worker_agent import NoPath, PeerConnection, WorkerAgent
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -88,6 +89,30 @@ def test_eight_megabytes_arrive_whole_over_one_encrypted_stream(
         conn.send_datagram(b"unreliable, encrypted")
     record = Worker.objects.get(id="b")
     assert record.certificate_fingerprint == b.identity.fingerprint
+
+
+def test_with_the_relay_off_the_handshake_waits_for_the_udp_path_and_runs_on_it(
+    server_factory: Callable[..., ServerProcess], agents: Callable[..., WorkerAgent]
+) -> None:
+    server = server_factory(env={"RENDEZVOUS_RELAY": "off"}).start()
+    b = agents(server.url, "b", on_peer=digests(queue.Queue()))
+    a = agents(server.url, "a")
+    b.start()
+    a.start()
+    assert a.wait_registered(10) and b.wait_registered(10)
+    with a.connect("b", timeout=10) as conn:
+        assert conn.path_kind == "lan"
+        assert conn.path.stats.sent.get("relay", 0) == 0  # not one packet through the service
+        assert conn.handshake_seconds is not None and conn.handshake_seconds < 1.0  # no resend
+        assert send_and_check(conn, 1024 * 1024)
+    # A worker without UDP has no route at all: told at once, not after the timeout.
+    c = agents(server.url, "c", peer_udp=False)
+    c.start()
+    assert c.wait_registered(10)
+    started = time.monotonic()
+    with pytest.raises(NoPath, match="does not relay"):
+        c.connect("b", timeout=10)
+    assert time.monotonic() - started < 5
 
 
 def test_a_transfer_in_flight_survives_the_route_moving_under_it(

@@ -74,6 +74,35 @@ async def test_a_worker_not_part_of_an_introduction_cannot_use_its_relay() -> No
         await comm.disconnect()
 
 
+async def test_with_the_relay_off_introductions_say_so_and_relay_frames_are_refused(
+    settings,
+) -> None:
+    settings.RENDEZVOUS = {**settings.RENDEZVOUS, "RELAY": False}
+    a, b = await connected("a", 1), await connected("b", 2)
+    for_a, for_b = await introduce(a, b)
+    assert for_a["relay"] is False and for_b["relay"] is False
+    introduction_id = for_a["introduction_id"]
+    before = relay_counter("rendezvous_relay_dropped_total", reason="relay_off")
+    await a.send_to(bytes_data=frame(introduction_id, b"through the service?"))
+    assert await a.receive_json_from(timeout=3) == {
+        "type": "error",
+        "code": "RELAY_OFF",
+        "message": "this service does not relay (RENDEZVOUS_RELAY is off): use the UDP path",
+        "introduction_id": introduction_id,
+    }
+    assert await b.receive_nothing(timeout=0.2)
+    assert relay_counter("rendezvous_relay_dropped_total", reason="relay_off") == before + 1
+    # Signalling still flows: ICE candidates reach the peer.
+    await a.send_json_to(
+        {"type": "ice_candidates", "introduction_id": introduction_id, "attempt": 0,
+         "policy": "all", "ufrag": "abcd", "pwd": "p" * 22, "candidates": [CANDIDATE],
+         "done": True}
+    )  # fmt: skip
+    assert (await b.receive_json_from(timeout=3))["type"] == "ice_candidates"
+    for comm in (a, b):
+        await comm.disconnect()
+
+
 @pytest.mark.parametrize(
     ("data", "code"),
     [

@@ -14,6 +14,8 @@ import threading
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
+from .errors import PeerClosed
+
 logger = logging.getLogger("worker_agent.p2p")
 
 T = TypeVar("T")
@@ -50,6 +52,8 @@ class LoopThread:
         except concurrent.futures.TimeoutError:
             future.cancel()
             raise TimeoutError(f"no result within {timeout}s") from None
+        except concurrent.futures.CancelledError:  # the loop is shutting down: the agent stops
+            raise PeerClosed("the agent is stopping") from None
 
     def call_soon(self, callback: Callable[..., Any], *args: Any) -> None:
         try:

@@ -152,15 +152,30 @@ class QuicSession:
         self._progress = asyncio.Event()
         self._last_sent = time.monotonic()
         self._keepalive: asyncio.Task[None] | None = None
+        self._connected = False  # the client sent its first packet
 
     # ---- the path below ----------------------------------------------------------------------
 
     def start(self) -> None:
         self.path.set_datagram_handler(self.datagram_received)
-        if self.quic is not None:
-            self.quic.connect(PLACEHOLDER, now=time.monotonic())
-            self.transmit()
         self._keepalive = asyncio.get_running_loop().create_task(self._keep_alive())
+        if self.quic is None:
+            return  # the server: it starts with the client's first packet
+        if self.path.kind is not None:
+            self._connect()
+        else:  # no relay: the first packet goes out once ICE has a route, not into the void
+            self.path.on_change(self._route_up)
+
+    def _route_up(self, path: PeerPath, old: str | None, new: str | None) -> None:
+        if new is not None and self.closed_reason is None and not self._connected:
+            self._connect()
+
+    def _connect(self) -> None:
+        assert self.quic is not None
+        self._connected = True
+        self.handshake_started = time.monotonic()
+        self.quic.connect(PLACEHOLDER, now=self.handshake_started)
+        self.transmit()
 
     def datagram_received(self, data: bytes) -> None:
         if self.closed_reason is not None:

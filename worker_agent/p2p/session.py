@@ -104,6 +104,14 @@ class PeerSession:
         self._direct_up = asyncio.Event()
         if self.relay_route is not None:
             self.path.add_route(self.relay_route)
+        elif not self._use_udp:
+            self.quic_failure = NoPath(
+                "no route is possible: the service does not relay (RENDEZVOUS_RELAY is off) "
+                "and UDP is off here (peer_udp=False)"
+            )
+            logger.warning("introduction=%s: %s", self.introduction_id, self.quic_failure)
+            self.close(str(self.quic_failure))
+            return
         if self.transport == wire.Transport.QUIC:
             self._start_quic()
         if self.controlling and self._use_udp:
