@@ -105,10 +105,12 @@ class Bench:
     def pid(self, name: str) -> int:
         return self.services[name][1].pid
 
-    def answer(self, namespace: str, service: str, worker_id: str, *extra: str) -> None:
+    def answer(
+        self, namespace: str, service: str, worker_id: str, *extra: str, mode: str = "answer"
+    ) -> None:
         process = self.net.popen(
             namespace,
-            [*AGENT, "answer", "--url", self.url(service), "--id", worker_id, *extra],
+            [*AGENT, mode, "--url", self.url(service), "--id", worker_id, *extra],
             stdout=subprocess.PIPE,
             stderr=(self.log_dir / f"{worker_id}.log").open("ab"),
             text=True,

@@ -14,6 +14,7 @@ import queue
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -43,6 +44,7 @@ logger = logging.getLogger("worker_agent")
 DEFAULT_CONNECT_TIMEOUT = 10.0
 NAT_CHECK_TIMEOUT = 3.0
 HANDSHAKE_TIMEOUT = 10.0  # the answering side's wait for the initiator's QUIC handshake
+ENDED_KEPT = 16
 
 Send = Callable[[str], bool]
 SendBinary = Callable[[bytes], bool]
@@ -87,6 +89,9 @@ class Peering:
         self._waiters: dict[str, queue.Queue[dict[str, Any]]] = {}
         self._answering: set[str] = set()
         self._sessions: dict[str, PeerSession] = {}
+        # Sessions that ended lately, so a connect() that looks its session up just after it
+        # ended can say why (the last few only).
+        self._ended: OrderedDict[str, PeerSession] = OrderedDict()
         self._connects: dict[str, float] = {}  # request id -> when connect() began
         self._subscription: tuple[bool, str | None] = (False, None)
         self._loop: LoopThread | None = None
@@ -244,9 +249,15 @@ class Peering:
             raise failure(f"cannot reach {peer_id}: {reply.get('reason')}", code=code)
         if kind == wire.ServerMessageType.PEER_CLOSED:
             raise PeerClosed(f"cannot reach {peer_id}: {reply.get('reason')}")
-        session = self._session(str(reply.get("introduction_id")))
+        introduction_id = str(reply.get("introduction_id"))
+        session = self._session(introduction_id)
         if session is None:  # ended between the introduction and now
-            raise PeerClosed(f"the connection to {peer_id} ended at once")
+            with self._lock:
+                ended = self._ended.get(introduction_id)
+            if ended is not None and ended.quic_failure is not None:
+                raise ended.quic_failure
+            reason = ended.path.closed_reason if ended is not None else None
+            raise PeerClosed(f"the connection to {peer_id} ended at once: {reason or 'closed'}")
         return session
 
     # ---- frames from the service (on the agent's socket thread: never block) ------------------
@@ -398,6 +409,9 @@ class Peering:
         with self._lock:
             if self._sessions.get(session.introduction_id) is session:
                 del self._sessions[session.introduction_id]
+            self._ended[session.introduction_id] = session
+            while len(self._ended) > ENDED_KEPT:
+                self._ended.popitem(last=False)
 
     def _session(self, introduction_id: Any) -> PeerSession | None:
         with self._lock:

@@ -164,9 +164,18 @@ class IceAttempt:
             raise IceFailed("not connected to the rendezvous service")
         await self._remote_known.wait()
         await self.connection.connect()
-        pair = _nominated(self.connection)
-        if pair is None:
+        if not self.settle():
             raise IceFailed("ICE completed without a nominated pair")
+
+    def settle(self) -> bool:
+        """Take the nominated pair as this attempt's route, if there is one yet. The controlled
+        side has it once the peer's nominating check arrived, which may be before `connect()`
+        returns here: the peer's first datagrams then come on it, and answers go back on it."""
+        if self.kind is not None:
+            return True
+        pair = _nominated(self.connection)
+        if pair is None or self.closed.is_set():
+            return False
         local, remote = pair.local_candidate, pair.remote_candidate
         self.local = (local.host, local.port)
         self.remote = pair.remote_addr
@@ -176,6 +185,7 @@ class IceAttempt:
             self.kind = wire.PathKind.LAN
         else:
             self.kind = wire.PathKind.DIRECT
+        return True
 
     @property
     def _relay(self) -> bool:

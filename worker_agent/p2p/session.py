@@ -224,6 +224,10 @@ class PeerSession:
         return attempt
 
     def _ice_datagram(self, attempt: IceAttempt, data: bytes) -> None:
+        if attempt.kind is None and not self.ended and attempt.settle():
+            # The peer already sends on a pair nominated here, before our check list is done:
+            # a route now, so answers (a QUIC handshake's, say) go back on it at once.
+            self.path.add_route(attempt)
         self.path.deliver(data, attempt.kind or wire.PathKind.DIRECT)
 
     async def _run(self, attempt: IceAttempt, timeout: float | None = None) -> bool:

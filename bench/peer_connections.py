@@ -1,0 +1,185 @@
+"""Encrypted peer connections benchmark: QUIC over each kind of path, next to raw datagrams.
+
+Needs root (network namespaces and iptables, as tests/test_paths_e2e.py) and coturn; builds the
+same NAT topology as bench/peer_paths.py. Then, in one run:
+
+1. The baselines: a plain UDP socket from a worker's namespace through its NAT to the public
+   one, and raw datagrams (no QUIC) over the service relay, the direct and the TURN path
+   (bench/peer_paths.py's throughput part).
+2. For each path (LAN, direct, TURN, the service relay on one instance and across two over
+   Redis): `--count` connects, each timed from `connect()` to the completed QUIC handshake
+   (introduction, first route, handshake: what a user waits for), then `--megabytes` over one
+   stream once the path is on the kind measured. The clock starts at the first write and stops
+   when the last byte arrived at the peer; the peer checks the SHA-256. CPU per MB on each peer.
+3. With the relay off (`RENDEZVOUS_RELAY=off`) the handshake runs over the direct path itself:
+   its time is the "handshake over a direct path" figure.
+
+    sudo .venv/bin/python bench/peer_connections.py [--count 10] [--megabytes 16]
+
+Prints its figures; not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from peer_paths import AGENT, REDIS_PORT, REPO, TURN_SECRET, Bench, throughput
+
+# peer_paths put the repository on sys.path.
+from tests.support.netns import (
+    SERVICE_IP,
+    TURN_PORT,
+    NatKind,
+    NatTopology,
+    netns_unavailable_reason,
+)
+
+RAW = {  # the raw-datagram baseline over the same kind of path, from peer_paths.throughput()
+    "direct (cone <-> cone)": "direct (cone <-> cone)",
+    "TURN (cone <-> symmetric)": "TURN (cone <-> symmetric)",
+    "service relay, one instance": "service relay, one instance",
+    "service relay, two instances (Redis)": "service relay, two instances (Redis)",
+}
+PLAIN_UDP = "raw UDP (worker -> NAT -> public)"
+
+
+def cases(net: NatTopology) -> list[tuple[str, str, str, str, str, list[str], str]]:
+    s = net.sites
+    return [
+        # name, service of A, service of B, A's namespace, B's namespace, extra, kind to measure
+        ("LAN (two workers, one NAT)", "plain", "plain", s[0].workers[0], s[0].workers[1], [],
+         "lan"),
+        ("direct (cone <-> cone)", "plain", "plain", s[0].workers[0], s[1].worker, [], "direct"),
+        ("TURN (cone <-> symmetric)", "turn", "turn", s[1].worker, s[2].worker, [], "turn"),
+        ("service relay, one instance", "plain", "plain", s[0].workers[0], s[1].worker,
+         ["--no-udp"], ""),
+        ("service relay, two instances (Redis)", "redis-a", "redis-b", s[0].workers[0],
+         s[1].worker, ["--no-udp"], ""),
+        ("direct, relay off (handshake on the direct path)", "norelay", "norelay",
+         s[0].workers[0], s[1].worker, [], "direct"),
+    ]  # fmt: skip
+
+
+def quic(bench: Bench, count: int, megabytes: int) -> dict[str, dict[str, Any]]:
+    figures: dict[str, dict[str, Any]] = {}
+    for n, (name, service_a, service_b, frm, to, extra, kind) in enumerate(cases(bench.net)):
+        bench.answer(to, service_b, f"qb{n}", *extra, mode="quic-answer")
+        args = ["--url", bench.url(service_a), "--id", f"qa{n}", "--peer", f"qb{n}"]
+        args += ["--count", str(count), "--megabytes", str(megabytes), *extra]
+        if kind:
+            args += ["--wait-kind", kind]
+        try:
+            outcome = bench.run(frm, [*AGENT, "quic-send", *args])
+        finally:
+            bench.stop_answering()
+        print(f"  {name}: {outcome}", flush=True)
+        figures[name] = outcome
+    return figures
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--count", type=int, default=10, help="connects timed per path")
+    parser.add_argument("--megabytes", type=int, default=16, help="MiB sent over one stream")
+    parser.add_argument("--seconds", type=float, default=5, help="seconds per raw baseline")
+    parser.add_argument("--logs", type=Path, help="keep every process's log in this directory")
+    args = parser.parse_args()
+    reason = netns_unavailable_reason()
+    if reason:
+        print(f"cannot run: {reason}")
+        return 2
+    with tempfile.TemporaryDirectory(prefix="rendezvous-quic-bench-") as tmp:
+        log_dir = args.logs or Path(tmp)
+        log_dir.mkdir(parents=True, exist_ok=True)
+        database_url = f"sqlite:///{log_dir / 'bench.sqlite3'}"
+        env = {**os.environ, "DATABASE_URL": database_url}
+        subprocess.run(
+            [sys.executable, "manage.py", "migrate", "-v0"], cwd=REPO, env=env, check=True
+        )
+        kinds = [NatKind.MASQUERADE, NatKind.MASQUERADE, NatKind.RANDOM_FULLY]
+        with NatTopology(kinds, workers=[2, 1, 1], log_dir=log_dir) as net:
+            net.start_stun()
+            net.start_turn(secret=TURN_SECRET)
+            net.popen(
+                net.public,
+                ["redis-server", "--bind", SERVICE_IP, "--port", str(REDIS_PORT), "--save", "",
+                 "--protected-mode", "no", "--appendonly", "no"],
+                log_name="redis.log",
+            )  # fmt: skip
+            bench = Bench(net, database_url, log_dir)
+            redis = {"REDIS_URL": f"redis://{SERVICE_IP}:{REDIS_PORT}/0"}
+            bench.serve("plain", 8000)
+            bench.serve(
+                "turn",
+                8001,
+                RENDEZVOUS_TURN_SERVERS=f"{SERVICE_IP}:{TURN_PORT}",
+                RENDEZVOUS_TURN_SECRET=TURN_SECRET,
+            )
+            bench.serve("redis-a", 8002, **redis)
+            bench.serve("redis-b", 8003, **redis)
+            bench.serve("norelay", 8004, RENDEZVOUS_RELAY="off")
+            print(f"raw baselines ({args.seconds:g} s each, 1,200-byte datagrams):", flush=True)
+            raw = throughput(bench, args.seconds)
+            print(
+                f"QUIC ({args.count} connects, then {args.megabytes} MiB over one stream, "
+                "per path):",
+                flush=True,
+            )
+            figures = quic(bench, args.count, args.megabytes)
+            bench.stop_answering()
+    report(raw, figures)
+    return 0
+
+
+def report(raw: dict[str, dict[str, Any]], figures: dict[str, dict[str, Any]]) -> None:
+    plain = raw.get(PLAIN_UDP, {}).get("mb_per_s")
+    print(f"\nplain UDP socket, worker -> NAT -> public: {plain} MB/s")
+    print(
+        "\n| path | QUIC MB/s | raw datagrams, same path (MB/s) | QUIC / raw | setup p50 / p99 "
+        "(ms) | handshake p50 / p99 (ms) | CPU-s per MB, sender / receiver | SHA-256 |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for name, r in figures.items():
+        if "error" in r:
+            print(f"| {name} | {r['error']} | | | | | | |")
+            continue
+        base = raw.get(RAW.get(name, ""), {}).get("mb_per_s")
+        ratio = f"{r['mb_per_s'] / base:.2f}" if base else "-"
+        print(
+            f"| {name} ({r['kind']}) | {r['mb_per_s']} | {base or '-'} | {ratio} | "
+            f"{r['setup_p50_ms']} / {r['setup_p99_ms']} | "
+            f"{r['handshake_p50_ms']} / {r['handshake_p99_ms']} | "
+            f"{r['sender_cpu_s_per_mb']} / {r['receiver_cpu_s_per_mb']} | "
+            f"{'match' if r['intact'] else 'MISMATCH'} |"
+        )
+    direct = figures.get("direct (cone <-> cone)", {})
+    turn = figures.get("TURN (cone <-> symmetric)", {})
+    relay = figures.get("service relay, one instance", {})
+    handshake = figures.get("direct, relay off (handshake on the direct path)", {})
+
+    def verdict(value: float | None, target: float, above: bool) -> str:
+        if value is None:
+            return "NOT MEASURED"
+        return "met" if (value >= target if above else value <= target) else "MISSED"
+
+    print(
+        "\ntargets: direct >= 15 MB/s: "
+        f"{verdict(direct.get('mb_per_s'), 15, True)} ({direct.get('mb_per_s')}); "
+        f"TURN >= 10 MB/s: {verdict(turn.get('mb_per_s'), 10, True)} ({turn.get('mb_per_s')}); "
+        f"service relay >= 10 MB/s: {verdict(relay.get('mb_per_s'), 10, True)} "
+        f"({relay.get('mb_per_s')}); handshake over a direct path <= 20 ms: "
+        f"{verdict(handshake.get('handshake_p50_ms'), 20, False)} "
+        f"({handshake.get('handshake_p50_ms')} ms p50)"
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
