@@ -385,7 +385,7 @@ class RegisterConsumer(AsyncWebsocketConsumer):
 
     async def _report(self, report: services.Report) -> None:
         """Written with every other connection's reports in one batch (runtime.reports); counted,
-        and logged at DEBUG only: a line per frame costs more than the write."""
+        and logged at DEBUG only: an INFO line for every frame of a fleet is noise, not events."""
         stored = await get_runtime().reports.submit(report)
         metrics.report(report.kind, stored)
         log.debug(

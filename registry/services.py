@@ -11,13 +11,11 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from django.db import DatabaseError, transaction
-from django.db import connection as db_connection
 from django.db.models import Case, F, OuterRef, Q, Subquery, Value, When
-from django.db.models.constants import OnConflict
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
-from registry import protocol
+from registry import bulk, protocol
 from registry.models import (
     Connection,
     PeerConnection,
@@ -125,7 +123,7 @@ def _register_round(
     # Worker rows are always locked in id order, here and in _end_connections, so concurrent
     # batches on several instances cannot deadlock on PostgreSQL.
     ids = sorted(r.worker_id for r in requests)
-    _insert_rows(
+    bulk.insert_rows(
         Worker,
         {"first_seen": now, "last_seen": now},
         ("id",),
@@ -163,7 +161,7 @@ def _register_round(
         Connection.objects.filter(
             id__in=[connection_id for connection_id, _ in previous.values()], closed_at__isnull=True
         ).update(closed_at=now, close_code=protocol.CloseCode.SUPERSEDED, close_reason="superseded")
-    _insert_rows(
+    bulk.insert_rows(
         Connection,
         {"instance_id": instance_id, "opened_at": now},
         ("worker", "channel_name", "observed_ip", "observed_port"),
@@ -207,50 +205,6 @@ def _register_round(
             )
         )
     return registrations
-
-
-def _insert_rows(
-    model: type[Worker] | type[Connection],
-    common: dict[str, object],
-    varying: Sequence[str],
-    rows: Sequence[Sequence[object]],
-    *,
-    ignore_conflicts: bool = False,
-) -> None:
-    """One INSERT statement executed for every row (`executemany`), ON CONFLICT DO NOTHING
-    if asked. The values in `common` and every default are prepared once; per row only the
-    `varying` fields are. `bulk_create` compiles every field of every row: while 2,000 new
-    workers registered that was 11% of the server's CPU for the worker rows alone.
-    """
-    if not rows:
-        return
-    meta, ops = model._meta, db_connection.ops
-    fields = [f for f in meta.concrete_fields if not (f.primary_key and f.name not in varying)]
-    template = model(**common)
-    constant = {
-        f.name: f.get_db_prep_save(f.pre_save(template, True), db_connection)
-        for f in fields
-        if f.name not in varying
-    }
-    position = {name: i for i, name in enumerate(varying)}
-    conflict = OnConflict.IGNORE if ignore_conflicts else None
-    sql = (
-        f"{ops.insert_statement(on_conflict=conflict)} {ops.quote_name(meta.db_table)} "
-        f"({', '.join(ops.quote_name(f.column) for f in fields)}) "
-        f"VALUES ({', '.join(['%s'] * len(fields))})"
-        f"{ops.on_conflict_suffix_sql(fields, conflict, None, None) or ''}"
-    )
-    params = [
-        [
-            f.get_db_prep_save(row[position[f.name]], db_connection)
-            if f.name in position
-            else constant[f.name]
-            for f in fields
-        ]
-        for row in rows
-    ]
-    with db_connection.cursor() as cursor:
-        cursor.executemany(sql, params)
 
 
 def close_connection(
@@ -381,39 +335,14 @@ def record_reports(reports: Sequence[Report], *, now: datetime | None = None) ->
             fields = merged[connection_id]
             by_fields.setdefault(tuple(fields), []).append((owners[connection_id], fields))
         for names, changes in by_fields.items():
-            _update_each(Worker, names, [(worker_id, f) for worker_id, f in changes])
+            bulk.update_rows(Worker, names, [(worker_id, f) for worker_id, f in changes])
         addresses = [
             (connection_id, {"public_ip": merged[connection_id]["public_ip"]})
             for connection_id in sorted(owners)
             if "public_ip" in merged[connection_id]
         ]
-        _update_each(Connection, ("public_ip",), addresses)
+        bulk.update_rows(Connection, ("public_ip",), addresses)
     return [report.connection_id in owners for report in reports]
-
-
-def _update_each(
-    model: type[Worker] | type[Connection],
-    names: Sequence[str],
-    rows: Sequence[tuple[object, dict[str, object]]],
-) -> None:
-    """`UPDATE table SET a = %s, ... WHERE pk = %s` once, executed for every (pk, values) row.
-
-    Values are prepared by their model fields (datetimes, JSON, addresses), as the ORM would.
-    """
-    if not rows:
-        return
-    meta = model._meta
-    quote = db_connection.ops.quote_name
-    fields = [meta.get_field(name) for name in names]
-    assignments = ", ".join(f"{quote(field.column)} = %s" for field in fields)
-    sql = f"UPDATE {quote(meta.db_table)} SET {assignments} WHERE {quote(meta.pk.column)} = %s"
-    params = [
-        [field.get_db_prep_save(values[field.name], db_connection) for field in fields]
-        + [meta.pk.get_db_prep_value(pk, db_connection)]
-        for pk, values in rows
-    ]
-    with db_connection.cursor() as cursor:
-        cursor.executemany(sql, params)
 
 
 def report_public_ip(*, connection_id: int, ip: str, now: datetime | None = None) -> bool:
