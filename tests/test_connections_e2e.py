@@ -69,6 +69,48 @@ def test_the_readme_example_runs_as_written(server: ServerProcess) -> None:
     assert "b'echo:ping' relay" in result.stdout or "b'echo:ping' lan" in result.stdout
 
 
+def test_the_file_example_of_peer_connections_md_runs_as_written(
+    server: ServerProcess, tmp_path: Path
+) -> None:
+    doc = (REPO / "docs" / "peer-connections.md").read_text()
+    receive, send = re.findall(r"```python\n(.*?)```", doc, re.S)[:2]
+    for name, code in (("receive.py", receive), ("send.py", send)):
+        (tmp_path / name).write_text(code.replace("http://127.0.0.1:8000", server.url))
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    original = tmp_path / "model.bin"
+    original.write_bytes(os.urandom(3 * 1024 * 1024 + 17))
+    receiver = subprocess.Popen(
+        [sys.executable, str(tmp_path / "receive.py"), str(inbox)],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        wait_until(
+            lambda: Worker.objects.filter(id="file-inbox", status="connected").exists(),
+            timeout=20,
+            what="receive.py registered",
+        )
+        result = subprocess.run(
+            [sys.executable, str(tmp_path / "send.py"), "file-inbox", str(original)],
+            cwd=REPO,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert result.returncode == 0, result.stderr
+        assert "sent" in result.stdout and "to file-inbox over" in result.stdout
+        assert (inbox / "model.bin").read_bytes() == original.read_bytes()
+    finally:
+        receiver.kill()
+        output = receiver.communicate(timeout=10)[0]
+    assert "received" in output and "model.bin" in output, output
+
+
 @pytest.mark.parametrize("udp", [False, True], ids=["service relay", "lan"])
 def test_eight_megabytes_arrive_whole_over_one_encrypted_stream(
     server: ServerProcess, agents: Callable[..., WorkerAgent], udp: bool

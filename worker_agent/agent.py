@@ -191,9 +191,9 @@ class WorkerAgent:
             # Made here, presented at enrolment: the service binds it, so nobody else holding
             # the same key can redo this enrolment; a lost welcome costs nothing either.
             self._credential, self._enrolled = credentials.new_credential(), False
-        self.identity = _identity(stored, self.worker_id)  # None without the p2p extra
         self.service_url = url
         self.url = wire.websocket_url(url, self.worker_id)  # ValueError says what is wrong
+        self.identity = _identity(stored, self.worker_id)  # None without the p2p extra
 
         self.ping_interval, self.ping_timeout = _ping_settings(ping_interval, ping_timeout)
         if heartbeat_interval is not None and not _positive(heartbeat_interval):
@@ -532,10 +532,18 @@ class WorkerAgent:
                 and not self._key_fallback_used
             )
             if can:
-                self._enrolled = False  # present the key, and the credential to bind again
+                # A new credential: the operator may have forgotten the old one because it
+                # leaked, so it must not be bound again.
+                self._credential, self._enrolled = credentials.new_credential(), False
                 self._key_fallback_used = True
+                stored = self._stored()
         if not can:
             return decision
+        if self.credential_file is not None:
+            try:
+                credentials.save(self.credential_file, stored)
+            except OSError as exc:
+                self._log(logging.ERROR, conn, "cannot write %s: %s", self.credential_file, exc)
         self._log(
             logging.WARNING,
             conn,

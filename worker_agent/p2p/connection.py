@@ -148,7 +148,9 @@ class PeerStream:
     async def asendall(self, data: bytes, *, timeout: float | None = DEFAULT_TIMEOUT) -> None:
         await asyncio.to_thread(self.sendall, data, timeout=timeout)
 
-    async def arecv(self, max_bytes: int = READ_SIZE, *, timeout: float | None = None) -> bytes:
+    async def arecv(
+        self, max_bytes: int = READ_SIZE, *, timeout: float | None = DEFAULT_TIMEOUT
+    ) -> bytes:
         return await asyncio.to_thread(self.recv, max_bytes, timeout=timeout)
 
     @property
@@ -256,7 +258,7 @@ class PeerConnection:
     # ---- datagrams -----------------------------------------------------------------------------
 
     def send_datagram(self, data: bytes) -> None:
-        """One unreliable, unordered message of at most 1,100 bytes (encrypted, like streams)."""
+        """One unreliable, unordered message of at most 1,200 bytes (encrypted, like streams)."""
         if len(data) > MAX_DATAGRAM:
             raise ValueError(f"datagrams are limited to {MAX_DATAGRAM} bytes")
         if self.closed:
