@@ -11,6 +11,7 @@ datagrams it cannot carry: the layer above (QUIC) retransmits.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -29,6 +30,12 @@ SEND_BUFFER_BYTES = 1024 * 1024
 # worker's socket is no longer read (TCP pushes back on the sender); below the second, it is again.
 READ_QUEUE_PAUSE = 64  # frames: 4 MiB of full relay frames
 READ_QUEUE_RESUME = 16
+
+# Relay frames for one consumer on another instance, waiting to cross the channel layer: the
+# sending consumer waits while more is queued (TCP pushes back on the worker, as above), and a
+# batch crosses as one channel message of at most OUTBOX_BATCH_BYTES.
+OUTBOX_MAX_BYTES = 1024 * 1024
+OUTBOX_BATCH_BYTES = 256 * 1024
 
 # Why a relay frame was not delivered (the `reason` label of rendezvous_relay_dropped).
 DROP_RATE_LIMITED = "rate_limited"
@@ -274,3 +281,85 @@ class SendWindow:
 
     def stopProducing(self) -> None:
         self._paused = True
+
+
+SendBatch = Callable[[str, int, list[bytes]], Awaitable[None]]
+
+
+@dataclass
+class _Queue:
+    frames: list[bytes] = field(default_factory=list)
+    bytes: int = 0
+    flushing: bool = False
+    room: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class RelayOutbox:
+    """Relay frames for consumers on other instances, carried through the channel layer in
+    batches. A frame waits for a channel layer round trip only while one is under way for the
+    same consumer; whatever arrives meanwhile crosses with the next message. Sent one frame per
+    message, a pair's frames would cross one Redis round trip at a time, and the latency of that
+    queue is what QUIC would see (tens of milliseconds instead of one).
+    """
+
+    def __init__(
+        self,
+        send: SendBatch,
+        spawn: Callable[..., None],
+        *,
+        max_bytes: int = OUTBOX_MAX_BYTES,
+        batch_bytes: int = OUTBOX_BATCH_BYTES,
+    ) -> None:
+        self._send = send
+        self._spawn = spawn
+        self.max_bytes = max_bytes
+        self.batch_bytes = batch_bytes
+        self._queues: dict[tuple[str, int], _Queue] = {}
+
+    async def put(self, channel_name: str, connection_id: int, frame: bytes) -> None:
+        """Queue `frame`; waits while the consumer's queue is full (its sender is read slower)."""
+        key = (channel_name, connection_id)
+        queue = self._queues.get(key)
+        if queue is None:
+            queue = self._queues[key] = _Queue()
+        while queue.frames and queue.bytes + len(frame) > self.max_bytes:
+            queue.room.clear()
+            await queue.room.wait()
+        queue.frames.append(frame)
+        queue.bytes += len(frame)
+        if not queue.flushing:
+            queue.flushing = True
+            self._spawn(self._flush(key, queue), what=f"relay frames for {connection_id}")
+
+    async def _flush(self, key: tuple[str, int], queue: _Queue) -> None:
+        try:
+            while queue.frames:
+                batch, size = _take(queue.frames, self.batch_bytes)
+                try:
+                    await self._send(key[0], key[1], batch)
+                except Exception:  # a full channel or Redis away: lost, as datagrams are on UDP
+                    log.debug("relay batch for %s not sent", key, exc_info=True)
+                    for _ in batch:
+                        metrics.relay_dropped(DROP_PEER_GONE)
+                queue.bytes -= size
+                queue.room.set()
+        finally:
+            queue.flushing = False
+            if not queue.frames and self._queues.get(key) is queue:
+                del self._queues[key]
+
+    def __len__(self) -> int:
+        return len(self._queues)
+
+
+def _take(frames: list[bytes], limit: int) -> tuple[list[bytes], int]:
+    """The first frames up to `limit` bytes (at least one), removed from `frames`."""
+    count, size = 0, 0
+    for frame in frames:
+        if count and size + len(frame) > limit:
+            break
+        count += 1
+        size += len(frame)
+    batch = frames[:count]
+    del frames[:count]
+    return batch, size

@@ -31,6 +31,7 @@ from registry.admission import Admission
 from registry.batching import Coalescer
 from registry.peers import EVENTS as PEER_EVENTS
 from registry.peers import PeerHub
+from registry.relay import RelayOutbox
 
 log = logging.getLogger("registry.runtime")
 
@@ -88,6 +89,8 @@ class InstanceRuntime:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.peers = PeerHub(self.channel_name, self.spawn)
+        # Relay frames for consumers on other instances, in batches (registry/relay.py).
+        self.relay_outbox = RelayOutbox(self._send_relay_batch, self.spawn)
         # Registry writes of every connection on this process, coalesced into batches.
         self.registrations: Coalescer[services.RegistrationRequest, services.Registration] = (
             Coalescer(self._write_registrations, name="registrations")
@@ -216,7 +219,9 @@ class InstanceRuntime:
                 if code is not None:
                     await local.close(code)
                 elif kind == RELAY and local.relay is not None:
-                    await local.relay(message["frame"])
+                    # A batch; a single `frame` from an instance of an earlier version.
+                    for frame in message.get("frames") or [message["frame"]]:
+                        await local.relay(frame)
                 elif kind == DELIVER and local.deliver is not None:
                     await local.deliver(message)
             except Exception:  # one socket's failure must not end the listener
@@ -244,12 +249,13 @@ class InstanceRuntime:
             return True
         if channel_name == self.channel_name:
             return False  # ours, and no longer held
-        try:
-            await self.send_command(channel_name, RELAY, connection_id, frame=frame)
-        except Exception:  # a full channel or Redis away: the datagrams are lost, as on UDP
-            log.debug("instance=%s relay frame not sent", self.instance_id, exc_info=True)
-            return False
+        await self.relay_outbox.put(channel_name, connection_id, frame)
         return True
+
+    async def _send_relay_batch(
+        self, channel_name: str, connection_id: int, frames: list[bytes]
+    ) -> None:
+        await self.send_command(channel_name, RELAY, connection_id, frames=frames)
 
     def spawn(self, coroutine: Coroutine[Any, Any, None], *, what: str) -> None:
         """Run `coroutine` in the background on this loop; kept referenced, failures logged."""

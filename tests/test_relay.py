@@ -5,12 +5,16 @@ tests/test_paths_e2e.py."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 from channels.testing import WebsocketCommunicator
 
 from registry import metrics
+from registry.relay import RelayOutbox
 from tests.test_peering import ask, connected, introduce
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.asyncio]
@@ -247,3 +251,78 @@ async def test_candidates_for_an_introduction_not_made_are_refused() -> None:
     assert await a.receive_nothing(timeout=0.2) and await b.receive_nothing(timeout=0.2)
     for comm in (a, b, c):
         await comm.disconnect()
+
+
+# ---- frames for another instance: the outbox ---------------------------------------------------
+
+
+class SlowLayer:
+    """Stands in for the channel layer's send: each batch waits until the test releases it."""
+
+    def __init__(self, *, fail: bool = False) -> None:
+        self.batches: list[tuple[str, int, list[bytes]]] = []
+        self.release = asyncio.Event()
+        self.fail = fail
+
+    async def send(self, channel: str, connection_id: int, frames: list[bytes]) -> None:
+        self.batches.append((channel, connection_id, list(frames)))
+        await self.release.wait()
+        if self.fail:
+            raise RuntimeError("the channel layer is away")
+
+
+def spawner() -> tuple[Callable[..., None], set[asyncio.Task[None]]]:
+    tasks: set[asyncio.Task[None]] = set()
+
+    def spawn(coroutine: Any, *, what: str) -> None:
+        tasks.add(asyncio.get_running_loop().create_task(coroutine))
+
+    return spawn, tasks
+
+
+async def test_frames_for_another_instance_cross_in_batches_while_one_is_under_way() -> None:
+    layer = SlowLayer()
+    spawn, tasks = spawner()
+    outbox = RelayOutbox(layer.send, spawn)
+    await outbox.put("instance-b", 7, b"first")
+    await asyncio.sleep(0)
+    for n in range(5):  # these arrive while "first" is crossing: they wait, and go together
+        await outbox.put("instance-b", 7, b"next%d" % n)
+    await outbox.put("instance-b", 8, b"another consumer")
+    layer.release.set()
+    await asyncio.gather(*tasks)
+    assert layer.batches == [
+        ("instance-b", 7, [b"first"]),
+        ("instance-b", 8, [b"another consumer"]),
+        ("instance-b", 7, [b"next0", b"next1", b"next2", b"next3", b"next4"]),
+    ]
+    assert len(outbox) == 0  # nothing kept once drained
+
+
+async def test_a_full_outbox_holds_the_sender_back_instead_of_growing() -> None:
+    layer = SlowLayer()
+    spawn, tasks = spawner()
+    outbox = RelayOutbox(layer.send, spawn, max_bytes=100, batch_bytes=60)
+    await outbox.put("instance-b", 7, b"a" * 60)
+    await outbox.put("instance-b", 7, b"b" * 40)
+    blocked = asyncio.get_running_loop().create_task(outbox.put("instance-b", 7, b"c" * 10))
+    await asyncio.sleep(0.05)
+    assert not blocked.done()  # 100 bytes queued: the sender waits
+    layer.release.set()
+    await asyncio.wait_for(blocked, 2)
+    await asyncio.gather(*tasks)
+    assert [frames for _, _, frames in layer.batches] == [[b"a" * 60], [b"b" * 40], [b"c" * 10]]
+
+
+async def test_a_batch_the_layer_cannot_take_is_dropped_and_counted() -> None:
+    layer = SlowLayer(fail=True)
+    layer.release.set()
+    spawn, tasks = spawner()
+    outbox = RelayOutbox(layer.send, spawn)
+    before = relay_counter("rendezvous_relay_dropped_total", reason="peer_gone")
+    await outbox.put("instance-b", 7, b"lost")
+    await asyncio.gather(*tasks)
+    assert relay_counter("rendezvous_relay_dropped_total", reason="peer_gone") == before + 1
+    await outbox.put("instance-b", 7, b"the next one is tried")
+    await asyncio.gather(*tasks)
+    assert len(layer.batches) == 2
