@@ -8,9 +8,10 @@ same NAT topology as bench/peer_paths.py. Then, in one run:
    (bench/peer_paths.py's throughput part).
 2. For each path (LAN, direct, TURN, the service relay on one instance and across two over
    Redis): `--count` connects, each timed from `connect()` to the completed QUIC handshake
-   (introduction, first route, handshake: what a user waits for), then `--megabytes` over one
-   stream once the path is on the kind measured. The clock starts at the first write and stops
-   when the last byte arrived at the peer; the peer checks the SHA-256. CPU per MB on each peer.
+   (introduction, first route, handshake: what a user waits for), then `--repeat` transfers of
+   `--megabytes`, one stream each, once the path is on the kind measured (the median counts).
+   The clock starts at the first write and stops when the last byte arrived at the peer; the
+   peer checks the SHA-256. CPU per MB on each peer.
 3. With the relay off (`RENDEZVOUS_RELAY=off`) the handshake runs over the direct path itself:
    its time is the "handshake over a direct path" figure.
 
@@ -68,12 +69,13 @@ def cases(net: NatTopology) -> list[tuple[str, str, str, str, str, list[str], st
     ]  # fmt: skip
 
 
-def quic(bench: Bench, count: int, megabytes: int) -> dict[str, dict[str, Any]]:
+def quic(bench: Bench, count: int, megabytes: int, repeat: int) -> dict[str, dict[str, Any]]:
     figures: dict[str, dict[str, Any]] = {}
     for n, (name, service_a, service_b, frm, to, extra, kind) in enumerate(cases(bench.net)):
         bench.answer(to, service_b, f"qb{n}", *extra, mode="quic-answer")
         args = ["--url", bench.url(service_a), "--id", f"qa{n}", "--peer", f"qb{n}"]
-        args += ["--count", str(count), "--megabytes", str(megabytes), *extra]
+        args += ["--count", str(count), "--megabytes", str(megabytes), "--repeat", str(repeat)]
+        args += extra
         if kind:
             args += ["--wait-kind", kind]
         try:
@@ -89,6 +91,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--count", type=int, default=10, help="connects timed per path")
     parser.add_argument("--megabytes", type=int, default=16, help="MiB sent over one stream")
+    parser.add_argument("--repeat", type=int, default=3, help="transfers per path (median)")
     parser.add_argument("--seconds", type=float, default=5, help="seconds per raw baseline")
     parser.add_argument("--logs", type=Path, help="keep every process's log in this directory")
     args = parser.parse_args()
@@ -129,11 +132,11 @@ def main() -> int:
             print(f"raw baselines ({args.seconds:g} s each, 1,200-byte datagrams):", flush=True)
             raw = throughput(bench, args.seconds)
             print(
-                f"QUIC ({args.count} connects, then {args.megabytes} MiB over one stream, "
-                "per path):",
+                f"QUIC ({args.count} connects, then {args.repeat} x {args.megabytes} MiB, one "
+                "stream each, per path):",
                 flush=True,
             )
-            figures = quic(bench, args.count, args.megabytes)
+            figures = quic(bench, args.count, args.megabytes, args.repeat)
             bench.stop_answering()
     report(raw, figures)
     return 0
@@ -143,8 +146,9 @@ def report(raw: dict[str, dict[str, Any]], figures: dict[str, dict[str, Any]]) -
     plain = raw.get(PLAIN_UDP, {}).get("mb_per_s")
     print(f"\nplain UDP socket, worker -> NAT -> public: {plain} MB/s")
     print(
-        "\n| path | QUIC MB/s | raw datagrams, same path (MB/s) | QUIC / raw | setup p50 / p99 "
-        "(ms) | handshake p50 / p99 (ms) | CPU-s per MB, sender / receiver | SHA-256 |"
+        "\n| path | QUIC MB/s (median; min-max) | raw datagrams, same path (MB/s) | QUIC / raw "
+        "| setup p50 / p99 (ms) | handshake p50 / p99 (ms) | CPU-s per MB, sender / receiver "
+        "| SHA-256 |"
     )
     print("|---|---|---|---|---|---|---|---|")
     for name, r in figures.items():
@@ -154,7 +158,8 @@ def report(raw: dict[str, dict[str, Any]], figures: dict[str, dict[str, Any]]) -
         base = raw.get(RAW.get(name, ""), {}).get("mb_per_s")
         ratio = f"{r['mb_per_s'] / base:.2f}" if base else "-"
         print(
-            f"| {name} ({r['kind']}) | {r['mb_per_s']} | {base or '-'} | {ratio} | "
+            f"| {name} ({r['kind']}) | {r['mb_per_s']} ({r['mb_per_s_min']}-{r['mb_per_s_max']}) | "
+            f"{base or '-'} | {ratio} | "
             f"{r['setup_p50_ms']} / {r['setup_p99_ms']} | "
             f"{r['handshake_p50_ms']} / {r['handshake_p99_ms']} | "
             f"{r['sender_cpu_s_per_mb']} / {r['receiver_cpu_s_per_mb']} | "

@@ -215,13 +215,29 @@ def test_closing_the_path_asks_the_session_to_end_it(loop) -> None:
     wait(lambda: closes == ["done here"])
 
 
+CANDIDATE = "6815297761 1 udp 2130706431 192.0.2.2 37929 typ host"
+
+
 # ---- one ICE attempt ---------------------------------------------------------------------------
 
 
-def test_aioice_still_keeps_the_nominated_pair_where_the_agent_reads_it() -> None:
-    """worker_agent/p2p/ice.py reads aioice's private `_nominated`; pyproject pins aioice."""
+def test_aioice_still_keeps_what_the_agent_reads_where_it_reads_it() -> None:
+    """worker_agent/p2p/ice.py reads aioice's private `_nominated`, `_check_list`, each pair's
+    `remote_nominated`, and the socket protocol under a TURN transport; pyproject pins aioice."""
     assert aioice.__version__.startswith("0.13.")
-    assert aioice.Connection(ice_controlling=True)._nominated == {}
+
+    async def check() -> None:
+        connection = aioice.Connection(ice_controlling=False)
+        assert connection._nominated == {} and connection._check_list == []
+        assert hasattr(aioice.Connection, "data_received")  # what ice._Connection overrides
+        protocol = aioice.ice.StunProtocol(connection)
+        pair = aioice.ice.CandidatePair(protocol, aioice.Candidate.from_sdp(CANDIDATE))
+        assert pair.remote_nominated is False
+        inner = object()
+        transport = aioice.turn.TurnTransport(inner)  # type: ignore[arg-type]
+        assert transport._TurnTransport__inner_protocol is inner  # type: ignore[attr-defined]
+
+    asyncio.run(check())
 
 
 async def _attempts(
@@ -279,6 +295,44 @@ def test_two_attempts_on_one_host_meet_on_a_lan_pair_and_carry_datagrams() -> No
             await b.close()
 
     asyncio.run(scenario())
+
+
+def test_a_burst_goes_out_in_segmented_sends_and_arrives_whole_and_in_order() -> None:
+    """Runs of one size leave in one sendmsg() each (GSO); the peer reads every datagram as
+    it was, in order, whatever the runs were."""
+    burst = [bytes([n]) * 1350 for n in range(100)] + [b"short", b"x" * 1350, b"y" * 1350]
+
+    async def scenario() -> None:
+        a, b, _, got_b = await _attempts()
+        try:
+            drain = a._drain
+            assert drain is not None and drain.gso
+            sent_segmented: list[int] = []
+            original = drain.send_segmented
+            drain.send_segmented = lambda run, address: (  # type: ignore[method-assign]
+                sent_segmented.append(len(run)) or original(run, address)
+            )
+            a.send_many(burst)
+            for _ in range(200):
+                if len(got_b) == len(burst):
+                    break
+                await asyncio.sleep(0.01)
+            assert got_b == burst
+            assert sent_segmented == [48, 48, 5, 2] and drain.gso  # the kernel took them
+        finally:
+            await a.close()
+            await b.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_burst_is_cut_into_runs_one_segmented_send_can_carry() -> None:
+    runs = ice._runs([b"a" * 10] * 3 + [b"b" * 4, b"c" * 10, b"d" * 12, b"e" * 12])
+    assert [[len(d) for d in run] for run in runs] == [[10, 10, 10, 4], [10], [12, 12]]
+    many = ice._runs([b"z" * 1100] * 70)
+    assert [len(run) for run in many] == [59, 11]  # GSO_MAX_BYTES (65,000) before 64 segments
+    assert [len(run) for run in ice._runs([b"q"] * 70)] == [64, 6]  # at most 64 segments
+    assert ice._runs([]) == []
 
 
 def test_an_attempt_whose_peer_never_answers_fails_within_its_timeout() -> None:

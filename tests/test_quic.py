@@ -52,6 +52,10 @@ class Wire:
         assert self.peer is not None
         self.loop.loop.call_soon(self.peer.deliver, data, wire.PathKind.LAN)
 
+    def send_many(self, datagrams: list[bytes]) -> None:
+        for data in datagrams:
+            self.send(data)
+
 
 @dataclass
 class Pair:

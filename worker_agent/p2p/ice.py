@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,6 +36,11 @@ logger = logging.getLogger("worker_agent.p2p")
 DEFAULT_TIMEOUT = 10.0
 # Datagrams read in one go once the path's socket is readable (see `_Drain`).
 DRAIN_MAX = 64
+# Generic segmentation offload (Linux 4.18): one sendmsg() carries up to 64 datagrams of one
+# size (the last may be shorter) and the kernel cuts them apart; Python has no constant for it.
+UDP_SEGMENT = getattr(socket, "UDP_SEGMENT", 103)
+GSO_MAX_SEGMENTS = 64
+GSO_MAX_BYTES = 65000
 # Receive buffer asked for on the path's socket: a burst of a fast sender is queued, not dropped.
 # The kernel grants at most net.core.rmem_max (Linux's default is 208 KiB).
 RECEIVE_BUFFER = 4 * 1024 * 1024
@@ -103,6 +109,7 @@ class IceAttempt:
             transport_policy=aioice.TransportPolicy.RELAY if relay else aioice.TransportPolicy.ALL,
         )
         self._datagram = datagram
+        self._pair: Any = None  # the pair `settle` took, until aioice nominates one here
         self._drain: _Drain | None = None
         self.connection.on_data = self._on_data
         self._remote_known = asyncio.Event()
@@ -137,7 +144,6 @@ class IceAttempt:
             await self.close()
             return False
         self.connected_after = time.monotonic() - self.started
-        self._drain = _Drain.of(_nominated(self.connection))
         self._receiver = asyncio.get_running_loop().create_task(self._receive())
         return True
 
@@ -168,14 +174,23 @@ class IceAttempt:
             raise IceFailed("ICE completed without a nominated pair")
 
     def settle(self) -> bool:
-        """Take the nominated pair as this attempt's route, if there is one yet. The controlled
-        side has it once the peer's nominating check arrived, which may be before `connect()`
-        returns here: the peer's first datagrams then come on it, and answers go back on it."""
+        """Take the nominated pair as this attempt's route, if there is one yet.
+
+        The controlled side may see the peer's datagrams before its own check list completes:
+        the controlling side nominated a pair as soon as one of its checks was answered, while
+        this side's check on that pair may have been dropped by the peer's NAT (it had not sent
+        there yet) and is retried only after aioice's retransmission timeout (500 ms, then
+        more). A pair the peer nominated with a check that arrived here is a working 5-tuple
+        both ways (the peer just sent on it): it is the route until ours completes."""
         if self.kind is not None:
             return True
-        pair = _nominated(self.connection)
-        if pair is None or self.closed.is_set():
+        if self.closed.is_set():
             return False
+        pair = _nominated(self.connection) or _nominated_by_peer(self.connection)
+        if pair is None:
+            return False
+        self._pair = pair
+        self._drain = _Drain.of(pair)
         local, remote = pair.local_candidate, pair.remote_candidate
         self.local = (local.host, local.port)
         self.remote = pair.remote_addr
@@ -210,10 +225,27 @@ class IceAttempt:
 
     def send(self, data: bytes) -> None:
         """Send one datagram on the nominated pair (on the loop; never blocks)."""
-        pair = _nominated(self.connection)
+        pair = _nominated(self.connection) or self._pair
         if pair is None or self.closed.is_set():
             return
         pair.protocol.transport.sendto(data, pair.remote_addr)
+
+    def send_many(self, datagrams: list[bytes]) -> None:
+        """Send a burst in order: runs of one size in one segmented send where the kernel can
+        (a direct or LAN pair: GSO); one by one otherwise (TURN frames each datagram)."""
+        pair = _nominated(self.connection) or self._pair
+        if pair is None or self.closed.is_set():
+            return
+        transport, address = pair.protocol.transport, pair.remote_addr
+        drain = self._drain
+        if drain is None or not drain.segments(pair.protocol, transport):
+            for data in datagrams:
+                transport.sendto(data, address)
+            return
+        for run in _runs(datagrams):
+            if len(run) == 1 or not drain.send_segmented(run, address):
+                for data in run:
+                    transport.sendto(data, address)
 
     def _on_data(self, data: bytes) -> None:
         self._datagram(self, data)
@@ -257,10 +289,13 @@ class _Drain:
     checks it); without it that pair is read one datagram per turn, as before.
     """
 
-    def __init__(self, sock: socket.socket, protocol: asyncio.DatagramProtocol) -> None:
+    def __init__(
+        self, sock: socket.socket, protocol: asyncio.DatagramProtocol, *, turn: bool = False
+    ) -> None:
         self._socket = sock
         self._protocol = protocol
         self._reading = False
+        self.gso = not turn and hasattr(sock, "sendmsg")  # until the kernel says otherwise
 
     @classmethod
     def of(cls, pair: Any) -> _Drain | None:
@@ -287,7 +322,30 @@ class _Drain:
                 "a fast peer may overrun it",
                 granted,
             )
-        return cls(sock, protocol)
+        return cls(sock, protocol, turn=inner is not None)
+
+    def segments(self, protocol: Any, transport: Any) -> bool:
+        """Whether a burst for this pair may go out segmented now: GSO works here, the pair
+        sends from this socket, and asyncio holds nothing unsent for it (that would reorder)."""
+        return self.gso and protocol is self._protocol and not transport.get_write_buffer_size()
+
+    def send_segmented(self, run: list[bytes], address: tuple[str, int]) -> bool:
+        """One sendmsg() for datagrams of one size (the last may be shorter). False when it
+        did not go: the caller sends them one by one."""
+        try:
+            self._socket.sendmsg(
+                [b"".join(run)],
+                [(socket.SOL_UDP, UDP_SEGMENT, struct.pack("=H", len(run[0])))],
+                0,
+                address,
+            )
+        except (BlockingIOError, InterruptedError):
+            return False  # the socket is full: asyncio queues them
+        except OSError as exc:  # no GSO on this kernel or device: never again on this socket
+            logger.debug("segmented sends off for this path: %s", exc)
+            self.gso = False
+            return False
+        return True
 
     def read_more(self) -> None:
         if self._reading:
@@ -310,11 +368,48 @@ class _Drain:
         self._socket.close()
 
 
+def _runs(datagrams: list[bytes]) -> list[list[bytes]]:
+    """Consecutive datagrams cut into runs one segmented send can carry: the size of the first,
+    the last one of a run possibly shorter, at most GSO_MAX_SEGMENTS and GSO_MAX_BYTES."""
+    runs: list[list[bytes]] = []
+    run: list[bytes] = []
+    size = total = 0
+    for data in datagrams:
+        if run and (
+            len(data) > size
+            or len(run[-1]) < size
+            or len(run) == GSO_MAX_SEGMENTS
+            or total + len(data) > GSO_MAX_BYTES
+        ):
+            runs.append(run)
+            run = []
+        if not run:
+            size, total = len(data), 0
+        run.append(data)
+        total += len(data)
+    if run:
+        runs.append(run)
+    return runs
+
+
 def _nominated(connection: aioice.Connection) -> Any:
     """The nominated candidate pair of component 1, or None. aioice has no public accessor:
     this reads `_nominated` (aioice 0.13, pinned in pyproject.toml; tests/test_p2p_unit.py checks
     it)."""
     return connection._nominated.get(1)
+
+
+def _nominated_by_peer(connection: aioice.Connection) -> Any:
+    """On the controlled side, the best pair the controlling peer nominated with a check that
+    arrived here, or None. aioice keeps it private: `_check_list` (sorted best first) and each
+    pair's `remote_nominated` (aioice 0.13, pinned in pyproject.toml; tests/test_p2p_unit.py
+    checks both)."""
+    if connection.ice_controlling:
+        return None
+    for pair in connection._check_list:
+        if pair.remote_nominated and pair.state != aioice.ice.CandidatePair.State.FAILED:
+            return pair
+    return None
 
 
 def _describe(exc: BaseException, timeout: float) -> str:

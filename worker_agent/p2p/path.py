@@ -47,6 +47,8 @@ class Route(Protocol):
 
     def send(self, data: bytes) -> None: ...
 
+    def send_many(self, datagrams: list[bytes]) -> None: ...
+
 
 @dataclass
 class RelayRoute:
@@ -59,6 +61,9 @@ class RelayRoute:
 
     def send(self, data: bytes) -> None:
         self.link.send(self.header, data)  # never waits: from the loop, a full queue drops
+
+    def send_many(self, datagrams: list[bytes]) -> None:
+        self.link.send_many(self.header, datagrams)
 
 
 @dataclass
@@ -184,6 +189,16 @@ class PeerPath:
             return
         self._count(self.stats.sent, best.kind)
         best.send(data)
+
+    def send_many_nowait(self, datagrams: list[bytes]) -> None:
+        """`send_nowait` for a burst, in order: what the route can do at once (one relay
+        frame, one segmented UDP send) is done at once."""
+        best = self._best
+        if best is None or not datagrams:
+            return
+        key = str(best.kind)
+        self.stats.sent[key] = self.stats.sent.get(key, 0) + len(datagrams)
+        best.send_many(datagrams)
 
     def set_datagram_handler(self, handler: DatagramHandler | None) -> None:
         """Deliver datagrams to `handler` (on the peer loop) instead of recv()."""

@@ -207,8 +207,9 @@ class QuicSession:
         if self.quic is None:
             return
         now = time.monotonic()
-        for data, _ in self.quic.datagrams_to_send(now=now):
-            self.path.send_nowait(data)
+        datagrams = [data for data, _ in self.quic.datagrams_to_send(now=now)]
+        if datagrams:
+            self.path.send_many_nowait(datagrams)
             self._last_sent = now
         self._arm_timer()
         self._wake_writers()

@@ -57,6 +57,18 @@ class RelayLink:
             self._cond.notify_all()
         return True
 
+    def send_many(self, header: bytes, datagrams: list[bytes]) -> None:
+        """Queue a burst for one peer without waiting; what does not fit is dropped."""
+        with self._cond:
+            for datagram in datagrams:
+                size = len(datagram) + wire.RELAY_LENGTH_BYTES
+                if self._closed or self._queued + size > self.max_queued:
+                    self.dropped += 1
+                    continue
+                self._queue.append((header, datagram))
+                self._queued += size
+            self._cond.notify_all()
+
     def close(self) -> None:
         with self._cond:
             self._closed = True
