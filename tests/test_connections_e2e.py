@@ -7,6 +7,7 @@ impostor, both ways: tests/test_quic.py."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -24,7 +25,7 @@ import pytest
 from registry import enrolment, identities
 from registry.models import Worker
 from tests.support.processes import REPO, ServerProcess, wait_until
-from worker_agent import NoPath, PeerConnection, WorkerAgent
+from worker_agent import NoPath, PeerConnection, PeerError, PeerStream, WorkerAgent
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -155,6 +156,60 @@ def test_with_the_relay_off_the_handshake_waits_for_the_udp_path_and_runs_on_it(
     with pytest.raises(NoPath, match="does not relay"):
         c.connect("b", timeout=10)
     assert time.monotonic() - started < 5
+
+
+def test_many_streams_at_once_and_datagrams_both_ways(
+    server: ServerProcess, agents: Callable[..., WorkerAgent]
+) -> None:
+    def serve(agent: WorkerAgent, conn: PeerConnection) -> None:
+        def digest_of(stream: PeerStream) -> None:
+            digest = hashlib.sha256()
+            while data := stream.recv(1 << 16, timeout=60):
+                digest.update(data)
+            stream.sendall(digest.hexdigest().encode())
+            stream.shutdown_write()
+
+        def echo_datagrams() -> None:
+            with contextlib.suppress(PeerError, TimeoutError):
+                while True:
+                    conn.send_datagram(b"echo:" + conn.recv_datagram(timeout=60))
+
+        threading.Thread(target=echo_datagrams, daemon=True).start()
+        with contextlib.suppress(PeerError, TimeoutError):
+            while True:  # each stream in a thread of its own: they run at the same time
+                stream = conn.accept_stream(timeout=60)
+                threading.Thread(target=digest_of, args=(stream,), daemon=True).start()
+
+    b = agents(server.url, "b", on_peer=serve)
+    a = agents(server.url, "a")
+    b.start()
+    a.start()
+    assert a.wait_registered(10) and b.wait_registered(10)
+    with a.connect("b", timeout=10) as conn:
+        payloads = [os.urandom(200_000 + n) for n in range(16)]
+        streams = [conn.open_stream() for _ in payloads]
+        assert len({s.stream_id for s in streams}) == 16
+
+        def send(stream: PeerStream, payload: bytes) -> None:
+            for offset in range(0, len(payload), 10_000):  # interleaved with the others
+                stream.sendall(payload[offset : offset + 10_000])
+            stream.shutdown_write()
+
+        senders = [
+            threading.Thread(target=send, args=pair) for pair in zip(streams, payloads, strict=True)
+        ]
+        for thread in senders:
+            thread.start()
+        for thread in senders:
+            thread.join(60)
+        answers = [s.recv_exactly(64, timeout=60).decode() for s in streams]
+        assert answers == [hashlib.sha256(p).hexdigest() for p in payloads]
+        echoed = set()
+        for n in range(20):  # unreliable: some may be lost, most must come back
+            conn.send_datagram(b"d%d" % n)
+            with contextlib.suppress(TimeoutError):
+                echoed.add(conn.recv_datagram(timeout=2))
+        assert len(echoed) >= 15 and echoed <= {b"echo:d%d" % n for n in range(20)}
 
 
 def test_a_transfer_in_flight_survives_the_route_moving_under_it(
