@@ -292,6 +292,10 @@ class WorkerAgent:
                 target=self._run, name=f"worker-agent-{self.worker_id[:12]}", daemon=True
             )
             self._thread.start()
+        # So that the first connect() (or the first peer's) does not wait for the imports.
+        warm_up = threading.Thread(target=self.peering.warm_up, name="worker-agent-warm-up")
+        warm_up.daemon = True
+        warm_up.start()
 
     def stop(self, timeout: float = 10.0) -> bool:
         """Close with code 1000 and wait for the loop to end. False if it is still running.
