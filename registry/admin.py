@@ -6,26 +6,29 @@ fixed number of queries however many workers it shows (tests/test_admin.py count
 
 from __future__ import annotations
 
+import json
 from datetime import datetime, timedelta
 from typing import Any
 
+from django.conf import settings
 from django.contrib import admin, messages
 from django.contrib.admin.utils import quote, unquote
 from django.core.exceptions import PermissionDenied
-from django.db.models import QuerySet
+from django.db.models import Q, QuerySet
 from django.forms.models import BaseInlineFormSet
 from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect
 from django.shortcuts import redirect
 from django.urls import URLPattern, path, reverse
 from django.utils import timezone
-from django.utils.html import format_html
+from django.utils.html import format_html, format_html_join
 from django.utils.http import urlencode
 from django.utils.safestring import SafeString
 from django.utils.timesince import timesince
 from django.views.decorators.http import require_POST
 
-from registry import control, enrolment, identities
+from registry import control, enrolment, identities, selectors
 from registry.models import Connection, PeerConnection, ServerInstance, Worker
+from registry.policy import ALLOW_ALL, Policy, Subject
 from registry.selectors import RECENT_CONNECTIONS, registry_overview
 
 OBSERVED_WORKER_FIELDS = (
@@ -37,7 +40,7 @@ OBSERVED_WORKER_FIELDS = (
     "observed_port",
     "public_ip",
     "public_ip_reported_at",
-    "agent_info",
+    "agent_info_display",
     "current_connection",
     "all_connections",
     "tags_display",
@@ -49,6 +52,9 @@ OBSERVED_WORKER_FIELDS = (
     "nat_reported_at",
     "identity",
     "certificate_bound_at",
+    "may_reach",
+    "reachable_from",
+    "peer_connections",
 )
 
 CONNECTION_FIELDS = (
@@ -265,6 +271,7 @@ class WorkerAdmin(admin.ModelAdmin):
     ) -> HttpResponse:
         context = {
             "overview": registry_overview(now=timezone.now()),
+            "policy_mode": settings.RENDEZVOUS["PEER_POLICY"],
             **(extra_context or {}),
         }
         return super().changelist_view(request, extra_context=context)
@@ -276,8 +283,14 @@ class WorkerAdmin(admin.ModelAdmin):
         form_url: str = "",
         extra_context: dict[str, Any] | None = None,
     ) -> HttpResponse:
-        # Every field is observed, so there is nothing to save: no Save buttons that lie.
-        context = {"show_save": False, "show_save_and_continue": False, **(extra_context or {})}
+        # Every field is observed, so there is nothing to save: no Save buttons that lie, and
+        # a title that does not offer to change it.
+        context = {
+            "show_save": False,
+            "show_save_and_continue": False,
+            "title": "View worker",
+            **(extra_context or {}),
+        }
         return super().change_view(request, object_id, form_url, extra_context=context)
 
     def get_urls(self) -> list[URLPattern]:
@@ -436,6 +449,65 @@ class WorkerAdmin(admin.ModelAdmin):
     def identity(self, worker: Worker) -> str:
         return identities.display(worker.certificate_fingerprint) or "none (no certificate yet)"
 
+    @admin.display(description="agent info")
+    def agent_info_display(self, worker: Worker) -> SafeString | str:
+        if not worker.agent_info:
+            return "-"
+        text = json.dumps(worker.agent_info, indent=2, sort_keys=True, ensure_ascii=False)
+        return format_html('<pre class="rv-agent-info" style="margin:0">{}</pre>', text)
+
+    @admin.display(description="may reach (peer policy)")
+    def may_reach(self, worker: Worker) -> SafeString | str:
+        rules, me, everyone = self._reach(worker)
+        return _worker_links(rules.reachable(me, everyone), rules, "reach")
+
+    @admin.display(description="may be reached by (peer policy)")
+    def reachable_from(self, worker: Worker) -> SafeString | str:
+        rules, me, everyone = self._reach(worker)
+        return _worker_links(rules.reaching(me, everyone), rules, "be reached by")
+
+    @staticmethod
+    def _reach(worker: Worker) -> tuple[Policy, Subject, list[Subject]]:
+        """The rules and every worker, read once per page: kept on this request's object."""
+        if "_policy_reach" not in worker.__dict__:
+            everyone = selectors.subjects()
+            me = next((s for s in everyone if s.worker_id == worker.pk), Subject.of(worker.pk))
+            worker.__dict__["_policy_reach"] = (selectors.peer_policy(), me, everyone)
+        return worker.__dict__["_policy_reach"]
+
+    @admin.display(description="peer connections")
+    def peer_connections(self, worker: Worker) -> SafeString:
+        counts = selectors.peer_connection_counts(worker.pk)
+        url = reverse("admin:registry_peerconnection_changelist")
+        link = f"{url}?{urlencode({'worker': worker.pk})}"
+        summary = ", ".join(f"{count} {outcome}" for outcome, count in counts.items() if count)
+        return format_html(
+            '<a href="{}">{} as requester or target</a>{}',
+            link,
+            sum(counts.values()),
+            f" ({summary})" if summary else "",
+        )
+
+
+REACH_SHOWN = 50
+
+
+def _worker_links(subjects: list[Subject], rules: Policy, verb: str) -> SafeString | str:
+    if rules.mode == ALLOW_ALL:
+        return f"every worker (RENDEZVOUS_PEER_POLICY is allow-all): may {verb} any other"
+    if not subjects:
+        return "no worker (no enabled rule allows it)"
+    shown = format_html_join(
+        ", ",
+        '<a href="{}">{}</a>',
+        (
+            (reverse("admin:registry_worker_change", args=[quote(s.worker_id)]), s.worker_id)
+            for s in subjects[:REACH_SHOWN]
+        ),
+    )
+    more = len(subjects) - REACH_SHOWN
+    return format_html("{}{}", shown, f" and {more} more" if more > 0 else "")
+
 
 @admin.register(Connection)
 class ConnectionAdmin(admin.ModelAdmin):
@@ -495,6 +567,27 @@ class OpenPeerConnectionFilter(admin.SimpleListFilter):
         return queryset
 
 
+class PeerWorkerFilter(admin.SimpleListFilter):
+    """One worker's peer connections, as requester or target (the worker page links here)."""
+
+    title = "worker"
+    parameter_name = "worker"
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
+        busiest = selectors.busiest_peer_workers(limit=20)
+        chosen = self.value()
+        if chosen and chosen not in busiest:
+            busiest.insert(0, chosen)
+        return [(worker_id, worker_id) for worker_id in busiest]
+
+    def queryset(
+        self, request: HttpRequest, queryset: QuerySet[PeerConnection]
+    ) -> QuerySet[PeerConnection]:
+        if self.value():
+            return queryset.filter(Q(requester_id=self.value()) | Q(target_id=self.value()))
+        return queryset
+
+
 @admin.register(PeerConnection)
 class PeerConnectionAdmin(admin.ModelAdmin):
     """Introductions between workers: who asked whom, how it went, which path it took."""
@@ -503,14 +596,15 @@ class PeerConnectionAdmin(admin.ModelAdmin):
         "short_id",
         "requester_id",
         "target_id",
-        "outcome",
+        "outcome_display",
         "path_kind",
         "setup_ms",
         "relayed_bytes",
+        "decided_by",
         "requested_at",
         "closed_at",
     )
-    list_filter = (OpenPeerConnectionFilter, "outcome", "path_kind")
+    list_filter = (OpenPeerConnectionFilter, "outcome", "path_kind", PeerWorkerFilter)
     search_fields = ("id", "requester_id", "target_id")
     date_hierarchy = "requested_at"
     readonly_fields = [field.name for field in PeerConnection._meta.fields]
@@ -527,6 +621,17 @@ class PeerConnectionAdmin(admin.ModelAdmin):
     @admin.display(description="introduction", ordering="id")
     def short_id(self, record: PeerConnection) -> str:
         return record.id[:8]
+
+    @admin.display(description="outcome", ordering="outcome")
+    def outcome_display(self, record: PeerConnection) -> str:
+        """Who refused, or why it failed, with the outcome."""
+        if record.failure_code == "POLICY_DENIED":
+            return "refused by the peer policy"
+        if record.failure_code == "PEER_REFUSED":
+            return f"refused by {record.target_id}"
+        if record.failure_code:
+            return f"failed: {record.failure_code}"
+        return record.get_outcome_display()
 
 
 @admin.register(ServerInstance)
@@ -553,4 +658,4 @@ class ServerInstanceAdmin(admin.ModelAdmin):
         return False
 
 
-from registry import security_admin  # noqa: E402, F401  (enrolment keys and API tokens)
+from registry import policy_admin, security_admin  # noqa: E402, F401  (rules, keys, tokens)

@@ -31,7 +31,9 @@ from registry import (
 from registry.addresses import observed_address
 from registry.introductions import PeerSide
 from registry.logs import InstanceLogAdapter
+from registry.models import decode_tags
 from registry.origins import origin_allowed
+from registry.policy import ALLOW_ALL, Policy, Subject
 from registry.ratelimit import TokenBucket
 from registry.runtime import SUPERSEDE, get_runtime
 
@@ -162,6 +164,7 @@ class RegisterConsumer(AsyncWebsocketConsumer):
             self.observed_ip,
             deliver=self.deliver,
             relay=self.relayed_to_me,
+            policy_changed=self.policy_changed,
         )
         runtime.peers.joined(self.worker_id, self.tags)
         log.info(
@@ -335,8 +338,27 @@ class RegisterConsumer(AsyncWebsocketConsumer):
                 send_bytes=self._send_bytes,
                 base_send=self.base_send,
                 certificate=self.certificate,
+                tags=self.tags,
             )
         return self._peer_side
+
+    @property
+    def subject(self) -> Subject:
+        """This worker as the peer policy sees it."""
+        return Subject.of(self.worker_id, decode_tags(self.tags))
+
+    def _reachable_peers(self, tag: str | None) -> tuple[list[dict[str, Any]], bool]:
+        """`list_peers`: the connected workers this one may reach, by the rules as they are."""
+        rules = selectors.peer_policy()
+        me = self.subject
+        reachable = None if rules.mode == ALLOW_ALL else (lambda peer: rules.allows(me, peer))
+        return selectors.list_peers(exclude=self.worker_id, tag=tag, reachable=reachable)
+
+    async def policy_changed(self, policy: Policy) -> int:
+        """The peer rules changed: end the links they no longer allow."""
+        if self._peer_side is None:
+            return 0
+        return await self._peer_side.policy_changed(policy)
 
     async def _send_bytes(self, frame: bytes) -> None:
         await self.send(bytes_data=frame)
@@ -357,14 +379,14 @@ class RegisterConsumer(AsyncWebsocketConsumer):
                 await self._report(services.Report(self.connection_id or 0, nat=message))
                 return protocol.nat_report_recorded(message.mapping)
             case protocol.ListPeers(tag=tag, request_id=request_id):
-                peer_list, truncated = await database_sync_to_async(selectors.list_peers)(
-                    exclude=self.worker_id, tag=tag
-                )
+                peer_list, truncated = await database_sync_to_async(self._reachable_peers)(tag)
                 return protocol.peers(peer_list, request_id=request_id, truncated=truncated)
             case protocol.SubscribePeers(tag=tag):
                 await get_runtime().peers.subscribe(
                     self.connection_id,
-                    peers.Subscription(worker_id=self.worker_id, tag=tag, send=self.send),
+                    peers.Subscription(
+                        worker_id=self.worker_id, tag=tag, send=self.send, subject=self.subject
+                    ),
                 )
                 return protocol.peers_subscribed(tag)
             case protocol.UnsubscribePeers():

@@ -26,6 +26,8 @@ from django.conf import settings
 from registry import metrics, protocol, selectors, services, turn
 from registry.identities import Certificate
 from registry.logs import InstanceLogAdapter
+from registry.models import decode_tags
+from registry.policy import ALLOW_ALL, DENY_ALL, RULES, Decision, Policy, Subject
 from registry.ratelimit import TokenBucket
 from registry.relay import PeerLink, PeerLinks, ReadWindow, RelayPort, SendWindow
 from registry.runtime import DELIVER, InstanceRuntime, get_runtime
@@ -85,6 +87,8 @@ class Pending:
     request_id: str
     transport: protocol.Transport = protocol.Transport.QUIC
     requester_certificate: str | None = None  # base64 DER, as the requester presented it
+    requester_tags: tuple[str, ...] = ()
+    decided_by: str = ""  # what the requester's instance found the peer policy to say
     expires_at: float = field(default_factory=lambda: time.monotonic() + ANSWER_TIMEOUT)
 
     @classmethod
@@ -97,6 +101,8 @@ class Pending:
             request_id=message["request_id"],
             transport=protocol.Transport(message["transport"]),
             requester_certificate=message["requester_certificate"],
+            requester_tags=tuple(message.get("requester_tags") or ()),
+            decided_by=message.get("decided_by") or "",
         )
 
     def as_message(self) -> dict[str, Any]:
@@ -108,6 +114,8 @@ class Pending:
             "request_id": self.request_id,
             "transport": str(self.transport),
             "requester_certificate": self.requester_certificate,
+            "requester_tags": list(self.requester_tags),
+            "decided_by": self.decided_by,
         }
 
 
@@ -155,9 +163,11 @@ class PeerSide:
         send_bytes: Callable[[bytes], Awaitable[None]],
         base_send: Callable[..., Any],
         certificate: Certificate | None = None,
+        tags: str = "",
     ) -> None:
         config = settings.RENDEZVOUS
         self.worker_id = worker_id
+        self.subject = Subject.of(worker_id, decode_tags(tags))
         self.connection_id = connection_id
         self.certificate = certificate.encoded if certificate else None
         self.runtime = runtime
@@ -205,6 +215,11 @@ class PeerSide:
             return failed(protocol.ConnectFailure.TOO_MANY_PEERS, self._too_many(self.worker_id))
         if request.transport == protocol.Transport.QUIC and self.certificate is None:
             return failed(protocol.ConnectFailure.NO_IDENTITY, _no_identity(self.worker_id))
+        # The policy first: a worker that may not reach B does not learn whether B is online.
+        decision = await database_sync_to_async(self._decide)(request.peer_id)
+        if not decision.allowed:
+            self._record_refusal(request.peer_id, decision)
+            return failed(protocol.ConnectFailure.POLICY_DENIED, decision.reason)
         target = await database_sync_to_async(selectors.peer_target)(request.peer_id)
         if target is None:
             return failed(
@@ -219,6 +234,8 @@ class PeerSide:
             request_id=request.request_id,
             transport=request.transport,
             requester_certificate=self.certificate,
+            requester_tags=tuple(sorted(self.subject.tags)),
+            decided_by=decision.by,
         )
         await self.runtime.send_command(
             target.channel_name,
@@ -296,7 +313,12 @@ class PeerSide:
                 code=protocol.ErrorCode.INVALID_FIELD,
             )
         refusal = None
-        if self.links.full():
+        # Again, as B's instance reads the rules now: one may have changed while B decided.
+        requester = Subject.of(pending.requester_id, pending.requester_tags)
+        decision = await database_sync_to_async(self._decide_pair)(requester, self.subject)
+        if not decision.allowed:
+            refusal = protocol.ConnectFailure.POLICY_DENIED, decision.reason
+        elif self.links.full():
             refusal = protocol.ConnectFailure.TOO_MANY_PEERS, self._too_many(self.worker_id)
         elif pending.transport == protocol.Transport.QUIC and self.certificate is None:
             refusal = protocol.ConnectFailure.NO_IDENTITY, _no_identity(self.worker_id)
@@ -313,6 +335,7 @@ class PeerSide:
             peer_connection_id=pending.requester_connection_id,
             initiator=False,
             relay=relay,
+            peer_tags=pending.requester_tags,
         )
         self.links.add(mine)
         theirs = PeerLink(
@@ -322,6 +345,7 @@ class PeerSide:
             peer_connection_id=self.connection_id,
             initiator=True,
             relay=relay,
+            peer_tags=tuple(sorted(self.subject.tags)),
         )
         turn_a, turn_b = turn_credentials(pending.requester_id), turn_credentials(self.worker_id)
         if turn_a is not None:
@@ -356,6 +380,7 @@ class PeerSide:
                 target_id=self.worker_id,
                 requester_connection_id=pending.requester_connection_id,
                 target_connection_id=self.connection_id,
+                decided_by=decision.by,
             ),
             what=f"record of introduction {pending.introduction_id}",
         )
@@ -460,6 +485,60 @@ class PeerSide:
             await self._record_close(link, reason)
             await self._tell_peer(link, event=LINK_CLOSED, reason=reason)
 
+    # ---- the peer policy changed ----------------------------------------------------------------
+
+    async def policy_changed(self, policy: Policy) -> int:
+        """End the links the new rules no longer allow (and the relaying for them); both sides
+        are told. Returns how many ended here."""
+        ended = 0
+        for link in list(self.links):
+            peer = Subject.of(link.peer_id, link.peer_tags)
+            source, destination = (self.subject, peer) if link.initiator else (peer, self.subject)
+            decision = policy.decide(source, destination)
+            if decision.allowed:
+                continue
+            reason = f"the peer policy no longer allows it: {decision.reason}"
+            if not await self._end(link, reason):
+                continue  # ended meanwhile (by the peer, or by a reload before this one)
+            await self._tell_peer(link, event=LINK_CLOSED, reason=reason)
+            await self._send(
+                protocol.peer_closed(
+                    introduction_id=link.introduction_id, peer_id=link.peer_id, reason=reason
+                )
+            )
+            metrics.policy_link_ended()
+            ended += 1
+        return ended
+
+    def _decide(self, peer_id: str) -> Decision:
+        """May this worker reach `peer_id`, by the rules as the database holds them now?"""
+        return self._decide_pair(self.subject, selectors.subject(peer_id))
+
+    def _decide_pair(self, source: Subject, destination: Subject) -> Decision:
+        return self._policy().decide(source, destination)
+
+    @staticmethod
+    def _policy() -> Policy:
+        try:
+            return selectors.peer_policy()
+        except Exception:  # the rules cannot be read: nothing is allowed (never fails open)
+            log.exception("peer policy: the rules cannot be read; refusing introductions")
+            metrics.policy_error()
+            return DENY_ALL if settings.RENDEZVOUS["PEER_POLICY"] == RULES else Policy(ALLOW_ALL)
+
+    def _record_refusal(self, peer_id: str, decision: Decision) -> None:
+        self.runtime.spawn(
+            database_sync_to_async(services.record_failed_introduction)(
+                introduction_id=new_introduction_id(),
+                requester_id=self.worker_id,
+                target_id=peer_id,
+                code=protocol.ConnectFailure.POLICY_DENIED,
+                reason=decision.reason,
+                decided_by=decision.by,
+            ),
+            what="record of a refused introduction",
+        )
+
     # ---- relay frames ------------------------------------------------------------------------
 
     async def relay_from_worker(self, frame: bytes) -> protocol.RelayError | None:
@@ -491,9 +570,12 @@ class PeerSide:
             raise protocol.InvalidField("no introduction under that id on this connection")
         return link
 
-    async def _end(self, link: PeerLink, reason: str) -> None:
-        if self.links.pop(link.introduction_id) is not None:
-            await self._record_close(link, reason)
+    async def _end(self, link: PeerLink, reason: str) -> bool:
+        """End the link here; False if it had ended already."""
+        if self.links.pop(link.introduction_id) is None:
+            return False
+        await self._record_close(link, reason)
+        return True
 
     async def _record_close(self, link: PeerLink, reason: str) -> None:
         log.info(

@@ -126,6 +126,23 @@ SENDS_AFTER_CLOSE = Counter(
     "Frames dropped because the worker's socket closed while they were on their way.",
     ["instance_name"],
 )
+POLICY_ERRORS = Counter(
+    "rendezvous_policy_errors",
+    "Peer policy decisions that could not be made (refused, never allowed), and stored rules that"
+    " could not be read (skipped).",
+    ["instance_name"],
+)
+POLICY_RELOADS = Counter(
+    "rendezvous_policy_reloads",
+    "Times this instance read the peer policy's rules again after a change.",
+    ["instance_name"],
+)
+POLICY_LINKS_ENDED = Counter(
+    "rendezvous_policy_links_ended",
+    "Peer links (and the relaying for them) this instance ended because a rule change no longer"
+    " allows the pair.",
+    ["instance_name"],
+)
 HEARTBEAT_INTERVAL = Histogram(
     "rendezvous_heartbeat_interval_seconds",
     "Time between two application heartbeats on one connection, as the service saw them.",
@@ -219,6 +236,18 @@ def message_sent() -> None:
 
 def report(kind: str, stored: bool) -> None:
     REPORTS.labels(_instance(), kind, "stored" if stored else "ignored").inc()
+
+
+def policy_error() -> None:
+    POLICY_ERRORS.labels(_instance()).inc()
+
+
+def policy_reloaded() -> None:
+    POLICY_RELOADS.labels(_instance()).inc()
+
+
+def policy_link_ended() -> None:
+    POLICY_LINKS_ENDED.labels(_instance()).inc()
 
 
 def send_after_close() -> None:

@@ -116,12 +116,20 @@ class Worker(models.Model):
     )
     first_seen = models.DateTimeField()
     last_seen = models.DateTimeField(db_index=True)
-    observed_ip = models.GenericIPAddressField(null=True, blank=True, unpack_ipv4=True)
+    observed_ip = models.GenericIPAddressField(
+        null=True, blank=True, unpack_ipv4=True, verbose_name="observed IP"
+    )
     observed_port = models.PositiveIntegerField(null=True, blank=True)
     public_ip = models.GenericIPAddressField(
-        null=True, blank=True, unpack_ipv4=True, help_text="The address the worker reported."
+        null=True,
+        blank=True,
+        unpack_ipv4=True,
+        help_text="The address the worker reported.",
+        verbose_name="public IP",
     )
-    public_ip_reported_at = models.DateTimeField(null=True, blank=True)
+    public_ip_reported_at = models.DateTimeField(
+        null=True, blank=True, verbose_name="public IP reported at"
+    )
     agent_info = models.JSONField(default=dict, blank=True)
     current_connection = models.OneToOneField(
         "Connection", null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
@@ -160,10 +168,13 @@ class Worker(models.Model):
         choices=[(m.value, m.value) for m in protocol.NatMapping],
         blank=True,
         help_text="How the worker's NAT maps its UDP socket, as the agent measured it.",
+        verbose_name="NAT mapping",
     )
-    udp_ip = models.GenericIPAddressField(null=True, blank=True, unpack_ipv4=True)
-    udp_port = models.PositiveIntegerField(null=True, blank=True)
-    nat_reported_at = models.DateTimeField(null=True, blank=True)
+    udp_ip = models.GenericIPAddressField(
+        null=True, blank=True, unpack_ipv4=True, verbose_name="UDP IP"
+    )
+    udp_port = models.PositiveIntegerField(null=True, blank=True, verbose_name="UDP port")
+    nat_reported_at = models.DateTimeField(null=True, blank=True, verbose_name="NAT reported at")
 
     objects = WorkerQuerySet.as_manager()
 
@@ -217,10 +228,16 @@ class Connection(models.Model):
     closed_at = models.DateTimeField(null=True, blank=True)
     close_code = models.PositiveIntegerField(null=True, blank=True)
     close_reason = models.CharField(max_length=200, blank=True)
-    observed_ip = models.GenericIPAddressField(null=True, blank=True, unpack_ipv4=True)
+    observed_ip = models.GenericIPAddressField(
+        null=True, blank=True, unpack_ipv4=True, verbose_name="observed IP"
+    )
     observed_port = models.PositiveIntegerField(null=True, blank=True)
     public_ip = models.GenericIPAddressField(
-        null=True, blank=True, unpack_ipv4=True, help_text="Reported during this connection."
+        null=True,
+        blank=True,
+        unpack_ipv4=True,
+        help_text="Reported during this connection.",
+        verbose_name="public IP",
     )
 
     objects = ConnectionQuerySet.as_manager()
@@ -394,6 +411,12 @@ class PeerConnection(models.Model):
     relayed_bytes = models.PositiveBigIntegerField(default=0)
     closed_at = models.DateTimeField(null=True, blank=True, db_index=True)
     close_reason = models.CharField(max_length=200, blank=True)
+    decided_by = models.CharField(
+        max_length=200,
+        blank=True,
+        help_text="What the peer policy said: the rule that allowed the pair, allow-all, or why"
+        " it refused.",
+    )
 
     objects = PeerConnectionQuerySet.as_manager()
 
@@ -403,3 +426,41 @@ class PeerConnection(models.Model):
 
     def __str__(self) -> str:
         return f"{self.requester_id} → {self.target_id} ({self.id[:8]})"
+
+
+class PeerRule(models.Model):
+    """A rule of the peer policy (registry/policy.py): these sources may reach these
+    destinations. Directional; rules only ever allow."""
+
+    description = models.CharField(
+        max_length=200, blank=True, help_text="What the rule is for, as operators will read it."
+    )
+    sources = models.TextField(
+        help_text="Who may reach: worker ids, tag:<tag>, or * for any worker; separated by"
+        " commas or spaces."
+    )
+    destinations = models.TextField(
+        help_text="Whom they may reach: worker ids, tag:<tag>, or * for any worker."
+    )
+    enabled = models.BooleanField(default=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["id"]
+        verbose_name = "peer rule"
+
+    def __str__(self) -> str:
+        return f"#{self.pk}: {self.sources} -> {self.destinations}"
+
+    def clean(self) -> None:
+        from registry import policy
+
+        errors = {}
+        for field in ("sources", "destinations"):
+            try:
+                policy.parse_side(getattr(self, field))
+            except policy.InvalidRule as exc:
+                errors[field] = str(exc)
+        if errors:
+            raise ValidationError(errors)

@@ -16,7 +16,7 @@ from typing import Any
 
 from channels.layers import get_channel_layer
 
-from registry import protocol
+from registry import policy, protocol
 from registry.models import decode_tags
 
 log = logging.getLogger("registry.peers")
@@ -38,6 +38,7 @@ class Subscription:
     worker_id: str
     tag: str | None
     send: Send
+    subject: policy.Subject | None = None  # the subscriber, as the peer policy sees it
 
 
 class PeerHub:
@@ -48,6 +49,8 @@ class PeerHub:
         self._pending: list[dict[str, Any]] = []
         self._flush_scheduled = False
         self._renewing = False
+        # Each subscriber hears of the workers it may reach (the runtime keeps this current).
+        self.policy = policy.Policy(policy.ALLOW_ALL)
 
     # ---- subscribers on this instance ------------------------------------------------------------
 
@@ -106,7 +109,7 @@ class PeerHub:
         frames = [_frame(event) for event in events]  # encoded once, for every subscriber
         for subscription in list(self._subscriptions.values()):
             for event, frame in zip(events, frames, strict=True):
-                if frame is None or not _wanted(subscription, event):
+                if frame is None or not _wanted(subscription, event, self.policy):
                     continue
                 try:
                     await subscription.send(frame)
@@ -127,7 +130,13 @@ def _frame(event: dict[str, Any]) -> str | None:
     return None
 
 
-def _wanted(subscription: Subscription, event: dict[str, Any]) -> bool:
+def _wanted(subscription: Subscription, event: dict[str, Any], rules: policy.Policy) -> bool:
     if event.get("worker_id") == subscription.worker_id:
         return False  # nobody is told about itself
-    return subscription.tag is None or subscription.tag in decode_tags(event.get("tags") or "")
+    tags = decode_tags(event.get("tags") or "")
+    if subscription.tag is not None and subscription.tag not in tags:
+        return False
+    if rules.mode == policy.ALLOW_ALL:
+        return True
+    subscriber = subscription.subject or policy.Subject.of(subscription.worker_id)
+    return rules.allows(subscriber, policy.Subject.of(str(event["worker_id"]), tags))

@@ -121,6 +121,7 @@ class ConnectFailure(StrEnum):
     TOO_MANY_PEERS = "TOO_MANY_PEERS"  # either side holds RELAY_MAX_PEERS peer links already
     AGENT_OUTDATED = "AGENT_OUTDATED"  # either side's agent speaks an older peer protocol
     NO_IDENTITY = "NO_IDENTITY"  # a QUIC connection, and either side presented no certificate
+    POLICY_DENIED = "POLICY_DENIED"  # the peer policy does not let the requester reach the target
 
 
 class CloseCode(IntEnum):

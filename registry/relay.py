@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -66,6 +66,7 @@ class PeerLink:
     peer_connection_id: int
     initiator: bool  # this side asked for the introduction
     relay: bool = True  # the service relays this pair's frames
+    peer_tags: tuple[str, ...] = ()  # for the peer policy, when its rules change
     opened_at: float = field(default_factory=time.monotonic)
     relayed_bytes: int = 0
     relayed_frames: int = 0
@@ -79,6 +80,7 @@ class PeerLink:
             "peer_connection_id": self.peer_connection_id,
             "initiator": self.initiator,
             "relay": self.relay,
+            "peer_tags": list(self.peer_tags),
         }
 
     @classmethod
@@ -90,6 +92,7 @@ class PeerLink:
             peer_connection_id=message["peer_connection_id"],
             initiator=message["initiator"],
             relay=message.get("relay", True),
+            peer_tags=tuple(message.get("peer_tags") or ()),
         )
 
 
@@ -128,6 +131,9 @@ class PeerLinks:
 
     def __len__(self) -> int:
         return len(self._links)
+
+    def __iter__(self) -> Iterator[PeerLink]:
+        return iter(list(self._links.values()))
 
 
 class RelayPort:

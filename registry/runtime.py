@@ -21,16 +21,19 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+from asgiref.sync import async_to_sync
+from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 from django.conf import settings
 from django.db import close_old_connections
 from django.utils import timezone
 
-from registry import enrolment, identities, metrics, protocol, services
+from registry import enrolment, identities, metrics, protocol, selectors, services
 from registry.admission import Admission
 from registry.batching import Coalescer
 from registry.peers import EVENTS as PEER_EVENTS
 from registry.peers import PeerHub
+from registry.policy import ALLOW_ALL, DENY_ALL, Policy
 from registry.relay import RelayOutbox
 
 log = logging.getLogger("registry.runtime")
@@ -38,6 +41,7 @@ log = logging.getLogger("registry.runtime")
 Closer = Callable[[int], Coroutine[Any, Any, None]]
 Deliverer = Callable[[dict[str, Any]], Coroutine[Any, Any, None]]
 Relayer = Callable[[bytes], Coroutine[Any, Any, None]]
+PolicyListener = Callable[[Policy], Coroutine[Any, Any, int]]
 
 # Commands to a live connection, sent through the channel layer to the instance that holds it.
 SUPERSEDE = "worker.superseded"
@@ -47,6 +51,12 @@ DISABLE = "worker.disabled"
 DELIVER = "worker.deliver"
 # A relay frame for a live connection's worker (registry/relay.py).
 RELAY = "worker.relay"
+# The peer policy's rules changed (registry/policy.py): every instance reads them again. Each
+# instance's command channel is in this group; a missed message is caught by POLICY_CHECK_EVERY.
+POLICY_GROUP = "rendezvous.policy"
+POLICY_CHANGED = "policy.changed"
+POLICY_CHECK_EVERY = 5.0  # seconds between this instance's checks of the rules' version
+POLICY_GROUP_RENEW_EVERY = 3600.0  # channels-redis group membership expires (a day)
 COMMAND_CLOSE_CODES = {
     SUPERSEDE: protocol.CloseCode.SUPERSEDED,
     DISCONNECT: protocol.CloseCode.DISCONNECTED_BY_OPERATOR,
@@ -62,6 +72,7 @@ class _LocalSocket:
     address: str | None
     deliver: Deliverer | None = None
     relay: Relayer | None = None
+    policy_changed: PolicyListener | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +100,12 @@ class InstanceRuntime:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.peers = PeerHub(self.channel_name, self.spawn)
+        # The peer policy as this instance last read it (peer events are filtered by it);
+        # nothing is allowed under `rules` until the rules have been read.
+        self.policy: Policy = Policy(ALLOW_ALL) if self.allow_all else DENY_ALL
+        self.peers.policy = self.policy
+        self._policy_version: Any = None
+        self._policy_lock: asyncio.Lock | None = None  # one reload at a time
         # Relay frames for consumers on other instances, in batches (registry/relay.py).
         self.relay_outbox = RelayOutbox(self._send_relay_batch, self.spawn)
         # Registry writes of every connection on this process, coalesced into batches.
@@ -123,6 +140,10 @@ class InstanceRuntime:
     @property
     def config(self) -> dict[str, Any]:
         return settings.RENDEZVOUS
+
+    @property
+    def allow_all(self) -> bool:
+        return bool(settings.RENDEZVOUS["PEER_POLICY"] == ALLOW_ALL)
 
     def ensure_registered(self) -> str:
         """Record this boot in the registry once (closing what an earlier boot left open)."""
@@ -177,6 +198,7 @@ class InstanceRuntime:
         address: str | None = None,
         deliver: Deliverer | None = None,
         relay: Relayer | None = None,
+        policy_changed: PolicyListener | None = None,
     ) -> None:
         loop = asyncio.get_running_loop()
         self._sockets[connection_id] = _LocalSocket(
@@ -186,6 +208,7 @@ class InstanceRuntime:
             address=address,
             deliver=deliver,
             relay=relay,
+            policy_changed=policy_changed,
         )
         if self._admission is not None:
             self._admission.opened(address)
@@ -196,6 +219,7 @@ class InstanceRuntime:
     async def _listen(self) -> None:
         """Carry out commands sent to this instance's channel on the sockets it holds."""
         layer = get_channel_layer()
+        self.spawn(self._watch_policy(), what="peer policy watch")
         while True:
             try:
                 message = await layer.receive(self.channel_name)
@@ -206,6 +230,9 @@ class InstanceRuntime:
                 await asyncio.sleep(1)
                 continue
             kind = message.get("type", "")
+            if kind == POLICY_CHANGED:
+                self.spawn(self.reload_policy(), what="peer policy reload")
+                continue
             if kind == PEER_EVENTS:
                 # In the background: supersedes and bans must not queue behind a fan-out.
                 self.spawn(self.peers.dispatch(message.get("events") or []), what="peer events")
@@ -226,6 +253,70 @@ class InstanceRuntime:
                     await local.deliver(message)
             except Exception:  # one socket's failure must not end the listener
                 log.exception("instance=%s command %s failed", self.instance_id, kind)
+
+    # ---- the peer policy -------------------------------------------------------------------
+
+    async def _watch_policy(self) -> None:
+        """Read the rules at start, on every change announced (POLICY_CHANGED) and, in case an
+        announcement was missed, whenever their version changed (checked every few seconds)."""
+        if self.allow_all:
+            self.policy = self.peers.policy = Policy(ALLOW_ALL)
+            return  # rules do not matter: nothing to read, now or later
+        layer = get_channel_layer()
+        renewed = 0.0
+        while True:
+            now = time.monotonic()
+            if now - renewed > POLICY_GROUP_RENEW_EVERY:
+                try:
+                    await layer.group_add(POLICY_GROUP, self.channel_name)
+                    renewed = now
+                except Exception:
+                    log.warning("instance=%s cannot join the policy group", self.instance_id)
+            try:
+                version = await database_sync_to_async(selectors.policy_version)()
+            except Exception:
+                log.warning("instance=%s cannot read the peer rules' version", self.instance_id)
+            else:
+                if version != self._policy_version:
+                    await self.reload_policy(version)
+            await asyncio.sleep(POLICY_CHECK_EVERY)
+
+    async def reload_policy(self, version: Any = None) -> Policy:
+        """Read the rules again and apply them to every connection held here: links the new
+        rules no longer allow are ended, peer events filtered by them."""
+        if self._policy_lock is None:
+            self._policy_lock = asyncio.Lock()
+        async with self._policy_lock:
+            return await self._reload_policy(version)
+
+    async def _reload_policy(self, version: Any) -> Policy:
+        try:
+            if version is None:
+                version = await database_sync_to_async(selectors.policy_version)()
+            policy = await database_sync_to_async(selectors.peer_policy)()
+        except Exception:
+            log.exception("instance=%s cannot read the peer rules; kept the last", self.instance_id)
+            metrics.policy_error()
+            return self.policy
+        self.policy, self._policy_version = policy, version
+        self.peers.policy = policy
+        metrics.policy_reloaded()
+        ended = 0
+        for local in list(self._sockets.values()):
+            if local.policy_changed is None:
+                continue
+            try:
+                ended += await local.policy_changed(policy)
+            except Exception:  # one connection's failure must not spare the others
+                log.exception("instance=%s policy not applied to a connection", self.instance_id)
+        log.info(
+            "instance=%s peer policy %s: %d rule(s); %d link(s) no longer allowed, ended",
+            self.instance_id,
+            policy.mode,
+            len(policy.rules),
+            ended,
+        )
+        return policy
 
     async def _undeliverable(self, message: dict[str, Any]) -> None:
         """A DELIVER for a connection no longer held here: send its `bounce`, if it has one, so
@@ -330,6 +421,9 @@ class InstanceRuntime:
         )
         closed = sum(self._close_socket(pk, code) for pk, code in result.closed_elsewhere.items())
         services.close_orphaned_peer_connections(now=now)
+        services.purge_peer_connections(
+            older_than=timedelta(days=config["PEER_CONNECTION_RETENTION_DAYS"]), now=now
+        )
         enrolment.purge_ephemeral_workers(
             offline_for=timedelta(seconds=config["EPHEMERAL_AFTER"]), now=now
         )
@@ -500,3 +594,22 @@ def install_graceful_shutdown(runtime: InstanceRuntime, *, drain_timeout: float 
 
     reactor.callWhenRunning(install)
     return True
+
+
+def notify_policy_changed() -> None:
+    """Tell every instance that the peer rules changed (a rule saved or deleted, by the admin or
+    anyone): they read them again at once. From sync code or from a running loop; a failure is
+    logged, and each instance's periodic check catches up within POLICY_CHECK_EVERY."""
+    message = {"type": POLICY_CHANGED}
+    layer = get_channel_layer()
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        loop = None
+    try:
+        if loop is None:
+            async_to_sync(layer.group_send)(POLICY_GROUP, message)
+        else:
+            loop.create_task(layer.group_send(POLICY_GROUP, message))
+    except Exception:
+        log.warning("the peer rules changed; instances will notice within %gs", POLICY_CHECK_EVERY)

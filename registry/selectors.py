@@ -3,20 +3,29 @@ lists of thousands of workers are built from tuples, never from model instances.
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from django.db.models import Count, Q
+from django.conf import settings
+from django.db.models import Count, Max, Q
 
+from registry import metrics, policy
 from registry.models import (
     Connection,
     PeerConnection,
+    PeerConnectionOutcome,
+    PeerRule,
     ServerInstance,
     Worker,
     WorkerStatus,
     decode_tags,
 )
+from registry.policy import Policy, Subject
+
+log = logging.getLogger("registry.selectors")
 
 RECENT_CONNECTIONS = 20
 
@@ -188,20 +197,102 @@ def peer_target(worker_id: str) -> PeerTarget | None:
 
 
 def list_peers(
-    *, exclude: str, tag: str | None = None, limit: int = 1000
+    *,
+    exclude: str,
+    tag: str | None = None,
+    limit: int = 1000,
+    reachable: Callable[[Subject], bool] | None = None,
 ) -> tuple[list[dict[str, Any]], bool]:
-    """Connected workers another worker may ask to reach: ids, tags and NAT mapping only (their
-    addresses are given out in introductions, to the two parties alone). And whether the list
-    was cut at `limit`."""
+    """Connected workers another worker may ask to reach (those `reachable` says it may): ids,
+    tags and NAT mapping only (their addresses are given out in introductions, to the two
+    parties alone). And whether the list was cut at `limit`."""
     workers = Worker.objects.connected().filter(disabled_at__isnull=True).exclude(id=exclude)
     if tag is not None:
         workers = workers.tagged(tag)
-    rows = list(workers.order_by("id").values_list("id", "tags", "nat_mapping")[: limit + 1])
-    peers = [
-        {"worker_id": worker_id, "tags": decode_tags(tags), "nat_mapping": mapping or None}
-        for worker_id, tags, mapping in rows[:limit]
+    rows = workers.order_by("id").values_list("id", "tags", "nat_mapping")
+    if reachable is None:
+        rows = rows[: limit + 1]
+    peers: list[dict[str, Any]] = []
+    for worker_id, tags, mapping in rows.iterator(chunk_size=2000):
+        decoded = decode_tags(tags)
+        if reachable is not None and not reachable(Subject.of(worker_id, decoded)):
+            continue
+        if len(peers) == limit:
+            return peers, True
+        peers.append({"worker_id": worker_id, "tags": decoded, "nat_mapping": mapping or None})
+    return peers, False
+
+
+# ---- the peer policy (registry/policy.py) -------------------------------------------------------
+
+
+def peer_policy(mode: str | None = None) -> Policy:
+    """The policy as the database holds it now: the enabled rules, by id. A stored rule that
+    cannot be read (written around the admin's form) allows nothing; it is logged and counted."""
+    mode = mode or settings.RENDEZVOUS["PEER_POLICY"]
+    if mode == policy.ALLOW_ALL:
+        return policy.Policy(mode)
+    rules = []
+    for rule_id, description, sources, destinations in (
+        PeerRule.objects.filter(enabled=True)
+        .order_by("id")
+        .values_list("id", "description", "sources", "destinations")
+    ):
+        try:
+            sides = policy.parse_side(sources), policy.parse_side(destinations)
+            rules.append(policy.Rule(rule_id, description, *sides))
+        except policy.InvalidRule as exc:
+            log.error("peer rule #%s cannot be read and allows nothing: %s", rule_id, exc)
+            metrics.policy_error()
+    return policy.Policy(mode, tuple(rules))
+
+
+def policy_version() -> tuple[int, datetime | None]:
+    """Changes whenever a rule is added, changed or deleted (to notice a change missed)."""
+    found = PeerRule.objects.aggregate(count=Count("id"), changed=Max("updated_at"))
+    return found["count"], found["changed"]
+
+
+def subject(worker_id: str) -> Subject:
+    """A worker as the policy sees it; an unknown id has no tags."""
+    tags = Worker.objects.filter(id=worker_id).values_list("tags", flat=True).first()
+    return Subject.of(worker_id, decode_tags(tags or ""))
+
+
+def subjects() -> list[Subject]:
+    """Every worker in the registry as the policy sees it, by id."""
+    return [
+        Subject.of(worker_id, decode_tags(tags))
+        for worker_id, tags in Worker.objects.order_by("id").values_list("id", "tags").iterator()
     ]
-    return peers, len(rows) > limit
+
+
+def known_tags() -> set[str]:
+    rows = Worker.objects.exclude(tags="").values_list("tags", flat=True).distinct()
+    return {tag for tags in rows for tag in decode_tags(tags)}
+
+
+def worker_exists(worker_id: str) -> bool:
+    return Worker.objects.filter(id=worker_id).exists()
+
+
+def rule_warnings(sources: str, destinations: str) -> list[str]:
+    """What an operator should know about a rule: tags no worker carries, ids no worker has."""
+    warnings = []
+    tags: set[str] | None = None
+    for text in (sources, destinations):
+        try:
+            side = policy.parse_side(text)
+        except policy.InvalidRule as exc:
+            return [str(exc)]
+        for selector in side:
+            if selector.kind == "tag":
+                tags = known_tags() if tags is None else tags
+                if selector.value not in tags:
+                    warnings.append(f"no worker carries tag:{selector.value}")
+            elif selector.kind == "worker" and not worker_exists(selector.value):
+                warnings.append(f"no worker {selector.value} in the registry")
+    return list(dict.fromkeys(warnings))
 
 
 def current_channel(worker_id: str) -> tuple[int, str] | None:
@@ -286,3 +377,86 @@ def peer_connections_by_path() -> dict[str, int]:
     """Open peer connections by the route their data takes now (one query)."""
     rows = PeerConnection.objects.open().values_list("path_kind").annotate(n=Count("id")).order_by()
     return {kind or PATH_PENDING: count for kind, count in rows}
+
+
+def peer_connection_counts(worker_id: str) -> dict[str, int]:
+    """A worker's recorded peer connections (as requester or target), by outcome."""
+    rows = (
+        PeerConnection.objects.filter(Q(requester_id=worker_id) | Q(target_id=worker_id))
+        .values_list("outcome")
+        .annotate(n=Count("id"))
+        .order_by()
+    )
+    found = dict(rows)
+    return {outcome: found.get(outcome, 0) for outcome in PeerConnectionOutcome.values}
+
+
+def busiest_peer_workers(*, limit: int) -> list[str]:
+    """The workers that asked for the most recorded peer connections, most first."""
+    rows = (
+        PeerConnection.objects.values_list("requester_id")
+        .annotate(n=Count("id"))
+        .order_by("-n", "requester_id")[:limit]
+    )
+    return [worker_id for worker_id, _ in rows]
+
+
+_PEER_CONNECTION_FIELDS = (
+    "id",
+    "requester_id",
+    "target_id",
+    "requested_at",
+    "outcome",
+    "failure_code",
+    "detail",
+    "decided_by",
+    "path_kind",
+    "path_changes",
+    "path_changed_at",
+    "setup_ms",
+    "relayed_bytes",
+    "closed_at",
+    "close_reason",
+)
+
+
+def list_peer_connections(
+    *,
+    page: int,
+    page_size: int,
+    worker: str | None = None,
+    outcome: str | None = None,
+    path_kind: str | None = None,
+    since: datetime | None = None,
+) -> WorkerPage:
+    """One page of recorded peer connections, newest first, optionally filtered."""
+    records = PeerConnection.objects.all()
+    if worker is not None:
+        records = records.filter(Q(requester_id=worker) | Q(target_id=worker))
+    if outcome is not None:
+        records = records.filter(outcome=outcome)
+    if path_kind is not None:
+        records = records.filter(path_kind=path_kind)
+    if since is not None:
+        records = records.filter(requested_at__gte=since)
+    count = records.count()
+    start = (page - 1) * page_size
+    rows = records.order_by("-requested_at", "id").values(*_PEER_CONNECTION_FIELDS)[
+        start : start + page_size
+    ]
+    return WorkerPage(
+        count=count,
+        page=page,
+        page_size=page_size,
+        results=[_peer_connection_dict(row) for row in rows],
+    )
+
+
+def _peer_connection_dict(row: dict[str, Any]) -> dict[str, Any]:
+    return {
+        **row,
+        "path_kind": row["path_kind"] or None,
+        "requested_at": _iso(row["requested_at"]),
+        "path_changed_at": _iso(row["path_changed_at"]),
+        "closed_at": _iso(row["closed_at"]),
+    }

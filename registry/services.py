@@ -9,6 +9,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 from django.db import DatabaseError, transaction
 from django.db.models import Case, F, OuterRef, Q, Subquery, Value, When
@@ -568,24 +569,21 @@ def record_introduction(
     target_id: str,
     requester_connection_id: int | None,
     target_connection_id: int | None,
+    decided_by: str = "",
     now: datetime | None = None,
 ) -> None:
     """An accepted introduction: the pair is linked, no path reported yet."""
+    fields = {
+        "requester_id": requester_id,
+        "target_id": target_id,
+        "requester_connection_id": requester_connection_id,
+        "target_connection_id": target_connection_id,
+        "decided_by": decided_by[:200],
+    }
     PeerConnection.objects.update_or_create(
         id=introduction_id,
-        defaults={
-            "requester_id": requester_id,
-            "target_id": target_id,
-            "requester_connection_id": requester_connection_id,
-            "target_connection_id": target_connection_id,
-        },
-        create_defaults={
-            "requester_id": requester_id,
-            "target_id": target_id,
-            "requester_connection_id": requester_connection_id,
-            "target_connection_id": target_connection_id,
-            "requested_at": now or timezone.now(),
-        },
+        defaults=fields,
+        create_defaults={**fields, "requested_at": now or timezone.now()},
     )
 
 
@@ -596,33 +594,38 @@ def record_failed_introduction(
     target_id: str,
     code: str,
     reason: str,
+    decided_by: str = "",
     now: datetime | None = None,
 ) -> None:
-    """An introduction the target refused, or that failed once the target had been found."""
+    """An introduction the target or the peer policy refused, or that failed once asked for."""
     now = now or timezone.now()
-    outcome = (
-        PeerConnectionOutcome.REFUSED
-        if code == protocol.ConnectFailure.PEER_REFUSED
-        else PeerConnectionOutcome.FAILED
-    )
+    refused = code in (protocol.ConnectFailure.PEER_REFUSED, protocol.ConnectFailure.POLICY_DENIED)
+    outcome = PeerConnectionOutcome.REFUSED if refused else PeerConnectionOutcome.FAILED
+    fields: dict[str, Any] = {
+        "outcome": outcome,
+        "failure_code": code,
+        "detail": reason[:200],
+        "closed_at": now,
+    }
+    if decided_by:
+        fields["decided_by"] = decided_by[:200]
     PeerConnection.objects.update_or_create(
         id=introduction_id,
-        defaults={
-            "outcome": outcome,
-            "failure_code": code,
-            "detail": reason[:200],
-            "closed_at": now,
-        },
+        defaults=fields,
         create_defaults={
+            **fields,
             "requester_id": requester_id,
             "target_id": target_id,
             "requested_at": now,
-            "outcome": outcome,
-            "failure_code": code,
-            "detail": reason[:200],
-            "closed_at": now,
         },
     )
+
+
+def purge_peer_connections(*, older_than: timedelta, now: datetime | None = None) -> int:
+    """Delete the records of peer connections that ended more than `older_than` ago."""
+    cutoff = (now or timezone.now()) - older_than
+    deleted, _ = PeerConnection.objects.filter(closed_at__lt=cutoff).delete()
+    return deleted
 
 
 def record_path(

@@ -13,11 +13,12 @@ from channels.layers import get_channel_layer
 from django.conf import settings
 from django.db import connection
 from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.utils.dateparse import parse_datetime
 from django.views.decorators.csrf import csrf_exempt
 
 from registry import metrics, protocol, selectors
 from registry.api_access import protected
-from registry.models import WorkerStatus
+from registry.models import PeerConnectionOutcome, WorkerStatus
 
 log = logging.getLogger("registry.views")
 
@@ -67,6 +68,7 @@ def service_info(request: HttpRequest) -> JsonResponse:
                 "/debug/list_workers",
                 "/api/workers/",
                 "/api/workers/{worker_id}/",
+                "/api/peer-connections/",
                 "/healthz",
                 "/readyz",
                 "/metrics",
@@ -110,6 +112,50 @@ def worker_list(request: HttpRequest) -> JsonResponse:
     tag = tag.lower() if tag else None
     status = WorkerStatus(status_param) if status_param else None
     result = selectors.list_workers(status=status, page=page, page_size=page_size, tag=tag)
+    return _page(request, result, page)
+
+
+@get_only
+@protected
+def peer_connection_list(request: HttpRequest) -> JsonResponse:
+    """Recorded peer connections, newest first: `worker`, `outcome`, `path_kind`, `since`."""
+    config = settings.RENDEZVOUS
+    try:
+        page = _positive_int(request, "page", 1)
+        page_size = min(
+            _positive_int(request, "page_size", config["API_PAGE_SIZE"]),
+            config["API_MAX_PAGE_SIZE"],
+        )
+    except ValueError as exc:
+        return json_error(400, str(exc))
+    worker = request.GET.get("worker") or None
+    if worker is not None and not protocol.is_valid_worker_id(worker):
+        return json_error(400, "'worker' must be a worker id")
+    outcome = request.GET.get("outcome") or None
+    if outcome is not None and outcome not in PeerConnectionOutcome.values:
+        outcomes = ", ".join(PeerConnectionOutcome.values)
+        return json_error(400, f"'outcome' must be one of {outcomes}")
+    path_kind = request.GET.get("path_kind") or None
+    if path_kind is not None and path_kind not in set(protocol.PathKind):
+        kinds = ", ".join(str(kind) for kind in protocol.PathKind)
+        return json_error(400, f"'path_kind' must be one of {kinds}")
+    since = None
+    if request.GET.get("since"):
+        since = parse_datetime(request.GET["since"])
+        if since is None or since.tzinfo is None:
+            return json_error(400, "'since' must be an ISO 8601 time with its offset")
+    result = selectors.list_peer_connections(
+        page=page,
+        page_size=page_size,
+        worker=worker,
+        outcome=outcome,
+        path_kind=path_kind,
+        since=since,
+    )
+    return _page(request, result, page)
+
+
+def _page(request: HttpRequest, result: selectors.WorkerPage, page: int) -> JsonResponse:
     if page > result.num_pages:
         return json_error(404, f"page {page} is past the last page ({result.num_pages})")
 

@@ -206,6 +206,12 @@ if SECURITY_MODE not in {"open", "secured"}:
         f"RENDEZVOUS_SECURITY_MODE must be 'open' or 'secured', not {SECURITY_MODE!r}"
     )
 
+PEER_POLICY = (os.environ.get("RENDEZVOUS_PEER_POLICY") or "allow-all").strip().lower()
+if PEER_POLICY not in {"allow-all", "rules"}:
+    raise ImproperlyConfigured(
+        f"RENDEZVOUS_PEER_POLICY must be 'allow-all' or 'rules', not {PEER_POLICY!r}"
+    )
+
 RENDEZVOUS = {
     # This process's name in the registry; a restart under the same name closes what it left open.
     "INSTANCE_NAME": os.environ.get("RENDEZVOUS_INSTANCE_NAME") or f"{socket.gethostname()}:{PORT}",
@@ -268,6 +274,11 @@ RENDEZVOUS = {
     "TURN_TTL": env_float("RENDEZVOUS_TURN_TTL", 3600.0),
     # Seconds an ephemeral worker stays in the registry after it went offline.
     "EPHEMERAL_AFTER": env_float("RENDEZVOUS_EPHEMERAL_AFTER", 1800.0),
+    # Who may reach whom (registry/policy.py, docs/peer-policy.md): `allow-all` (any worker may
+    # ask for any other) or `rules` (only what an enabled peer rule allows).
+    "PEER_POLICY": PEER_POLICY,
+    # Days the records of ended peer connections are kept (housekeeping deletes older ones).
+    "PEER_CONNECTION_RETENTION_DAYS": env_float("RENDEZVOUS_PEER_CONNECTION_RETENTION_DAYS", 30.0),
 }
 
 LOG_LEVEL = os.environ.get("LOG_LEVEL") or "INFO"

@@ -8,6 +8,7 @@ urlpatterns = [
     path("debug/list_workers", views.debug_list_workers, name="debug-list-workers"),
     path("api/workers/", views.worker_list, name="worker-list"),
     path("api/workers/<str:worker_id>/", views.worker_detail, name="worker-detail"),
+    path("api/peer-connections/", views.peer_connection_list, name="peer-connection-list"),
     path("healthz", views.healthz, name="healthz"),
     path("readyz", views.readyz, name="readyz"),
     path("metrics", views.prometheus_metrics, name="metrics"),

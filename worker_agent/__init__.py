@@ -17,6 +17,7 @@ from .p2p.errors import (
     PeerRefused,
     PeerUnavailable,
     PeerUnresponsive,
+    PolicyDenied,
     StreamReset,
 )
 from .p2p.path import PeerPath
@@ -38,6 +39,7 @@ __all__ = [
     "PeerStream",
     "PeerUnavailable",
     "PeerUnresponsive",
+    "PolicyDenied",
     "StreamReset",
     "WorkerAgent",
     "__version__",

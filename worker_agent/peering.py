@@ -28,6 +28,7 @@ from .p2p.errors import (
     PeerRefused,
     PeerUnavailable,
     PeerUnresponsive,
+    PolicyDenied,
 )
 
 if TYPE_CHECKING:
@@ -55,6 +56,7 @@ _FAILURES: dict[str, type[PeerError]] = {
     wire.ConnectFailure.PEER_UNAVAILABLE: PeerUnavailable,
     wire.ConnectFailure.PEER_UNRESPONSIVE: PeerUnresponsive,
     wire.ConnectFailure.PEER_REFUSED: PeerRefused,
+    wire.ConnectFailure.POLICY_DENIED: PolicyDenied,
 }
 _ANSWERS = (
     wire.ServerMessageType.INTRODUCTION,

@@ -111,6 +111,7 @@ class ConnectFailure(StrEnum):
     TOO_MANY_PEERS = "TOO_MANY_PEERS"
     AGENT_OUTDATED = "AGENT_OUTDATED"
     NO_IDENTITY = "NO_IDENTITY"
+    POLICY_DENIED = "POLICY_DENIED"
 
 
 class CloseCode(IntEnum):

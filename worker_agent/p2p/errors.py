@@ -25,6 +25,10 @@ class PeerRefused(PeerError):
     """The peer does not accept connections (no `on_peer`, busy, or its agent said no)."""
 
 
+class PolicyDenied(PeerRefused):
+    """The service's peer policy does not let this worker reach that one (`POLICY_DENIED`)."""
+
+
 class PeerUnresponsive(PeerUnavailable):
     """The peer is registered but its agent did not answer the introduction in time."""
 

@@ -1,0 +1,57 @@
+"""`python manage.py peer_policy check A B`: may worker A reach worker B, and which rule says so?
+`python manage.py peer_policy show`: the mode and the enabled rules, as the service reads them.
+
+`check` prints `allowed: ...` or `denied: ...` on stdout and exits 0 or 1 (scripts can test it);
+anything else goes to stderr."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from django.core.management.base import BaseCommand, CommandError
+
+from registry import policy, protocol, selectors
+
+
+class Command(BaseCommand):
+    help = "Check a pair of workers against the peer policy, or show the policy."
+
+    def add_arguments(self, parser: Any) -> None:
+        commands = parser.add_subparsers(dest="command", required=True)
+        check = commands.add_parser("check", help="May SOURCE reach DESTINATION?")
+        check.add_argument("source", help="the worker that would ask (its id)")
+        check.add_argument("destination", help="the worker it would ask to reach (its id)")
+        commands.add_parser("show", help="The mode and the enabled rules.")
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        rules = selectors.peer_policy()
+        if options["command"] == "show":
+            self._show(rules)
+            return
+        source, destination = options["source"], options["destination"]
+        for worker_id in (source, destination):
+            if not protocol.is_valid_worker_id(worker_id):
+                raise CommandError(f"{worker_id!r} is not a worker id")
+            if not selectors.worker_exists(worker_id):
+                self.stderr.write(f"note: no worker {worker_id} in the registry (no tags)")
+        decision = rules.decide(selectors.subject(source), selectors.subject(destination))
+        if decision.allowed:
+            self.stdout.write(f"allowed: {source} may reach {destination} ({decision.by})")
+            return
+        self.stdout.write(f"denied: {decision.reason}")
+        sys.exit(1)
+
+    def _show(self, rules: policy.Policy) -> None:
+        self.stdout.write(f"RENDEZVOUS_PEER_POLICY: {rules.mode}")
+        if rules.mode == policy.ALLOW_ALL:
+            self.stdout.write("every worker may reach every other; rules are not enforced")
+            return
+        if not rules.rules:
+            self.stdout.write("no enabled rules: no worker may reach another")
+        for rule in rules.rules:
+            self.stdout.write(
+                f"#{rule.id}: {policy.format_side(rule.sources)} -> "
+                f"{policy.format_side(rule.destinations)}"
+                + (f"  ({rule.description})" if rule.description else "")
+            )

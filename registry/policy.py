@@ -1,0 +1,184 @@
+"""Who may reach whom: the peer policy (docs/peer-policy.md).
+
+`RENDEZVOUS_PEER_POLICY` is `allow-all` (any worker may ask to reach any other, the behaviour
+before rules existed) or `rules` (nothing is reachable unless an enabled rule allows it). A rule
+says "these sources may reach these destinations"; each side is a list of selectors: `*` (any
+worker), `tag:<tag>` (the workers with that tag) or a worker id. Rules only ever allow, and only
+one way: adding a rule never takes reachability away, and A may reach B says nothing of B
+reaching A.
+
+Plain functions over plain values: the rules come from the database (`load`), the decisions
+are made here, and a decision that cannot be made is a refusal (`decide` never fails open).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from registry import metrics, protocol
+
+log = logging.getLogger("registry.policy")
+
+ALLOW_ALL = "allow-all"
+RULES = "rules"
+MODES = (ALLOW_ALL, RULES)
+
+ANY = "*"
+TAG_PREFIX = "tag:"
+MAX_SELECTORS = 100
+_SPLIT = re.compile(r"[\s,]+")
+_TAG = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+class InvalidRule(ValueError):
+    """A side of a rule that cannot be read; the message says what is wrong, for the form."""
+
+
+@dataclass(frozen=True, slots=True)
+class Selector:
+    """One entry of a rule's side: any worker, the workers with a tag, or one worker."""
+
+    kind: str  # "any", "tag" or "worker"
+    value: str = ""
+
+    def matches(self, subject: Subject) -> bool:
+        if self.kind == "any":
+            return True
+        if self.kind == "tag":
+            return self.value in subject.tags
+        return self.value == subject.worker_id
+
+    def __str__(self) -> str:
+        if self.kind == "any":
+            return ANY
+        return f"{TAG_PREFIX}{self.value}" if self.kind == "tag" else self.value
+
+
+def parse_side(text: str) -> tuple[Selector, ...]:
+    """`*`, `tag:<tag>` and worker ids, separated by commas or spaces; InvalidRule otherwise."""
+    entries = [entry for entry in _SPLIT.split(text.strip()) if entry]
+    if not entries:
+        raise InvalidRule("name at least one worker id, tag:<tag>, or * for any worker")
+    if len(entries) > MAX_SELECTORS:
+        raise InvalidRule(f"at most {MAX_SELECTORS} entries on one side of a rule")
+    selectors: list[Selector] = []
+    for entry in entries:
+        if entry == ANY:
+            selector = Selector("any")
+        elif entry.lower().startswith(TAG_PREFIX):
+            tag = entry[len(TAG_PREFIX) :]
+            if not _TAG.fullmatch(tag):
+                raise InvalidRule(
+                    f"{entry!r} is not a tag: tag: then 1-64 of A-Z a-z 0-9 . _ -, starting "
+                    "with a letter or digit"
+                )
+            selector = Selector("tag", tag.lower())  # tags are case-insensitive
+        elif protocol.is_valid_worker_id(entry):
+            selector = Selector("worker", entry)
+        else:
+            raise InvalidRule(
+                f"{entry!r} is neither a worker id (1-128 of A-Z a-z 0-9 . _ -, starting with a "
+                "letter or digit), nor tag:<tag>, nor *"
+            )
+        if selector not in selectors:
+            selectors.append(selector)
+    return tuple(selectors)
+
+
+def format_side(selectors: Iterable[Selector]) -> str:
+    return ", ".join(str(selector) for selector in selectors)
+
+
+@dataclass(frozen=True, slots=True)
+class Subject:
+    """A worker as the policy sees it: its id and its tags (lower case)."""
+
+    worker_id: str
+    tags: frozenset[str] = frozenset()
+
+    @classmethod
+    def of(cls, worker_id: str, tags: Iterable[str] = ()) -> Subject:
+        return cls(worker_id, frozenset(tag.lower() for tag in tags))
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    id: int
+    description: str
+    sources: tuple[Selector, ...]
+    destinations: tuple[Selector, ...]
+
+    def allows(self, source: Subject, destination: Subject) -> bool:
+        return any(s.matches(source) for s in self.sources) and any(
+            d.matches(destination) for d in self.destinations
+        )
+
+    def __str__(self) -> str:
+        return f"rule #{self.id}" + (f" ({self.description})" if self.description else "")
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    allowed: bool
+    reason: str
+    rule: Rule | None = None
+
+    @property
+    def by(self) -> str:
+        """What decided, as the admin and the records show it."""
+        if self.rule is not None:
+            return str(self.rule)[:200]
+        return self.reason[:200]
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    mode: str
+    rules: tuple[Rule, ...] = field(default_factory=tuple)
+
+    def decide(self, source: Subject, destination: Subject) -> Decision:
+        """May `source` ask to reach `destination`? Never raises: an error is a refusal."""
+        try:
+            return self._decide(source, destination)
+        except Exception:
+            log.exception(
+                "peer policy: no decision for %s -> %s; refused",
+                source.worker_id,
+                destination.worker_id,
+            )
+            metrics.policy_error()
+            return Decision(False, "the peer policy could not be evaluated; refused")
+
+    def _decide(self, source: Subject, destination: Subject) -> Decision:
+        if self.mode == ALLOW_ALL:
+            return Decision(True, "RENDEZVOUS_PEER_POLICY is allow-all")
+        if self.mode != RULES:
+            raise ValueError(f"unknown peer policy mode {self.mode!r}")
+        for rule in self.rules:
+            if rule.allows(source, destination):
+                return Decision(True, f"allowed by {rule}", rule)
+        return Decision(
+            False,
+            f"no peer policy rule lets {source.worker_id} reach {destination.worker_id}",
+        )
+
+    def allows(self, source: Subject, destination: Subject) -> bool:
+        return self.decide(source, destination).allowed
+
+    def reachable(self, source: Subject, candidates: Iterable[Subject]) -> list[Subject]:
+        """The candidates `source` may reach, in their order."""
+        return [c for c in candidates if c.worker_id != source.worker_id and self.allows(source, c)]
+
+    def reaching(self, destination: Subject, candidates: Iterable[Subject]) -> list[Subject]:
+        """The candidates that may reach `destination`, in their order."""
+        return [
+            c
+            for c in candidates
+            if c.worker_id != destination.worker_id and self.allows(c, destination)
+        ]
+
+
+DENY_ALL = Policy(RULES)  # what an instance holds when it cannot read the rules: nothing

@@ -1,0 +1,157 @@
+"""The peer policy's evaluation, as plain functions: the rule syntax, directional rules, the two
+modes, and the properties that make rules safe to add (registry/policy.py)."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from registry import metrics
+from registry.policy import (
+    ALLOW_ALL,
+    RULES,
+    InvalidRule,
+    Policy,
+    Rule,
+    Selector,
+    Subject,
+    format_side,
+    parse_side,
+)
+
+CI = Subject.of("ci-runner-1", ["ci"])
+CI2 = Subject.of("ci-runner-2", ["CI"])
+GPU = Subject.of("gpu-box-7", ["gpu"])
+LAPTOP = Subject.of("laptop-3")
+
+
+def rule(rule_id: int, sources: str, destinations: str) -> Rule:
+    return Rule(rule_id, f"rule {rule_id}", parse_side(sources), parse_side(destinations))
+
+
+def test_a_side_reads_ids_tags_and_any_in_any_spacing() -> None:
+    side = parse_side(" gpu-box-7,tag:GPU  tag:gpu *\n worker.a_b-1 ")
+    assert side == (
+        Selector("worker", "gpu-box-7"),
+        Selector("tag", "gpu"),  # tags are case-insensitive; duplicates dropped
+        Selector("any"),
+        Selector("worker", "worker.a_b-1"),
+    )
+    assert format_side(side) == "gpu-box-7, tag:gpu, *, worker.a_b-1"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("", "at least one"),
+        (" , ", "at least one"),
+        ("tag:", "is not a tag"),
+        ("tag:-gpu", "is not a tag"),
+        ("tag:" + "g" * 65, "is not a tag"),
+        ("gpu box/7", "neither a worker id"),
+        ("-leading-dash", "neither a worker id"),
+        ("x" * 129, "neither a worker id"),
+        ("**", "neither a worker id"),
+        (" ".join(f"w{n}" for n in range(101)), "at most 100"),
+    ],
+)
+def test_a_malformed_side_is_refused_with_what_is_wrong(text: str, message: str) -> None:
+    with pytest.raises(InvalidRule, match=message):
+        parse_side(text)
+
+
+def test_allow_all_lets_anyone_reach_anyone() -> None:
+    decision = Policy(ALLOW_ALL).decide(LAPTOP, GPU)
+    assert decision.allowed and decision.rule is None
+    assert decision.by == "RENDEZVOUS_PEER_POLICY is allow-all"
+
+
+def test_rules_mode_with_no_rules_reaches_nothing() -> None:
+    decision = Policy(RULES).decide(CI, GPU)
+    assert not decision.allowed
+    assert decision.reason == "no peer policy rule lets ci-runner-1 reach gpu-box-7"
+
+
+def test_rules_are_directional_and_name_the_rule_that_allowed() -> None:
+    policy = Policy(RULES, (rule(3, "tag:ci", "tag:gpu"),))
+    decision = policy.decide(CI, GPU)
+    assert decision.allowed and decision.rule is not None and decision.rule.id == 3
+    assert decision.by == "rule #3 (rule 3)"
+    assert not policy.allows(GPU, CI)  # the other way round needs a rule of its own
+    assert policy.allows(CI2, GPU)  # "CI" is "ci"
+    assert not policy.allows(CI, CI2)  # CI may reach GPU boxes, not each other
+    assert not policy.allows(LAPTOP, GPU)
+
+
+def test_ids_and_any_select_as_written() -> None:
+    policy = Policy(RULES, (rule(1, "laptop-3", "*"), rule(2, "*", "laptop-3")))
+    assert policy.allows(LAPTOP, GPU) and policy.allows(LAPTOP, CI)
+    assert policy.allows(GPU, LAPTOP) and not policy.allows(GPU, CI)
+    assert policy.reachable(LAPTOP, [GPU, LAPTOP, CI]) == [GPU, CI]  # never itself
+    assert policy.reaching(LAPTOP, [GPU, CI, LAPTOP]) == [GPU, CI]
+
+
+def test_a_decision_that_cannot_be_made_is_a_refusal_and_is_counted() -> None:
+    before = metrics.REGISTRY.get_sample_value(
+        "rendezvous_policy_errors_total", {"instance_name": metrics._instance()}
+    )
+    broken = Policy(RULES, (Rule(1, "broken", (None,), (Selector("any"),)),))  # type: ignore[arg-type]
+    decision = broken.decide(CI, GPU)
+    assert not decision.allowed and "could not be evaluated" in decision.reason
+    assert Policy("allow-some").decide(CI, GPU).allowed is False  # an unknown mode too
+    after = metrics.REGISTRY.get_sample_value(
+        "rendezvous_policy_errors_total", {"instance_name": metrics._instance()}
+    )
+    assert after == (before or 0) + 2
+
+
+# ---- properties --------------------------------------------------------------------------------
+
+ids = st.sampled_from(["a", "b", "c", "gpu-1", "ci-1"])
+tags = st.sampled_from(["gpu", "ci", "lab"])
+selectors = st.one_of(
+    st.just(Selector("any")),
+    tags.map(lambda t: Selector("tag", t)),
+    ids.map(lambda i: Selector("worker", i)),
+)
+sides = st.lists(selectors, min_size=1, max_size=3).map(tuple)
+rules = st.builds(Rule, st.integers(1, 1000), st.just(""), sides, sides)
+subjects = st.builds(Subject.of, ids, st.lists(tags, max_size=2))
+
+
+@given(st.lists(rules, max_size=5), rules, subjects, subjects)
+def test_adding_a_rule_never_removes_reachability(
+    existing: list[Rule], added: Rule, source: Subject, destination: Subject
+) -> None:
+    before = Policy(RULES, tuple(existing))
+    after = Policy(RULES, (*existing, added))
+    if before.allows(source, destination):
+        assert after.allows(source, destination)
+
+
+@given(st.lists(rules, max_size=5), subjects, subjects)
+def test_a_pair_is_allowed_exactly_when_some_rule_matches_both_sides(
+    existing: list[Rule], source: Subject, destination: Subject
+) -> None:
+    policy = Policy(RULES, tuple(existing))
+    expected = any(
+        any(s.matches(source) for s in r.sources)
+        and any(d.matches(destination) for d in r.destinations)
+        for r in existing
+    )
+    assert policy.allows(source, destination) is expected
+
+
+@given(subjects, subjects)
+def test_no_rules_reach_nothing_and_allow_all_reaches_everything(
+    source: Subject, destination: Subject
+) -> None:
+    assert not Policy(RULES).allows(source, destination)
+    assert Policy(ALLOW_ALL).allows(source, destination)
+
+
+@given(sides)
+def test_a_side_reads_back_as_it_was_written(side: tuple[Selector, ...]) -> None:
+    unique = tuple(dict.fromkeys(side))
+    assert parse_side(format_side(side)) == unique
