@@ -25,7 +25,7 @@ from asgiref.sync import async_to_sync
 from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 from django.conf import settings
-from django.db import close_old_connections
+from django.db import close_old_connections, transaction
 from django.utils import timezone
 
 from registry import enrolment, identities, metrics, protocol, selectors, services
@@ -263,10 +263,10 @@ class InstanceRuntime:
             self.policy = self.peers.policy = Policy(ALLOW_ALL)
             return  # rules do not matter: nothing to read, now or later
         layer = get_channel_layer()
-        renewed = 0.0
+        renewed: float | None = None  # not 0.0: the monotonic clock may start near zero
         while True:
             now = time.monotonic()
-            if now - renewed > POLICY_GROUP_RENEW_EVERY:
+            if renewed is None or now - renewed > POLICY_GROUP_RENEW_EVERY:
                 try:
                     await layer.group_add(POLICY_GROUP, self.channel_name)
                     renewed = now
@@ -594,6 +594,12 @@ def install_graceful_shutdown(runtime: InstanceRuntime, *, drain_timeout: float 
 
     reactor.callWhenRunning(install)
     return True
+
+
+def peer_rules_changed(**_: object) -> None:
+    """A peer rule was saved or deleted (a signal receiver): once the change is committed,
+    every instance reads the rules again."""
+    transaction.on_commit(notify_policy_changed)
 
 
 def notify_policy_changed() -> None:

@@ -1,7 +1,7 @@
 """The peer policy, enforced by the consumer (in process, one instance): introductions refused
 with POLICY_DENIED and recorded, the peer list and the peer events filtered, links ended when a
 rule no longer allows them, and a policy that cannot be read refusing everything. Across two
-instances over Redis, with real agents: tests/test_scaleout.py."""
+instances over Redis, with real agents: tests/test_policy_e2e.py."""
 
 from __future__ import annotations
 
@@ -10,10 +10,11 @@ from collections.abc import Iterator
 
 import pytest
 from channels.db import database_sync_to_async
+from channels.layers import get_channel_layer
 
 from registry import metrics, selectors
 from registry.models import PeerConnection, PeerRule, Worker
-from registry.runtime import get_runtime, reset_runtime
+from registry.runtime import POLICY_CHANGED, POLICY_GROUP, get_runtime, reset_runtime
 from tests.test_peering import accept, ask, connect_request, connected, introduce
 from tests.test_relay import frame
 
@@ -117,7 +118,7 @@ async def test_a_link_the_rules_no_longer_allow_is_ended_for_both_sides(rules_mo
     rule.enabled = False
     await database_sync_to_async(rule.save)()  # announced on commit: the instance reloads
     for comm in (a, b):
-        closed = await comm.receive_json_from(timeout=5)
+        closed = await comm.receive_json_from(timeout=2)  # the periodic check would take 5 s
         assert closed["type"] == "peer_closed"
         assert closed["reason"].startswith("the peer policy no longer allows it")
     after = metrics.REGISTRY.get_sample_value(
@@ -166,3 +167,13 @@ async def test_a_stored_rule_that_cannot_be_read_allows_nothing(rules_mode) -> N
     await add_rule("a", "c")
     policy = await database_sync_to_async(selectors.peer_policy)()
     assert [rule.destinations[0].value for rule in policy.rules] == ["c"]  # the broken one left out
+
+
+async def test_a_rule_saved_or_deleted_is_announced_to_every_instance_once_committed() -> None:
+    layer = get_channel_layer()
+    channel = await layer.new_channel()  # stands in for another instance's command channel
+    await layer.group_add(POLICY_GROUP, channel)
+    rule = await database_sync_to_async(PeerRule.objects.create)(sources="a", destinations="b")
+    assert (await asyncio.wait_for(layer.receive(channel), 2))["type"] == POLICY_CHANGED
+    await database_sync_to_async(rule.delete)()
+    assert (await asyncio.wait_for(layer.receive(channel), 2))["type"] == POLICY_CHANGED
