@@ -18,8 +18,10 @@ from django.db.models import Q, QuerySet
 from django.forms.models import BaseInlineFormSet
 from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect
 from django.shortcuts import redirect
+from django.template.defaultfilters import filesizeformat
 from django.urls import URLPattern, path, reverse
 from django.utils import timezone
+from django.utils.formats import localize
 from django.utils.html import format_html, format_html_join
 from django.utils.http import urlencode
 from django.utils.safestring import SafeString
@@ -588,21 +590,29 @@ class PeerWorkerFilter(admin.SimpleListFilter):
         return queryset
 
 
+def _peer_worker_link(worker_id: str) -> SafeString:
+    """To the worker's peer connections (its record may outlive the worker itself)."""
+    url = reverse("admin:registry_peerconnection_changelist")
+    return format_html(
+        '<a href="{}?worker={}" style="white-space:nowrap">{}</a>', url, worker_id, worker_id
+    )
+
+
 @admin.register(PeerConnection)
 class PeerConnectionAdmin(admin.ModelAdmin):
     """Introductions between workers: who asked whom, how it went, which path it took."""
 
     list_display = (
         "short_id",
-        "requester_id",
-        "target_id",
+        "requester",
+        "target",
         "outcome_display",
         "path_kind",
-        "setup_ms",
-        "relayed_bytes",
+        "setup",
+        "relayed",
         "decided_by",
         "requested_at",
-        "closed_at",
+        "ended_at",
     )
     list_filter = (OpenPeerConnectionFilter, "outcome", "path_kind", PeerWorkerFilter)
     search_fields = ("id", "requester_id", "target_id")
@@ -621,6 +631,26 @@ class PeerConnectionAdmin(admin.ModelAdmin):
     @admin.display(description="introduction", ordering="id")
     def short_id(self, record: PeerConnection) -> str:
         return record.id[:8]
+
+    @admin.display(description="requester", ordering="requester_id")
+    def requester(self, record: PeerConnection) -> SafeString:
+        return _peer_worker_link(record.requester_id)
+
+    @admin.display(description="target", ordering="target_id")
+    def target(self, record: PeerConnection) -> SafeString:
+        return _peer_worker_link(record.target_id)
+
+    @admin.display(description="set-up", ordering="setup_ms")
+    def setup(self, record: PeerConnection) -> str:
+        return "-" if record.setup_ms is None else f"{record.setup_ms} ms"
+
+    @admin.display(description="relayed", ordering="relayed_bytes")
+    def relayed(self, record: PeerConnection) -> str:
+        return filesizeformat(record.relayed_bytes) if record.relayed_bytes else "-"
+
+    @admin.display(description="ended", ordering="closed_at")
+    def ended_at(self, record: PeerConnection) -> str:
+        return "-" if record.closed_at is None else localize(timezone.localtime(record.closed_at))
 
     @admin.display(description="outcome", ordering="outcome")
     def outcome_display(self, record: PeerConnection) -> str:

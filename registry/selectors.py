@@ -4,6 +4,7 @@ lists of thousands of workers are built from tuples, never from model instances.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -392,13 +393,14 @@ def peer_connection_counts(worker_id: str) -> dict[str, int]:
 
 
 def busiest_peer_workers(*, limit: int) -> list[str]:
-    """The workers that asked for the most recorded peer connections, most first."""
-    rows = (
-        PeerConnection.objects.values_list("requester_id")
-        .annotate(n=Count("id"))
-        .order_by("-n", "requester_id")[:limit]
-    )
-    return [worker_id for worker_id, _ in rows]
+    """The workers in the most recorded peer connections, as requester or target, most first."""
+    counts: Counter[str] = Counter()
+    for side in ("requester_id", "target_id"):
+        rows = PeerConnection.objects.values_list(side).annotate(n=Count("id")).order_by("-n")
+        counts.update(dict(rows[:limit]))
+    return [worker_id for worker_id, _ in sorted(counts.items(), key=lambda i: (-i[1], i[0]))][
+        :limit
+    ]
 
 
 _PEER_CONNECTION_FIELDS = (

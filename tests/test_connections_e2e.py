@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from registry import enrolment, identities
+from registry.models import PeerConnection as PeerConnectionRecord
 from registry.models import Worker
 from tests.support.processes import REPO, ServerProcess, wait_until
 from worker_agent import NoPath, PeerConnection, PeerError, PeerStream, WorkerAgent
@@ -132,6 +133,32 @@ def test_eight_megabytes_arrive_whole_over_one_encrypted_stream(
         conn.send_datagram(b"unreliable, encrypted")
     record = Worker.objects.get(id="b")
     assert record.certificate_fingerprint == b.identity.fingerprint
+
+
+def test_closing_a_connection_ends_it_at_the_service_and_at_the_peer(
+    server: ServerProcess, agents: Callable[..., WorkerAgent]
+) -> None:
+    answered: queue.Queue[PeerConnection] = queue.Queue()
+    b = agents(server.url, "b", on_peer=lambda agent, conn: answered.put(conn), peer_udp=False)
+    a = agents(server.url, "a", peer_udp=False)
+    b.start()
+    a.start()
+    assert a.wait_registered(10) and b.wait_registered(10)
+    with a.connect("b", timeout=10) as conn:
+        theirs = answered.get(timeout=10)
+        conn.send_datagram(b"hello")
+        assert theirs.recv_datagram(timeout=5) == b"hello"
+    wait_until(lambda: theirs.closed, timeout=5, what="the peer's end closed")
+    # The service heard it from the agent (not when a worker went offline, much later): the
+    # record is ended, and nothing more is relayed for the pair.
+    record = wait_until(
+        lambda: PeerConnectionRecord.objects.filter(closed_at__isnull=False).first(),
+        timeout=5,
+        what="the record of the connection ended",
+    )
+    assert record.close_reason == "closed"
+    assert record.relayed_bytes > 0
+    assert a.status()["state"] == "registered" and b.status()["state"] == "registered"
 
 
 def test_with_the_relay_off_the_handshake_waits_for_the_udp_path_and_runs_on_it(

@@ -285,7 +285,8 @@ class PeerConnection:
         if not self.closed:
             with contextlib.suppress(TimeoutError, PeerError):
                 self._call(self._session.drain(), linger)
-            self._loop.call_soon(self._session.close, reason)
+        # The peer session closes the QUIC connection and tells the service (which records the
+        # end and tells the peer's agent); closing QUIC alone would leave the service unaware.
         self.path.close(reason)
 
     def __enter__(self) -> PeerConnection:
