@@ -117,14 +117,20 @@ class PeerRuleAdmin(admin.ModelAdmin):
         result = None
         if form.is_bound and form.is_valid():
             source, destination = form.cleaned_data["source"], form.cleaned_data["destination"]
-            decision = selectors.peer_policy().decide(
-                selectors.subject(source), selectors.subject(destination)
+            pair = selectors.subject(source), selectors.subject(destination)
+            decision = selectors.peer_policy().decide(*pair)
+            # Under allow-all, what the rules would say once enforced: to try them out first.
+            by_rules = (
+                selectors.peer_policy(policy.RULES).decide(*pair)
+                if policy_mode() == policy.ALLOW_ALL
+                else None
             )
             unknown = [w for w in (source, destination) if not selectors.worker_exists(w)]
             result = {
                 "source": source,
                 "destination": destination,
                 "decision": decision,
+                "by_rules": by_rules,
                 "unknown": unknown,
             }
         context = {

@@ -112,6 +112,27 @@ def test_the_command_line_check_answers_and_exits_accordingly(
     assert f"#{rule.pk}: tag:ci -> gpu-1" in capsys.readouterr().out
 
 
+def test_under_allow_all_the_checks_also_say_what_the_rules_would(
+    admin_client: Client, fleet: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rule = PeerRule.objects.create(sources="tag:ci", destinations="tag:gpu")
+    page = admin_client.get(
+        "/admin/registry/peerrule/check/", {"source": "gpu-1", "destination": "ci-1"}
+    ).content.decode()
+    assert "RENDEZVOUS_PEER_POLICY is allow-all" in page  # allowed now, by the mode
+    assert "Once RENDEZVOUS_PEER_POLICY is <strong>rules</strong>" in page
+    assert "no peer policy rule lets gpu-1 reach ci-1" in page  # and denied by the rules
+    call_command("peer_policy", "check", "gpu-1", "ci-1")
+    assert "allow-all" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exited:
+        call_command("peer_policy", "check", "--rules", "gpu-1", "ci-1")
+    assert exited.value.code == 1
+    call_command("peer_policy", "check", "--rules", "ci-1", "gpu-1")
+    assert capsys.readouterr().out.strip().endswith(f"(rule #{rule.pk})")
+    call_command("peer_policy", "show", "--rules")
+    assert f"#{rule.pk}: tag:ci -> tag:gpu" in capsys.readouterr().out
+
+
 def test_a_worker_page_lists_who_it_may_reach_and_who_may_reach_it(
     admin_client: Client, fleet: None, rules_mode: None
 ) -> None:

@@ -1,5 +1,7 @@
 """`python manage.py peer_policy check A B`: may worker A reach worker B, and which rule says so?
 `python manage.py peer_policy show`: the mode and the enabled rules, as the service reads them.
+With `--rules`, both judge by the rules even while RENDEZVOUS_PEER_POLICY is allow-all: to try
+rules out before enforcing them.
 
 `check` prints `allowed: ...` or `denied: ...` on stdout and exits 0 or 1 (scripts can test it);
 anything else goes to stderr."""
@@ -22,10 +24,16 @@ class Command(BaseCommand):
         check = commands.add_parser("check", help="May SOURCE reach DESTINATION?")
         check.add_argument("source", help="the worker that would ask (its id)")
         check.add_argument("destination", help="the worker it would ask to reach (its id)")
-        commands.add_parser("show", help="The mode and the enabled rules.")
+        show = commands.add_parser("show", help="The mode and the enabled rules.")
+        for command in (check, show):
+            command.add_argument(
+                "--rules",
+                action="store_true",
+                help="judge by the rules even if RENDEZVOUS_PEER_POLICY is allow-all",
+            )
 
     def handle(self, *args: Any, **options: Any) -> None:
-        rules = selectors.peer_policy()
+        rules = selectors.peer_policy(policy.RULES if options["rules"] else None)
         if options["command"] == "show":
             self._show(rules)
             return
