@@ -14,7 +14,7 @@ from django.conf import settings
 from django.contrib import admin, messages
 from django.contrib.admin.utils import quote, unquote
 from django.core.exceptions import PermissionDenied
-from django.db.models import Q, QuerySet
+from django.db.models import QuerySet
 from django.forms.models import BaseInlineFormSet
 from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect
 from django.shortcuts import redirect
@@ -28,9 +28,9 @@ from django.utils.safestring import SafeString
 from django.utils.timesince import timesince
 from django.views.decorators.http import require_POST
 
-from registry import control, enrolment, identities, selectors
+from registry import control, enrolment, identities, protocol, selectors
 from registry.models import Connection, PeerConnection, ServerInstance, Worker
-from registry.policy import ALLOW_ALL, Policy, Subject
+from registry.policy import ALLOW_ALL
 from registry.selectors import RECENT_CONNECTIONS, registry_overview
 
 OBSERVED_WORKER_FIELDS = (
@@ -460,22 +460,11 @@ class WorkerAdmin(admin.ModelAdmin):
 
     @admin.display(description="may reach (peer policy)")
     def may_reach(self, worker: Worker) -> SafeString | str:
-        rules, me, everyone = self._reach(worker)
-        return _worker_links(rules.reachable(me, everyone), rules, "reach")
+        return _worker_links(worker, "reach", outward=True)
 
     @admin.display(description="may be reached by (peer policy)")
     def reachable_from(self, worker: Worker) -> SafeString | str:
-        rules, me, everyone = self._reach(worker)
-        return _worker_links(rules.reaching(me, everyone), rules, "be reached by")
-
-    @staticmethod
-    def _reach(worker: Worker) -> tuple[Policy, Subject, list[Subject]]:
-        """The rules and every worker, read once per page: kept on this request's object."""
-        if "_policy_reach" not in worker.__dict__:
-            everyone = selectors.subjects()
-            me = next((s for s in everyone if s.worker_id == worker.pk), Subject.of(worker.pk))
-            worker.__dict__["_policy_reach"] = (selectors.peer_policy(), me, everyone)
-        return worker.__dict__["_policy_reach"]
+        return _worker_links(worker, "be reached by", outward=False)
 
     @admin.display(description="peer connections")
     def peer_connections(self, worker: Worker) -> SafeString:
@@ -494,20 +483,21 @@ class WorkerAdmin(admin.ModelAdmin):
 REACH_SHOWN = 50
 
 
-def _worker_links(subjects: list[Subject], rules: Policy, verb: str) -> SafeString | str:
-    if rules.mode == ALLOW_ALL:
+def _worker_links(worker: Worker, verb: str, *, outward: bool) -> SafeString | str:
+    """The workers of the registry `worker` may reach (outward) or be reached by, linked."""
+    if settings.RENDEZVOUS["PEER_POLICY"] == ALLOW_ALL:
         return f"every worker (RENDEZVOUS_PEER_POLICY is allow-all): may {verb} any other"
-    if not subjects:
+    ids, count = selectors.worker_reach(
+        worker.pk, worker.tag_list, outward=outward, limit=REACH_SHOWN
+    )
+    if not count:
         return "no worker (no enabled rule allows it)"
     shown = format_html_join(
         ", ",
         '<a href="{}">{}</a>',
-        (
-            (reverse("admin:registry_worker_change", args=[quote(s.worker_id)]), s.worker_id)
-            for s in subjects[:REACH_SHOWN]
-        ),
+        ((reverse("admin:registry_worker_change", args=[quote(i)]), i) for i in ids),
     )
-    more = len(subjects) - REACH_SHOWN
+    more = count - len(ids)
     return format_html("{}{}", shown, f" and {more} more" if more > 0 else "")
 
 
@@ -576,7 +566,8 @@ class PeerWorkerFilter(admin.SimpleListFilter):
     parameter_name = "worker"
 
     def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
-        busiest = selectors.busiest_peer_workers(limit=20)
+        # The busiest of the last day (the whole table may hold millions of records).
+        busiest = selectors.busiest_peer_workers(limit=20, since=timezone.now() - timedelta(days=1))
         chosen = self.value()
         if chosen and chosen not in busiest:
             busiest.insert(0, chosen)
@@ -585,9 +576,8 @@ class PeerWorkerFilter(admin.SimpleListFilter):
     def queryset(
         self, request: HttpRequest, queryset: QuerySet[PeerConnection]
     ) -> QuerySet[PeerConnection]:
-        if self.value():
-            return queryset.filter(Q(requester_id=self.value()) | Q(target_id=self.value()))
-        return queryset
+        worker_id = self.value()
+        return queryset.involving(worker_id) if worker_id else queryset
 
 
 def _peer_worker_link(worker_id: str) -> SafeString:
@@ -655,9 +645,9 @@ class PeerConnectionAdmin(admin.ModelAdmin):
     @admin.display(description="outcome", ordering="outcome")
     def outcome_display(self, record: PeerConnection) -> str:
         """Who refused, or why it failed, with the outcome."""
-        if record.failure_code == "POLICY_DENIED":
+        if record.failure_code == protocol.ConnectFailure.POLICY_DENIED:
             return "refused by the peer policy"
-        if record.failure_code == "PEER_REFUSED":
+        if record.failure_code == protocol.ConnectFailure.PEER_REFUSED:
             return f"refused by {record.target_id}"
         if record.failure_code:
             return f"failed: {record.failure_code}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from django.conf import settings
@@ -104,6 +105,16 @@ def _turn_problems(config: dict[str, Any]) -> list[Any]:
                 "RENDEZVOUS_TURN_TTL must be at least 60 seconds: shorter credentials expire "
                 "before a TURN allocation is refreshed.",
                 id="rendezvous.E007",
+            )
+        )
+    retention = config["PEER_CONNECTION_RETENTION_DAYS"]
+    if not math.isfinite(retention) or not 0 < retention <= 36500:
+        problems.append(
+            Error(
+                "RENDEZVOUS_PEER_CONNECTION_RETENTION_DAYS must be a number of days above 0 (and "
+                f"at most 36500), not {retention!r}: at 0 or below every ended record would be "
+                "deleted at once.",
+                id="rendezvous.E008",
             )
         )
     return problems

@@ -33,7 +33,7 @@ from registry.introductions import PeerSide
 from registry.logs import InstanceLogAdapter
 from registry.models import decode_tags
 from registry.origins import origin_allowed
-from registry.policy import ALLOW_ALL, Policy, Subject
+from registry.policy import Policy, Subject
 from registry.ratelimit import TokenBucket
 from registry.runtime import SUPERSEDE, get_runtime
 
@@ -349,10 +349,8 @@ class RegisterConsumer(AsyncWebsocketConsumer):
 
     def _reachable_peers(self, tag: str | None) -> tuple[list[dict[str, Any]], bool]:
         """`list_peers`: the connected workers this one may reach, by the rules as they are."""
-        rules = selectors.peer_policy()
-        me = self.subject
-        reachable = None if rules.mode == ALLOW_ALL else (lambda peer: rules.allows(me, peer))
-        return selectors.list_peers(exclude=self.worker_id, tag=tag, reachable=reachable)
+        reach = selectors.peer_policy().reach_from(self.subject)
+        return selectors.list_peers(exclude=self.worker_id, tag=tag, reach=reach)
 
     async def policy_changed(self, policy: Policy) -> int:
         """The peer rules changed: end the links they no longer allow."""

@@ -27,9 +27,16 @@ from registry import metrics, protocol, selectors, services, turn
 from registry.identities import Certificate
 from registry.logs import InstanceLogAdapter
 from registry.models import decode_tags
-from registry.policy import ALLOW_ALL, DENY_ALL, RULES, Decision, Policy, Subject
+from registry.policy import ALLOW_ALL, NOT_EVALUATED, Decision, Policy, Subject
 from registry.ratelimit import TokenBucket
-from registry.relay import PeerLink, PeerLinks, ReadWindow, RelayPort, SendWindow
+from registry.relay import (
+    DROP_NOT_INTRODUCED,
+    PeerLink,
+    PeerLinks,
+    ReadWindow,
+    RelayPort,
+    SendWindow,
+)
 from registry.runtime import DELIVER, InstanceRuntime, get_runtime
 
 log = InstanceLogAdapter(
@@ -216,7 +223,7 @@ class PeerSide:
         if request.transport == protocol.Transport.QUIC and self.certificate is None:
             return failed(protocol.ConnectFailure.NO_IDENTITY, _no_identity(self.worker_id))
         # The policy first: a worker that may not reach B does not learn whether B is online.
-        decision = await database_sync_to_async(self._decide)(request.peer_id)
+        decision = await self._decide(self.subject, request.peer_id)
         if not decision.allowed:
             self._record_refusal(request.peer_id, decision)
             return failed(protocol.ConnectFailure.POLICY_DENIED, decision.reason)
@@ -315,7 +322,7 @@ class PeerSide:
         refusal = None
         # Again, as B's instance reads the rules now: one may have changed while B decided.
         requester = Subject.of(pending.requester_id, pending.requester_tags)
-        decision = await database_sync_to_async(self._decide_pair)(requester, self.subject)
+        decision = await self._decide(requester, self.subject)
         if not decision.allowed:
             refusal = protocol.ConnectFailure.POLICY_DENIED, decision.reason
         elif self.links.full():
@@ -325,7 +332,9 @@ class PeerSide:
         if refusal is not None:
             code, reason = refusal
             await self._to_requester(pending, self._failure(pending, code, reason))
-            self._failed(code, reason, peer_id=pending.requester_id, pending=pending)
+            self._failed(
+                code, reason, peer_id=pending.requester_id, pending=pending, decided_by=decision.by
+            )
             return self._failure(pending, code, reason, for_me=True)
         relay = bool(settings.RENDEZVOUS["RELAY"])
         mine = PeerLink(
@@ -510,21 +519,24 @@ class PeerSide:
             ended += 1
         return ended
 
-    def _decide(self, peer_id: str) -> Decision:
-        """May this worker reach `peer_id`, by the rules as the database holds them now?"""
-        return self._decide_pair(self.subject, selectors.subject(peer_id))
-
-    def _decide_pair(self, source: Subject, destination: Subject) -> Decision:
-        return self._policy().decide(source, destination)
+    async def _decide(self, source: Subject, destination: Subject | str) -> Decision:
+        """May `source` reach `destination` (a worker id: its tags are read), by the rules as
+        the database holds them now? Under allow-all, without a trip to the database."""
+        if settings.RENDEZVOUS["PEER_POLICY"] == ALLOW_ALL:
+            target = destination if isinstance(destination, Subject) else Subject.of(destination)
+            return Policy(ALLOW_ALL).decide(source, target)
+        return await database_sync_to_async(self._decide_now)(source, destination)
 
     @staticmethod
-    def _policy() -> Policy:
+    def _decide_now(source: Subject, destination: Subject | str) -> Decision:
         try:
-            return selectors.peer_policy()
-        except Exception:  # the rules cannot be read: nothing is allowed (never fails open)
+            if isinstance(destination, str):
+                destination = selectors.subject(destination)
+            return selectors.peer_policy().decide(source, destination)
+        except Exception:  # the rules or the tags cannot be read: refused (never fails open)
             log.exception("peer policy: the rules cannot be read; refusing introductions")
             metrics.policy_error()
-            return DENY_ALL if settings.RENDEZVOUS["PEER_POLICY"] == RULES else Policy(ALLOW_ALL)
+            return Decision(False, NOT_EVALUATED)
 
     def _record_refusal(self, peer_id: str, decision: Decision) -> None:
         self.runtime.spawn(
@@ -550,7 +562,11 @@ class PeerSide:
                 self._reading.handled()
 
     async def relayed_to_me(self, frame: bytes) -> None:
-        """A relay frame for this connection's worker, unless its socket is not keeping up."""
+        """A relay frame for this connection's worker, unless its link has ended here (a rule
+        change, a close: the sender's side may not know yet) or its socket is not keeping up."""
+        if self.links.get(protocol.relay_frame_id(frame)) is None:
+            metrics.relay_dropped(DROP_NOT_INTRODUCED)
+            return
         if not self._window_tried:
             self._window_tried = True
             self._window = SendWindow.attach(self._base_send)
@@ -645,7 +661,10 @@ class PeerSide:
         peer_id: str,
         introduction_id: str = "",
         pending: Pending | None = None,
+        decided_by: str = "",
     ) -> None:
+        """Count, log and (for an introduction B was asked about) record a failure; the record
+        says what the policy decided: `decided_by`, else what it said at A's request."""
         metrics.introduction(code)
         log.info(
             "worker=%s introduction=%s with %s failed: %s %s",
@@ -663,6 +682,7 @@ class PeerSide:
                     target_id=self.worker_id,
                     code=code,
                     reason=reason,
+                    decided_by=decided_by or pending.decided_by,
                 ),
                 what=f"record of introduction {pending.introduction_id}",
             )

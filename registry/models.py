@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
@@ -11,6 +12,9 @@ from django.core.validators import RegexValidator
 from django.db import models
 
 from registry import protocol
+
+if TYPE_CHECKING:
+    from registry.policy import Reach
 
 # Tags are stored as ",gpu,eu-west," so that one portable `contains` finds a tag on SQLite and
 # PostgreSQL alike (JSON `contains` is not supported on SQLite).
@@ -87,6 +91,15 @@ class WorkerQuerySet(models.QuerySet["Worker"]):
 
     def tagged(self, tag: str) -> WorkerQuerySet:
         return self.filter(tags__contains=tag_lookup(tag))
+
+    def within(self, reach: Reach) -> WorkerQuerySet:
+        """The workers `reach` (registry/policy.py) takes in: any, or these ids and tags."""
+        if reach.any:
+            return self
+        condition = models.Q(id__in=sorted(reach.worker_ids))
+        for tag in sorted(reach.tags):
+            condition |= models.Q(tags__contains=tag_lookup(tag))
+        return self.filter(condition) if not reach.nobody else self.none()
 
     def ephemeral_gone_since(self, before: datetime) -> WorkerQuerySet:
         """Ephemeral workers offline since before `before`: due to be removed. Never a disabled

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from channels.layers import get_channel_layer
@@ -33,12 +33,21 @@ LEFT = "left"
 Send = Callable[[str], Awaitable[None]]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Subscription:
     worker_id: str
     tag: str | None
     send: Send
     subject: policy.Subject | None = None  # the subscriber, as the peer policy sees it
+    # Whom the subscriber may reach under `_reach_of` (worked out once per policy, not per event).
+    _reach: policy.Reach | None = field(default=None, repr=False)
+    _reach_of: policy.Policy | None = field(default=None, repr=False)
+
+    def reach(self, rules: policy.Policy) -> policy.Reach:
+        if self._reach is None or self._reach_of is not rules:
+            subscriber = self.subject or policy.Subject.of(self.worker_id)
+            self._reach, self._reach_of = rules.reach_from(subscriber), rules
+        return self._reach
 
 
 class PeerHub:
@@ -138,5 +147,4 @@ def _wanted(subscription: Subscription, event: dict[str, Any], rules: policy.Pol
         return False
     if rules.mode == policy.ALLOW_ALL:
         return True
-    subscriber = subscription.subject or policy.Subject.of(subscription.worker_id)
-    return rules.allows(subscriber, policy.Subject.of(str(event["worker_id"]), tags))
+    return subscription.reach(rules).matches(policy.Subject.of(str(event["worker_id"]), tags))

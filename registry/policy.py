@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from registry import metrics, protocol
@@ -26,11 +26,12 @@ ALLOW_ALL = "allow-all"
 RULES = "rules"
 MODES = (ALLOW_ALL, RULES)
 
+NOT_EVALUATED = "the peer policy could not be evaluated; refused"  # an error is a refusal
+
 ANY = "*"
 TAG_PREFIX = "tag:"
 MAX_SELECTORS = 100
 _SPLIT = re.compile(r"[\s,]+")
-_TAG = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 class InvalidRule(ValueError):
@@ -70,11 +71,8 @@ def parse_side(text: str) -> tuple[Selector, ...]:
             selector = Selector("any")
         elif entry.lower().startswith(TAG_PREFIX):
             tag = entry[len(TAG_PREFIX) :]
-            if not _TAG.fullmatch(tag):
-                raise InvalidRule(
-                    f"{entry!r} is not a tag: tag: then 1-64 of A-Z a-z 0-9 . _ -, starting "
-                    "with a letter or digit"
-                )
+            if not protocol.is_valid_tag(tag):
+                raise InvalidRule(f"{entry!r} is not a tag: tag: then {protocol.TAG_RULE}")
             selector = Selector("tag", tag.lower())  # tags are case-insensitive
         elif protocol.is_valid_worker_id(entry):
             selector = Selector("worker", entry)
@@ -150,7 +148,7 @@ class Policy:
                 destination.worker_id,
             )
             metrics.policy_error()
-            return Decision(False, "the peer policy could not be evaluated; refused")
+            return Decision(False, NOT_EVALUATED)
 
     def _decide(self, source: Subject, destination: Subject) -> Decision:
         if self.mode == ALLOW_ALL:
@@ -168,17 +166,66 @@ class Policy:
     def allows(self, source: Subject, destination: Subject) -> bool:
         return self.decide(source, destination).allowed
 
-    def reachable(self, source: Subject, candidates: Iterable[Subject]) -> list[Subject]:
-        """The candidates `source` may reach, in their order."""
-        return [c for c in candidates if c.worker_id != source.worker_id and self.allows(source, c)]
+    def reach_from(self, source: Subject) -> Reach:
+        """Whom `source` may reach: the destinations of every rule one of whose sources it is.
+        `reach_from(a).matches(b)` is `allows(a, b)`, in a form a query can use."""
+        return self._reach(source, lambda rule: (rule.sources, rule.destinations))
 
-    def reaching(self, destination: Subject, candidates: Iterable[Subject]) -> list[Subject]:
-        """The candidates that may reach `destination`, in their order."""
-        return [
-            c
-            for c in candidates
-            if c.worker_id != destination.worker_id and self.allows(c, destination)
-        ]
+    def reach_to(self, destination: Subject) -> Reach:
+        """Who may reach `destination`: the sources of every rule it is a destination of."""
+        return self._reach(destination, lambda rule: (rule.destinations, rule.sources))
+
+    def _reach(
+        self,
+        subject: Subject,
+        sides: Callable[[Rule], tuple[tuple[Selector, ...], tuple[Selector, ...]]],
+    ) -> Reach:
+        try:
+            if self.mode == ALLOW_ALL:
+                return Reach(any=True)
+            if self.mode != RULES:
+                raise ValueError(f"unknown peer policy mode {self.mode!r}")
+            far: list[Selector] = []
+            for rule in self.rules:
+                near, other = sides(rule)
+                if any(selector.matches(subject) for selector in near):
+                    far.extend(other)
+            return Reach.of(far)
+        except Exception:
+            log.exception("peer policy: no reach for %s; nobody", subject.worker_id)
+            metrics.policy_error()
+            return Reach()
+
+
+@dataclass(frozen=True, slots=True)
+class Reach:
+    """The workers across the rules from one worker (whom it may reach, or who may reach it),
+    as selectors a database query can use: any worker, or these ids and these tags."""
+
+    any: bool = False
+    worker_ids: frozenset[str] = frozenset()
+    tags: frozenset[str] = frozenset()
+
+    @classmethod
+    def of(cls, selectors: Iterable[Selector]) -> Reach:
+        ids: set[str] = set()
+        tags: set[str] = set()
+        for selector in selectors:
+            if selector.kind == "any":
+                return cls(any=True)
+            (tags if selector.kind == "tag" else ids).add(selector.value)
+        return cls(worker_ids=frozenset(ids), tags=frozenset(tags))
+
+    @property
+    def nobody(self) -> bool:
+        return not (self.any or self.worker_ids or self.tags)
+
+    def matches(self, subject: Subject) -> bool:
+        return (
+            self.any
+            or subject.worker_id in self.worker_ids
+            or not self.tags.isdisjoint(subject.tags)
+        )
 
 
 DENY_ALL = Policy(RULES)  # what an instance holds when it cannot read the rules: nothing

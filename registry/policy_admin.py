@@ -8,6 +8,7 @@ from typing import Any
 from django import forms
 from django.conf import settings
 from django.contrib import admin, messages
+from django.contrib.admin.views.main import ChangeList
 from django.db.models import QuerySet
 from django.http import HttpRequest, HttpResponse
 from django.template.response import TemplateResponse
@@ -81,6 +82,15 @@ class PeerRuleAdmin(admin.ModelAdmin):
                 messages.WARNING,
             )
 
+    def get_changelist_instance(self, request: HttpRequest) -> ChangeList:
+        """The page of rules, with the warnings of all of them found in two queries."""
+        changelist = super().get_changelist_instance(request)
+        page = list(changelist.result_list)
+        found = selectors.rules_warnings([(rule.sources, rule.destinations) for rule in page])
+        for rule, warnings in zip(page, found, strict=True):
+            rule.listed_warnings = warnings
+        return changelist
+
     @admin.display(description="#", ordering="id")
     def number(self, rule: PeerRule) -> str:
         return f"#{rule.pk}"
@@ -89,7 +99,9 @@ class PeerRuleAdmin(admin.ModelAdmin):
     def warnings_display(self, rule: PeerRule) -> SafeString | str:
         if rule.pk is None:
             return "-"
-        warnings = selectors.rule_warnings(rule.sources, rule.destinations)
+        warnings = getattr(rule, "listed_warnings", None)  # the list's page: worked out at once
+        if warnings is None:
+            warnings = selectors.rule_warnings(rule.sources, rule.destinations)
         if not warnings:
             return "-"
         return format_html_join(

@@ -949,11 +949,16 @@ RELAY_MAX_FRAME_BYTES = 65536
 MAX_DATAGRAM_BYTES = RELAY_MAX_FRAME_BYTES - RELAY_HEADER_BYTES - RELAY_LENGTH_BYTES
 
 
+def relay_frame_id(frame: bytes) -> str:
+    """The introduction id in the header of a relay frame already checked (as it is relayed)."""
+    return frame[1:RELAY_HEADER_BYTES].hex()
+
+
 def relay_frame_introduction(frame: bytes, *, max_bytes: int = RELAY_MAX_FRAME_BYTES) -> str:
     """The introduction a relay frame is for, once its header and packing check out; or the
     RelayError that says what is wrong. The datagrams themselves are never looked into."""
     size = len(frame)
-    introduction_id = frame[1:RELAY_HEADER_BYTES].hex() if size >= RELAY_HEADER_BYTES else None
+    introduction_id = relay_frame_id(frame) if size >= RELAY_HEADER_BYTES else None
     if size > max_bytes:
         raise RelayError(
             f"relay frames are limited to {max_bytes} bytes",

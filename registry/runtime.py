@@ -104,7 +104,7 @@ class InstanceRuntime:
         # nothing is allowed under `rules` until the rules have been read.
         self.policy: Policy = Policy(ALLOW_ALL) if self.allow_all else DENY_ALL
         self.peers.policy = self.policy
-        self._policy_version: Any = None
+        self._policy_read = False  # the rules were read once at least
         self._policy_lock: asyncio.Lock | None = None  # one reload at a time
         # Relay frames for consumers on other instances, in batches (registry/relay.py).
         self.relay_outbox = RelayOutbox(self._send_relay_batch, self.spawn)
@@ -257,8 +257,9 @@ class InstanceRuntime:
     # ---- the peer policy -------------------------------------------------------------------
 
     async def _watch_policy(self) -> None:
-        """Read the rules at start, on every change announced (POLICY_CHANGED) and, in case an
-        announcement was missed, whenever their version changed (checked every few seconds)."""
+        """Read the rules at start, on every change announced (POLICY_CHANGED) and, for a change
+        that was not announced (a missed message, a bulk update), every few seconds: the rules
+        are few, and a changed policy is applied."""
         if self.allow_all:
             self.policy = self.peers.policy = Policy(ALLOW_ALL)
             return  # rules do not matter: nothing to read, now or later
@@ -272,33 +273,27 @@ class InstanceRuntime:
                     renewed = now
                 except Exception:
                     log.warning("instance=%s cannot join the policy group", self.instance_id)
-            try:
-                version = await database_sync_to_async(selectors.policy_version)()
-            except Exception:
-                log.warning("instance=%s cannot read the peer rules' version", self.instance_id)
-            else:
-                if version != self._policy_version:
-                    await self.reload_policy(version)
+            await self.reload_policy(only_if_changed=True)
             await asyncio.sleep(POLICY_CHECK_EVERY)
 
-    async def reload_policy(self, version: Any = None) -> Policy:
+    async def reload_policy(self, *, only_if_changed: bool = False) -> Policy:
         """Read the rules again and apply them to every connection held here: links the new
         rules no longer allow are ended, peer events filtered by them."""
         if self._policy_lock is None:
             self._policy_lock = asyncio.Lock()
         async with self._policy_lock:
-            return await self._reload_policy(version)
+            return await self._reload_policy(only_if_changed)
 
-    async def _reload_policy(self, version: Any) -> Policy:
+    async def _reload_policy(self, only_if_changed: bool) -> Policy:
         try:
-            if version is None:
-                version = await database_sync_to_async(selectors.policy_version)()
             policy = await database_sync_to_async(selectors.peer_policy)()
         except Exception:
             log.exception("instance=%s cannot read the peer rules; kept the last", self.instance_id)
             metrics.policy_error()
             return self.policy
-        self.policy, self._policy_version = policy, version
+        if only_if_changed and policy == self.policy and self._policy_read:
+            return policy
+        self.policy, self._policy_read = policy, True
         self.peers.policy = policy
         metrics.policy_reloaded()
         ended = 0
@@ -596,6 +591,9 @@ def install_graceful_shutdown(runtime: InstanceRuntime, *, drain_timeout: float 
     return True
 
 
+_announcing: set[asyncio.Task[None]] = set()
+
+
 def peer_rules_changed(**_: object) -> None:
     """A peer rule was saved or deleted (a signal receiver): once the change is committed,
     every instance reads the rules again."""
@@ -616,6 +614,8 @@ def notify_policy_changed() -> None:
         if loop is None:
             async_to_sync(layer.group_send)(POLICY_GROUP, message)
         else:
-            loop.create_task(layer.group_send(POLICY_GROUP, message))
+            task = loop.create_task(layer.group_send(POLICY_GROUP, message))
+            _announcing.add(task)  # referenced until done: a bare task may be collected
+            task.add_done_callback(_announcing.discard)
     except Exception:
         log.warning("the peer rules changed; instances will notice within %gs", POLICY_CHECK_EVERY)

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
 from django.conf import settings
-from django.db.models import Count, Max, Q
+from django.db.models import Count, Q
 
 from registry import metrics, policy
 from registry.models import (
@@ -202,26 +202,22 @@ def list_peers(
     exclude: str,
     tag: str | None = None,
     limit: int = 1000,
-    reachable: Callable[[Subject], bool] | None = None,
+    reach: policy.Reach | None = None,
 ) -> tuple[list[dict[str, Any]], bool]:
-    """Connected workers another worker may ask to reach (those `reachable` says it may): ids,
-    tags and NAT mapping only (their addresses are given out in introductions, to the two
-    parties alone). And whether the list was cut at `limit`."""
+    """Connected workers another worker may ask to reach (those `reach` takes in: the peer
+    policy as a query): ids, tags and NAT mapping only (their addresses are given out in
+    introductions, to the two parties alone). And whether the list was cut at `limit`."""
     workers = Worker.objects.connected().filter(disabled_at__isnull=True).exclude(id=exclude)
     if tag is not None:
         workers = workers.tagged(tag)
-    rows = workers.order_by("id").values_list("id", "tags", "nat_mapping")
-    if reachable is None:
-        rows = rows[: limit + 1]
-    peers: list[dict[str, Any]] = []
-    for worker_id, tags, mapping in rows.iterator(chunk_size=2000):
-        decoded = decode_tags(tags)
-        if reachable is not None and not reachable(Subject.of(worker_id, decoded)):
-            continue
-        if len(peers) == limit:
-            return peers, True
-        peers.append({"worker_id": worker_id, "tags": decoded, "nat_mapping": mapping or None})
-    return peers, False
+    if reach is not None:
+        workers = workers.within(reach)
+    rows = list(workers.order_by("id").values_list("id", "tags", "nat_mapping")[: limit + 1])
+    peers = [
+        {"worker_id": worker_id, "tags": decode_tags(tags), "nat_mapping": mapping or None}
+        for worker_id, tags, mapping in rows[:limit]
+    ]
+    return peers, len(rows) > limit
 
 
 # ---- the peer policy (registry/policy.py) -------------------------------------------------------
@@ -248,24 +244,23 @@ def peer_policy(mode: str | None = None) -> Policy:
     return policy.Policy(mode, tuple(rules))
 
 
-def policy_version() -> tuple[int, datetime | None]:
-    """Changes whenever a rule is added, changed or deleted (to notice a change missed)."""
-    found = PeerRule.objects.aggregate(count=Count("id"), changed=Max("updated_at"))
-    return found["count"], found["changed"]
-
-
 def subject(worker_id: str) -> Subject:
     """A worker as the policy sees it; an unknown id has no tags."""
     tags = Worker.objects.filter(id=worker_id).values_list("tags", flat=True).first()
     return Subject.of(worker_id, decode_tags(tags or ""))
 
 
-def subjects() -> list[Subject]:
-    """Every worker in the registry as the policy sees it, by id."""
-    return [
-        Subject.of(worker_id, decode_tags(tags))
-        for worker_id, tags in Worker.objects.order_by("id").values_list("id", "tags").iterator()
-    ]
+def worker_reach(
+    worker_id: str, tags: Iterable[str], *, outward: bool, limit: int
+) -> tuple[list[str], int]:
+    """The workers of the registry `worker_id` may reach (`outward`), or that may reach it,
+    under the rules as they are now: the first `limit` ids, and how many in all. One query
+    each way, whatever the size of the registry."""
+    me = Subject.of(worker_id, tags)
+    rules = peer_policy()
+    reach = rules.reach_from(me) if outward else rules.reach_to(me)
+    workers = Worker.objects.within(reach).exclude(id=worker_id)
+    return list(workers.order_by("id").values_list("id", flat=True)[:limit]), workers.count()
 
 
 def known_tags() -> set[str]:
@@ -279,21 +274,38 @@ def worker_exists(worker_id: str) -> bool:
 
 def rule_warnings(sources: str, destinations: str) -> list[str]:
     """What an operator should know about a rule: tags no worker carries, ids no worker has."""
-    warnings = []
-    tags: set[str] | None = None
-    for text in (sources, destinations):
+    return rules_warnings([(sources, destinations)])[0]
+
+
+def rules_warnings(rules: list[tuple[str, str]]) -> list[list[str]]:
+    """`rule_warnings` for each of `rules` (sources, destinations), in two queries for all."""
+    parsed: list[tuple[policy.Selector, ...] | str] = []
+    for sources, destinations in rules:
         try:
-            side = policy.parse_side(text)
+            parsed.append(policy.parse_side(sources) + policy.parse_side(destinations))
         except policy.InvalidRule as exc:
-            return [str(exc)]
-        for selector in side:
-            if selector.kind == "tag":
-                tags = known_tags() if tags is None else tags
-                if selector.value not in tags:
-                    warnings.append(f"no worker carries tag:{selector.value}")
-            elif selector.kind == "worker" and not worker_exists(selector.value):
-                warnings.append(f"no worker {selector.value} in the registry")
-    return list(dict.fromkeys(warnings))
+            parsed.append(str(exc))
+    selectors_ = [s for side in parsed if not isinstance(side, str) for s in side]
+    named = {s.value for s in selectors_ if s.kind == "worker"}
+    existing = (
+        set(Worker.objects.filter(id__in=named).values_list("id", flat=True)) if named else set()
+    )
+    tags = known_tags() if any(s.kind == "tag" for s in selectors_) else set()
+    found = []
+    for side in parsed:
+        if isinstance(side, str):
+            found.append([side])
+            continue
+        warnings = [
+            f"no worker carries tag:{s.value}"
+            if s.kind == "tag"
+            else f"no worker {s.value} in the registry"
+            for s in side
+            if (s.kind == "tag" and s.value not in tags)
+            or (s.kind == "worker" and s.value not in existing)
+        ]
+        found.append(list(dict.fromkeys(warnings)))
+    return found
 
 
 def current_channel(worker_id: str) -> tuple[int, str] | None:
@@ -383,7 +395,7 @@ def peer_connections_by_path() -> dict[str, int]:
 def peer_connection_counts(worker_id: str) -> dict[str, int]:
     """A worker's recorded peer connections (as requester or target), by outcome."""
     rows = (
-        PeerConnection.objects.filter(Q(requester_id=worker_id) | Q(target_id=worker_id))
+        PeerConnection.objects.involving(worker_id)
         .values_list("outcome")
         .annotate(n=Count("id"))
         .order_by()
@@ -392,15 +404,16 @@ def peer_connection_counts(worker_id: str) -> dict[str, int]:
     return {outcome: found.get(outcome, 0) for outcome in PeerConnectionOutcome.values}
 
 
-def busiest_peer_workers(*, limit: int) -> list[str]:
-    """The workers in the most recorded peer connections, as requester or target, most first."""
+def busiest_peer_workers(*, limit: int, since: datetime) -> list[str]:
+    """The workers in the most peer connections requested since `since` (as requester or
+    target), most first: the recent records only, so that the query stays small."""
+    recent = PeerConnection.objects.filter(requested_at__gte=since)
     counts: Counter[str] = Counter()
     for side in ("requester_id", "target_id"):
-        rows = PeerConnection.objects.values_list(side).annotate(n=Count("id")).order_by("-n")
-        counts.update(dict(rows[:limit]))
-    return [worker_id for worker_id, _ in sorted(counts.items(), key=lambda i: (-i[1], i[0]))][
-        :limit
-    ]
+        rows = recent.values_list(side).annotate(n=Count("id")).order_by("-n")[:limit]
+        counts.update(dict(rows))
+    ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+    return [worker_id for worker_id, _ in ranked[:limit]]
 
 
 _PEER_CONNECTION_FIELDS = (
@@ -434,7 +447,7 @@ def list_peer_connections(
     """One page of recorded peer connections, newest first, optionally filtered."""
     records = PeerConnection.objects.all()
     if worker is not None:
-        records = records.filter(Q(requester_id=worker) | Q(target_id=worker))
+        records = records.involving(worker)
     if outcome is not None:
         records = records.filter(outcome=outcome)
     if path_kind is not None:

@@ -13,6 +13,7 @@ from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 
 from registry import metrics, selectors
+from registry import runtime as runtime_module
 from registry.models import PeerConnection, PeerRule, Worker
 from registry.runtime import POLICY_CHANGED, POLICY_GROUP, get_runtime, reset_runtime
 from tests.test_peering import accept, ask, connect_request, connected, introduce
@@ -133,6 +134,22 @@ async def test_a_link_the_rules_no_longer_allow_is_ended_for_both_sides(rules_mo
     await b.disconnect()
 
 
+async def test_a_change_made_around_the_signals_is_found_by_the_periodic_check(
+    rules_mode, monkeypatch
+) -> None:
+    monkeypatch.setattr(runtime_module, "POLICY_CHECK_EVERY", 0.2)
+    rule = await add_rule("a", "b")
+    a, b = await connected("a", 1), await connected("b", 2)
+    await introduce(a, b)
+    # A bulk update sends no post_save and leaves updated_at alone: nothing is announced.
+    await database_sync_to_async(PeerRule.objects.filter(pk=rule.pk).update)(enabled=False)
+    for comm in (a, b):
+        closed = await comm.receive_json_from(timeout=3)
+        assert closed["reason"].startswith("the peer policy no longer allows it")
+    await a.disconnect()
+    await b.disconnect()
+
+
 async def test_a_rule_removed_while_the_peer_decides_refuses_at_its_answer(rules_mode) -> None:
     rule = await add_rule("a", "b")
     a, b = await connected("a", 1), await connected("b", 2)
@@ -144,6 +161,25 @@ async def test_a_rule_removed_while_the_peer_decides_refuses_at_its_answer(rules
     told = await a.receive_json_from(timeout=3)
     assert told["code"] == "POLICY_DENIED"
     assert told["introduction_id"] == pending["introduction_id"]
+    await asyncio.sleep(0.2)
+    record = await database_sync_to_async(PeerConnection.objects.get)(id=pending["introduction_id"])
+    assert (record.outcome, record.decided_by) == ("refused", "no peer policy rule lets a reach b")
+    await a.disconnect()
+    await b.disconnect()
+
+
+async def test_a_pair_the_policy_allowed_and_the_peer_refused_says_both(rules_mode) -> None:
+    rule = await add_rule("a", "b", "a may reach b")
+    a, b = await connected("a", 1), await connected("b", 2)
+    pending = await ask(a, connect_request("b"))
+    asked = await b.receive_json_from(timeout=3)
+    reject = {"type": "introduction_reject", "introduction_id": asked["introduction_id"]}
+    assert (await ask(b, reject))["type"] == "introduction_rejected"
+    assert (await a.receive_json_from(timeout=3))["code"] == "PEER_REFUSED"
+    await asyncio.sleep(0.2)
+    record = await database_sync_to_async(PeerConnection.objects.get)(id=pending["introduction_id"])
+    assert record.failure_code == "PEER_REFUSED"
+    assert record.decided_by == f"rule #{rule.pk} (a may reach b)"
     await a.disconnect()
     await b.disconnect()
 

@@ -13,6 +13,7 @@ from registry.policy import (
     RULES,
     InvalidRule,
     Policy,
+    Reach,
     Rule,
     Selector,
     Subject,
@@ -88,8 +89,13 @@ def test_ids_and_any_select_as_written() -> None:
     policy = Policy(RULES, (rule(1, "laptop-3", "*"), rule(2, "*", "laptop-3")))
     assert policy.allows(LAPTOP, GPU) and policy.allows(LAPTOP, CI)
     assert policy.allows(GPU, LAPTOP) and not policy.allows(GPU, CI)
-    assert policy.reachable(LAPTOP, [GPU, LAPTOP, CI]) == [GPU, CI]  # never itself
-    assert policy.reaching(LAPTOP, [GPU, CI, LAPTOP]) == [GPU, CI]
+    assert policy.reach_from(LAPTOP) == Reach(any=True)
+    assert policy.reach_to(LAPTOP) == Reach(any=True)
+    assert policy.reach_from(GPU) == Reach(worker_ids=frozenset({"laptop-3"}))
+    assert Policy(RULES, (rule(1, "tag:ci", "tag:gpu gpu-box-9"),)).reach_to(GPU) == Reach(
+        tags=frozenset({"ci"})
+    )
+    assert Policy(RULES).reach_from(CI).nobody
 
 
 def test_a_decision_that_cannot_be_made_is_a_refusal_and_is_counted() -> None:
@@ -155,3 +161,16 @@ def test_no_rules_reach_nothing_and_allow_all_reaches_everything(
 def test_a_side_reads_back_as_it_was_written(side: tuple[Selector, ...]) -> None:
     unique = tuple(dict.fromkeys(side))
     assert parse_side(format_side(side)) == unique
+
+
+@given(st.lists(rules, max_size=5), subjects, subjects)
+def test_the_reach_a_query_uses_says_what_a_decision_says(
+    existing: list[Rule], source: Subject, destination: Subject
+) -> None:
+    """list_peers, the peer events and the admin filter by `reach_from` / `reach_to`; the
+    introductions decide pair by pair: the two must agree, both ways, in both modes."""
+    for mode in (RULES, ALLOW_ALL):
+        policy = Policy(mode, tuple(existing))
+        allowed = policy.allows(source, destination)
+        assert policy.reach_from(source).matches(destination) is allowed
+        assert policy.reach_to(destination).matches(source) is allowed

@@ -10,11 +10,13 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
+from django.conf import settings
+from django.core.checks import run_checks
 from django.core.management import call_command
-from django.test import Client
+from django.test import Client, override_settings
 from django.utils import timezone
 
-from registry import services
+from registry import selectors, services
 from registry.models import PeerConnection, PeerRule, Worker
 from registry.runtime import InstanceRuntime
 
@@ -238,3 +240,42 @@ def test_ended_records_are_kept_for_the_retention_only(records: None) -> None:
     later = timezone.now() + timedelta(days=31)
     assert services.purge_peer_connections(older_than=timedelta(days=30), now=later) == 2
     assert list(PeerConnection.objects.values_list("id", flat=True)) == ["a" * 32]  # still open
+
+
+@pytest.mark.parametrize("days", [0.0, -1.0, float("inf"), float("nan")])
+def test_a_retention_that_would_delete_everything_or_break_housekeeping_is_refused(
+    days: float,
+) -> None:
+    with override_settings(
+        RENDEZVOUS={**settings.RENDEZVOUS, "PEER_CONNECTION_RETENTION_DAYS": days}
+    ):
+        errors = {problem.id for problem in run_checks() if problem.id.startswith("rendezvous.E")}
+    assert errors == {"rendezvous.E008"}
+
+
+def test_who_may_reach_whom_is_one_query_each_way_and_agrees_with_the_decisions(
+    fleet: None, rules_mode: None, django_assert_max_num_queries
+) -> None:
+    PeerRule.objects.create(sources="tag:ci laptop-3", destinations="tag:gpu ci-2")
+    PeerRule.objects.create(sources="gpu-1", destinations="*")
+    rules = selectors.peer_policy()
+    everyone = [selectors.subject(w) for w in ("ci-1", "ci-2", "gpu-1", "laptop-3")]
+    for me in everyone:
+        others = [o for o in everyone if o != me]
+        with django_assert_max_num_queries(3):  # the rules, the page of ids, the count
+            ids, count = selectors.worker_reach(me.worker_id, me.tags, outward=True, limit=2)
+        expected = [o.worker_id for o in others if rules.allows(me, o)]
+        assert (ids, count) == (expected[:2], len(expected))
+        ids, count = selectors.worker_reach(me.worker_id, me.tags, outward=False, limit=50)
+        assert ids == [o.worker_id for o in others if rules.allows(o, me)]
+
+
+def test_the_rule_list_finds_every_rows_warnings_in_a_few_queries(
+    admin_client: Client, fleet: None, django_assert_max_num_queries
+) -> None:
+    for n in range(40):
+        PeerRule.objects.create(sources=f"tag:ci ghost-{n}", destinations=f"tag:gone-{n} gpu-1")
+    with django_assert_max_num_queries(12):  # session, user, count, page, two for the warnings
+        page = admin_client.get("/admin/registry/peerrule/").content.decode()
+    assert page.count("no worker ghost-") == 40
+    assert "no worker carries tag:gone-39" in page and "no worker gpu-1" not in page

@@ -11,10 +11,13 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from channels.db import database_sync_to_async
 from channels.testing import WebsocketCommunicator
 
 from registry import metrics
+from registry.models import Worker
 from registry.relay import RelayOutbox
+from registry.runtime import get_runtime
 from tests.test_peering import ask, connected, introduce
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.asyncio]
@@ -326,3 +329,26 @@ async def test_a_batch_the_layer_cannot_take_is_dropped_and_counted() -> None:
     await outbox.put("instance-b", 7, b"the next one is tried")
     await asyncio.gather(*tasks)
     assert len(layer.batches) == 2
+
+
+async def test_the_receiving_side_drops_frames_for_a_link_it_does_not_hold() -> None:
+    """The sender's side checks its own link; the receiver's checks again, so that a link ended
+    on one side only (a rule change one instance applied, a close not yet heard) carries
+    nothing more to that worker."""
+    a, b = await connected("a", 1), await connected("b", 2)
+    for_a, _ = await introduce(a, b)
+    runtime = get_runtime()
+    connection_id = await database_sync_to_async(
+        lambda: Worker.objects.get(id="a").current_connection_id
+    )()
+    before = relay_counter("rendezvous_relay_dropped_total", reason="not_introduced")
+    held = frame(for_a["introduction_id"], b"for a")
+    assert await runtime.relay_to(runtime.channel_name, connection_id, held)
+    assert await a.receive_from(timeout=3) == held
+    foreign = frame("ab" * 16, b"not a's")
+    assert await runtime.relay_to(runtime.channel_name, connection_id, foreign)
+    assert await a.receive_nothing(timeout=0.2)
+    after = relay_counter("rendezvous_relay_dropped_total", reason="not_introduced")
+    assert after == before + 1
+    await a.disconnect()
+    await b.disconnect()
