@@ -23,21 +23,16 @@ Prints its figures; not a test.
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from peer_paths import AGENT, REDIS_PORT, REPO, TURN_SECRET, Bench, throughput
+from peer_paths import AGENT, Bench, public_services, throughput
 
 # peer_paths put the repository on sys.path.
 from tests.support.netns import (
-    SERVICE_IP,
-    TURN_PORT,
     NatKind,
     NatTopology,
     netns_unavailable_reason,
@@ -99,45 +94,18 @@ def main() -> int:
     if reason:
         print(f"cannot run: {reason}")
         return 2
-    with tempfile.TemporaryDirectory(prefix="rendezvous-quic-bench-") as tmp:
-        log_dir = args.logs or Path(tmp)
-        log_dir.mkdir(parents=True, exist_ok=True)
-        database_url = f"sqlite:///{log_dir / 'bench.sqlite3'}"
-        env = {**os.environ, "DATABASE_URL": database_url}
-        subprocess.run(
-            [sys.executable, "manage.py", "migrate", "-v0"], cwd=REPO, env=env, check=True
+    kinds = [NatKind.MASQUERADE, NatKind.MASQUERADE, NatKind.RANDOM_FULLY]
+    with public_services(kinds, [2, 1, 1], args.logs, "rendezvous-quic-bench-") as bench:
+        bench.serve("norelay", 8004, RENDEZVOUS_RELAY="off")
+        print(f"raw baselines ({args.seconds:g} s each, 1,200-byte datagrams):", flush=True)
+        raw = throughput(bench, args.seconds)
+        print(
+            f"QUIC ({args.count} connects, then {args.repeat} x {args.megabytes} MiB, one "
+            "stream each, per path):",
+            flush=True,
         )
-        kinds = [NatKind.MASQUERADE, NatKind.MASQUERADE, NatKind.RANDOM_FULLY]
-        with NatTopology(kinds, workers=[2, 1, 1], log_dir=log_dir) as net:
-            net.start_stun()
-            net.start_turn(secret=TURN_SECRET)
-            net.popen(
-                net.public,
-                ["redis-server", "--bind", SERVICE_IP, "--port", str(REDIS_PORT), "--save", "",
-                 "--protected-mode", "no", "--appendonly", "no"],
-                log_name="redis.log",
-            )  # fmt: skip
-            bench = Bench(net, database_url, log_dir)
-            redis = {"REDIS_URL": f"redis://{SERVICE_IP}:{REDIS_PORT}/0"}
-            bench.serve("plain", 8000)
-            bench.serve(
-                "turn",
-                8001,
-                RENDEZVOUS_TURN_SERVERS=f"{SERVICE_IP}:{TURN_PORT}",
-                RENDEZVOUS_TURN_SECRET=TURN_SECRET,
-            )
-            bench.serve("redis-a", 8002, **redis)
-            bench.serve("redis-b", 8003, **redis)
-            bench.serve("norelay", 8004, RENDEZVOUS_RELAY="off")
-            print(f"raw baselines ({args.seconds:g} s each, 1,200-byte datagrams):", flush=True)
-            raw = throughput(bench, args.seconds)
-            print(
-                f"QUIC ({args.count} connects, then {args.repeat} x {args.megabytes} MiB, one "
-                "stream each, per path):",
-                flush=True,
-            )
-            figures = quic(bench, args.count, args.megabytes, args.repeat)
-            bench.stop_answering()
+        figures = quic(bench, args.count, args.megabytes, args.repeat)
+        bench.stop_answering()
     report(raw, figures)
     return 0
 

@@ -27,6 +27,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -220,6 +222,45 @@ def throughput(bench: Bench, seconds: float) -> dict[str, dict[str, Any]]:
     return figures
 
 
+@contextmanager
+def public_services(
+    kinds: list[NatKind], workers: list[int], logs: Path | None, prefix: str, **redis_env: str
+) -> Iterator[Bench]:
+    """The NAT topology with its public side running: two STUN listeners, coturn, a
+    redis-server, and the services on a migrated SQLite database: `plain` (8000), `turn`
+    (8001, with TURN credentials) and `redis-a` / `redis-b` (8002, 8003: two instances over
+    Redis, with `redis_env` too). Every process and namespace is gone when the block ends."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        log_dir = logs or Path(tmp)
+        log_dir.mkdir(parents=True, exist_ok=True)
+        database_url = f"sqlite:///{log_dir / 'bench.sqlite3'}"
+        env = {**os.environ, "DATABASE_URL": database_url}
+        subprocess.run(
+            [sys.executable, "manage.py", "migrate", "-v0"], cwd=REPO, env=env, check=True
+        )
+        with NatTopology(kinds, workers=workers, log_dir=log_dir) as net:
+            net.start_stun()
+            net.start_turn(secret=TURN_SECRET)
+            net.popen(
+                net.public,
+                ["redis-server", "--bind", SERVICE_IP, "--port", str(REDIS_PORT), "--save", "",
+                 "--protected-mode", "no", "--appendonly", "no"],
+                log_name="redis.log",
+            )  # fmt: skip
+            bench = Bench(net, database_url, log_dir)
+            redis = {"REDIS_URL": f"redis://{SERVICE_IP}:{REDIS_PORT}/0", **redis_env}
+            bench.serve("plain", 8000)
+            bench.serve(
+                "turn",
+                8001,
+                RENDEZVOUS_TURN_SERVERS=f"{SERVICE_IP}:{TURN_PORT}",
+                RENDEZVOUS_TURN_SECRET=TURN_SECRET,
+            )
+            bench.serve("redis-a", 8002, **redis)
+            bench.serve("redis-b", 8003, **redis)
+            yield bench
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--count", type=int, default=20, help="connects per scenario")
@@ -231,53 +272,27 @@ def main() -> int:
     if reason:
         print(f"cannot run: {reason}")
         return 2
-    with tempfile.TemporaryDirectory(prefix="rendezvous-peer-bench-") as tmp:
-        log_dir = args.logs or Path(tmp)
-        log_dir.mkdir(parents=True, exist_ok=True)
-        database_url = f"sqlite:///{log_dir / 'bench.sqlite3'}"
-        env = {**os.environ, "DATABASE_URL": database_url}
-        subprocess.run(
-            [sys.executable, "manage.py", "migrate", "-v0"], cwd=REPO, env=env, check=True
-        )
-        kinds = [NatKind.MASQUERADE, NatKind.MASQUERADE, NatKind.RANDOM_FULLY,
-                 NatKind.RANDOM_FULLY, NatKind.MASQUERADE]  # fmt: skip
-        with NatTopology(kinds, workers=[2, 1, 1, 1, 1], log_dir=log_dir) as net:
-            net.start_stun()
-            net.start_turn(secret=TURN_SECRET)
-            net.popen(
-                net.public,
-                ["redis-server", "--bind", SERVICE_IP, "--port", str(REDIS_PORT), "--save", "",
-                 "--protected-mode", "no",
-                 "--appendonly", "no"],
-                log_name="redis.log",
+    kinds = [NatKind.MASQUERADE, NatKind.MASQUERADE, NatKind.RANDOM_FULLY,
+             NatKind.RANDOM_FULLY, NatKind.MASQUERADE]  # fmt: skip
+    ttfbs: list[tuple[str, dict[str, Any]]] = []
+    offline: dict[str, Any] = {}
+    rates: dict[str, Any] = {}
+    with public_services(
+        kinds, [2, 1, 1, 1, 1], args.logs, "rendezvous-peer-bench-", LOG_LEVEL="INFO"
+    ) as bench:
+        if args.only != "throughput":
+            print(f"time to first byte ({args.count} connects each):", flush=True)
+            ttfbs = scenarios(bench, args.count)
+            offline = bench.run(
+                bench.net.sites[0].worker,
+                [*AGENT, "offline", "--url", bench.url("plain"), "--id", "lonely",
+                 "--count", str(args.count)],
             )  # fmt: skip
-            bench = Bench(net, database_url, log_dir)
-            redis = {"REDIS_URL": f"redis://{SERVICE_IP}:{REDIS_PORT}/0"}
-            bench.serve("plain", 8000)
-            bench.serve(
-                "turn",
-                8001,
-                RENDEZVOUS_TURN_SERVERS=f"{SERVICE_IP}:{TURN_PORT}",
-                RENDEZVOUS_TURN_SECRET=TURN_SECRET,
-            )
-            bench.serve("redis-a", 8002, LOG_LEVEL="INFO", **redis)
-            bench.serve("redis-b", 8003, LOG_LEVEL="INFO", **redis)
-            ttfbs: list[tuple[str, dict[str, Any]]] = []
-            offline: dict[str, Any] = {}
-            rates: dict[str, Any] = {}
-            if args.only != "throughput":
-                print(f"time to first byte ({args.count} connects each):", flush=True)
-                ttfbs = scenarios(bench, args.count)
-                offline = bench.run(
-                    net.sites[0].worker,
-                    [*AGENT, "offline", "--url", bench.url("plain"), "--id", "lonely",
-                     "--count", str(args.count)],
-                )  # fmt: skip
-                print(f"  offline peer: {offline}", flush=True)
-            if args.only != "ttfb":
-                print(f"throughput ({args.seconds:g} s each, 1,200-byte datagrams):", flush=True)
-                rates = throughput(bench, args.seconds)
-            bench.stop_answering()
+            print(f"  offline peer: {offline}", flush=True)
+        if args.only != "ttfb":
+            print(f"throughput ({args.seconds:g} s each, 1,200-byte datagrams):", flush=True)
+            rates = throughput(bench, args.seconds)
+        bench.stop_answering()
     report(ttfbs, offline, rates)
     return 0
 
