@@ -207,10 +207,7 @@ def blast(agent: WorkerAgent, peer: str, seconds: float, kinds: list[str]) -> di
         sent += 64 * DATAGRAM
     elapsed = time.monotonic() - started
     time.sleep(1.0)  # stragglers
-    path.send(b"stat")
-    while not (reply := path.recv(timeout=10)).startswith(b"stat:"):
-        pass
-    stat = json.loads(reply[5:])
+    stat = ask_for_stat(path)
     window = (stat["last"] or 0) - (stat["first"] or 0)
     path.close()
     return {
@@ -222,6 +219,21 @@ def blast(agent: WorkerAgent, peer: str, seconds: float, kinds: list[str]) -> di
         "mb_per_s": round(stat["bytes"] / 1e6 / window, 2) if window > 0 else None,
         "delivered": round(stat["bytes"] / sent, 4) if sent else None,
     }
+
+
+def ask_for_stat(path: Any, *, patience: float = 60.0) -> dict:
+    """The receiver's count, asked for once a second: the request is a datagram too, and may be
+    lost, or wait behind a backlog the receiver is still reading."""
+    deadline = time.monotonic() + patience
+    while time.monotonic() < deadline:
+        path.send(b"stat")
+        try:
+            while not (reply := path.recv(timeout=1.0)).startswith(b"stat:"):
+                pass
+        except TimeoutError:
+            continue
+        return json.loads(reply[5:])
+    raise TimeoutError(f"no count from the receiver within {patience:g} s")
 
 
 def offline(agent: WorkerAgent, count: int) -> dict:
