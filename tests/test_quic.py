@@ -122,14 +122,52 @@ def established(loop: LoopThread, session: QuicSession, timeout: float = 5) -> N
 def test_aioquic_still_has_the_private_parts_the_agent_uses() -> None:
     """worker_agent/p2p/quic.py relies on these in aioquic 1.7 (pinned in pyproject.toml)."""
     assert aioquic.__version__.startswith("1.7.")
+    from aioquic.quic.configuration import QuicConfiguration
     from aioquic.quic.connection import QuicConnection
     from aioquic.tls import Context
 
     assert hasattr(QuicConnection, "_write_stream_limits") and hasattr(
         QuicConnection, "_initialize"
     )
+    connection = QuicConnection(configuration=QuicConfiguration(is_client=True))
+    assert hasattr(connection._loss, "_cc") and hasattr(connection._loss._cc, "bytes_in_flight")
     context = Context(is_client=False)
     assert context._request_client_certificate is False and context._peer_certificate is None
+
+
+def test_a_route_move_starts_congestion_control_afresh_and_keeps_what_is_in_flight(loop) -> None:
+    """RFC 9000, 9.4: a new network path gets a new congestion controller. aioquic cannot see
+    the route move under it, so the session does it: a window CUBIC shrank on the relay's
+    losses must not hold the direct path back."""
+    connections, client, _ = pair(loop)
+    established(loop, client)
+    assert client.quic is not None
+    recovery = client.quic._loss
+    before = recovery._cc
+    before.congestion_window, before.ssthresh = 2 * 1350, 2 * 1350  # as after losses
+    in_flight = before.bytes_in_flight
+
+    class Direct(Wire):
+        kind = wire.PathKind.DIRECT
+
+    direct = Direct(loop)
+    direct.peer = connections.to_server.peer
+
+    async def move() -> None:
+        client.path.add_route(direct)
+        client.path.remove_route(connections.to_server)  # LAN gone: the direct route is best
+        await asyncio.sleep(0.05)  # the path's callbacks run on the loop
+
+    loop.call(move(), 5)
+    after = recovery._cc
+    assert client.path.kind == "direct" and after is not before
+    assert after.congestion_window == 10 * 1350 and after.ssthresh is None  # slow start again
+    assert after.bytes_in_flight == in_flight
+    stream = connections.client.open_stream()
+    stream.sendall(b"still flowing" * 1000)
+    stream.shutdown_write()
+    received = connections.server.accept_stream(timeout=5).recv_exactly(13000, timeout=5)
+    assert received == b"still flowing" * 1000
 
 
 def test_both_sides_prove_the_identities_they_were_introduced_with(loop) -> None:

@@ -32,6 +32,7 @@ from aioquic.quic import events
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import MAX_STREAM_DATA_FRAME_CAPACITY, QuicConnection
 from aioquic.quic.packet import QuicFrameType, QuicPacketType, pull_quic_header
+from aioquic.quic.recovery import create_congestion_control
 from cryptography import x509
 
 from . import identity
@@ -52,6 +53,7 @@ WRITE_CHUNK = 256 * 1024
 # QUIC packets on the path: above QUIC's floor of 1,200 bytes, below what an IPv4 or IPv6 path
 # with a TURN header or a tunnel still carries without fragments (1,500 - IP, UDP, TURN headers).
 MAX_PACKET = 1350
+CONGESTION_CONTROL = "cubic"  # aioquic's choices: "reno", "cubic"
 MAX_QUEUED_DATAGRAMS = 1024
 CID_LENGTH = 8  # aioquic's default connection id length
 # Application close codes (QUIC application error space).
@@ -121,7 +123,7 @@ class QuicSession:
             max_data=CONNECTION_WINDOW,
             max_stream_data=STREAM_WINDOW,
             max_datagram_size=MAX_PACKET,
-            congestion_control_algorithm="cubic",
+            congestion_control_algorithm=CONGESTION_CONTROL,
             server_name=identity.SERVER_NAME if client else None,
             verify_mode=ssl.CERT_REQUIRED if client else ssl.CERT_NONE,
             cadata=identity.to_pem(peer_certificate) if client else None,
@@ -158,6 +160,7 @@ class QuicSession:
 
     def start(self) -> None:
         self.path.set_datagram_handler(self.datagram_received)
+        self.path.on_change(self._route_moved)
         self._keepalive = asyncio.get_running_loop().create_task(self._keep_alive())
         if self.quic is None:
             return  # the server: it starts with the client's first packet
@@ -169,6 +172,19 @@ class QuicSession:
     def _route_up(self, path: PeerPath, old: str | None, new: str | None) -> None:
         if new is not None and self.closed_reason is None and not self._connected:
             self._connect()
+
+    def _route_moved(self, path: PeerPath, old: str | None, new: str | None) -> None:
+        """The packets take another route now (the relay, then the LAN, say): a new network
+        path, for which QUIC starts its congestion control afresh (RFC 9000, 9.4). aioquic
+        does not see the move (the address below it stays the same), so it is done here;
+        otherwise the window CUBIC shrank on the relay's losses grows back on the direct path
+        at the pace of the relay's."""
+        if old is None or new is None or old == new or self.quic is None:
+            return
+        recovery = self.quic._loss  # aioquic's private loss recovery: no public way to reset
+        fresh = create_congestion_control(CONGESTION_CONTROL, max_datagram_size=MAX_PACKET)
+        fresh.bytes_in_flight = recovery._cc.bytes_in_flight  # still owed their ACKs
+        recovery._cc = fresh
 
     def _connect(self) -> None:
         assert self.quic is not None
