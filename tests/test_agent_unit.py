@@ -1149,3 +1149,29 @@ def test_an_agent_without_secrets_sends_no_authorization_header() -> None:
     assert "Authorization" not in WorkerAgent("http://127.0.0.1:9", "w")._headers()
     keyed = WorkerAgent("http://127.0.0.1:9", "w", enrolment_key="rvk_k")
     assert keyed._headers()["Authorization"] == "Bearer rvk_k"
+
+
+def test_a_relay_error_for_an_introduction_this_agent_ended_is_no_warning(caplog) -> None:
+    """Closing a connection tells the service at once; packets the peer or this agent still had
+    on their way then meet RELAY_NOT_INTRODUCED. That is no news: logged at DEBUG, not kept as
+    the last server error. The same error for a live or unknown introduction is a warning."""
+    from worker_agent.agent import _Connection
+
+    agent = WorkerAgent("http://127.0.0.1:9", "w-late", ip_echo_url="")
+    ended, unknown = "ab" * 16, "cd" * 16
+    agent.peering._ended[ended] = None  # type: ignore[assignment]  # as _session_ended keeps it
+
+    def error(introduction_id: str) -> str:
+        return json.dumps(
+            {"type": "error", "code": "RELAY_NOT_INTRODUCED", "message": "no introduction",
+             "introduction_id": introduction_id}
+        )  # fmt: skip
+
+    with caplog.at_level(logging.DEBUG, logger="worker_agent"):
+        agent._handle_message(_Connection(1), error(ended))
+        assert agent.status()["last_server_error"] is None
+        assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+        agent._handle_message(_Connection(1), error(unknown))
+    assert agent.status()["last_server_error"]["code"] == "RELAY_NOT_INTRODUCED"
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "RELAY_NOT_INTRODUCED" in warnings[0]

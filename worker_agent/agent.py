@@ -649,6 +649,11 @@ class WorkerAgent:
             self._log(logging.INFO, conn, "server recorded public ip %s", message.get("ip"))
         elif kind == wire.ServerMessageType.AGENT_INFO_RECORDED:
             self._log(logging.DEBUG, conn, "server recorded agent info")
+        elif kind == wire.ServerMessageType.ERROR and self.peering.ended_here(
+            message.get("introduction_id")
+        ):
+            # Relay frames that were on their way when the connection to the peer closed.
+            self._log(logging.DEBUG, conn, "late frame of an ended introduction: %s", message)
         elif kind == wire.ServerMessageType.ERROR:
             with self._lock:
                 self._last_server_error = {

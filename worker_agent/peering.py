@@ -415,6 +415,12 @@ class Peering:
             while len(self._ended) > ENDED_KEPT:
                 self._ended.popitem(last=False)
 
+    def ended_here(self, introduction_id: Any) -> bool:
+        """Whether this agent ended the introduction lately (its last packets may still reach
+        the service after the service ended the link: their errors are no news)."""
+        with self._lock:
+            return isinstance(introduction_id, str) and introduction_id in self._ended
+
     def _session(self, introduction_id: Any) -> PeerSession | None:
         with self._lock:
             return self._sessions.get(introduction_id) if isinstance(introduction_id, str) else None
