@@ -143,9 +143,19 @@ def test_a_route_move_starts_congestion_control_afresh_and_keeps_what_is_in_flig
     established(loop, client)
     assert client.quic is not None
     recovery = client.quic._loss
-    before = recovery._cc
-    before.congestion_window, before.ssthresh = 2 * 1350, 2 * 1350  # as after losses
-    in_flight = before.bytes_in_flight
+
+    async def reset_now() -> tuple[Any, Any, int]:
+        """In one step of the loop: nothing acknowledged or lost in between."""
+        shrunk = recovery._cc
+        shrunk.congestion_window, shrunk.ssthresh = 2 * 1350, 2 * 1350  # as after losses
+        in_flight = shrunk.bytes_in_flight
+        client._route_moved(client.path, "relay", "direct")
+        return shrunk, recovery._cc, in_flight
+
+    shrunk, fresh, in_flight = loop.call(reset_now(), 5)
+    assert fresh is not shrunk
+    assert fresh.congestion_window == 10 * 1350 and fresh.ssthresh is None  # slow start again
+    assert fresh.bytes_in_flight == in_flight
 
     class Direct(Wire):
         kind = wire.PathKind.DIRECT
@@ -153,16 +163,13 @@ def test_a_route_move_starts_congestion_control_afresh_and_keeps_what_is_in_flig
     direct = Direct(loop)
     direct.peer = connections.to_server.peer
 
-    async def move() -> None:
+    async def move() -> None:  # the real thing: the path's best route changes
         client.path.add_route(direct)
         client.path.remove_route(connections.to_server)  # LAN gone: the direct route is best
         await asyncio.sleep(0.05)  # the path's callbacks run on the loop
 
     loop.call(move(), 5)
-    after = recovery._cc
-    assert client.path.kind == "direct" and after is not before
-    assert after.congestion_window == 10 * 1350 and after.ssthresh is None  # slow start again
-    assert after.bytes_in_flight == in_flight
+    assert client.path.kind == "direct" and recovery._cc is not fresh
     stream = connections.client.open_stream()
     stream.sendall(b"still flowing" * 1000)
     stream.shutdown_write()
