@@ -16,7 +16,7 @@ import ipaddress
 import time
 from collections.abc import Callable
 
-from registry.ratelimit import TokenBucket
+from registry.core.ratelimit import TokenBucket
 
 # Forget an address's handshake bucket after this long without a handshake.
 IDLE_BUCKET_SECONDS = 120.0

@@ -16,7 +16,8 @@ from django.conf import settings
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.utils import timezone
 
-from registry import enrolment, metrics, tokens
+from registry import enrolment, metrics
+from registry.core import tokens
 from registry.models import ApiToken
 
 log = logging.getLogger("registry.api_access")

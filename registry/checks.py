@@ -8,7 +8,7 @@ from typing import Any
 from django.conf import settings
 from django.core.checks import Error, Warning, register
 
-from registry import turn
+from registry.core import turn
 
 
 @register()

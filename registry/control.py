@@ -12,7 +12,8 @@ import logging
 
 from asgiref.sync import async_to_sync
 
-from registry import enrolment, protocol, selectors, services
+from registry import enrolment, selectors, services
+from registry.core import protocol
 from registry.runtime import COMMAND_CLOSE_CODES, InstanceRuntime
 
 log = logging.getLogger("registry.control")

@@ -20,7 +20,8 @@ from django.db import transaction
 from django.db.models import F
 from django.utils import timezone
 
-from registry import protocol, services, tokens
+from registry import services
+from registry.core import protocol, tokens
 from registry.identities import Certificate
 from registry.models import EnrolmentKey, Worker, encode_tags
 

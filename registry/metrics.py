@@ -30,7 +30,7 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from registry import protocol
+from registry.core import protocol
 
 log = logging.getLogger("registry.metrics")
 

@@ -11,10 +11,10 @@ from django.core.exceptions import ValidationError
 from django.core.validators import RegexValidator
 from django.db import models
 
-from registry import protocol
+from registry.core import protocol
 
 if TYPE_CHECKING:
-    from registry.policy import Reach
+    from registry.core.peer_policy import Reach
 
 # Tags are stored as ",gpu,eu-west," so that one portable `contains` finds a tag on SQLite and
 # PostgreSQL alike (JSON `contains` is not supported on SQLite).
@@ -93,7 +93,7 @@ class WorkerQuerySet(models.QuerySet["Worker"]):
         return self.filter(tags__contains=tag_lookup(tag))
 
     def within(self, reach: Reach) -> WorkerQuerySet:
-        """The workers `reach` (registry/policy.py) takes in: any, or these ids and tags."""
+        """The workers `reach` (core/peer_policy.py) takes in: any, or these ids and tags."""
         if reach.any:
             return self
         condition = models.Q(id__in=sorted(reach.worker_ids))
@@ -442,7 +442,7 @@ class PeerConnection(models.Model):
 
 
 class PeerRule(models.Model):
-    """A rule of the peer policy (registry/policy.py): these sources may reach these
+    """A rule of the peer policy (registry/core/peer_policy.py): these sources may reach these
     destinations. Directional; rules only ever allow."""
 
     description = models.CharField(
@@ -467,13 +467,13 @@ class PeerRule(models.Model):
         return f"#{self.pk}: {self.sources} -> {self.destinations}"
 
     def clean(self) -> None:
-        from registry import policy
+        from registry.core import peer_policy
 
         errors = {}
         for field in ("sources", "destinations"):
             try:
-                policy.parse_side(getattr(self, field))
-            except policy.InvalidRule as exc:
+                peer_policy.parse_side(getattr(self, field))
+            except peer_policy.InvalidRule as exc:
                 errors[field] = str(exc)
         if errors:
             raise ValidationError(errors)

@@ -16,7 +16,7 @@ from typing import Any
 
 from channels.layers import get_channel_layer
 
-from registry import policy, protocol
+from registry.core import peer_policy, protocol
 from registry.models import decode_tags
 
 log = logging.getLogger("registry.peers")
@@ -38,14 +38,14 @@ class Subscription:
     worker_id: str
     tag: str | None
     send: Send
-    subject: policy.Subject | None = None  # the subscriber, as the peer policy sees it
+    subject: peer_policy.Subject | None = None  # the subscriber, as the peer policy sees it
     # Whom the subscriber may reach under `_reach_of` (worked out once per policy, not per event).
-    _reach: policy.Reach | None = field(default=None, repr=False)
-    _reach_of: policy.Policy | None = field(default=None, repr=False)
+    _reach: peer_policy.Reach | None = field(default=None, repr=False)
+    _reach_of: peer_policy.Policy | None = field(default=None, repr=False)
 
-    def reach(self, rules: policy.Policy) -> policy.Reach:
+    def reach(self, rules: peer_policy.Policy) -> peer_policy.Reach:
         if self._reach is None or self._reach_of is not rules:
-            subscriber = self.subject or policy.Subject.of(self.worker_id)
+            subscriber = self.subject or peer_policy.Subject.of(self.worker_id)
             self._reach, self._reach_of = rules.reach_from(subscriber), rules
         return self._reach
 
@@ -59,7 +59,7 @@ class PeerHub:
         self._flush_scheduled = False
         self._renewing = False
         # Each subscriber hears of the workers it may reach (the runtime keeps this current).
-        self.policy = policy.Policy(policy.ALLOW_ALL)
+        self.policy = peer_policy.Policy(peer_policy.ALLOW_ALL)
 
     # ---- subscribers on this instance ------------------------------------------------------------
 
@@ -139,12 +139,12 @@ def _frame(event: dict[str, Any]) -> str | None:
     return None
 
 
-def _wanted(subscription: Subscription, event: dict[str, Any], rules: policy.Policy) -> bool:
+def _wanted(subscription: Subscription, event: dict[str, Any], rules: peer_policy.Policy) -> bool:
     if event.get("worker_id") == subscription.worker_id:
         return False  # nobody is told about itself
     tags = decode_tags(event.get("tags") or "")
     if subscription.tag is not None and subscription.tag not in tags:
         return False
-    if rules.mode == policy.ALLOW_ALL:
+    if rules.mode == peer_policy.ALLOW_ALL:
         return True
-    return subscription.reach(rules).matches(policy.Subject.of(str(event["worker_id"]), tags))
+    return subscription.reach(rules).matches(peer_policy.Subject.of(str(event["worker_id"]), tags))

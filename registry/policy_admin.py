@@ -1,5 +1,5 @@
 """The peer policy in the admin: its rules, what each one names that the registry does not know,
-and "may A reach B, and which rule says so?" (registry/policy.py, docs/peer-policy.md)."""
+and "may A reach B, and which rule says so?" (registry/core/peer_policy.py, docs/peer-policy.md)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ from django.urls import URLPattern, path
 from django.utils.html import format_html_join
 from django.utils.safestring import SafeString
 
-from registry import policy, protocol, selectors
+from registry import selectors
+from registry.core import peer_policy, protocol
 from registry.models import PeerRule
 
 
@@ -75,7 +76,7 @@ class PeerRuleAdmin(admin.ModelAdmin):
         super().save_model(request, obj, form, change)
         for warning in selectors.rule_warnings(obj.sources, obj.destinations):
             self.message_user(request, f"Rule #{obj.pk}: {warning}.", messages.WARNING)
-        if policy_mode() == policy.ALLOW_ALL:
+        if policy_mode() == peer_policy.ALLOW_ALL:
             self.message_user(
                 request,
                 "RENDEZVOUS_PEER_POLICY is allow-all: rules take effect once it is rules.",
@@ -133,8 +134,8 @@ class PeerRuleAdmin(admin.ModelAdmin):
             decision = selectors.peer_policy().decide(*pair)
             # Under allow-all, what the rules would say once enforced: to try them out first.
             by_rules = (
-                selectors.peer_policy(policy.RULES).decide(*pair)
-                if policy_mode() == policy.ALLOW_ALL
+                selectors.peer_policy(peer_policy.RULES).decide(*pair)
+                if policy_mode() == peer_policy.ALLOW_ALL
                 else None
             )
             unknown = [w for w in (source, destination) if not selectors.worker_exists(w)]

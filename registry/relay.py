@@ -18,8 +18,9 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from registry import metrics, protocol
-from registry.ratelimit import TokenBucket
+from registry import metrics
+from registry.core import protocol
+from registry.core.ratelimit import TokenBucket
 
 log = logging.getLogger("registry.relay")
 

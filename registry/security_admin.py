@@ -15,8 +15,9 @@ from django.template.response import TemplateResponse
 from django.utils import timezone
 from django.utils.safestring import SafeString
 
-from registry import api_access, enrolment, protocol
+from registry import api_access, enrolment
 from registry.admin import ago, badge
+from registry.core import protocol
 from registry.models import ApiToken, EnrolmentKey, encode_tags
 
 EXPIRY_CHOICES = [

@@ -13,7 +13,9 @@ from typing import Any
 from django.conf import settings
 from django.db.models import Count, Q
 
-from registry import metrics, policy
+from registry import metrics
+from registry.core import peer_policy as policy
+from registry.core.peer_policy import Policy, Subject
 from registry.models import (
     Connection,
     PeerConnection,
@@ -24,7 +26,6 @@ from registry.models import (
     WorkerStatus,
     decode_tags,
 )
-from registry.policy import Policy, Subject
 
 log = logging.getLogger("registry.selectors")
 

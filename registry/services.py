@@ -16,7 +16,8 @@ from django.db.models import Case, F, OuterRef, Q, Subquery, Value, When
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
-from registry import bulk, protocol
+from registry import bulk
+from registry.core import protocol
 from registry.models import (
     Connection,
     PeerConnection,

@@ -16,8 +16,9 @@ from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.utils.dateparse import parse_datetime
 from django.views.decorators.csrf import csrf_exempt
 
-from registry import metrics, protocol, selectors
+from registry import metrics, selectors
 from registry.api_access import protected
+from registry.core import protocol
 from registry.models import PeerConnectionOutcome, WorkerStatus
 
 log = logging.getLogger("registry.views")

@@ -14,7 +14,7 @@ from pathlib import Path
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
-from registry.addresses import parse_networks
+from registry.core.addresses import parse_networks
 from registry.logs import log_stream
 
 BASE_DIR = Path(__file__).resolve().parent.parent

@@ -29,7 +29,7 @@ from typing import Any
 
 import pytest
 
-from registry import protocol
+from registry.core import protocol
 from worker_agent import AgentGroup, Backoff, WorkerAgent, __version__, wire
 from worker_agent.cli import main
 from worker_agent.health import HealthServer

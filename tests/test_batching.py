@@ -9,8 +9,9 @@ import pytest
 from channels.db import database_sync_to_async
 from django.db import IntegrityError, OperationalError
 
-from registry import protocol, services
+from registry import services
 from registry.batching import Coalescer
+from registry.core import protocol
 from registry.models import Connection, Worker, WorkerStatus
 from registry.runtime import InstanceRuntime
 

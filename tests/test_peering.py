@@ -12,7 +12,7 @@ from channels.db import database_sync_to_async
 from channels.routing import URLRouter
 from channels.testing import WebsocketCommunicator
 
-from registry import turn
+from registry.core import turn
 from registry.models import PeerConnection, Worker
 from registry.routing import websocket_urlpatterns
 

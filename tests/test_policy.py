@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from registry import metrics
-from registry.policy import (
+from registry.core.peer_policy import (
     ALLOW_ALL,
     RULES,
     InvalidRule,

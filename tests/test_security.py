@@ -16,7 +16,8 @@ from django.core.management import call_command
 from django.test import Client
 from django.utils import timezone
 
-from registry import api_access, control, enrolment, protocol, services, tokens
+from registry import api_access, control, enrolment, services
+from registry.core import protocol, tokens
 from registry.models import ApiToken, Connection, EnrolmentKey, Worker, WorkerStatus
 from registry.routing import websocket_urlpatterns
 from registry.runtime import InstanceRuntime

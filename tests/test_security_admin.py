@@ -12,7 +12,8 @@ from channels.testing import WebsocketCommunicator
 from django.test import Client
 from django.utils import timezone
 
-from registry import enrolment, protocol, tokens
+from registry import enrolment
+from registry.core import protocol, tokens
 from registry.models import ApiToken, EnrolmentKey, Worker
 from registry.routing import websocket_urlpatterns
 

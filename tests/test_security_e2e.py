@@ -18,7 +18,8 @@ import pytest
 import websockets
 from websockets.exceptions import ConnectionClosed
 
-from registry import api_access, control, enrolment, protocol
+from registry import api_access, control, enrolment
+from registry.core import protocol
 from registry.models import EnrolmentKey, Worker, WorkerStatus
 from tests.support.processes import ServerProcess, get_json, wait_until
 from worker_agent import WorkerAgent

@@ -8,7 +8,8 @@ import pytest
 from django.db import IntegrityError
 from django.utils import timezone
 
-from registry import protocol, services
+from registry import services
+from registry.core import protocol
 from registry.models import Connection, ServerInstance, Worker, WorkerStatus
 
 pytestmark = pytest.mark.django_db

@@ -13,7 +13,8 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError
 
-from registry import policy, protocol, selectors
+from registry import selectors
+from registry.core import peer_policy, protocol
 
 
 class Command(BaseCommand):
@@ -33,7 +34,7 @@ class Command(BaseCommand):
             )
 
     def handle(self, *args: Any, **options: Any) -> None:
-        rules = selectors.peer_policy(policy.RULES if options["rules"] else None)
+        rules = selectors.peer_policy(peer_policy.RULES if options["rules"] else None)
         if options["command"] == "show":
             self._show(rules)
             return
@@ -50,16 +51,16 @@ class Command(BaseCommand):
         self.stdout.write(f"denied: {decision.reason}")
         sys.exit(1)
 
-    def _show(self, rules: policy.Policy) -> None:
+    def _show(self, rules: peer_policy.Policy) -> None:
         self.stdout.write(f"RENDEZVOUS_PEER_POLICY: {rules.mode}")
-        if rules.mode == policy.ALLOW_ALL:
+        if rules.mode == peer_policy.ALLOW_ALL:
             self.stdout.write("every worker may reach every other; rules are not enforced")
             return
         if not rules.rules:
             self.stdout.write("no enabled rules: no worker may reach another")
         for rule in rules.rules:
             self.stdout.write(
-                f"#{rule.id}: {policy.format_side(rule.sources)} -> "
-                f"{policy.format_side(rule.destinations)}"
+                f"#{rule.id}: {peer_policy.format_side(rule.sources)} -> "
+                f"{peer_policy.format_side(rule.destinations)}"
                 + (f"  ({rule.description})" if rule.description else "")
             )

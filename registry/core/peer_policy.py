@@ -18,7 +18,8 @@ import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from registry import metrics, protocol
+from registry import metrics
+from registry.core import protocol
 
 log = logging.getLogger("registry.policy")
 
