@@ -9,8 +9,8 @@ class RegistryConfig(AppConfig):
     def ready(self) -> None:
         from django.db.models.signals import post_delete, post_save
 
-        from registry import checks  # noqa: F401  (registers the system checks)
         from registry.models import PeerRule
+        from registry.ops import checks  # noqa: F401  (registers the system checks)
         from registry.runtime import peer_rules_changed
 
         post_save.connect(peer_rules_changed, sender=PeerRule, dispatch_uid="peer-rules-saved")

@@ -17,14 +17,15 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 from django.db import DatabaseError
 
-from registry import enrolment, identities, introductions, metrics, peers, selectors, services
+from registry import enrolment, identities, introductions, peers, selectors, services
 from registry.core import protocol, tokens
 from registry.core.addresses import observed_address
 from registry.core.peer_policy import Policy, Subject
 from registry.core.ratelimit import TokenBucket
 from registry.introductions import PeerSide
-from registry.logs import InstanceLogAdapter
 from registry.models import decode_tags
+from registry.ops import metrics
+from registry.ops.logs import InstanceLogAdapter
 from registry.origins import origin_allowed
 from registry.runtime import SUPERSEDE, get_runtime
 

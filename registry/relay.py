@@ -18,9 +18,9 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from registry import metrics
 from registry.core import protocol
 from registry.core.ratelimit import TokenBucket
+from registry.ops import metrics
 
 log = logging.getLogger("registry.relay")
 

@@ -28,11 +28,12 @@ from django.conf import settings
 from django.db import close_old_connections, transaction
 from django.utils import timezone
 
-from registry import enrolment, identities, metrics, selectors, services
+from registry import enrolment, identities, selectors, services
 from registry.admission import Admission
 from registry.batching import Coalescer
 from registry.core import protocol
 from registry.core.peer_policy import ALLOW_ALL, DENY_ALL, Policy
+from registry.ops import metrics
 from registry.peers import EVENTS as PEER_EVENTS
 from registry.peers import PeerHub
 from registry.relay import RelayOutbox

@@ -13,7 +13,6 @@ from typing import Any
 from django.conf import settings
 from django.db.models import Count, Q
 
-from registry import metrics
 from registry.core import peer_policy as policy
 from registry.core.peer_policy import Policy, Subject
 from registry.models import (
@@ -26,6 +25,7 @@ from registry.models import (
     WorkerStatus,
     decode_tags,
 )
+from registry.ops import metrics
 
 log = logging.getLogger("registry.selectors")
 

@@ -15,7 +15,7 @@ import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
 from registry.core.addresses import parse_networks
-from registry.logs import log_stream
+from registry.ops.logs import log_stream
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -68,7 +68,7 @@ SECRET_KEY = os.environ.get("SECRET_KEY") or _local_secret_key()
 DEBUG = env_bool("DEBUG", False)
 ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", ["localhost", "127.0.0.1", "[::1]"])
 CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", [])
-CSRF_FAILURE_VIEW = "registry.views.csrf_failure"  # errors are JSON, never HTML pages
+CSRF_FAILURE_VIEW = "registry.ops.views.csrf_failure"  # errors are JSON, never HTML pages
 
 # Where `manage.py serve` binds daphne.
 HOST = os.environ.get("HOST") or "127.0.0.1"
@@ -167,7 +167,7 @@ INSTANCE_CHANNEL_CAPACITY = {"rendezvous.instance.*": max(CHANNEL_CAPACITY, 100_
 if REDIS_URL:
     CHANNEL_LAYERS = {
         "default": {
-            "BACKEND": "registry.layers.RedisChannelLayer",
+            "BACKEND": "registry.ops.layers.RedisChannelLayer",
             "CONFIG": {
                 "hosts": redis_hosts(REDIS_URL),
                 "capacity": CHANNEL_CAPACITY,
@@ -180,7 +180,7 @@ if REDIS_URL:
 else:
     CHANNEL_LAYERS = {
         "default": {
-            "BACKEND": "registry.layers.InMemoryChannelLayer",
+            "BACKEND": "registry.ops.layers.InMemoryChannelLayer",
             "CONFIG": {
                 "capacity": CHANNEL_CAPACITY,
                 "channel_capacity": INSTANCE_CHANNEL_CAPACITY,
@@ -291,12 +291,12 @@ LOGGING = {
     "disable_existing_loggers": False,
     "formatters": {
         "text": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"},
-        "json": {"()": "registry.logs.JsonFormatter"},
+        "json": {"()": "registry.ops.logs.JsonFormatter"},
     },
     "handlers": {
         "console": {
             "class": "logging.StreamHandler",
-            # stdout for the servers, stderr for the other management commands (registry.logs).
+            # stdout for the servers, stderr for other management commands (registry/ops/logs.py).
             "stream": log_stream(sys.argv),
             "formatter": LOG_FORMAT,
         }

@@ -13,9 +13,10 @@ from django.conf import settings
 from django.test import override_settings
 from django.utils import timezone
 
-from registry import control, services
+from registry import services
 from registry.core import protocol
 from registry.models import Connection, Worker, WorkerStatus
+from registry.ops import control
 from registry.routing import websocket_urlpatterns
 from registry.runtime import InstanceRuntime
 

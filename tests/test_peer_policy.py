@@ -12,9 +12,10 @@ import pytest
 from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 
-from registry import metrics, selectors
 from registry import runtime as runtime_module
+from registry import selectors
 from registry.models import PeerConnection, PeerRule, Worker
+from registry.ops import metrics
 from registry.runtime import POLICY_CHANGED, POLICY_GROUP, get_runtime, reset_runtime
 from tests.test_peering import accept, ask, connect_request, connected, introduce
 from tests.test_relay import frame

@@ -417,7 +417,7 @@ async def test_connect_requests_beyond_the_burst_are_refused_without_bothering_t
 async def test_a_worker_disconnected_by_an_operator_is_announced_as_left() -> None:
     # Regression: the operator's close ended the row first, so the consumer's own close did not
     # "end" the worker and no peer_left went out.
-    from registry import control
+    from registry.ops import control
 
     watcher = await connected("watcher", 1)
     await ask(watcher, {"type": "subscribe_peers"})

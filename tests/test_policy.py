@@ -7,7 +7,6 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from registry import metrics
 from registry.core.peer_policy import (
     ALLOW_ALL,
     RULES,
@@ -20,6 +19,7 @@ from registry.core.peer_policy import (
     format_side,
     parse_side,
 )
+from registry.ops import metrics
 
 CI = Subject.of("ci-runner-1", ["ci"])
 CI2 = Subject.of("ci-runner-2", ["CI"])

@@ -14,8 +14,8 @@ import pytest
 from channels.db import database_sync_to_async
 from channels.testing import WebsocketCommunicator
 
-from registry import metrics
 from registry.models import Worker
+from registry.ops import metrics
 from registry.relay import RelayOutbox
 from registry.runtime import get_runtime
 from tests.test_peering import ask, connected, introduce

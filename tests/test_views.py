@@ -145,7 +145,7 @@ def test_readyz_checks_database_and_channel_layer(client: Client) -> None:
 def test_readyz_is_503_when_the_channel_layer_is_unreachable(client: Client) -> None:
     unreachable = {
         "default": {
-            "BACKEND": "registry.layers.RedisChannelLayer",
+            "BACKEND": "registry.ops.layers.RedisChannelLayer",
             "CONFIG": {"hosts": ["redis://127.0.0.1:1/0"]},
         }
     }

@@ -18,8 +18,8 @@ import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from registry import metrics
 from registry.core import protocol
+from registry.ops import metrics
 
 log = logging.getLogger("registry.policy")
 

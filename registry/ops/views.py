@@ -16,10 +16,11 @@ from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.utils.dateparse import parse_datetime
 from django.views.decorators.csrf import csrf_exempt
 
-from registry import metrics, selectors
+from registry import selectors
 from registry.api_access import protected
 from registry.core import protocol
 from registry.models import PeerConnectionOutcome, WorkerStatus
+from registry.ops import metrics
 
 log = logging.getLogger("registry.views")
 
