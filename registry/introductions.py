@@ -27,7 +27,6 @@ from registry import selectors, services
 from registry.core import protocol, turn
 from registry.core.peer_policy import ALLOW_ALL, NOT_EVALUATED, Decision, Policy, Subject
 from registry.core.ratelimit import TokenBucket
-from registry.identities import Certificate
 from registry.models import decode_tags
 from registry.ops import metrics
 from registry.ops.logs import InstanceLogAdapter
@@ -40,6 +39,7 @@ from registry.relay import (
     SendWindow,
 )
 from registry.runtime import DELIVER, InstanceRuntime, get_runtime
+from registry.security.identities import Certificate
 
 log = InstanceLogAdapter(
     logging.getLogger("registry.introductions"), lambda: get_runtime().instance_id

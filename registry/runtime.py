@@ -28,7 +28,7 @@ from django.conf import settings
 from django.db import close_old_connections, transaction
 from django.utils import timezone
 
-from registry import enrolment, identities, selectors, services
+from registry import selectors, services
 from registry.admission import Admission
 from registry.batching import Coalescer
 from registry.core import protocol
@@ -37,6 +37,7 @@ from registry.ops import metrics
 from registry.peers import EVENTS as PEER_EVENTS
 from registry.peers import PeerHub
 from registry.relay import RelayOutbox
+from registry.security import enrolment, identities
 
 log = logging.getLogger("registry.runtime")
 

@@ -15,10 +15,10 @@ from django.template.response import TemplateResponse
 from django.utils import timezone
 from django.utils.safestring import SafeString
 
-from registry import api_access, enrolment
 from registry.admin import ago, badge
 from registry.core import protocol
 from registry.models import ApiToken, EnrolmentKey, encode_tags
+from registry.security import api_access, enrolment
 
 EXPIRY_CHOICES = [
     ("3600", "1 hour"),

@@ -12,9 +12,9 @@ import pytest
 from channels.db import database_sync_to_async
 from django.test import Client
 
-from registry import identities
 from registry.core import protocol, tokens
 from registry.models import Worker
+from registry.security import identities
 from tests.test_peering import ask, connected
 from tests.test_security import handshake, new_key, welcome_or_close
 from worker_agent.p2p import identity

@@ -18,10 +18,10 @@ import pytest
 import websockets
 from websockets.exceptions import ConnectionClosed
 
-from registry import api_access, enrolment
 from registry.core import protocol
 from registry.models import EnrolmentKey, Worker, WorkerStatus
 from registry.ops import control
+from registry.security import api_access, enrolment
 from tests.support.processes import ServerProcess, get_json, wait_until
 from worker_agent import WorkerAgent
 

@@ -17,10 +17,10 @@ from django.utils.dateparse import parse_datetime
 from django.views.decorators.csrf import csrf_exempt
 
 from registry import selectors
-from registry.api_access import protected
 from registry.core import protocol
 from registry.models import PeerConnectionOutcome, WorkerStatus
 from registry.ops import metrics
+from registry.security.api_access import protected
 
 log = logging.getLogger("registry.views")
 

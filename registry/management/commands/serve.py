@@ -12,8 +12,8 @@ from typing import Any
 from django.conf import settings
 from django.core.management.base import BaseCommand
 
-from registry import enrolment
 from registry.core import protocol
+from registry.security import enrolment
 
 # daphne's own frame cap: above it the WebSocket layer drops the connection (the client sees 1006).
 # Text frames between MAX_FRAME_BYTES and this get the protocol's FRAME_TOO_LARGE error, relay

@@ -16,10 +16,10 @@ from django.conf import settings
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.utils import timezone
 
-from registry import enrolment
 from registry.core import tokens
 from registry.models import ApiToken
 from registry.ops import metrics
+from registry.security import enrolment
 
 log = logging.getLogger("registry.api_access")
 

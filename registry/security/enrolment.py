@@ -22,8 +22,8 @@ from django.utils import timezone
 
 from registry import services
 from registry.core import protocol, tokens
-from registry.identities import Certificate
 from registry.models import EnrolmentKey, Worker, encode_tags
+from registry.security.identities import Certificate
 
 log = logging.getLogger("registry.enrolment")
 
