@@ -28,13 +28,13 @@ from django.utils.safestring import SafeString
 from django.utils.timesince import timesince
 from django.views.decorators.http import require_POST
 
-from registry import selectors
 from registry.core import protocol
 from registry.core.peer_policy import ALLOW_ALL
 from registry.models import Connection, PeerConnection, ServerInstance, Worker
 from registry.ops import control
+from registry.presence import selectors
+from registry.presence.selectors import RECENT_CONNECTIONS, registry_overview
 from registry.security import enrolment, identities
-from registry.selectors import RECENT_CONNECTIONS, registry_overview
 
 OBSERVED_WORKER_FIELDS = (
     "id",

@@ -11,7 +11,7 @@ class RegistryConfig(AppConfig):
 
         from registry.models import PeerRule
         from registry.ops import checks  # noqa: F401  (registers the system checks)
-        from registry.runtime import peer_rules_changed
+        from registry.presence.runtime import peer_rules_changed
 
         post_save.connect(peer_rules_changed, sender=PeerRule, dispatch_uid="peer-rules-saved")
         post_delete.connect(peer_rules_changed, sender=PeerRule, dispatch_uid="peer-rules-deleted")

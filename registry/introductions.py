@@ -23,13 +23,14 @@ from typing import Any
 from channels.db import database_sync_to_async
 from django.conf import settings
 
-from registry import selectors, services
 from registry.core import protocol, turn
 from registry.core.peer_policy import ALLOW_ALL, NOT_EVALUATED, Decision, Policy, Subject
 from registry.core.ratelimit import TokenBucket
 from registry.models import decode_tags
 from registry.ops import metrics
 from registry.ops.logs import InstanceLogAdapter
+from registry.presence import selectors, services
+from registry.presence.runtime import DELIVER, InstanceRuntime, get_runtime
 from registry.relay import (
     DROP_NOT_INTRODUCED,
     PeerLink,
@@ -38,7 +39,6 @@ from registry.relay import (
     RelayPort,
     SendWindow,
 )
-from registry.runtime import DELIVER, InstanceRuntime, get_runtime
 from registry.security.identities import Certificate
 
 log = InstanceLogAdapter(

@@ -16,9 +16,9 @@ from django.urls import URLPattern, path
 from django.utils.html import format_html_join
 from django.utils.safestring import SafeString
 
-from registry import selectors
 from registry.core import peer_policy, protocol
 from registry.models import PeerRule
+from registry.presence import selectors
 
 
 def policy_mode() -> str:

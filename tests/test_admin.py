@@ -15,11 +15,11 @@ from django.contrib.auth.models import User
 from django.test import AsyncClient, Client
 from django.utils import timezone
 
-from registry import services
 from registry.models import Connection, Worker
+from registry.presence import services
+from registry.presence.runtime import InstanceRuntime
+from registry.presence.selectors import RECENT_CONNECTIONS
 from registry.routing import websocket_urlpatterns
-from registry.runtime import InstanceRuntime
-from registry.selectors import RECENT_CONNECTIONS
 from tests.support.processes import ServerProcess
 
 

@@ -9,11 +9,11 @@ import pytest
 from channels.db import database_sync_to_async
 from django.db import IntegrityError, OperationalError
 
-from registry import services
-from registry.batching import Coalescer
 from registry.core import protocol
 from registry.models import Connection, Worker, WorkerStatus
-from registry.runtime import InstanceRuntime
+from registry.presence import services
+from registry.presence.batching import Coalescer
+from registry.presence.runtime import InstanceRuntime
 
 
 @pytest.mark.standalone

@@ -9,8 +9,8 @@ import pytest
 from django.core.management import CommandError, call_command
 from django.test import Client
 
-from registry import services
-from registry.runtime import InstanceRuntime
+from registry.presence import services
+from registry.presence.runtime import InstanceRuntime
 
 pytestmark = pytest.mark.django_db
 

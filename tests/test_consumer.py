@@ -13,12 +13,12 @@ from django.conf import settings
 from django.test import override_settings
 from django.utils import timezone
 
-from registry import services
 from registry.core import protocol
 from registry.models import Connection, Worker, WorkerStatus
 from registry.ops import control
+from registry.presence import services
+from registry.presence.runtime import InstanceRuntime
 from registry.routing import websocket_urlpatterns
-from registry.runtime import InstanceRuntime
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.asyncio]
 

@@ -19,9 +19,9 @@ from django.test import Client
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
-from registry import services
+from registry.presence import services
+from registry.presence.runtime import InstanceRuntime
 from registry.routing import websocket_urlpatterns
-from registry.runtime import InstanceRuntime
 from tests.support.processes import ServerProcess, wait_until
 
 application = URLRouter(websocket_urlpatterns)

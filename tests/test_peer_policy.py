@@ -12,11 +12,11 @@ import pytest
 from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 
-from registry import runtime as runtime_module
-from registry import selectors
 from registry.models import PeerConnection, PeerRule, Worker
 from registry.ops import metrics
-from registry.runtime import POLICY_CHANGED, POLICY_GROUP, get_runtime, reset_runtime
+from registry.presence import runtime as runtime_module
+from registry.presence import selectors
+from registry.presence.runtime import POLICY_CHANGED, POLICY_GROUP, get_runtime, reset_runtime
 from tests.test_peering import accept, ask, connect_request, connected, introduce
 from tests.test_relay import frame
 

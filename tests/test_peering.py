@@ -437,7 +437,7 @@ async def test_a_worker_disconnected_by_an_operator_is_announced_as_left() -> No
 async def test_a_channel_layer_failure_fails_the_frame_not_the_connection(monkeypatch) -> None:
     # Regression: an exception from the layer escaped receive() and ended the consumer without
     # its disconnect clean-up, leaving the socket counted as held for ever.
-    from registry.runtime import get_runtime
+    from registry.presence.runtime import get_runtime
 
     comm = await connected("a")
 

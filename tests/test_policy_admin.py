@@ -16,9 +16,9 @@ from django.core.management import call_command
 from django.test import Client, override_settings
 from django.utils import timezone
 
-from registry import selectors, services
 from registry.models import PeerConnection, PeerRule, Worker
-from registry.runtime import InstanceRuntime
+from registry.presence import selectors, services
+from registry.presence.runtime import InstanceRuntime
 
 pytestmark = pytest.mark.django_db
 

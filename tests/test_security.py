@@ -16,12 +16,12 @@ from django.core.management import call_command
 from django.test import Client
 from django.utils import timezone
 
-from registry import services
 from registry.core import protocol, tokens
 from registry.models import ApiToken, Connection, EnrolmentKey, Worker, WorkerStatus
 from registry.ops import control
+from registry.presence import services
+from registry.presence.runtime import InstanceRuntime
 from registry.routing import websocket_urlpatterns
-from registry.runtime import InstanceRuntime
 from registry.security import api_access, enrolment
 
 application = URLRouter(websocket_urlpatterns)

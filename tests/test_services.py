@@ -8,9 +8,9 @@ import pytest
 from django.db import IntegrityError
 from django.utils import timezone
 
-from registry import services
 from registry.core import protocol
 from registry.models import Connection, ServerInstance, Worker, WorkerStatus
+from registry.presence import services
 
 pytestmark = pytest.mark.django_db
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from django.test import Client, override_settings
 
-from registry import services
-from registry.runtime import InstanceRuntime
+from registry.presence import services
+from registry.presence.runtime import InstanceRuntime
 
 pytestmark = pytest.mark.django_db
 

@@ -12,9 +12,9 @@ import logging
 
 from asgiref.sync import async_to_sync
 
-from registry import selectors, services
 from registry.core import protocol
-from registry.runtime import COMMAND_CLOSE_CODES, InstanceRuntime
+from registry.presence import selectors, services
+from registry.presence.runtime import COMMAND_CLOSE_CODES, InstanceRuntime
 from registry.security import enrolment
 
 log = logging.getLogger("registry.control")

@@ -269,7 +269,7 @@ class RegistryCollector(Collector):
     """Registry-wide numbers from the database: the same on every instance (aggregate with max)."""
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        from registry import selectors
+        from registry.presence import selectors
 
         up = GaugeMetricFamily(
             "rendezvous_registry_up", "1 if the registry could be read for this scrape."

@@ -16,10 +16,10 @@ from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.utils.dateparse import parse_datetime
 from django.views.decorators.csrf import csrf_exempt
 
-from registry import selectors
 from registry.core import protocol
 from registry.models import PeerConnectionOutcome, WorkerStatus
 from registry.ops import metrics
+from registry.presence import selectors
 from registry.security.api_access import protected
 
 log = logging.getLogger("registry.views")

@@ -20,9 +20,9 @@ from django.db import transaction
 from django.db.models import F
 from django.utils import timezone
 
-from registry import services
 from registry.core import protocol, tokens
 from registry.models import EnrolmentKey, Worker, encode_tags
+from registry.presence import services
 from registry.security.identities import Certificate
 
 log = logging.getLogger("registry.enrolment")

@@ -13,8 +13,8 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError
 
-from registry import selectors
 from registry.core import peer_policy, protocol
+from registry.presence import selectors
 
 
 class Command(BaseCommand):

@@ -16,7 +16,6 @@ from django.db.models import Case, F, OuterRef, Q, Subquery, Value, When
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
-from registry import bulk
 from registry.core import protocol
 from registry.models import (
     Connection,
@@ -26,6 +25,7 @@ from registry.models import (
     Worker,
     WorkerStatus,
 )
+from registry.presence import bulk
 
 log = logging.getLogger("registry.services")
 

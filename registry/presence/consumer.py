@@ -17,7 +17,7 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 from django.db import DatabaseError
 
-from registry import introductions, peers, selectors, services
+from registry import introductions, peers
 from registry.core import protocol, tokens
 from registry.core.addresses import observed_address
 from registry.core.peer_policy import Policy, Subject
@@ -26,7 +26,8 @@ from registry.introductions import PeerSide
 from registry.models import decode_tags
 from registry.ops import metrics
 from registry.ops.logs import InstanceLogAdapter
-from registry.runtime import SUPERSEDE, get_runtime
+from registry.presence import selectors, services
+from registry.presence.runtime import SUPERSEDE, get_runtime
 from registry.security import enrolment, identities
 from registry.security.origins import origin_allowed
 

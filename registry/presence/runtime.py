@@ -28,14 +28,14 @@ from django.conf import settings
 from django.db import close_old_connections, transaction
 from django.utils import timezone
 
-from registry import selectors, services
-from registry.admission import Admission
-from registry.batching import Coalescer
 from registry.core import protocol
 from registry.core.peer_policy import ALLOW_ALL, DENY_ALL, Policy
 from registry.ops import metrics
 from registry.peers import EVENTS as PEER_EVENTS
 from registry.peers import PeerHub
+from registry.presence import selectors, services
+from registry.presence.admission import Admission
+from registry.presence.batching import Coalescer
 from registry.relay import RelayOutbox
 from registry.security import enrolment, identities
 
