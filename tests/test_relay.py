@@ -16,8 +16,8 @@ from channels.testing import WebsocketCommunicator
 
 from registry.models import Worker
 from registry.ops import metrics
+from registry.peering.relay import RelayOutbox
 from registry.presence.runtime import get_runtime
-from registry.relay import RelayOutbox
 from tests.test_peering import ask, connected, introduce
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.asyncio]

@@ -25,8 +25,8 @@ from django.core.management import CommandError, call_command
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from registry import stun as server
-from registry.stun import Attribute, DropReason, StunClass, StunStats
+from registry.peering import stun as server
+from registry.peering.stun import Attribute, DropReason, StunClass, StunStats
 from tests.support.processes import REPO, wait_until
 from tests.support.stun_responder import running_responder
 from worker_agent import wire
@@ -455,7 +455,7 @@ def test_a_second_listener_identical_to_the_first_is_refused() -> None:
 
 def test_the_responder_core_runs_without_django() -> None:
     code = (
-        "import sys, registry.stun; "
+        "import sys, registry.peering.stun; "
         "loaded = sorted(m for m in sys.modules if m.split('.')[0] == 'django'); "
         "sys.exit(f'imported {loaded}' if loaded else 0)"
     )

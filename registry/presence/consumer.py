@@ -17,15 +17,16 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 from django.db import DatabaseError
 
-from registry import introductions, peers
 from registry.core import protocol, tokens
 from registry.core.addresses import observed_address
 from registry.core.peer_policy import Policy, Subject
 from registry.core.ratelimit import TokenBucket
-from registry.introductions import PeerSide
 from registry.models import decode_tags
 from registry.ops import metrics
 from registry.ops.logs import InstanceLogAdapter
+from registry.peering import introductions
+from registry.peering.events import Subscription
+from registry.peering.introductions import PeerSide
 from registry.presence import selectors, services
 from registry.presence.runtime import SUPERSEDE, get_runtime
 from registry.security import enrolment, identities
@@ -376,7 +377,7 @@ class RegisterConsumer(AsyncWebsocketConsumer):
             case protocol.SubscribePeers(tag=tag):
                 await get_runtime().peers.subscribe(
                     self.connection_id,
-                    peers.Subscription(
+                    Subscription(
                         worker_id=self.worker_id, tag=tag, send=self.send, subject=self.subject
                     ),
                 )

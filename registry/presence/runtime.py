@@ -31,12 +31,12 @@ from django.utils import timezone
 from registry.core import protocol
 from registry.core.peer_policy import ALLOW_ALL, DENY_ALL, Policy
 from registry.ops import metrics
-from registry.peers import EVENTS as PEER_EVENTS
-from registry.peers import PeerHub
+from registry.peering.events import EVENTS as PEER_EVENTS
+from registry.peering.events import PeerHub
+from registry.peering.relay import RelayOutbox
 from registry.presence import selectors, services
 from registry.presence.admission import Admission
 from registry.presence.batching import Coalescer
-from registry.relay import RelayOutbox
 from registry.security import enrolment, identities
 
 log = logging.getLogger("registry.runtime")

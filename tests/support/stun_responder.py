@@ -8,7 +8,7 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
-from registry import stun as server
+from registry.peering import stun as server
 
 
 @contextlib.contextmanager

@@ -29,9 +29,7 @@ from registry.core.ratelimit import TokenBucket
 from registry.models import decode_tags
 from registry.ops import metrics
 from registry.ops.logs import InstanceLogAdapter
-from registry.presence import selectors, services
-from registry.presence.runtime import DELIVER, InstanceRuntime, get_runtime
-from registry.relay import (
+from registry.peering.relay import (
     DROP_NOT_INTRODUCED,
     PeerLink,
     PeerLinks,
@@ -39,6 +37,8 @@ from registry.relay import (
     RelayPort,
     SendWindow,
 )
+from registry.presence import selectors, services
+from registry.presence.runtime import DELIVER, InstanceRuntime, get_runtime
 from registry.security.identities import Certificate
 
 log = InstanceLogAdapter(
