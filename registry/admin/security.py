@@ -1,5 +1,5 @@
 """Enrolment keys and API tokens in the admin: created with a secret shown once, then only
-revoked. Registered from `registry/admin.py`."""
+revoked."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from django.template.response import TemplateResponse
 from django.utils import timezone
 from django.utils.safestring import SafeString
 
-from registry.admin import ago, badge
+from registry.admin.display import ago, badge
 from registry.core import protocol
 from registry.models import ApiToken, EnrolmentKey, encode_tags
 from registry.security import api_access, enrolment

@@ -7,7 +7,7 @@ fixed number of queries however many workers it shows (tests/test_admin.py count
 from __future__ import annotations
 
 import json
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 from django.conf import settings
@@ -25,9 +25,9 @@ from django.utils.formats import localize
 from django.utils.html import format_html, format_html_join
 from django.utils.http import urlencode
 from django.utils.safestring import SafeString
-from django.utils.timesince import timesince
 from django.views.decorators.http import require_POST
 
+from registry.admin.display import ago, badge
 from registry.core import protocol
 from registry.core.peer_policy import ALLOW_ALL
 from registry.models import Connection, PeerConnection, ServerInstance, Worker
@@ -75,50 +75,6 @@ CONNECTION_FIELDS = (
     "public_ip",
     "channel_name",
 )
-
-# Colours that read on the admin's light and dark themes alike.
-_BADGE_COLOURS = {
-    "connected": "#1f7a3a",
-    "open": "#1f7a3a",
-    "disconnected": "#6b6b6b",
-    "closed": "#6b6b6b",
-    "usable": "#1f7a3a",
-    "active": "#1f7a3a",
-    "disabled": "#b42318",
-    "revoked": "#b42318",
-    "expired": "#8a5a00",
-    "used": "#6b6b6b",
-}
-
-
-def badge(label: str) -> SafeString:
-    return format_html(
-        '<span class="rv-badge rv-badge-{}" style="display:inline-block;padding:1px 8px;'
-        "border-radius:9px;color:#fff;background:{};font-size:11px;font-weight:600;"
-        'letter-spacing:.02em">{}</span>',
-        label,
-        _BADGE_COLOURS.get(label, "#6b6b6b"),
-        label,
-    )
-
-
-def ago(moment: datetime | None, now: datetime | None = None) -> SafeString | str:
-    """`5 minutes ago`, with the exact time on hover."""
-    if moment is None:
-        return "-"
-    now = now or timezone.now()
-    label = (
-        "just now"
-        if now - moment < timedelta(minutes=1)
-        else f"{timesince(moment, now, depth=1)} ago"
-    )
-    local = timezone.localtime(moment)
-    return format_html(
-        '<time datetime="{}" title="{}">{}</time>',
-        moment.isoformat(),
-        local.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        label,
-    )
 
 
 def connections_url(worker_id: str) -> str:
@@ -679,6 +635,3 @@ class ServerInstanceAdmin(admin.ModelAdmin):
         self, request: HttpRequest, obj: ServerInstance | None = None
     ) -> bool:
         return False
-
-
-from registry import policy_admin, security_admin  # noqa: E402, F401  (rules, keys, tokens)
