@@ -28,7 +28,7 @@ from django.utils.safestring import SafeString
 from django.views.decorators.http import require_POST
 
 from registry.admin.display import ago, badge
-from registry.core import protocol
+from registry.core import certificates, protocol
 from registry.core.peer_policy import ALLOW_ALL
 from registry.models import Connection, PeerConnection, ServerInstance, Worker
 from registry.ops import control
@@ -408,7 +408,7 @@ class WorkerAdmin(admin.ModelAdmin):
 
     @admin.display(description="identity (SHA-256)")
     def identity(self, worker: Worker) -> str:
-        return identities.display(worker.certificate_fingerprint) or "none (no certificate yet)"
+        return certificates.display(worker.certificate_fingerprint) or "none (no certificate yet)"
 
     @admin.display(description="agent info")
     def agent_info_display(self, worker: Worker) -> SafeString | str:

@@ -1,14 +1,15 @@
 """Who may reach whom: the peer policy (docs/peer-policy.md).
 
-`RENDEZVOUS_PEER_POLICY` is `allow-all` (any worker may ask to reach any other, the behaviour
-before rules existed) or `rules` (nothing is reachable unless an enabled rule allows it). A rule
+`RENDEZVOUS_PEER_POLICY` is `allow-all` (any worker may ask to reach any other) or `rules`
+(nothing is reachable unless an enabled rule allows it). A rule
 says "these sources may reach these destinations"; each side is a list of selectors: `*` (any
 worker), `tag:<tag>` (the workers with that tag) or a worker id. Rules only ever allow, and only
 one way: adding a rule never takes reachability away, and A may reach B says nothing of B
 reaching A.
 
-Plain functions over plain values: the rules come from the database (`load`), the decisions
-are made here, and a decision that cannot be made is a refusal (`decide` never fails open).
+Plain functions over plain values: the rules come from the database (peering/rules.py), the
+decisions are made here, and a decision that cannot be made is a refusal (`decide` never fails
+open) that the listeners given to `on_error` hear of (apps.ready() gives the service's counter).
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from registry.core import protocol
-from registry.ops import metrics
 
 log = logging.getLogger("registry.policy")
 
@@ -33,6 +33,21 @@ ANY = "*"
 TAG_PREFIX = "tag:"
 MAX_SELECTORS = 100
 _SPLIT = re.compile(r"[\s,]+")
+
+# Told of every decision or reach that could not be worked out: listeners rather than an import
+# keep this module free of Django and of the rest of the project (the counter is ops/metrics.py).
+_error_listeners: list[Callable[[], None]] = []
+
+
+def on_error(listener: Callable[[], None]) -> None:
+    """Call `listener` once for every decision or reach that could not be worked out."""
+    if listener not in _error_listeners:
+        _error_listeners.append(listener)
+
+
+def _tell_error_listeners() -> None:
+    for listener in list(_error_listeners):
+        listener()
 
 
 class InvalidRule(ValueError):
@@ -148,7 +163,7 @@ class Policy:
                 source.worker_id,
                 destination.worker_id,
             )
-            metrics.policy_error()
+            _tell_error_listeners()
             return Decision(False, NOT_EVALUATED)
 
     def _decide(self, source: Subject, destination: Subject) -> Decision:
@@ -194,7 +209,7 @@ class Policy:
             return Reach.of(far)
         except Exception:
             log.exception("peer policy: no reach for %s; nobody", subject.worker_id)
-            metrics.policy_error()
+            _tell_error_listeners()
             return Reach()
 
 

@@ -1,4 +1,6 @@
-"""System checks: misconfiguration is caught at start, not discovered in production."""
+"""System checks: misconfiguration is caught at start, not discovered in production.
+
+Registered by `RegistryConfig.ready()` (registry/apps.py)."""
 
 from __future__ import annotations
 
@@ -6,12 +8,11 @@ import math
 from typing import Any
 
 from django.conf import settings
-from django.core.checks import Error, Warning, register
+from django.core.checks import Error, Warning
 
 from registry.core import turn
 
 
-@register()
 def check_rendezvous_settings(app_configs: Any = None, **kwargs: Any) -> list[Any]:
     problems: list[Any] = []
     config = settings.RENDEZVOUS

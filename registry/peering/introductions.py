@@ -24,6 +24,7 @@ from channels.db import database_sync_to_async
 from django.conf import settings
 
 from registry.core import protocol, turn
+from registry.core.certificates import Certificate
 from registry.core.peer_policy import ALLOW_ALL, NOT_EVALUATED, Decision, Policy, Subject
 from registry.core.ratelimit import TokenBucket
 from registry.models import decode_tags
@@ -39,7 +40,6 @@ from registry.peering.relay import (
 )
 from registry.presence import selectors, services
 from registry.presence.runtime import DELIVER, InstanceRuntime, get_runtime
-from registry.security.identities import Certificate
 
 log = InstanceLogAdapter(
     logging.getLogger("registry.introductions"), lambda: get_runtime().instance_id

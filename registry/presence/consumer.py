@@ -17,7 +17,7 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 from django.db import DatabaseError
 
-from registry.core import protocol, tokens
+from registry.core import certificates, protocol, tokens
 from registry.core.addresses import observed_address
 from registry.core.peer_policy import Policy, Subject
 from registry.core.ratelimit import TokenBucket
@@ -49,7 +49,7 @@ class RegisterConsumer(AsyncWebsocketConsumer):
     worker_id: str = ""
     tags: str = ""
     connection_id: int | None = None
-    certificate: identities.Certificate | None = None
+    certificate: certificates.Certificate | None = None
     _peer_side: PeerSide | None = None
     _confirm_credential = False
     _server_close_code: int | None = None
@@ -193,8 +193,8 @@ class RegisterConsumer(AsyncWebsocketConsumer):
         runtime = get_runtime()
         headers = self.scope.get("headers", [])
         try:
-            self.certificate = identities.presented(headers)
-        except identities.InvalidCertificate as exc:
+            self.certificate = certificates.presented(headers)
+        except certificates.InvalidCertificate as exc:
             raise enrolment.AuthenticationFailed(
                 f"invalid certificate: {exc}", f"invalid certificate ({exc})"
             ) from None

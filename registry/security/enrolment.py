@@ -21,9 +21,9 @@ from django.db.models import F
 from django.utils import timezone
 
 from registry.core import protocol, tokens
+from registry.core.certificates import Certificate
 from registry.models import EnrolmentKey, Worker, encode_tags
 from registry.presence import services
-from registry.security.identities import Certificate
 
 log = logging.getLogger("registry.enrolment")
 
