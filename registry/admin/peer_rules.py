@@ -18,6 +18,7 @@ from django.utils.safestring import SafeString
 
 from registry.core import peer_policy, protocol
 from registry.models import PeerRule
+from registry.peering import reach, rules
 from registry.presence import selectors
 
 
@@ -74,7 +75,7 @@ class PeerRuleAdmin(admin.ModelAdmin):
 
     def save_model(self, request: HttpRequest, obj: PeerRule, form: Any, change: bool) -> None:
         super().save_model(request, obj, form, change)
-        for warning in selectors.rule_warnings(obj.sources, obj.destinations):
+        for warning in reach.rule_warnings(obj.sources, obj.destinations):
             self.message_user(request, f"Rule #{obj.pk}: {warning}.", messages.WARNING)
         if policy_mode() == peer_policy.ALLOW_ALL:
             self.message_user(
@@ -87,7 +88,7 @@ class PeerRuleAdmin(admin.ModelAdmin):
         """The page of rules, with the warnings of all of them found in two queries."""
         changelist = super().get_changelist_instance(request)
         page = list(changelist.result_list)
-        found = selectors.rules_warnings([(rule.sources, rule.destinations) for rule in page])
+        found = reach.rules_warnings([(rule.sources, rule.destinations) for rule in page])
         for rule, warnings in zip(page, found, strict=True):
             rule.listed_warnings = warnings
         return changelist
@@ -102,7 +103,7 @@ class PeerRuleAdmin(admin.ModelAdmin):
             return "-"
         warnings = getattr(rule, "listed_warnings", None)  # the list's page: worked out at once
         if warnings is None:
-            warnings = selectors.rule_warnings(rule.sources, rule.destinations)
+            warnings = reach.rule_warnings(rule.sources, rule.destinations)
         if not warnings:
             return "-"
         return format_html_join(
@@ -130,11 +131,11 @@ class PeerRuleAdmin(admin.ModelAdmin):
         result = None
         if form.is_bound and form.is_valid():
             source, destination = form.cleaned_data["source"], form.cleaned_data["destination"]
-            pair = selectors.subject(source), selectors.subject(destination)
-            decision = selectors.peer_policy().decide(*pair)
+            pair = reach.subject(source), reach.subject(destination)
+            decision = rules.load().decide(*pair)
             # Under allow-all, what the rules would say once enforced: to try them out first.
             by_rules = (
-                selectors.peer_policy(peer_policy.RULES).decide(*pair)
+                rules.load(peer_policy.RULES).decide(*pair)
                 if policy_mode() == peer_policy.ALLOW_ALL
                 else None
             )

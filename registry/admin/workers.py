@@ -32,8 +32,9 @@ from registry.core import certificates, protocol
 from registry.core.peer_policy import ALLOW_ALL
 from registry.models import Connection, PeerConnection, ServerInstance, Worker
 from registry.ops import control
-from registry.presence import selectors
-from registry.presence.selectors import RECENT_CONNECTIONS, registry_overview
+from registry.ops.overview import registry_overview
+from registry.peering import reach, records
+from registry.presence.selectors import RECENT_CONNECTIONS
 from registry.security import enrolment, identities
 
 OBSERVED_WORKER_FIELDS = (
@@ -427,7 +428,7 @@ class WorkerAdmin(admin.ModelAdmin):
 
     @admin.display(description="peer connections")
     def peer_connections(self, worker: Worker) -> SafeString:
-        counts = selectors.peer_connection_counts(worker.pk)
+        counts = records.peer_connection_counts(worker.pk)
         url = reverse("admin:registry_peerconnection_changelist")
         link = f"{url}?{urlencode({'worker': worker.pk})}"
         summary = ", ".join(f"{count} {outcome}" for outcome, count in counts.items() if count)
@@ -446,9 +447,7 @@ def _worker_links(worker: Worker, verb: str, *, outward: bool) -> SafeString | s
     """The workers of the registry `worker` may reach (outward) or be reached by, linked."""
     if settings.RENDEZVOUS["PEER_POLICY"] == ALLOW_ALL:
         return f"every worker (RENDEZVOUS_PEER_POLICY is allow-all): may {verb} any other"
-    ids, count = selectors.worker_reach(
-        worker.pk, worker.tag_list, outward=outward, limit=REACH_SHOWN
-    )
+    ids, count = reach.worker_reach(worker.pk, worker.tag_list, outward=outward, limit=REACH_SHOWN)
     if not count:
         return "no worker (no enabled rule allows it)"
     shown = format_html_join(
@@ -526,7 +525,7 @@ class PeerWorkerFilter(admin.SimpleListFilter):
 
     def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
         # The busiest of the last day (the whole table may hold millions of records).
-        busiest = selectors.busiest_peer_workers(limit=20, since=timezone.now() - timedelta(days=1))
+        busiest = records.busiest_peer_workers(limit=20, since=timezone.now() - timedelta(days=1))
         chosen = self.value()
         if chosen and chosen not in busiest:
             busiest.insert(0, chosen)

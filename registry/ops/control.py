@@ -3,7 +3,7 @@
 A disconnect is recorded first, then delivered through the channel layer to whichever consumer
 (on whichever instance) holds the socket. If the message cannot arrive (the in-memory layer of
 another process, Redis away), the holding instance still closes the socket at its next
-housekeeping round, because its row is closed (`services.reconcile_instance`).
+housekeeping round, because its row is closed (`presence/instances.py: reconcile_instance`).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import logging
 from asgiref.sync import async_to_sync
 
 from registry.core import protocol
-from registry.presence import selectors, services
+from registry.presence import selectors, sessions
 from registry.presence.runtime import COMMAND_CLOSE_CODES, InstanceRuntime
 from registry.security import enrolment
 
@@ -29,7 +29,7 @@ def disconnect_worker(
     if target is None:
         return False
     connection_id, channel_name = target
-    services.close_connection(
+    sessions.close_connection(
         connection_id=connection_id, code=code, reason=protocol.CLOSE_REASONS[code]
     )
     try:

@@ -31,6 +31,8 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from registry.core import protocol
+from registry.peering import records
+from registry.presence import selectors
 
 log = logging.getLogger("registry.metrics")
 
@@ -269,8 +271,6 @@ class RegistryCollector(Collector):
     """Registry-wide numbers from the database: the same on every instance (aggregate with max)."""
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        from registry.presence import selectors
-
         up = GaugeMetricFamily(
             "rendezvous_registry_up", "1 if the registry could be read for this scrape."
         )
@@ -279,8 +279,8 @@ class RegistryCollector(Collector):
             running = selectors.running_instances()
             by_path = {
                 **{str(kind): 0 for kind in protocol.PathKind},
-                selectors.PATH_PENDING: 0,
-                **selectors.peer_connections_by_path(),
+                records.PATH_PENDING: 0,
+                **records.peer_connections_by_path(),
             }
         except DatabaseError as exc:
             log.warning("metrics: registry not readable: %s", exc)

@@ -19,6 +19,7 @@ from django.views.decorators.csrf import csrf_exempt
 from registry.core import protocol
 from registry.models import PeerConnectionOutcome, WorkerStatus
 from registry.ops import metrics
+from registry.peering import records
 from registry.presence import selectors
 from registry.security.api_access import protected
 
@@ -146,7 +147,7 @@ def peer_connection_list(request: HttpRequest) -> JsonResponse:
         since = parse_datetime(request.GET["since"])
         if since is None or since.tzinfo is None:
             return json_error(400, "'since' must be an ISO 8601 time with its offset")
-    result = selectors.list_peer_connections(
+    result = records.list_peer_connections(
         page=page,
         page_size=page_size,
         worker=worker,
@@ -157,7 +158,7 @@ def peer_connection_list(request: HttpRequest) -> JsonResponse:
     return _page(request, result, page)
 
 
-def _page(request: HttpRequest, result: selectors.WorkerPage, page: int) -> JsonResponse:
+def _page(request: HttpRequest, result: selectors.Page, page: int) -> JsonResponse:
     if page > result.num_pages:
         return json_error(404, f"page {page} is past the last page ({result.num_pages})")
 

@@ -30,6 +30,7 @@ from registry.core.ratelimit import TokenBucket
 from registry.models import decode_tags
 from registry.ops import metrics
 from registry.ops.logs import InstanceLogAdapter
+from registry.peering import reach, records, rules
 from registry.peering.relay import (
     DROP_NOT_INTRODUCED,
     PeerLink,
@@ -38,7 +39,7 @@ from registry.peering.relay import (
     RelayPort,
     SendWindow,
 )
-from registry.presence import selectors, services
+from registry.presence import selectors
 from registry.presence.runtime import DELIVER, InstanceRuntime, get_runtime
 
 log = InstanceLogAdapter(
@@ -385,7 +386,7 @@ class PeerSide:
         )
         metrics.introduction(None)
         self.runtime.spawn(
-            database_sync_to_async(services.record_introduction)(
+            database_sync_to_async(records.record_introduction)(
                 introduction_id=pending.introduction_id,
                 requester_id=pending.requester_id,
                 target_id=self.worker_id,
@@ -446,7 +447,7 @@ class PeerSide:
         requester, target = (
             (self.worker_id, link.peer_id) if link.initiator else (link.peer_id, self.worker_id)
         )
-        await database_sync_to_async(services.record_path)(
+        await database_sync_to_async(records.record_path)(
             introduction_id=report.introduction_id,
             requester_id=requester,
             target_id=target,
@@ -533,8 +534,8 @@ class PeerSide:
     def _decide_now(source: Subject, destination: Subject | str) -> Decision:
         try:
             if isinstance(destination, str):
-                destination = selectors.subject(destination)
-            return selectors.peer_policy().decide(source, destination)
+                destination = reach.subject(destination)
+            return rules.load().decide(source, destination)
         except Exception:  # the rules or the tags cannot be read: refused (never fails open)
             log.exception("peer policy: the rules cannot be read; refusing introductions")
             metrics.policy_error()
@@ -542,7 +543,7 @@ class PeerSide:
 
     def _record_refusal(self, peer_id: str, decision: Decision) -> None:
         self.runtime.spawn(
-            database_sync_to_async(services.record_failed_introduction)(
+            database_sync_to_async(records.record_failed_introduction)(
                 introduction_id=new_introduction_id(),
                 requester_id=self.worker_id,
                 target_id=peer_id,
@@ -605,7 +606,7 @@ class PeerSide:
             link.relayed_bytes,
         )
         self.runtime.spawn(
-            database_sync_to_async(services.close_peer_connection)(
+            database_sync_to_async(records.close_peer_connection)(
                 introduction_id=link.introduction_id,
                 reason=reason,
                 relayed_bytes=link.relayed_bytes,
@@ -678,7 +679,7 @@ class PeerSide:
         )
         if pending is not None:
             self.runtime.spawn(
-                database_sync_to_async(services.record_failed_introduction)(
+                database_sync_to_async(records.record_failed_introduction)(
                     introduction_id=pending.introduction_id,
                     requester_id=pending.requester_id,
                     target_id=self.worker_id,

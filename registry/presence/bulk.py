@@ -11,10 +11,20 @@ PostgreSQL: it cost the server more CPU (the client-side binding of thousands of
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TypeVar
 
 from django.db import connection
 from django.db.models import Model
 from django.db.models.constants import OnConflict
+
+Key = TypeVar("Key")
+
+CHUNK = 5000  # ids per IN (...) list: well inside SQLite's limit on bound parameters
+
+
+def chunks(ids: Sequence[Key]) -> list[Sequence[Key]]:
+    """`ids` in slices of at most CHUNK, for the IN lists of one statement each."""
+    return [ids[i : i + CHUNK] for i in range(0, len(ids), CHUNK)]
 
 
 def insert_rows(

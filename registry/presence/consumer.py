@@ -24,10 +24,10 @@ from registry.core.ratelimit import TokenBucket
 from registry.models import decode_tags
 from registry.ops import metrics
 from registry.ops.logs import InstanceLogAdapter
-from registry.peering import introductions
+from registry.peering import introductions, rules
 from registry.peering.events import Subscription
 from registry.peering.introductions import PeerSide
-from registry.presence import selectors, services
+from registry.presence import reports, selectors, sessions
 from registry.presence.runtime import SUPERSEDE, get_runtime
 from registry.security import enrolment, identities
 from registry.security.origins import origin_allowed
@@ -105,7 +105,7 @@ class RegisterConsumer(AsyncWebsocketConsumer):
             await self.close_with(protocol.CloseCode.LIMIT_EXCEEDED, refusal)
             metrics.closed(protocol.CloseCode.LIMIT_EXCEEDED)
             return
-        request = services.RegistrationRequest(
+        request = sessions.RegistrationRequest(
             worker_id=self.worker_id,
             channel_name=runtime.channel_name,
             observed_ip=self.observed_ip,
@@ -186,8 +186,8 @@ class RegisterConsumer(AsyncWebsocketConsumer):
             )
 
     async def _register(
-        self, request: services.RegistrationRequest
-    ) -> tuple[services.Registration, str | None]:
+        self, request: sessions.RegistrationRequest
+    ) -> tuple[sessions.Registration, str | None]:
         """Authenticate (secured mode) and register; the credential issued on enrolment, if the
         service made it; the worker's certificate recorded when it is new."""
         runtime = get_runtime()
@@ -242,8 +242,8 @@ class RegisterConsumer(AsyncWebsocketConsumer):
 
     @staticmethod
     def _enrol(
-        grant: enrolment.Enrolment, request: services.RegistrationRequest
-    ) -> services.Registration:
+        grant: enrolment.Enrolment, request: sessions.RegistrationRequest
+    ) -> sessions.Registration:
         instance_id = get_runtime().ensure_registered()
         return enrolment.enrol_and_register(grant, request, instance_id=instance_id)
 
@@ -344,7 +344,7 @@ class RegisterConsumer(AsyncWebsocketConsumer):
 
     def _reachable_peers(self, tag: str | None) -> tuple[list[dict[str, Any]], bool]:
         """`list_peers`: the connected workers this one may reach, by the rules as they are."""
-        reach = selectors.peer_policy().reach_from(self.subject)
+        reach = rules.load().reach_from(self.subject)
         return selectors.list_peers(exclude=self.worker_id, tag=tag, reach=reach)
 
     async def policy_changed(self, policy: Policy) -> int:
@@ -359,17 +359,17 @@ class RegisterConsumer(AsyncWebsocketConsumer):
     async def handle(self, message: protocol.ClientMessage) -> str | None:
         match message:
             case protocol.RegisterPublicIp(ip=ip):
-                await self._report(services.Report(self.connection_id or 0, public_ip=ip))
+                await self._report(reports.Report(self.connection_id or 0, public_ip=ip))
                 return protocol.public_ip_registered(ip)
             case protocol.Heartbeat():
                 self._last_heartbeat = metrics.heartbeat(self._last_heartbeat)
                 # No write: housekeeping refreshes last_seen of every held worker in one statement.
                 return protocol.heartbeat_ack(time.time())
             case protocol.AgentInfo(info=info):
-                await self._report(services.Report(self.connection_id or 0, agent_info=info))
+                await self._report(reports.Report(self.connection_id or 0, agent_info=info))
                 return protocol.agent_info_recorded()
             case protocol.NatReport():
-                await self._report(services.Report(self.connection_id or 0, nat=message))
+                await self._report(reports.Report(self.connection_id or 0, nat=message))
                 return protocol.nat_report_recorded(message.mapping)
             case protocol.ListPeers(tag=tag, request_id=request_id):
                 peer_list, truncated = await database_sync_to_async(self._reachable_peers)(tag)
@@ -398,7 +398,7 @@ class RegisterConsumer(AsyncWebsocketConsumer):
                 return await self.peer_side.close(message)
         raise AssertionError(f"unhandled message {message!r}")
 
-    async def _report(self, report: services.Report) -> None:
+    async def _report(self, report: reports.Report) -> None:
         """Written with every other connection's reports in one batch (runtime.reports); counted,
         and logged at DEBUG only: an INFO line for every frame of a fleet is noise, not events."""
         stored = await get_runtime().reports.submit(report)
@@ -463,7 +463,7 @@ class RegisterConsumer(AsyncWebsocketConsumer):
                 log.warning("worker=%s peers not told of the close", self.worker_id, exc_info=True)
         try:
             ended = await runtime.closes.submit(
-                services.CloseRequest(self.connection_id, final_code or 1006, reason)
+                sessions.CloseRequest(self.connection_id, final_code or 1006, reason)
             )
         except DatabaseError as exc:
             # Housekeeping closes the row once the database is back (reconcile_instance).

@@ -31,10 +31,11 @@ from django.utils import timezone
 from registry.core import protocol
 from registry.core.peer_policy import ALLOW_ALL, DENY_ALL, Policy
 from registry.ops import metrics
+from registry.peering import records, rules
 from registry.peering.events import EVENTS as PEER_EVENTS
 from registry.peering.events import PeerHub
 from registry.peering.relay import RelayOutbox
-from registry.presence import selectors, services
+from registry.presence import instances, reports, sessions
 from registry.presence.admission import Admission
 from registry.presence.batching import Coalescer
 from registry.security import enrolment, identities
@@ -112,7 +113,7 @@ class InstanceRuntime:
         # Relay frames for consumers on other instances, in batches (registry/relay.py).
         self.relay_outbox = RelayOutbox(self._send_relay_batch, self.spawn)
         # Registry writes of every connection on this process, coalesced into batches.
-        self.registrations: Coalescer[services.RegistrationRequest, services.Registration] = (
+        self.registrations: Coalescer[sessions.RegistrationRequest, sessions.Registration] = (
             Coalescer(self._write_registrations, name="registrations")
         )
         # Secured mode: the credential checks of many handshakes, in one query per batch.
@@ -126,19 +127,19 @@ class InstanceRuntime:
             ),
             name="identities",
         )
-        self.closes: Coalescer[services.CloseRequest, bool] = Coalescer(
-            services.close_connections, name="closes", max_batch=2000
+        self.closes: Coalescer[sessions.CloseRequest, bool] = Coalescer(
+            sessions.close_connections, name="closes", max_batch=2000
         )
         # What connections report about their workers (address, agent info, NAT findings).
-        self.reports: Coalescer[services.Report, bool] = Coalescer(
-            services.record_reports, name="reports"
+        self.reports: Coalescer[reports.Report, bool] = Coalescer(
+            reports.record_reports, name="reports"
         )
 
     def _write_registrations(
-        self, requests: list[services.RegistrationRequest]
-    ) -> list[services.Registration]:
+        self, requests: list[sessions.RegistrationRequest]
+    ) -> list[sessions.Registration]:
         instance_id = self.ensure_registered()
-        return services.register_connections(requests, instance_id=instance_id)
+        return sessions.register_connections(requests, instance_id=instance_id)
 
     @property
     def config(self) -> dict[str, Any]:
@@ -152,7 +153,7 @@ class InstanceRuntime:
         """Record this boot in the registry once (closing what an earlier boot left open)."""
         with self._lock:
             if not self._registered:
-                closed = services.start_instance(
+                closed = instances.start_instance(
                     instance_id=self.instance_id,
                     name=self.name,
                     hostname=socket.gethostname(),
@@ -289,7 +290,7 @@ class InstanceRuntime:
 
     async def _reload_policy(self, only_if_changed: bool) -> Policy:
         try:
-            policy = await database_sync_to_async(selectors.peer_policy)()
+            policy = await database_sync_to_async(rules.load)()
         except Exception:
             log.exception("instance=%s cannot read the peer rules; kept the last", self.instance_id)
             metrics.policy_error()
@@ -394,23 +395,23 @@ class InstanceRuntime:
         config = self.config
         interval = timedelta(seconds=config["HOUSEKEEPING_INTERVAL"])
         self.ensure_registered()
-        if not services.heartbeat_instance(instance_id=self.instance_id, now=now):
+        if not instances.heartbeat_instance(instance_id=self.instance_id, now=now):
             return self._recover_from_being_declared_dead()
         departed: list[tuple[str, str]] = []
-        swept = services.sweep_silent_instances(
+        swept = instances.sweep_silent_instances(
             dead_after=timedelta(seconds=config["INSTANCE_DEAD_AFTER"]),
             now=now,
             exclude=self.instance_id,
             departed=departed,
         )
         self._announce_departures(departed)
-        swept += services.close_connections_of_stopped_instances(now=now)
-        touched = services.touch_held_workers(
+        swept += instances.close_connections_of_stopped_instances(now=now)
+        touched = instances.touch_held_workers(
             instance_id=self.instance_id, now=now, resolution=max(interval, timedelta(seconds=10))
         )
         grace = 2 * interval
         held = list(self._sockets.items())  # before reading the rows: see reconcile_instance
-        result = services.reconcile_instance(
+        result = instances.reconcile_instance(
             instance_id=self.instance_id,
             local_ids={pk for pk, _ in held},
             settled_ids={pk for pk, s in held if s.attached_at < now - grace},
@@ -418,8 +419,8 @@ class InstanceRuntime:
             now=now,
         )
         closed = sum(self._close_socket(pk, code) for pk, code in result.closed_elsewhere.items())
-        services.close_orphaned_peer_connections(now=now)
-        services.purge_peer_connections(
+        records.close_orphaned_peer_connections(now=now)
+        records.purge_peer_connections(
             older_than=timedelta(days=config["PEER_CONNECTION_RETENTION_DAYS"]), now=now
         )
         enrolment.purge_ephemeral_workers(
@@ -509,7 +510,7 @@ class InstanceRuntime:
             return
         try:
             close_old_connections()
-            closed = services.stop_instance(
+            closed = instances.stop_instance(
                 instance_id=self.instance_id,
                 reason="server shut down",
                 code=protocol.CloseCode.GOING_AWAY,

@@ -23,7 +23,7 @@ from django.utils import timezone
 from registry.core import protocol, tokens
 from registry.core.certificates import Certificate
 from registry.models import EnrolmentKey, Worker, encode_tags
-from registry.presence import services
+from registry.presence import sessions
 
 log = logging.getLogger("registry.enrolment")
 
@@ -220,11 +220,11 @@ def _authenticate_one(
 
 def enrol_and_register(
     enrolment: Enrolment,
-    request: services.RegistrationRequest,
+    request: sessions.RegistrationRequest,
     *,
     instance_id: str,
     now: datetime | None = None,
-) -> services.Registration:
+) -> sessions.Registration:
     """Spend the key, bind the credential and register the connection, all or nothing.
 
     One transaction, so a single-use key is never spent without a worker to show for it, and
@@ -262,7 +262,7 @@ def enrol_and_register(
                 "this worker id is enrolled: present its credential (Authorization: Bearer)",
                 "id bound by another enrolment meanwhile",
             )
-        return services.register_connections([request], instance_id=instance_id, now=now)[0]
+        return sessions.register_connections([request], instance_id=instance_id, now=now)[0]
 
 
 def confirm_credential(*, connection_id: int, now: datetime | None = None) -> bool:

@@ -96,7 +96,7 @@ class Command(BaseCommand):
         )
 
 
-def _dumps(result: selectors.WorkerPage) -> str:
+def _dumps(result: selectors.Page) -> str:
     return json.dumps(
         {
             "count": result.count,
