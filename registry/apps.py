@@ -15,9 +15,9 @@ class RegistryConfig(AppConfig):
         from registry.models import PeerRule
         from registry.ops import metrics
         from registry.ops.checks import check_rendezvous_settings
-        from registry.presence.runtime import peer_rules_changed
+        from registry.peering.rules import rules_changed
 
         checks.register(check_rendezvous_settings)
-        post_save.connect(peer_rules_changed, sender=PeerRule, dispatch_uid="peer-rules-saved")
-        post_delete.connect(peer_rules_changed, sender=PeerRule, dispatch_uid="peer-rules-deleted")
+        post_save.connect(rules_changed, sender=PeerRule, dispatch_uid="peer-rules-saved")
+        post_delete.connect(rules_changed, sender=PeerRule, dispatch_uid="peer-rules-deleted")
         peer_policy.on_error(metrics.policy_error)

@@ -171,8 +171,7 @@ async def test_many_connections_reporting_at_once_use_few_transactions(
         *(runtime.registrations.submit(request(f"w{n}")) for n in range(100))
     )
     reports = [
-        Report(r.connection_id or 0, public_ip=f"198.51.100.{n}")
-        for n, r in enumerate(registered)
+        Report(r.connection_id or 0, public_ip=f"198.51.100.{n}") for n, r in enumerate(registered)
     ]
     reports += [Report(r.connection_id or 0, agent_info={"n": 1}) for r in registered]
     stored = await asyncio.gather(*(runtime.reports.submit(report) for report in reports))

@@ -15,8 +15,8 @@ from channels.layers import get_channel_layer
 from registry.models import PeerConnection, PeerRule, Worker
 from registry.ops import metrics
 from registry.peering import rules
-from registry.presence import runtime as runtime_module
-from registry.presence.runtime import POLICY_CHANGED, POLICY_GROUP, get_runtime, reset_runtime
+from registry.peering.rules import POLICY_CHANGED, POLICY_GROUP
+from registry.presence.runtime import get_runtime, reset_runtime
 from tests.test_peering import accept, ask, connect_request, connected, introduce
 from tests.test_relay import frame
 
@@ -138,7 +138,7 @@ async def test_a_link_the_rules_no_longer_allow_is_ended_for_both_sides(rules_mo
 async def test_a_change_made_around_the_signals_is_found_by_the_periodic_check(
     rules_mode, monkeypatch
 ) -> None:
-    monkeypatch.setattr(runtime_module, "POLICY_CHECK_EVERY", 0.2)
+    monkeypatch.setattr(rules, "POLICY_CHECK_EVERY", 0.2)
     rule = await add_rule("a", "b")
     a, b = await connected("a", 1), await connected("b", 2)
     await introduce(a, b)
@@ -191,7 +191,7 @@ async def test_rules_that_cannot_be_read_refuse_everything(rules_mode, monkeypat
 
     await add_rule("*", "*")
     a, b = await connected("a", 1), await connected("b", 2)
-    monkeypatch.setattr(rules, "load", unreadable)
+    monkeypatch.setattr(rules, "current", unreadable)
     reply = await ask(a, connect_request("b"))
     assert reply["code"] == "POLICY_DENIED"
     assert await b.receive_nothing(timeout=0.2)

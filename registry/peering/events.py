@@ -18,6 +18,8 @@ from channels.layers import get_channel_layer
 
 from registry.core import peer_policy, protocol
 from registry.models import decode_tags
+from registry.ops import metrics
+from registry.peering import rules
 
 log = logging.getLogger("registry.peers")
 
@@ -58,8 +60,6 @@ class PeerHub:
         self._pending: list[dict[str, Any]] = []
         self._flush_scheduled = False
         self._renewing = False
-        # Each subscriber hears of the workers it may reach (the runtime keeps this current).
-        self.policy = peer_policy.Policy(peer_policy.ALLOW_ALL)
 
     # ---- subscribers on this instance ------------------------------------------------------------
 
@@ -113,12 +113,14 @@ class PeerHub:
     # ---- events from every instance, to this instance's subscribers ------------------------------
 
     async def dispatch(self, events: list[dict[str, Any]]) -> int:
-        """Send each subscriber the events it asked for. Returns how many frames were sent."""
+        """Send each subscriber the events it asked for, of the workers it may reach. Returns how
+        many frames were sent."""
         sent = 0
         frames = [_frame(event) for event in events]  # encoded once, for every subscriber
+        policy = await _policy()
         for subscription in list(self._subscriptions.values()):
             for event, frame in zip(events, frames, strict=True):
-                if frame is None or not _wanted(subscription, event, self.policy):
+                if frame is None or not _wanted(subscription, event, policy):
                     continue
                 try:
                     await subscription.send(frame)
@@ -126,6 +128,16 @@ class PeerHub:
                 except Exception:  # a closing socket must not stop the others' events
                     log.debug("peer event to %s not sent", subscription.worker_id, exc_info=True)
         return sent
+
+
+async def _policy() -> peer_policy.Policy:
+    """The rules the events are filtered by; when they cannot be read, nobody hears anything."""
+    try:
+        return await rules.current()
+    except Exception:
+        log.warning("peer events: the peer rules cannot be read; none sent", exc_info=True)
+        metrics.policy_error()
+        return peer_policy.DENY_ALL
 
 
 def _frame(event: dict[str, Any]) -> str | None:

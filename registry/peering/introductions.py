@@ -523,19 +523,17 @@ class PeerSide:
         return ended
 
     async def _decide(self, source: Subject, destination: Subject | str) -> Decision:
-        """May `source` reach `destination` (a worker id: its tags are read), by the rules as
-        the database holds them now? Under allow-all, without a trip to the database."""
-        if settings.RENDEZVOUS["PEER_POLICY"] == ALLOW_ALL:
-            target = destination if isinstance(destination, Subject) else Subject.of(destination)
-            return Policy(ALLOW_ALL).decide(source, target)
-        return await database_sync_to_async(self._decide_now)(source, destination)
-
-    @staticmethod
-    def _decide_now(source: Subject, destination: Subject | str) -> Decision:
+        """May `source` reach `destination` (a worker id: its tags are read, unless the policy is
+        allow-all), by the rules this process holds? Refused when they cannot be read."""
         try:
+            policy = await rules.current()
             if isinstance(destination, str):
-                destination = reach.subject(destination)
-            return rules.load().decide(source, destination)
+                destination = (
+                    Subject.of(destination)
+                    if policy.mode == ALLOW_ALL
+                    else await database_sync_to_async(reach.subject)(destination)
+                )
+            return policy.decide(source, destination)
         except Exception:  # the rules or the tags cannot be read: refused (never fails open)
             log.exception("peer policy: the rules cannot be read; refusing introductions")
             metrics.policy_error()

@@ -1,15 +1,29 @@
-"""Who may reach whom among the workers the registry holds: a worker as the policy sees it, the
-workers one may reach or be reached by, and what a rule names that the registry does not know.
-For the admin and the management command; the rules come from peering/rules.py."""
+"""Who may reach whom among the workers the registry holds: the peers a worker may ask for
+(`list_peers`), a worker as the policy sees it, the workers one may reach or be reached by, and
+what a rule names that the registry does not know (the admin, the management command). The
+rules come from peering/rules.py."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
+
+from channels.db import database_sync_to_async
 
 from registry.core import peer_policy
 from registry.core.peer_policy import Subject
 from registry.models import Worker, decode_tags
 from registry.peering import rules
+from registry.presence import selectors
+
+
+async def reachable_peers(me: Subject, *, tag: str | None) -> tuple[list[dict[str, Any]], bool]:
+    """`list_peers`: the connected workers `me` may reach, by the rules this process holds, and
+    whether the list was cut."""
+    policy = await rules.current()
+    return await database_sync_to_async(selectors.list_peers)(
+        exclude=me.worker_id, tag=tag, reach=policy.reach_from(me)
+    )
 
 
 def subject(worker_id: str) -> Subject:

@@ -24,10 +24,10 @@ from registry.core.ratelimit import TokenBucket
 from registry.models import decode_tags
 from registry.ops import metrics
 from registry.ops.logs import InstanceLogAdapter
-from registry.peering import introductions, rules
+from registry.peering import introductions, reach
 from registry.peering.events import Subscription
 from registry.peering.introductions import PeerSide
-from registry.presence import reports, selectors, sessions
+from registry.presence import reports, sessions
 from registry.presence.runtime import SUPERSEDE, get_runtime
 from registry.security import enrolment, identities
 from registry.security.origins import origin_allowed
@@ -342,11 +342,6 @@ class RegisterConsumer(AsyncWebsocketConsumer):
         """This worker as the peer policy sees it."""
         return Subject.of(self.worker_id, decode_tags(self.tags))
 
-    def _reachable_peers(self, tag: str | None) -> tuple[list[dict[str, Any]], bool]:
-        """`list_peers`: the connected workers this one may reach, by the rules as they are."""
-        reach = rules.load().reach_from(self.subject)
-        return selectors.list_peers(exclude=self.worker_id, tag=tag, reach=reach)
-
     async def policy_changed(self, policy: Policy) -> int:
         """The peer rules changed: end the links they no longer allow."""
         if self._peer_side is None:
@@ -372,7 +367,7 @@ class RegisterConsumer(AsyncWebsocketConsumer):
                 await self._report(reports.Report(self.connection_id or 0, nat=message))
                 return protocol.nat_report_recorded(message.mapping)
             case protocol.ListPeers(tag=tag, request_id=request_id):
-                peer_list, truncated = await database_sync_to_async(self._reachable_peers)(tag)
+                peer_list, truncated = await reach.reachable_peers(self.subject, tag=tag)
                 return protocol.peers(peer_list, request_id=request_id, truncated=truncated)
             case protocol.SubscribePeers(tag=tag):
                 await get_runtime().peers.subscribe(

@@ -21,15 +21,13 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from asgiref.sync import async_to_sync
-from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 from django.conf import settings
-from django.db import close_old_connections, transaction
+from django.db import close_old_connections
 from django.utils import timezone
 
 from registry.core import protocol
-from registry.core.peer_policy import ALLOW_ALL, DENY_ALL, Policy
+from registry.core.peer_policy import Policy
 from registry.ops import metrics
 from registry.peering import records, rules
 from registry.peering.events import EVENTS as PEER_EVENTS
@@ -53,14 +51,8 @@ DISCONNECT = "worker.disconnect"
 DISABLE = "worker.disabled"
 # Hand a message to a live connection's consumer (introductions between workers).
 DELIVER = "worker.deliver"
-# A relay frame for a live connection's worker (registry/relay.py).
+# A relay frame for a live connection's worker (peering/relay.py).
 RELAY = "worker.relay"
-# The peer policy's rules changed (registry/policy.py): every instance reads them again. Each
-# instance's command channel is in this group; a missed message is caught by POLICY_CHECK_EVERY.
-POLICY_GROUP = "rendezvous.policy"
-POLICY_CHANGED = "policy.changed"
-POLICY_CHECK_EVERY = 5.0  # seconds between this instance's checks of the rules' version
-POLICY_GROUP_RENEW_EVERY = 3600.0  # channels-redis group membership expires (a day)
 COMMAND_CLOSE_CODES = {
     SUPERSEDE: protocol.CloseCode.SUPERSEDED,
     DISCONNECT: protocol.CloseCode.DISCONNECTED_BY_OPERATOR,
@@ -104,12 +96,12 @@ class InstanceRuntime:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.peers = PeerHub(self.channel_name, self.spawn)
-        # The peer policy as this instance last read it (peer events are filtered by it);
-        # nothing is allowed under `rules` until the rules have been read.
-        self.policy: Policy = Policy(ALLOW_ALL) if self.allow_all else DENY_ALL
-        self.peers.policy = self.policy
-        self._policy_read = False  # the rules were read once at least
-        self._policy_lock: asyncio.Lock | None = None  # one reload at a time
+        # The peer rules kept current, and applied to the links of the connections held here.
+        self.rules_watch = rules.RulesWatch(
+            channel_name=self.channel_name,
+            instance_id=lambda: self.instance_id,
+            apply=self._apply_policy,
+        )
         # Relay frames for consumers on other instances, in batches (registry/relay.py).
         self.relay_outbox = RelayOutbox(self._send_relay_batch, self.spawn)
         # Registry writes of every connection on this process, coalesced into batches.
@@ -144,10 +136,6 @@ class InstanceRuntime:
     @property
     def config(self) -> dict[str, Any]:
         return settings.RENDEZVOUS
-
-    @property
-    def allow_all(self) -> bool:
-        return bool(settings.RENDEZVOUS["PEER_POLICY"] == ALLOW_ALL)
 
     def ensure_registered(self) -> str:
         """Record this boot in the registry once (closing what an earlier boot left open)."""
@@ -223,7 +211,7 @@ class InstanceRuntime:
     async def _listen(self) -> None:
         """Carry out commands sent to this instance's channel on the sockets it holds."""
         layer = get_channel_layer()
-        self.spawn(self._watch_policy(), what="peer policy watch")
+        self.spawn(self.rules_watch.run(), what="peer policy watch")
         while True:
             try:
                 message = await layer.receive(self.channel_name)
@@ -234,7 +222,8 @@ class InstanceRuntime:
                 await asyncio.sleep(1)
                 continue
             kind = message.get("type", "")
-            if kind == POLICY_CHANGED:
+            if kind == rules.POLICY_CHANGED:
+                rules.mark_stale()  # before the next message, which may ask for a decision
                 self.spawn(self.reload_policy(), what="peer policy reload")
                 continue
             if kind == PEER_EVENTS:
@@ -260,46 +249,11 @@ class InstanceRuntime:
 
     # ---- the peer policy -------------------------------------------------------------------
 
-    async def _watch_policy(self) -> None:
-        """Read the rules at start, on every change announced (POLICY_CHANGED) and, for a change
-        that was not announced (a missed message, a bulk update), every few seconds: the rules
-        are few, and a changed policy is applied."""
-        if self.allow_all:
-            self.policy = self.peers.policy = Policy(ALLOW_ALL)
-            return  # rules do not matter: nothing to read, now or later
-        layer = get_channel_layer()
-        renewed: float | None = None  # not 0.0: the monotonic clock may start near zero
-        while True:
-            now = time.monotonic()
-            if renewed is None or now - renewed > POLICY_GROUP_RENEW_EVERY:
-                try:
-                    await layer.group_add(POLICY_GROUP, self.channel_name)
-                    renewed = now
-                except Exception:
-                    log.warning("instance=%s cannot join the policy group", self.instance_id)
-            await self.reload_policy(only_if_changed=True)
-            await asyncio.sleep(POLICY_CHECK_EVERY)
-
     async def reload_policy(self, *, only_if_changed: bool = False) -> Policy:
-        """Read the rules again and apply them to every connection held here: links the new
-        rules no longer allow are ended, peer events filtered by them."""
-        if self._policy_lock is None:
-            self._policy_lock = asyncio.Lock()
-        async with self._policy_lock:
-            return await self._reload_policy(only_if_changed)
+        """Read the peer rules again and end the links held here that they no longer allow."""
+        return await self.rules_watch.reload(only_if_changed=only_if_changed)
 
-    async def _reload_policy(self, only_if_changed: bool) -> Policy:
-        try:
-            policy = await database_sync_to_async(rules.load)()
-        except Exception:
-            log.exception("instance=%s cannot read the peer rules; kept the last", self.instance_id)
-            metrics.policy_error()
-            return self.policy
-        if only_if_changed and policy == self.policy and self._policy_read:
-            return policy
-        self.policy, self._policy_read = policy, True
-        self.peers.policy = policy
-        metrics.policy_reloaded()
+    async def _apply_policy(self, policy: Policy) -> int:
         ended = 0
         for local in list(self._sockets.values()):
             if local.policy_changed is None:
@@ -308,14 +262,7 @@ class InstanceRuntime:
                 ended += await local.policy_changed(policy)
             except Exception:  # one connection's failure must not spare the others
                 log.exception("instance=%s policy not applied to a connection", self.instance_id)
-        log.info(
-            "instance=%s peer policy %s: %d rule(s); %d link(s) no longer allowed, ended",
-            self.instance_id,
-            policy.mode,
-            len(policy.rules),
-            ended,
-        )
-        return policy
+        return ended
 
     async def _undeliverable(self, message: dict[str, Any]) -> None:
         """A DELIVER for a connection no longer held here: send its `bounce`, if it has one, so
@@ -548,8 +495,10 @@ def get_runtime() -> InstanceRuntime:
 
 
 def reset_runtime() -> InstanceRuntime:
-    """A fresh runtime (a new boot id) for tests that flush the database between them."""
+    """A fresh runtime (a new boot id) for tests that flush the database between them; the
+    flush took the peer rules with it, unannounced."""
     global _runtime
+    rules.mark_stale()
     with _runtime_lock:
         _runtime = InstanceRuntime(name=settings.RENDEZVOUS["INSTANCE_NAME"])
         return _runtime
@@ -593,33 +542,3 @@ def install_graceful_shutdown(runtime: InstanceRuntime, *, drain_timeout: float 
 
     reactor.callWhenRunning(install)
     return True
-
-
-_announcing: set[asyncio.Task[None]] = set()
-
-
-def peer_rules_changed(**_: object) -> None:
-    """A peer rule was saved or deleted (a signal receiver): once the change is committed,
-    every instance reads the rules again."""
-    transaction.on_commit(notify_policy_changed)
-
-
-def notify_policy_changed() -> None:
-    """Tell every instance that the peer rules changed (a rule saved or deleted, by the admin or
-    anyone): they read them again at once. From sync code or from a running loop; a failure is
-    logged, and each instance's periodic check catches up within POLICY_CHECK_EVERY."""
-    message = {"type": POLICY_CHANGED}
-    layer = get_channel_layer()
-    try:
-        loop = asyncio.get_running_loop()
-    except RuntimeError:
-        loop = None
-    try:
-        if loop is None:
-            async_to_sync(layer.group_send)(POLICY_GROUP, message)
-        else:
-            task = loop.create_task(layer.group_send(POLICY_GROUP, message))
-            _announcing.add(task)  # referenced until done: a bare task may be collected
-            task.add_done_callback(_announcing.discard)
-    except Exception:
-        log.warning("the peer rules changed; instances will notice within %gs", POLICY_CHECK_EVERY)
