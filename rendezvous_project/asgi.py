@@ -13,7 +13,8 @@ from django.conf import settings  # noqa: E402
 from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler  # noqa: E402
 
 from registry.ops import websocket_server  # noqa: E402
-from registry.presence.runtime import get_runtime, install_graceful_shutdown  # noqa: E402
+from registry.presence.housekeeping import install_graceful_shutdown  # noqa: E402
+from registry.presence.runtime import get_runtime  # noqa: E402
 from registry.routing import websocket_urlpatterns  # noqa: E402
 from registry.security import enrolment  # noqa: E402
 

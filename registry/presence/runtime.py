@@ -1,8 +1,9 @@
-"""This process as a server instance: its id, the sockets it holds, and its housekeeping thread.
+"""This process as a server instance: its id, its command channel and the sockets it holds.
 
-Housekeeping runs every `HOUSEKEEPING_INTERVAL` seconds in a thread (so a busy event loop never
-delays it): it heartbeats the instance row, sweeps instances that went silent, refreshes
-`last_seen` of the workers held here in one statement, and reconciles rows with sockets.
+Every other instance reaches a connection held here through this instance's one channel
+(`send_command`): closes, messages between consumers (introductions), relay frames, peer events
+and announcements that the peer rules changed. Housekeeping and the end of the process are
+housekeeping.py; the sockets and their limits, sockets.py.
 """
 
 from __future__ import annotations
@@ -11,39 +12,38 @@ import asyncio
 import atexit
 import logging
 import os
-import signal
 import socket
 import threading
-import time
 import uuid
-from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
-from datetime import datetime, timedelta
+from collections.abc import Coroutine
+from datetime import datetime
 from typing import Any
 
 from channels.layers import get_channel_layer
 from django.conf import settings
-from django.db import close_old_connections
 from django.utils import timezone
 
 from registry.core import protocol
 from registry.core.peer_policy import Policy
-from registry.ops import metrics
-from registry.peering import records, rules
+from registry.peering import rules
 from registry.peering.events import EVENTS as PEER_EVENTS
 from registry.peering.events import PeerHub
 from registry.peering.relay import RelayOutbox
-from registry.presence import instances, reports, sessions
+from registry.presence import housekeeping, instances, reports, sessions
 from registry.presence.admission import Admission
 from registry.presence.batching import Coalescer
+from registry.presence.housekeeping import HousekeepingReport
+from registry.presence.sockets import (
+    Closer,
+    Deliverer,
+    HeldSocket,
+    HeldSockets,
+    PolicyListener,
+    Relayer,
+)
 from registry.security import enrolment, identities
 
 log = logging.getLogger("registry.runtime")
-
-Closer = Callable[[int], Coroutine[Any, Any, None]]
-Deliverer = Callable[[dict[str, Any]], Coroutine[Any, Any, None]]
-Relayer = Callable[[bytes], Coroutine[Any, Any, None]]
-PolicyListener = Callable[[Policy], Coroutine[Any, Any, int]]
 
 # Commands to a live connection, sent through the channel layer to the instance that holds it.
 SUPERSEDE = "worker.superseded"
@@ -60,26 +60,6 @@ COMMAND_CLOSE_CODES = {
 }
 
 
-@dataclass(slots=True)
-class _LocalSocket:
-    close: Closer
-    loop: asyncio.AbstractEventLoop
-    attached_at: datetime
-    address: str | None
-    deliver: Deliverer | None = None
-    relay: Relayer | None = None
-    policy_changed: PolicyListener | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class HousekeepingReport:
-    declared_dead: bool
-    swept: int
-    touched: int
-    orphans_closed: int
-    sockets_closed: int
-
-
 class InstanceRuntime:
     def __init__(self, *, name: str) -> None:
         self.name = name
@@ -88,13 +68,13 @@ class InstanceRuntime:
         # own costs a queue, a task and a layer receive for each of thousands of sockets.
         self.channel_name = f"rendezvous.instance.{uuid.uuid4().hex}"
         self._listener: asyncio.Task[None] | None = None
-        self._admission: Admission | None = None  # built on first use, from settings
         self._background: set[asyncio.Task[None]] = set()
         self._registered = False
         self._lock = threading.Lock()
-        self._sockets: dict[int, _LocalSocket] = {}
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self.sockets = HeldSockets()
+        self._housekeeper = housekeeping.Housekeeper(
+            self.housekeeping_round, describe=lambda: f"instance={self.instance_id}"
+        )
         self.peers = PeerHub(self.channel_name, self.spawn)
         # The peer rules kept current, and applied to the links of the connections held here.
         self.rules_watch = rules.RulesWatch(
@@ -102,7 +82,7 @@ class InstanceRuntime:
             instance_id=lambda: self.instance_id,
             apply=self._apply_policy,
         )
-        # Relay frames for consumers on other instances, in batches (registry/relay.py).
+        # Relay frames for consumers on other instances, in batches (peering/relay.py).
         self.relay_outbox = RelayOutbox(self._send_relay_batch, self.spawn)
         # Registry writes of every connection on this process, coalesced into batches.
         self.registrations: Coalescer[sessions.RegistrationRequest, sessions.Registration] = (
@@ -169,19 +149,11 @@ class InstanceRuntime:
 
     @property
     def admission(self) -> Admission:
-        if self._admission is None:  # built on first use, from settings
-            config = self.config
-            self._admission = Admission(
-                max_total=config["MAX_CONNECTIONS"],
-                max_per_address=config["MAX_CONNECTIONS_PER_ADDRESS"],
-                handshake_rate=config["HANDSHAKE_RATE_PER_ADDRESS"],
-                auth_failures_per_minute=config["AUTH_FAILURES_PER_MINUTE"],
-            )
-        return self._admission
+        return self.sockets.admission
 
     def admission_refusal(self, address: str | None) -> str | None:
         """Why a new connection from `address` is refused (a connection limit), or None."""
-        return self.admission.refusal(address)
+        return self.sockets.admission.refusal(address)
 
     def attach(
         self,
@@ -193,20 +165,27 @@ class InstanceRuntime:
         policy_changed: PolicyListener | None = None,
     ) -> None:
         loop = asyncio.get_running_loop()
-        self._sockets[connection_id] = _LocalSocket(
-            close=close,
-            loop=loop,
-            attached_at=timezone.now(),
-            address=address,
-            deliver=deliver,
-            relay=relay,
-            policy_changed=policy_changed,
+        self.sockets.attach(
+            connection_id,
+            HeldSocket(
+                close=close,
+                loop=loop,
+                attached_at=timezone.now(),
+                address=address,
+                deliver=deliver,
+                relay=relay,
+                policy_changed=policy_changed,
+            ),
         )
-        if self._admission is not None:
-            self._admission.opened(address)
-        metrics.socket_attached()
         if self._listener is None or self._listener.done() or self._listener.get_loop() is not loop:
             self._listener = loop.create_task(self._listen())
+
+    def detach(self, connection_id: int) -> None:
+        self.sockets.detach(connection_id)
+        self.peers.unsubscribe(connection_id)
+
+    def held_count(self) -> int:
+        return len(self.sockets)
 
     async def _listen(self) -> None:
         """Carry out commands sent to this instance's channel on the sockets it holds."""
@@ -231,19 +210,19 @@ class InstanceRuntime:
                 self.spawn(self.peers.dispatch(message.get("events") or []), what="peer events")
                 continue
             code = COMMAND_CLOSE_CODES.get(kind)
-            local = self._sockets.get(message.get("connection_id"))  # type: ignore[arg-type]
-            if local is None:
+            held = self.sockets.get(message.get("connection_id"))
+            if held is None:
                 await self._undeliverable(message)
                 continue
             try:
                 if code is not None:
-                    await local.close(code)
-                elif kind == RELAY and local.relay is not None:
-                    # A batch; a single `frame` from an instance of an earlier version.
+                    await held.close(code)
+                elif kind == RELAY and held.relay is not None:
+                    # A batch of frames; an instance of an older version sends a single `frame`.
                     for frame in message.get("frames") or [message["frame"]]:
-                        await local.relay(frame)
-                elif kind == DELIVER and local.deliver is not None:
-                    await local.deliver(message)
+                        await held.relay(frame)
+                elif kind == DELIVER and held.deliver is not None:
+                    await held.deliver(message)
             except Exception:  # one socket's failure must not end the listener
                 log.exception("instance=%s command %s failed", self.instance_id, kind)
 
@@ -255,11 +234,11 @@ class InstanceRuntime:
 
     async def _apply_policy(self, policy: Policy) -> int:
         ended = 0
-        for local in list(self._sockets.values()):
-            if local.policy_changed is None:
+        for held in self.sockets.all():
+            if held.policy_changed is None:
                 continue
             try:
-                ended += await local.policy_changed(policy)
+                ended += await held.policy_changed(policy)
             except Exception:  # one connection's failure must not spare the others
                 log.exception("instance=%s policy not applied to a connection", self.instance_id)
         return ended
@@ -280,9 +259,9 @@ class InstanceRuntime:
     async def relay_to(self, channel_name: str, connection_id: int, frame: bytes) -> bool:
         """Hand a relay frame to the consumer of `connection_id`: a direct call when this
         instance holds it, the channel layer otherwise. False when it is certainly gone."""
-        local = self._sockets.get(connection_id)
-        if local is not None and local.relay is not None:
-            await local.relay(frame)
+        held = self.sockets.get(connection_id)
+        if held is not None and held.relay is not None:
+            await held.relay(frame)
             return True
         if channel_name == self.channel_name:
             return False  # ours, and no longer held
@@ -314,88 +293,17 @@ class InstanceRuntime:
             channel_name, {**payload, "type": command, "connection_id": connection_id}
         )
 
-    def detach(self, connection_id: int) -> None:
-        local = self._sockets.pop(connection_id, None)
-        self.peers.unsubscribe(connection_id)
-        if local is not None:
-            if self._admission is not None:
-                self._admission.closed(local.address)
-            metrics.socket_detached()
-
-    def held_count(self) -> int:
-        return len(self._sockets)
-
-    def _close_socket(self, connection_id: int, code: int) -> bool:
-        local = self._sockets.get(connection_id)
-        if local is None or local.loop.is_closed():
-            return False
-        if code not in protocol.CloseCode._value2member_map_:
-            code = protocol.CloseCode.INSTANCE_RESET  # e.g. 1006, which no one may send
-        future = asyncio.run_coroutine_threadsafe(local.close(code), local.loop)
-        future.add_done_callback(_log_failure)
-        return True
-
-    # ---- housekeeping ---------------------------------------------------------------------------
+    # ---- housekeeping and the end (housekeeping.py) ---------------------------------------------
 
     def housekeeping_round(self, now: datetime | None = None) -> HousekeepingReport:
-        now = now or timezone.now()
-        config = self.config
-        interval = timedelta(seconds=config["HOUSEKEEPING_INTERVAL"])
         self.ensure_registered()
-        if not instances.heartbeat_instance(instance_id=self.instance_id, now=now):
-            return self._recover_from_being_declared_dead()
-        departed: list[tuple[str, str]] = []
-        swept = instances.sweep_silent_instances(
-            dead_after=timedelta(seconds=config["INSTANCE_DEAD_AFTER"]),
-            now=now,
-            exclude=self.instance_id,
-            departed=departed,
-        )
-        self._announce_departures(departed)
-        swept += instances.close_connections_of_stopped_instances(now=now)
-        touched = instances.touch_held_workers(
-            instance_id=self.instance_id, now=now, resolution=max(interval, timedelta(seconds=10))
-        )
-        grace = 2 * interval
-        held = list(self._sockets.items())  # before reading the rows: see reconcile_instance
-        result = instances.reconcile_instance(
+        report = housekeeping.housekeeping_round(
             instance_id=self.instance_id,
-            local_ids={pk for pk, _ in held},
-            settled_ids={pk for pk, s in held if s.attached_at < now - grace},
-            grace=grace,
-            now=now,
+            sockets=self.sockets,
+            peers=self.peers,
+            now=now or timezone.now(),
         )
-        closed = sum(self._close_socket(pk, code) for pk, code in result.closed_elsewhere.items())
-        records.close_orphaned_peer_connections(now=now)
-        records.purge_peer_connections(
-            older_than=timedelta(days=config["PEER_CONNECTION_RETENTION_DAYS"]), now=now
-        )
-        enrolment.purge_ephemeral_workers(
-            offline_for=timedelta(seconds=config["EPHEMERAL_AFTER"]), now=now
-        )
-        return HousekeepingReport(
-            declared_dead=False,
-            swept=swept,
-            touched=touched,
-            orphans_closed=result.orphans_closed,
-            sockets_closed=closed,
-        )
-
-    def _announce_departures(self, departed: list[tuple[str, str]]) -> None:
-        """`peer_left` for the workers of an instance that died (it cannot say so itself).
-
-        Sent from this instance's event loop; an instance that never held a socket has none, and
-        then nobody hears it from here (another instance's sweep may).
-        """
-        loop = next((s.loop for s in list(self._sockets.values()) if not s.loop.is_closed()), None)
-        if not departed or loop is None:
-            return
-
-        def announce() -> None:
-            for worker_id, tags in departed:
-                self.peers.left(worker_id, tags)
-
-        loop.call_soon_threadsafe(announce)
+        return report if report is not None else self._recover_from_being_declared_dead()
 
     def _recover_from_being_declared_dead(self) -> HousekeepingReport:
         """Another instance swept us (we could not heartbeat in time): start over as a new boot.
@@ -406,70 +314,32 @@ class InstanceRuntime:
         log.error(
             "instance=%s was declared dead by another instance; re-registering", self.instance_id
         )
-        held = list(self._sockets)
+        held = self.sockets.ids()
         with self._lock:
             self.instance_id = uuid.uuid4().hex
             self._registered = False
         self.ensure_registered()
-        closed = sum(self._close_socket(pk, protocol.CloseCode.INSTANCE_RESET) for pk in held)
+        closed = sum(
+            self.sockets.close_from_thread(pk, protocol.CloseCode.INSTANCE_RESET) for pk in held
+        )
         return HousekeepingReport(
             declared_dead=True, swept=0, touched=0, orphans_closed=0, sockets_closed=closed
         )
 
     def start_housekeeping(self) -> None:
-        with self._lock:
-            if self._thread is not None:
-                return
-            self._thread = threading.Thread(
-                target=self._housekeeping_loop, name="rendezvous-housekeeping", daemon=True
-            )
-            self._thread.start()
-        atexit.register(self.shutdown)
-
-    def _housekeeping_loop(self) -> None:
-        interval = self.config["HOUSEKEEPING_INTERVAL"]
-        while True:
-            try:
-                close_old_connections()
-                self.housekeeping_round()
-            except Exception:  # the database may be away; the next round tries again
-                log.exception("instance=%s housekeeping round failed", self.instance_id)
-            if self._stop.wait(interval):
-                return
+        if self._housekeeper.start():
+            atexit.register(self.shutdown)
 
     async def drain(self, timeout: float) -> int:
         """Close every socket held here with 4002 (going away) and wait up to `timeout` for
         their consumers to record the close. Returns how many were still open at the end."""
-        for local in list(self._sockets.values()):
-            await local.close(protocol.CloseCode.GOING_AWAY)
-        deadline = time.monotonic() + timeout
-        while self._sockets and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        return len(self._sockets)
+        return await housekeeping.drain(self.sockets, timeout)
 
     def shutdown(self) -> None:
         """At process exit: the sessions held here end with the process (code 4002)."""
-        self._stop.set()
-        if self._thread is not None:
-            # A daemon thread inside the database driver at interpreter exit can crash it.
-            self._thread.join(timeout=10)
-        if not self._registered:
-            return
-        try:
-            close_old_connections()
-            closed = instances.stop_instance(
-                instance_id=self.instance_id,
-                reason="server shut down",
-                code=protocol.CloseCode.GOING_AWAY,
-            )
-            log.info("instance=%s stopped; %d sessions closed", self.instance_id, closed)
-        except Exception:
-            log.exception("instance=%s could not record its shutdown", self.instance_id)
-
-
-def _log_failure(future: Any) -> None:
-    if not future.cancelled() and future.exception() is not None:
-        log.warning("closing a socket from housekeeping failed: %s", future.exception())
+        self._housekeeper.stop()
+        if self._registered:
+            housekeeping.record_shutdown(self.instance_id)
 
 
 def _process_exists(pid: int) -> bool:
@@ -502,43 +372,3 @@ def reset_runtime() -> InstanceRuntime:
     with _runtime_lock:
         _runtime = InstanceRuntime(name=settings.RENDEZVOUS["INSTANCE_NAME"])
         return _runtime
-
-
-def install_graceful_shutdown(runtime: InstanceRuntime, *, drain_timeout: float = 5.0) -> bool:
-    """On SIGTERM/SIGINT, close held sockets with 4002 (going away) and let their consumers
-    finish before daphne stops the reactor. A second signal stops at once.
-
-    daphne's own handler cancels consumers mid-await, so workers see a dropped TCP connection
-    (1006) instead of a close frame, and the process can crash while collecting the cancelled
-    coroutines at exit.
-    """
-    try:
-        from twisted.internet import reactor
-    except ImportError:
-        return False
-    loop = getattr(reactor, "_asyncioEventloop", None)
-    if loop is None:
-        return False
-    stopping = False
-
-    def begin_stop() -> None:
-        nonlocal stopping
-        if stopping:
-            if reactor.running:
-                reactor.stop()
-            return
-        stopping = True
-        log.info("instance=%s draining %d sockets", runtime.instance_id, runtime.held_count())
-        task = loop.create_task(runtime.drain(drain_timeout))
-        task.add_done_callback(lambda _: reactor.running and reactor.stop())
-        runtime._background.add(task)
-
-    def on_signal(signum: int, frame: object) -> None:
-        reactor.callFromThread(begin_stop)
-
-    def install() -> None:
-        signal.signal(signal.SIGTERM, on_signal)
-        signal.signal(signal.SIGINT, on_signal)
-
-    reactor.callWhenRunning(install)
-    return True
