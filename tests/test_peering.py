@@ -423,7 +423,7 @@ async def test_a_worker_disconnected_by_an_operator_is_announced_as_left() -> No
     await ask(watcher, {"type": "subscribe_peers"})
     target = await connected("target", 2)
     assert (await watcher.receive_json_from(timeout=3))["type"] == "peer_joined"
-    await database_sync_to_async(control.disable_workers)(["target"])
+    await database_sync_to_async(control.disable_and_disconnect)(["target"])
     assert (await target.receive_json_from(timeout=3))["code"] == 4011
     assert (await target.receive_output(timeout=3))["type"] == "websocket.close"
     await target.disconnect(code=4011)  # what daphne reports once the socket is closed

@@ -22,7 +22,7 @@ from registry.ops import control
 from registry.presence import sessions
 from registry.presence.runtime import InstanceRuntime
 from registry.routing import websocket_urlpatterns
-from registry.security import api_access, enrolment
+from registry.security import api_access, bans, enrolment
 
 application = URLRouter(websocket_urlpatterns)
 DAY = timedelta(days=1)
@@ -201,7 +201,7 @@ def test_a_disabled_worker_is_refused_in_every_mode(runtime: InstanceRuntime) ->
     sessions.register_connection(
         worker_id="w1", channel_name="c", instance_id=instance, observed_ip=None, observed_port=None
     )
-    assert control.disable_workers(["w1"], reason="compromised") == ["w1"]
+    assert control.disable_and_disconnect(["w1"], reason="compromised") == ["w1"]
     worker = Worker.objects.get(id="w1")
     assert worker.status == WorkerStatus.DISCONNECTED and worker.disabled_reason == "compromised"
     assert Connection.objects.get().close_code == protocol.CloseCode.WORKER_DISABLED
@@ -212,7 +212,7 @@ def test_a_disabled_worker_is_refused_in_every_mode(runtime: InstanceRuntime) ->
         worker_id="w1", channel_name="c", instance_id=instance, observed_ip=None, observed_port=None
     )
     assert registration.refused and Connection.objects.count() == 1
-    assert enrolment.enable_workers(["w1"]) == 1
+    assert bans.mark_enabled(["w1"]) == 1
     assert not sessions.register_connection(
         worker_id="w1", channel_name="c", instance_id=instance, observed_ip=None, observed_port=None
     ).refused

@@ -35,7 +35,7 @@ from registry.ops import control
 from registry.ops.overview import registry_overview
 from registry.peering import reach, records
 from registry.presence.selectors import RECENT_CONNECTIONS
-from registry.security import enrolment, identities
+from registry.security import bans, enrolment, identities
 
 OBSERVED_WORKER_FIELDS = (
     "id",
@@ -377,14 +377,14 @@ class WorkerAdmin(admin.ModelAdmin):
         permissions=["change"],
     )
     def disable_selected(self, request: HttpRequest, queryset: QuerySet[Worker]) -> None:
-        disabled = control.disable_workers(
+        disabled = control.disable_and_disconnect(
             list(queryset.values_list("id", flat=True)), reason=f"by {request.user}"
         )
         self.message_user(request, f"{len(disabled)} worker(s) disabled.", messages.SUCCESS)
 
     @admin.action(description="Enable selected workers again", permissions=["change"])
     def enable_selected(self, request: HttpRequest, queryset: QuerySet[Worker]) -> None:
-        count = enrolment.enable_workers(queryset.values_list("id", flat=True))
+        count = bans.mark_enabled(queryset.values_list("id", flat=True))
         self.message_user(request, f"{count} worker(s) enabled.", messages.SUCCESS)
 
     @admin.action(

@@ -15,7 +15,7 @@ from asgiref.sync import async_to_sync
 from registry.core import protocol
 from registry.presence import selectors, sessions
 from registry.presence.runtime import COMMAND_CLOSE_CODES, InstanceRuntime
-from registry.security import enrolment
+from registry.security import bans
 
 log = logging.getLogger("registry.control")
 
@@ -48,10 +48,10 @@ def disconnect_worker(
     return True
 
 
-def disable_workers(worker_ids: list[str], *, reason: str = "") -> list[str]:
-    """Ban the ids (every mode) and close their live sessions with 4011. Returns those newly
-    disabled."""
-    disabled = enrolment.disable_workers(worker_ids, reason=reason)
+def disable_and_disconnect(worker_ids: list[str], *, reason: str = "") -> list[str]:
+    """Ban the ids (every mode: security/bans.py) and close their live sessions with 4011.
+    Returns those newly disabled."""
+    disabled = bans.mark_disabled(worker_ids, reason=reason)
     for worker_id in disabled:
         disconnect_worker(worker_id, protocol.CloseCode.WORKER_DISABLED)
         log.warning(

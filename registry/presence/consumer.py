@@ -12,24 +12,24 @@ from typing import Any
 from autobahn.exception import Disconnected
 from channels.consumer import get_handler_name
 from channels.db import database_sync_to_async
-from channels.exceptions import StopConsumer
+from channels.exceptions import DenyConnection, StopConsumer
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 from django.db import DatabaseError
 
-from registry.core import certificates, protocol, tokens
+from registry.core import certificates, protocol
 from registry.core.addresses import observed_address
 from registry.core.peer_policy import Policy, Subject
 from registry.core.ratelimit import TokenBucket
 from registry.models import decode_tags
 from registry.ops import metrics
 from registry.ops.logs import InstanceLogAdapter
-from registry.peering import introductions, reach
+from registry.peering import reach
 from registry.peering.events import Subscription
 from registry.peering.introductions import PeerSide
-from registry.presence import reports, sessions
-from registry.presence.runtime import SUPERSEDE, get_runtime
-from registry.security import enrolment, identities
+from registry.presence import handshake, reports, sessions
+from registry.presence.runtime import SUPERSEDE, InstanceRuntime, get_runtime
+from registry.security import enrolment
 from registry.security.origins import origin_allowed
 
 log = InstanceLogAdapter(logging.getLogger("registry.consumers"), lambda: get_runtime().instance_id)
@@ -41,6 +41,16 @@ FLOOD_MEMORY = 10.0
 # What a send to a socket that has just closed raises: ASGI asks servers for an OSError
 # (uvicorn's ClientDisconnected), daphne lets autobahn's Disconnected through.
 SEND_AFTER_CLOSE: tuple[type[Exception], ...] = (OSError, Disconnected)
+
+
+class Refused(Exception):
+    """A handshake refused once accepted: closed with `code`, after a `closing` frame that says
+    `reason` (by default the code's). Raised where the refusal is found; `connect` closes."""
+
+    def __init__(self, code: int, reason: str | None = None) -> None:
+        super().__init__(reason or f"refused with {code}")
+        self.code = code
+        self.reason = reason
 
 
 class RegisterConsumer(AsyncWebsocketConsumer):
@@ -75,20 +85,19 @@ class RegisterConsumer(AsyncWebsocketConsumer):
         raise StopConsumer()
 
     async def connect(self) -> None:
+        try:
+            await self._open()
+        except Refused as refusal:  # the one place a refusal becomes a close
+            await self.accept()
+            await self.close_with(refusal.code, refusal.reason)
+            metrics.closed(refusal.code)
+
+    async def _open(self) -> None:
+        """Check the handshake, register, welcome the worker and hold its socket. Refusals
+        before `accept` raise DenyConnection (daphne answers HTTP 403), after it Refused."""
         self.worker_id = self.scope["url_route"]["kwargs"]["worker_id"]
-        if not protocol.is_valid_worker_id(self.worker_id):
-            log.warning("refused worker id %r: outside the id rule", self.worker_id[:200])
-            await self.close()  # before accept: daphne answers the handshake with HTTP 403
-            return
         config = settings.RENDEZVOUS
-        if not origin_allowed(
-            self.scope,
-            allowed_hosts=settings.ALLOWED_HOSTS,
-            allowed_origins=config["ALLOWED_ORIGINS"],
-        ):
-            log.warning("worker=%s refused: cross-site Origin", self.worker_id[:200])
-            await self.close()  # before accept: HTTP 403
-            return
+        self._check_handshake()
         self.max_frame_bytes = config["MAX_FRAME_BYTES"]
         self.bucket = TokenBucket(rate=config["RATE_LIMIT"], burst=config["RATE_BURST"])
         self.dropped = 0
@@ -101,10 +110,35 @@ class RegisterConsumer(AsyncWebsocketConsumer):
         refusal = runtime.admission_refusal(self.observed_ip)
         if refusal is not None:
             log.warning("worker=%s from %s refused: %s", self.worker_id, self.observed_ip, refusal)
-            await self.accept()
-            await self.close_with(protocol.CloseCode.LIMIT_EXCEEDED, refusal)
-            metrics.closed(protocol.CloseCode.LIMIT_EXCEEDED)
-            return
+            raise Refused(protocol.CloseCode.LIMIT_EXCEEDED, refusal)
+        admitted = await self._register(runtime)
+        registration = admitted.registration
+        self.connection_id = registration.connection_id
+        self.tags = registration.tags
+        self.certificate = admitted.certificate
+        self._confirm_credential = admitted.confirm_credential
+        metrics.registered()
+        await self.accept()
+        await self.send(self._welcome(admitted.credential))
+        # Held from here on, and nothing is awaited after it: a consumer cancelled before this
+        # line leaves a row without a socket, which reconciliation closes; one cancelled after
+        # an await here would leave a socket entry that nothing ever removes.
+        self._hold(runtime, registration, admitted.credential)
+
+    def _check_handshake(self) -> None:
+        """The worker id and the Origin, refused before `accept`: HTTP 403."""
+        if not protocol.is_valid_worker_id(self.worker_id):
+            log.warning("refused worker id %r: outside the id rule", self.worker_id[:200])
+            raise DenyConnection
+        if not origin_allowed(
+            self.scope,
+            allowed_hosts=settings.ALLOWED_HOSTS,
+            allowed_origins=settings.RENDEZVOUS["ALLOWED_ORIGINS"],
+        ):
+            log.warning("worker=%s refused: cross-site Origin", self.worker_id[:200])
+            raise DenyConnection
+
+    async def _register(self, runtime: InstanceRuntime) -> handshake.Admitted:
         request = sessions.RegistrationRequest(
             worker_id=self.worker_id,
             channel_name=runtime.channel_name,
@@ -112,7 +146,7 @@ class RegisterConsumer(AsyncWebsocketConsumer):
             observed_port=self.observed_port,
         )
         try:
-            registration, credential = await self._register(request)
+            return await handshake.register(runtime, request, self.scope.get("headers", []))
         except enrolment.AuthenticationFailed as exc:
             if not isinstance(exc, enrolment.WorkerDisabled):
                 runtime.admission.authentication_failed(self.observed_ip)
@@ -120,39 +154,36 @@ class RegisterConsumer(AsyncWebsocketConsumer):
                 "worker=%s from %s refused: %s", self.worker_id, self.observed_ip, exc.detail
             )
             metrics.authentication_refused(exc.code)
-            await self.accept()
-            await self.close_with(exc.code, exc.reason)
-            metrics.closed(exc.code)
-            return
+            raise Refused(exc.code, exc.reason) from None
         except DatabaseError as exc:
             log.error(
                 "worker=%s registration failed, database unavailable: %s", self.worker_id, exc
             )
-            await self.accept()
-            await self.close_with(protocol.CloseCode.TRY_AGAIN_LATER)
-            metrics.closed(protocol.CloseCode.TRY_AGAIN_LATER)
-            return
-        self.connection_id = registration.connection_id
-        self.tags = registration.tags
-        metrics.registered()
-        await self.accept()
-        await self.send(
-            protocol.welcome(
-                worker_id=self.worker_id,
-                connection_id=self.connection_id,
-                instance_id=runtime.instance_id,
-                observed_ip=self.observed_ip,
-                observed_port=self.observed_port,
-                heartbeat_interval=config["HEARTBEAT_INTERVAL"],
-                max_frame_bytes=self.max_frame_bytes,
-                security_mode=config["SECURITY_MODE"],
-                credential=credential,
-                stun_servers=config["STUN_SERVERS"],
-            )
+            raise Refused(protocol.CloseCode.TRY_AGAIN_LATER) from None
+
+    def _welcome(self, credential: str | None) -> str:
+        config = settings.RENDEZVOUS
+        return protocol.welcome(
+            worker_id=self.worker_id,
+            connection_id=self.connection_id or 0,
+            instance_id=get_runtime().instance_id,
+            observed_ip=self.observed_ip,
+            observed_port=self.observed_port,
+            heartbeat_interval=config["HEARTBEAT_INTERVAL"],
+            max_frame_bytes=self.max_frame_bytes,
+            security_mode=config["SECURITY_MODE"],
+            credential=credential,
+            stun_servers=config["STUN_SERVERS"],
         )
-        # Held from here on, and nothing is awaited after it: a consumer cancelled before this
-        # line leaves a row without a socket, which reconciliation closes; one cancelled after
-        # an await here would leave a socket entry that nothing ever removes.
+
+    def _hold(
+        self,
+        runtime: InstanceRuntime,
+        registration: sessions.Registration,
+        credential: str | None,
+    ) -> None:
+        """Held by this instance, announced to peers, logged; the superseded socket closed."""
+        assert self.connection_id is not None
         runtime.attach(
             self.connection_id,
             self.close_with,
@@ -162,6 +193,7 @@ class RegisterConsumer(AsyncWebsocketConsumer):
             policy_changed=self.policy_changed,
         )
         runtime.peers.joined(self.worker_id, self.tags)
+        superseded = registration.superseded_connection_id
         log.info(
             "worker=%s connection=%s registered from %s:%s%s%s",
             self.worker_id,
@@ -169,83 +201,15 @@ class RegisterConsumer(AsyncWebsocketConsumer):
             self.observed_ip,
             self.observed_port,
             ", enrolled with a new credential" if credential else "",
-            f", superseding connection={registration.superseded_connection_id}"
-            if registration.superseded_connection_id
-            else "",
+            f", superseding connection={superseded}" if superseded else "",
         )
-        if registration.superseded_channel and registration.superseded_connection_id:
+        if registration.superseded_channel and superseded:
             # In the background: a slow channel layer must not hold up this connection. If the
             # command is lost, the holder closes the old socket at its next housekeeping round.
             runtime.spawn(
-                runtime.send_command(
-                    registration.superseded_channel,
-                    SUPERSEDE,
-                    registration.superseded_connection_id,
-                ),
-                what=f"supersede of connection {registration.superseded_connection_id}",
+                runtime.send_command(registration.superseded_channel, SUPERSEDE, superseded),
+                what=f"supersede of connection {superseded}",
             )
-
-    async def _register(
-        self, request: sessions.RegistrationRequest
-    ) -> tuple[sessions.Registration, str | None]:
-        """Authenticate (secured mode) and register; the credential issued on enrolment, if the
-        service made it; the worker's certificate recorded when it is new."""
-        runtime = get_runtime()
-        headers = self.scope.get("headers", [])
-        try:
-            self.certificate = certificates.presented(headers)
-        except certificates.InvalidCertificate as exc:
-            raise enrolment.AuthenticationFailed(
-                f"invalid certificate: {exc}", f"invalid certificate ({exc})"
-            ) from None
-        secured = settings.RENDEZVOUS["SECURITY_MODE"] == enrolment.SECURED
-        grant = None
-        if secured:
-            grant = await runtime.authentications.submit(
-                enrolment.Handshake(
-                    worker_id=self.worker_id,
-                    bearer=tokens.bearer_token(headers),
-                    offered=tokens.header_value(headers, tokens.CREDENTIAL_HEADER),
-                    certificate=self.certificate,
-                )
-            )
-        if grant is enrolment.UNCONFIRMED:
-            self._confirm_credential = True  # presenting it proves the worker has it
-            grant = None
-        if grant is None:
-            registration = await runtime.registrations.submit(request)
-        else:
-            registration = await database_sync_to_async(self._enrol)(grant, request)
-        if registration.refused:
-            raise enrolment.WorkerDisabled(
-                protocol.CLOSE_REASONS[protocol.CloseCode.WORKER_DISABLED], "worker is disabled"
-            )
-        if grant is not None:
-            self._confirm_credential = True  # at its first frame after the welcome
-        elif self._identity_is_new(registration.fingerprint, secured):
-            assert self.certificate is not None
-            runtime.spawn(
-                runtime.identities.submit(
-                    identities.Announcement(registration.connection_id or 0, self.certificate)
-                ),
-                what=f"identity of worker {self.worker_id}",
-            )
-        issued = grant.credential.secret if grant is not None and grant.issued else None
-        return registration, issued
-
-    def _identity_is_new(self, recorded: str, secured: bool) -> bool:
-        """Whether this connection's certificate is to be recorded: in open mode whenever it
-        changed, in secured mode only where none is bound (a bound one never changes here)."""
-        if self.certificate is None or self.certificate.fingerprint == recorded:
-            return False
-        return not secured or not recorded
-
-    @staticmethod
-    def _enrol(
-        grant: enrolment.Enrolment, request: sessions.RegistrationRequest
-    ) -> sessions.Registration:
-        instance_id = get_runtime().ensure_registered()
-        return enrolment.enrol_and_register(grant, request, instance_id=instance_id)
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
         if self.connection_id is None:
@@ -267,30 +231,28 @@ class RegisterConsumer(AsyncWebsocketConsumer):
             log.error(
                 "worker=%s connection=%s not recorded: %s", self.worker_id, self.connection_id, exc
             )
-            reply = protocol.error(
-                protocol.Unavailable("registry unavailable; send it again later")
-            )
-            metrics.protocol_error(protocol.ErrorCode.UNAVAILABLE)
+            reply = _error(protocol.Unavailable("registry unavailable; send it again later"))
         except protocol.ProtocolError as exc:
-            log.info(
-                "worker=%s connection=%s %s: %s",
-                self.worker_id,
-                self.connection_id,
-                exc.code,
-                exc.message,
-            )
-            reply = protocol.error(exc)
-            metrics.protocol_error(exc.code)
+            self._log_refused(exc)
+            reply = _error(exc)
         except Exception:
             # The channel layer away (Redis), a full channel: this frame fails, the connection
             # stays. Escaping here would end the consumer without its disconnect clean-up.
             log.exception(
                 "worker=%s connection=%s frame failed", self.worker_id, self.connection_id
             )
-            reply = protocol.error(protocol.Unavailable("service busy; send it again later"))
-            metrics.protocol_error(protocol.ErrorCode.UNAVAILABLE)
+            reply = _error(protocol.Unavailable("service busy; send it again later"))
         if reply is not None:
             await self.send(reply)
+
+    def _log_refused(self, exc: protocol.ProtocolError) -> None:
+        log.info(
+            "worker=%s connection=%s %s: %s",
+            self.worker_id,
+            self.connection_id,
+            exc.code,
+            exc.message,
+        )
 
     async def _confirm(self) -> None:
         """An enrolment is confirmed by the first frame the enrolled worker sends."""
@@ -311,15 +273,8 @@ class RegisterConsumer(AsyncWebsocketConsumer):
             log.exception("worker=%s relay frame failed", self.worker_id)
             return
         if refused is not None:
-            log.info(
-                "worker=%s connection=%s %s: %s",
-                self.worker_id,
-                self.connection_id,
-                refused.code,
-                refused.message,
-            )
-            metrics.protocol_error(refused.code)
-            await self.send(protocol.error(refused))
+            self._log_refused(refused)
+            await self.send(_error(refused))
 
     @property
     def peer_side(self) -> PeerSide:
@@ -380,17 +335,15 @@ class RegisterConsumer(AsyncWebsocketConsumer):
             case protocol.UnsubscribePeers():
                 get_runtime().peers.unsubscribe(self.connection_id)
                 return protocol.peers_unsubscribed()
-            case protocol.ConnectRequest():
-                return await self.peer_side.request(message)
-            case protocol.IntroductionAccept() | protocol.IntroductionReject():
-                return await self.peer_side.answer(message)
-            case protocol.IceCandidates():
-                await self.peer_side.ice_candidates(message)
-                return None  # passed on; the peer answers with its own
-            case protocol.PathReport():
-                return await self.peer_side.path_report(message)
-            case protocol.PeerClose():
-                return await self.peer_side.close(message)
+            case (
+                protocol.ConnectRequest()
+                | protocol.IntroductionAccept()
+                | protocol.IntroductionReject()
+                | protocol.IceCandidates()
+                | protocol.PathReport()
+                | protocol.PeerClose()
+            ):
+                return await self.peer_side.handle(message)
         raise AssertionError(f"unhandled message {message!r}")
 
     async def _report(self, report: reports.Report) -> None:
@@ -410,15 +363,7 @@ class RegisterConsumer(AsyncWebsocketConsumer):
 
     async def deliver(self, message: dict[str, Any]) -> None:
         """A message from another consumer through the channel layer (runtime.DELIVER)."""
-        event = message.get("event")
-        if event == introductions.FRAME:
-            await self.send(message["frame"])
-        elif event == introductions.INTRODUCTION_REQUEST:
-            await self.peer_side.requested(message)
-        elif event == introductions.INTRODUCED:
-            await self.peer_side.introduced(message)
-        elif event == introductions.LINK_CLOSED:
-            await self.peer_side.link_closed(message)
+        await self.peer_side.delivered(message)
 
     async def relayed_to_me(self, frame: bytes) -> None:
         """A relay frame from a peer of this worker (runtime.RELAY)."""
@@ -438,10 +383,7 @@ class RegisterConsumer(AsyncWebsocketConsumer):
         elif not self.rate_limited_streak:
             # One error per streak of dropped messages: a flood is not answered with a flood.
             self.rate_limited_streak = True
-            metrics.protocol_error(protocol.ErrorCode.RATE_LIMITED)
-            await self.send(
-                protocol.error(protocol.RateLimited("too many messages; this one was dropped"))
-            )
+            await self.send(_error(protocol.RateLimited("too many messages; this one was dropped")))
 
     async def disconnect(self, code: int) -> None:
         if self.connection_id is None:
@@ -513,3 +455,9 @@ class RegisterConsumer(AsyncWebsocketConsumer):
         self._server_close_code = int(code)
         await self.send(protocol.closing(protocol.CloseCode(code), reason))
         await self.close(code=int(code))
+
+
+def _error(exc: protocol.ProtocolError) -> str:
+    """The `error` frame for a refused frame, counted by its code."""
+    metrics.protocol_error(exc.code)
+    return protocol.error(exc)

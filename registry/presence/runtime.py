@@ -41,7 +41,7 @@ from registry.presence.sockets import (
     PolicyListener,
     Relayer,
 )
-from registry.security import enrolment, identities
+from registry.security import enrolment, identities, modes
 
 log = logging.getLogger("registry.runtime")
 
@@ -95,7 +95,7 @@ class InstanceRuntime:
         # Workers' certificates, recorded when a connection presents a new one.
         self.identities: Coalescer[identities.Announcement, bool] = Coalescer(
             lambda batch: identities.record(
-                batch, secured=self.config["SECURITY_MODE"] == enrolment.SECURED
+                batch, secured=self.config["SECURITY_MODE"] == modes.SECURED
             ),
             name="identities",
         )

@@ -19,7 +19,7 @@ from django.utils import timezone
 from registry.core import tokens
 from registry.models import ApiToken
 from registry.ops import metrics
-from registry.security import enrolment
+from registry.security import modes
 
 log = logging.getLogger("registry.api_access")
 
@@ -62,7 +62,7 @@ def authenticate_api_token(secret: str, *, now: datetime | None = None) -> ApiTo
 
 
 def may_read_registry(request: HttpRequest) -> bool:
-    if settings.RENDEZVOUS["SECURITY_MODE"] != enrolment.SECURED:
+    if settings.RENDEZVOUS["SECURITY_MODE"] != modes.SECURED:
         return True
     user = getattr(request, "user", None)
     if user is not None and user.is_active and user.is_staff:

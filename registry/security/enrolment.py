@@ -1,4 +1,4 @@
-"""Who may register a worker id: enrolment keys, per-worker credentials, identities and bans.
+"""Who may register a worker id: enrolment keys and the credential each worker is enrolled with.
 
 In secured mode a new id enrols with an enrolment key and the credential the enrolling agent
 made for itself (`Rendezvous-Credential`): the service binds that credential (or, for an agent
@@ -6,7 +6,8 @@ that brings none, one it issues) and the agent's certificate to the id. Every la
 under that id must present that credential, and no other certificate. Since only the enrolling
 agent knows its credential, nobody else holding the same key can redo or take over the
 enrolment, even before the worker's first frame. In open mode nobody is asked for anything (the
-proof of concept's behaviour), but a disabled worker stays refused. See docs/security.md.
+proof of concept's behaviour), but a disabled worker (security/bans.py) stays refused. See
+docs/security.md.
 """
 
 from __future__ import annotations
@@ -26,22 +27,6 @@ from registry.models import EnrolmentKey, Worker, encode_tags
 from registry.presence import sessions
 
 log = logging.getLogger("registry.enrolment")
-
-OPEN = "open"
-SECURED = "secured"
-
-
-def mode_notice(mode: str) -> str:
-    """The line the service starts with: which mode it is in and what that means."""
-    if mode == OPEN:
-        return (
-            "security mode OPEN: anyone may register any worker id and read the registry; "
-            "for a deployment set RENDEZVOUS_SECURITY_MODE=secured (docs/security.md)"
-        )
-    return (
-        "security mode SECURED: workers enrol with an enrolment key and reconnect with their "
-        "credential; the JSON views need a staff session or an API token"
-    )
 
 
 class AuthenticationFailed(Exception):
@@ -318,28 +303,6 @@ def revoke_enrolment_keys(key_ids: Iterable[int], *, now: datetime | None = None
     """Stop the keys enrolling anyone; workers they enrolled keep their credentials."""
     return EnrolmentKey.objects.filter(pk__in=list(key_ids), revoked_at__isnull=True).update(
         revoked_at=now or timezone.now()
-    )
-
-
-def disable_workers(
-    worker_ids: Iterable[str], *, reason: str = "", now: datetime | None = None
-) -> list[str]:
-    """Refuse these ids from now on. Returns the ids newly disabled; the caller closes their
-    live connections (`control.disconnect_worker` with WORKER_DISABLED)."""
-    ids = list(worker_ids)
-    with transaction.atomic():
-        newly = list(
-            Worker.objects.filter(id__in=ids, disabled_at__isnull=True).values_list("id", flat=True)
-        )
-        Worker.objects.filter(id__in=newly).update(
-            disabled_at=now or timezone.now(), disabled_reason=reason[:200]
-        )
-    return newly
-
-
-def enable_workers(worker_ids: Iterable[str]) -> int:
-    return Worker.objects.filter(id__in=list(worker_ids), disabled_at__isnull=False).update(
-        disabled_at=None, disabled_reason=""
     )
 
 
