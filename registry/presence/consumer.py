@@ -1,6 +1,7 @@
 """The WebSocket endpoint `/ws/register/<worker_id>`: one connection's life and nothing more.
 
-What a registration means lives in `services`; what a frame means lives in `protocol`.
+What a handshake means lives in handshake.py, what a frame means in core/protocol, what a peer
+message means in peering/introductions.py; this class turns socket events into those calls.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from django.db import DatabaseError
 from registry.core import certificates, protocol
 from registry.core.addresses import observed_address
 from registry.core.peer_policy import Policy, Subject
-from registry.core.ratelimit import TokenBucket
+from registry.core.ratelimit import Flood, MessageRate
 from registry.models import decode_tags
 from registry.ops import metrics
 from registry.ops.logs import InstanceLogAdapter
@@ -43,16 +44,6 @@ FLOOD_MEMORY = 10.0
 SEND_AFTER_CLOSE: tuple[type[Exception], ...] = (OSError, Disconnected)
 
 
-class Refused(Exception):
-    """A handshake refused once accepted: closed with `code`, after a `closing` frame that says
-    `reason` (by default the code's). Raised where the refusal is found; `connect` closes."""
-
-    def __init__(self, code: int, reason: str | None = None) -> None:
-        super().__init__(reason or f"refused with {code}")
-        self.code = code
-        self.reason = reason
-
-
 class RegisterConsumer(AsyncWebsocketConsumer):
     # No channel of its own: commands reach it through its instance's channel (runtime.py).
     channel_layer_alias = None
@@ -66,13 +57,10 @@ class RegisterConsumer(AsyncWebsocketConsumer):
     _last_heartbeat: float | None = None
 
     async def dispatch(self, message: dict[str, Any]) -> None:
-        """Channels' dispatch without its per-event `aclose_old_connections`.
-
-        That call is a hop to the database thread for every frame and every disconnect (55% of
-        the server's CPU while 10,000 workers disconnected in the benchmark). This consumer
-        reaches the database only through database_sync_to_async and the coalescers, which
-        close stale connections in the thread that owns them.
-        """
+        """Channels' dispatch without its per-event `aclose_old_connections`, a hop to the
+        database thread for every frame and every disconnect (docs/performance.md). This
+        consumer reaches the database only through database_sync_to_async and the coalescers,
+        which close stale connections in the thread that owns them."""
         handler = getattr(self, get_handler_name(message), None)
         if handler is None:
             raise ValueError(f"no handler for message type {message['type']}")
@@ -87,31 +75,36 @@ class RegisterConsumer(AsyncWebsocketConsumer):
     async def connect(self) -> None:
         try:
             await self._open()
-        except Refused as refusal:  # the one place a refusal becomes a close
+        except handshake.Refused as refusal:  # the one place a refusal becomes a close
             await self.accept()
             await self.close_with(refusal.code, refusal.reason)
             metrics.closed(refusal.code)
 
     async def _open(self) -> None:
         """Check the handshake, register, welcome the worker and hold its socket. Refusals
-        before `accept` raise DenyConnection (daphne answers HTTP 403), after it Refused."""
+        before `accept` raise DenyConnection (daphne answers HTTP 403), after it
+        handshake.Refused."""
         self.worker_id = self.scope["url_route"]["kwargs"]["worker_id"]
         config = settings.RENDEZVOUS
         self._check_handshake()
         self.max_frame_bytes = config["MAX_FRAME_BYTES"]
-        self.bucket = TokenBucket(rate=config["RATE_LIMIT"], burst=config["RATE_BURST"])
-        self.dropped = 0
-        self.last_drop = 0.0
-        self.rate_limited_streak = False
+        self.rate = MessageRate(
+            rate=config["RATE_LIMIT"],
+            burst=config["RATE_BURST"],
+            close_after=config["RATE_LIMIT_CLOSE_AFTER"],
+            memory=FLOOD_MEMORY,
+        )
         self.observed_ip, self.observed_port = observed_address(
             self.scope, config["TRUSTED_PROXIES"]
         )
         runtime = get_runtime()
-        refusal = runtime.admission_refusal(self.observed_ip)
-        if refusal is not None:
-            log.warning("worker=%s from %s refused: %s", self.worker_id, self.observed_ip, refusal)
-            raise Refused(protocol.CloseCode.LIMIT_EXCEEDED, refusal)
-        admitted = await self._register(runtime)
+        request = sessions.RegistrationRequest(
+            worker_id=self.worker_id,
+            channel_name=runtime.channel_name,
+            observed_ip=self.observed_ip,
+            observed_port=self.observed_port,
+        )
+        admitted = await handshake.admit(runtime, request, self.scope.get("headers", []))
         registration = admitted.registration
         self.connection_id = registration.connection_id
         self.tags = registration.tags
@@ -137,29 +130,6 @@ class RegisterConsumer(AsyncWebsocketConsumer):
         ):
             log.warning("worker=%s refused: cross-site Origin", self.worker_id[:200])
             raise DenyConnection
-
-    async def _register(self, runtime: InstanceRuntime) -> handshake.Admitted:
-        request = sessions.RegistrationRequest(
-            worker_id=self.worker_id,
-            channel_name=runtime.channel_name,
-            observed_ip=self.observed_ip,
-            observed_port=self.observed_port,
-        )
-        try:
-            return await handshake.register(runtime, request, self.scope.get("headers", []))
-        except enrolment.AuthenticationFailed as exc:
-            if not isinstance(exc, enrolment.WorkerDisabled):
-                runtime.admission.authentication_failed(self.observed_ip)
-            log.warning(
-                "worker=%s from %s refused: %s", self.worker_id, self.observed_ip, exc.detail
-            )
-            metrics.authentication_refused(exc.code)
-            raise Refused(exc.code, exc.reason) from None
-        except DatabaseError as exc:
-            log.error(
-                "worker=%s registration failed, database unavailable: %s", self.worker_id, exc
-            )
-            raise Refused(protocol.CloseCode.TRY_AGAIN_LATER) from None
 
     def _welcome(self, credential: str | None) -> str:
         config = settings.RENDEZVOUS
@@ -219,10 +189,10 @@ class RegisterConsumer(AsyncWebsocketConsumer):
             # Binary frames are relay frames, budgeted by the relay, not the message rate limit.
             await self._relay(bytes_data or b"")
             return
-        if not self.bucket.take():
-            await self._drop_for_rate_limit()
+        flood = self.rate.admit()
+        if flood is not None:
+            await self._dropped(flood)
             return
-        self.rate_limited_streak = False
         try:
             await self._confirm()
             message = protocol.parse_client_message(text_data, max_bytes=self.max_frame_bytes)
@@ -369,20 +339,14 @@ class RegisterConsumer(AsyncWebsocketConsumer):
         """A relay frame from a peer of this worker (runtime.RELAY)."""
         await self.peer_side.relayed_to_me(frame)
 
-    async def _drop_for_rate_limit(self) -> None:
-        now = time.monotonic()
-        if now - self.last_drop > FLOOD_MEMORY:
-            self.dropped = 0  # a burst long ago does not count towards closing the connection
-        self.last_drop = now
-        self.dropped += 1
-        if self.dropped >= settings.RENDEZVOUS["RATE_LIMIT_CLOSE_AFTER"]:
+    async def _dropped(self, flood: Flood) -> None:
+        """A message over the rate limit was dropped: say so once per streak, or close."""
+        if flood is Flood.CLOSE:
             log.warning(
                 "worker=%s connection=%s closed for flooding", self.worker_id, self.connection_id
             )
             await self.close_with(protocol.CloseCode.RATE_LIMITED)
-        elif not self.rate_limited_streak:
-            # One error per streak of dropped messages: a flood is not answered with a flood.
-            self.rate_limited_streak = True
+        elif flood is Flood.WARN:
             await self.send(_error(protocol.RateLimited("too many messages; this one was dropped")))
 
     async def disconnect(self, code: int) -> None:
