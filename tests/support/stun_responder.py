@@ -8,7 +8,7 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
-from registry.peering import stun as server
+from registry.peering.stun import responder as server
 
 
 @contextlib.contextmanager
