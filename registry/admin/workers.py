@@ -1,4 +1,6 @@
-"""The registry in the Django admin. Observed fields are read-only: editing them would lie.
+"""Workers in the admin: the list with its overview, a worker's page (its connections, its peer
+policy reach, its peer connections) and the operator's actions on workers. Observed fields are
+read-only: editing them would lie.
 
 Every list column reads only the row and its `list_select_related` joins, so a page costs a
 fixed number of queries however many workers it shows (tests/test_admin.py counts them).
@@ -18,19 +20,17 @@ from django.db.models import QuerySet
 from django.forms.models import BaseInlineFormSet
 from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect
 from django.shortcuts import redirect
-from django.template.defaultfilters import filesizeformat
 from django.urls import URLPattern, path, reverse
 from django.utils import timezone
-from django.utils.formats import localize
 from django.utils.html import format_html, format_html_join
 from django.utils.http import urlencode
 from django.utils.safestring import SafeString
 from django.views.decorators.http import require_POST
 
 from registry.admin.display import ago, badge
-from registry.core import certificates, protocol
+from registry.core import certificates
 from registry.core.peer_policy import ALLOW_ALL
-from registry.models import Connection, PeerConnection, ServerInstance, Worker
+from registry.models import Connection, ServerInstance, Worker
 from registry.ops import control
 from registry.ops.overview import registry_overview
 from registry.peering import reach, records
@@ -61,20 +61,6 @@ OBSERVED_WORKER_FIELDS = (
     "may_reach",
     "reachable_from",
     "peer_connections",
-)
-
-CONNECTION_FIELDS = (
-    "worker",
-    "state_badge",
-    "instance",
-    "opened_at",
-    "closed_at",
-    "close_code",
-    "close_reason",
-    "observed_ip",
-    "observed_port",
-    "public_ip",
-    "channel_name",
 )
 
 
@@ -134,23 +120,6 @@ class DisabledFilter(admin.SimpleListFilter):
             return queryset.exclude(credential_digest="")
         if self.value() == "unenrolled":
             return queryset.filter(credential_digest="")
-        return queryset
-
-
-class OpenConnectionFilter(admin.SimpleListFilter):
-    title = "state"
-    parameter_name = "state"
-
-    def lookups(self, request: HttpRequest, model_admin: admin.ModelAdmin) -> list[tuple[str, str]]:
-        return [("open", "open"), ("closed", "closed")]
-
-    def queryset(
-        self, request: HttpRequest, queryset: QuerySet[Connection]
-    ) -> QuerySet[Connection]:
-        if self.value() == "open":
-            return queryset.open()
-        if self.value() == "closed":
-            return queryset.filter(closed_at__isnull=False)
         return queryset
 
 
@@ -457,180 +426,3 @@ def _worker_links(worker: Worker, verb: str, *, outward: bool) -> SafeString | s
     )
     more = count - len(ids)
     return format_html("{}{}", shown, f" and {more} more" if more > 0 else "")
-
-
-@admin.register(Connection)
-class ConnectionAdmin(admin.ModelAdmin):
-    list_display = (
-        "id",
-        "worker_link",
-        "state_badge",
-        "opened_at",
-        "closed_at",
-        "close_code",
-        "close_reason",
-        "observed_ip",
-        "instance",
-    )
-    list_filter = (OpenConnectionFilter, "close_code")
-    list_select_related = ("instance",)
-    search_fields = ("worker__id", "observed_ip", "public_ip")
-    date_hierarchy = "opened_at"
-    readonly_fields = CONNECTION_FIELDS
-    fields = CONNECTION_FIELDS
-    ordering = ("-opened_at", "-id")
-    show_full_result_count = False
-
-    def has_add_permission(self, request: HttpRequest) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: Connection | None = None) -> bool:
-        return False
-
-    @admin.display(description="worker", ordering="worker_id")
-    def worker_link(self, connection: Connection) -> SafeString:
-        return format_html(
-            '<a href="{}">{}</a>',
-            reverse("admin:registry_worker_change", args=[connection.worker_id]),
-            connection.worker_id,
-        )
-
-    @admin.display(description="state")
-    def state_badge(self, connection: Connection) -> SafeString:
-        return badge("open" if connection.is_open else "closed")
-
-
-class OpenPeerConnectionFilter(admin.SimpleListFilter):
-    title = "state"
-    parameter_name = "open"
-
-    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
-        return [("1", "open"), ("0", "ended")]
-
-    def queryset(
-        self, request: HttpRequest, queryset: QuerySet[PeerConnection]
-    ) -> QuerySet[PeerConnection]:
-        if self.value() == "1":
-            return queryset.open()
-        if self.value() == "0":
-            return queryset.exclude(pk__in=queryset.open().values("pk"))
-        return queryset
-
-
-class PeerWorkerFilter(admin.SimpleListFilter):
-    """One worker's peer connections, as requester or target (the worker page links here)."""
-
-    title = "worker"
-    parameter_name = "worker"
-
-    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
-        # The busiest of the last day (the whole table may hold millions of records).
-        busiest = records.busiest_peer_workers(limit=20, since=timezone.now() - timedelta(days=1))
-        chosen = self.value()
-        if chosen and chosen not in busiest:
-            busiest.insert(0, chosen)
-        return [(worker_id, worker_id) for worker_id in busiest]
-
-    def queryset(
-        self, request: HttpRequest, queryset: QuerySet[PeerConnection]
-    ) -> QuerySet[PeerConnection]:
-        worker_id = self.value()
-        return queryset.involving(worker_id) if worker_id else queryset
-
-
-def _peer_worker_link(worker_id: str) -> SafeString:
-    """To the worker's peer connections (its record may outlive the worker itself)."""
-    url = reverse("admin:registry_peerconnection_changelist")
-    return format_html(
-        '<a href="{}?worker={}" style="white-space:nowrap">{}</a>', url, worker_id, worker_id
-    )
-
-
-@admin.register(PeerConnection)
-class PeerConnectionAdmin(admin.ModelAdmin):
-    """Introductions between workers: who asked whom, how it went, which path it took."""
-
-    list_display = (
-        "short_id",
-        "requester",
-        "target",
-        "outcome_display",
-        "path_kind",
-        "setup",
-        "relayed",
-        "decided_by",
-        "requested_at",
-        "ended_at",
-    )
-    list_filter = (OpenPeerConnectionFilter, "outcome", "path_kind", PeerWorkerFilter)
-    search_fields = ("id", "requester_id", "target_id")
-    date_hierarchy = "requested_at"
-    readonly_fields = [field.name for field in PeerConnection._meta.fields]
-    show_full_result_count = False
-
-    def has_add_permission(self, request: HttpRequest) -> bool:
-        return False
-
-    def has_change_permission(
-        self, request: HttpRequest, obj: PeerConnection | None = None
-    ) -> bool:
-        return False
-
-    @admin.display(description="introduction", ordering="id")
-    def short_id(self, record: PeerConnection) -> str:
-        return record.id[:8]
-
-    @admin.display(description="requester", ordering="requester_id")
-    def requester(self, record: PeerConnection) -> SafeString:
-        return _peer_worker_link(record.requester_id)
-
-    @admin.display(description="target", ordering="target_id")
-    def target(self, record: PeerConnection) -> SafeString:
-        return _peer_worker_link(record.target_id)
-
-    @admin.display(description="set-up", ordering="setup_ms")
-    def setup(self, record: PeerConnection) -> str:
-        return "-" if record.setup_ms is None else f"{record.setup_ms} ms"
-
-    @admin.display(description="relayed", ordering="relayed_bytes")
-    def relayed(self, record: PeerConnection) -> str:
-        return filesizeformat(record.relayed_bytes) if record.relayed_bytes else "-"
-
-    @admin.display(description="ended", ordering="closed_at")
-    def ended_at(self, record: PeerConnection) -> str:
-        return "-" if record.closed_at is None else localize(timezone.localtime(record.closed_at))
-
-    @admin.display(description="outcome", ordering="outcome")
-    def outcome_display(self, record: PeerConnection) -> str:
-        """Who refused, or why it failed, with the outcome."""
-        if record.failure_code == protocol.ConnectFailure.POLICY_DENIED:
-            return "refused by the peer policy"
-        if record.failure_code == protocol.ConnectFailure.PEER_REFUSED:
-            return f"refused by {record.target_id}"
-        if record.failure_code:
-            return f"failed: {record.failure_code}"
-        return record.get_outcome_display()
-
-
-@admin.register(ServerInstance)
-class ServerInstanceAdmin(admin.ModelAdmin):
-    list_display = ("name", "id", "hostname", "pid", "started_at", "heartbeat_at", "stopped_at")
-    list_filter = ("stopped_at",)
-    readonly_fields = (
-        "id",
-        "name",
-        "hostname",
-        "pid",
-        "started_at",
-        "heartbeat_at",
-        "stopped_at",
-        "stop_reason",
-    )
-
-    def has_add_permission(self, request: HttpRequest) -> bool:
-        return False
-
-    def has_change_permission(
-        self, request: HttpRequest, obj: ServerInstance | None = None
-    ) -> bool:
-        return False
