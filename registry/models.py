@@ -1,4 +1,9 @@
-"""What the registry is: server instances, workers, and each worker's connections."""
+"""What the registry is: server instances, workers and their connections, enrolment keys, API
+tokens, peer connections and peer rules.
+
+One module, longer than the others: Django finds the app's models and migrations here under the
+app label `registry`, and each model keeps its invariants (constraints, querysets with names
+that say what they select) beside its fields."""
 
 from __future__ import annotations
 
@@ -163,7 +168,7 @@ class Worker(models.Model):
         editable=False,
     )
     tags = models.CharField(max_length=1000, blank=True, editable=False)
-    # Peer connections (registry/identities.py): the certificate the worker's agent made for
+    # Peer connections (security/identities.py): the certificate the worker's agent made for
     # itself, pinned by its peers. Secured mode: bound at enrolment, reset by an operator.
     certificate = models.TextField(blank=True, editable=False, help_text="Base64 DER.")
     certificate_fingerprint = models.CharField(

@@ -4,7 +4,7 @@
 
 channels' `InMemoryChannelLayer` scans every channel for expired messages on each receive and
 each group send, so with one channel per connected worker the cost of every message grows with
-the fleet (measured: a bare consumer stalled near 10,000 workers). Here the scan runs at most
+the fleet (docs/performance.md). Here the scan runs at most
 once per `CLEAN_INTERVAL` seconds, whatever the traffic; messages still expire within
 `expiry + CLEAN_INTERVAL`. It stays process-local: more than one instance needs Redis.
 

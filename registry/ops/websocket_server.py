@@ -1,9 +1,9 @@
-"""daphne's WebSocket server (autobahn), with one fix over upstream, measured in the benchmark.
+"""daphne's WebSocket server (autobahn), with one fix over upstream.
 
 autobahn builds a pretty-printed dump of ~50 configuration attributes for a DEBUG log line on
-every new connection, whether or not DEBUG is logged (`WebSocketProtocol._connectionMade`):
-10% of the server's CPU while 2,000 workers registered. Here the dump is made only when the line
-is written, with the same text.
+every new connection, whether or not DEBUG is logged (`WebSocketProtocol._connectionMade`), a
+cost that shows while thousands of workers register (docs/performance.md). Here the dump is made
+only when the line is written, with the same text.
 """
 
 from __future__ import annotations

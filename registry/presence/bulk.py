@@ -1,11 +1,12 @@
-"""Statements that write many rows at once, for the batched registry writes (services.py).
+"""Statements that write many rows at once, for the batched registry writes (sessions.py,
+reports.py).
 
 The ORM's `bulk_create` compiles every field of every row, and `bulk_update` writes a `CASE`
-per row: both were most of the server's CPU while thousands of workers registered. Here the
-SQL is built once per batch and executed for every row (`executemany`: a loop in C on SQLite,
-one pipeline on PostgreSQL), the values prepared by their model fields (datetimes, JSON,
-addresses) as the ORM would. One statement with a VALUES list of all the rows was tried on
-PostgreSQL: it cost the server more CPU (the client-side binding of thousands of parameters).
+per row: costly for batches of hundreds of rows (docs/performance.md). Here the SQL is built
+once per batch and executed for every row (`executemany`: a loop in C on SQLite, one pipeline on
+PostgreSQL), the values prepared by their model fields (datetimes, JSON, addresses) as the ORM
+would. Not one statement with a VALUES list of every row: binding thousands of parameters on the
+client costs the server more CPU than executing one small statement per row.
 """
 
 from __future__ import annotations

@@ -37,7 +37,7 @@ class Registration:
     superseded_connection_id: int | None
     superseded_channel: str | None
     tags: str = ""  # the worker's tags, as stored (models.encode_tags)
-    fingerprint: str = ""  # the worker's recorded certificate (registry/identities.py)
+    fingerprint: str = ""  # the worker's recorded certificate (security/identities.py)
 
     @property
     def refused(self) -> bool:
