@@ -162,7 +162,7 @@ def redis_hosts(url: str) -> list[dict[str, object]]:
 
 
 CHANNEL_CAPACITY = env_int("RENDEZVOUS_CHANNEL_CAPACITY", 1000)
-# Each instance has one command channel for all of its connections (registry/runtime.py).
+# Each instance has one command channel for all of its connections (registry/presence/runtime.py).
 INSTANCE_CHANNEL_CAPACITY = {"rendezvous.instance.*": max(CHANNEL_CAPACITY, 100_000)}
 if REDIS_URL:
     CHANNEL_LAYERS = {
@@ -240,7 +240,7 @@ RENDEZVOUS = {
     # Start the housekeeping thread with the ASGI application (tests call it directly instead).
     "HOUSEKEEPING": env_bool("RENDEZVOUS_HOUSEKEEPING", True),
     "API_PAGE_SIZE": env_int("RENDEZVOUS_API_PAGE_SIZE", 100),
-    # Connection limits (registry/admission.py); 0 = none. Per-address limits are off by
+    # Connection limits (registry/presence/admission.py); 0 = none. Per-address limits are off by
     # default: fleets behind one NAT share an address.
     "MAX_CONNECTIONS": env_int("RENDEZVOUS_MAX_CONNECTIONS", 20000),
     "MAX_CONNECTIONS_PER_ADDRESS": env_int("RENDEZVOUS_MAX_CONNECTIONS_PER_ADDRESS", 0),
@@ -259,8 +259,9 @@ RENDEZVOUS = {
     # STUN servers (host:port) the service tells agents to use, e.g. its own `manage.py runstun`
     # on two addresses; at least two at different addresses classify a NAT.
     "STUN_SERVERS": env_list("RENDEZVOUS_STUN_SERVERS", []),
-    # The service relay (registry/relay.py): per worker connection, introduced peers at once,
-    # and what it may send through the relay (bytes and frames per second, bursts of a second).
+    # The service relay (registry/peering/relay.py): per worker connection, introduced peers at
+    # once, and what it may send through the relay (bytes and frames per second, bursts of a
+    # second).
     # Off: the service carries no peer traffic; pairs connect over UDP (direct, LAN or TURN).
     "RELAY": env_bool("RENDEZVOUS_RELAY", True),
     "RELAY_MAX_PEERS": env_int("RENDEZVOUS_RELAY_MAX_PEERS", 64),
@@ -268,14 +269,14 @@ RENDEZVOUS = {
     "RELAY_FRAMES_PER_SECOND": env_float("RENDEZVOUS_RELAY_FRAMES_PER_SECOND", 5000.0),
     # TURN servers (coturn, host:port, UDP) and the shared secret of coturn's TURN REST API
     # (--use-auth-secret --static-auth-secret): the service mints credentials per introduction,
-    # valid for TURN_TTL seconds; agents never see the secret (registry/turn.py).
+    # valid for TURN_TTL seconds; agents never see the secret (registry/core/turn.py).
     "TURN_SERVERS": env_list("RENDEZVOUS_TURN_SERVERS", []),
     "TURN_SECRET": os.environ.get("RENDEZVOUS_TURN_SECRET") or "",
     "TURN_TTL": env_float("RENDEZVOUS_TURN_TTL", 3600.0),
     # Seconds an ephemeral worker stays in the registry after it went offline.
     "EPHEMERAL_AFTER": env_float("RENDEZVOUS_EPHEMERAL_AFTER", 1800.0),
-    # Who may reach whom (registry/policy.py, docs/peer-policy.md): `allow-all` (any worker may
-    # ask for any other) or `rules` (only what an enabled peer rule allows).
+    # Who may reach whom (registry/core/peer_policy.py, docs/peer-policy.md): `allow-all` (any
+    # worker may ask for any other) or `rules` (only what an enabled peer rule allows).
     "PEER_POLICY": PEER_POLICY,
     # Days the records of ended peer connections are kept (housekeeping deletes older ones).
     "PEER_CONNECTION_RETENTION_DAYS": env_float("RENDEZVOUS_PEER_CONNECTION_RETENTION_DAYS", 30.0),

@@ -1,5 +1,5 @@
 """The peer policy's evaluation, as plain functions: the rule syntax, directional rules, the two
-modes, and the properties that make rules safe to add (registry/policy.py)."""
+modes, and the properties that make rules safe to add (registry/core/peer_policy.py)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The project's STUN responder (registry/stun.py) in a thread of the test process, on loopback."""
+"""The project's STUN responder (registry/peering/stun/) in a thread of the test process, on
+loopback."""
 
 from __future__ import annotations
 
