@@ -9,17 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from datetime import datetime
-from typing import TYPE_CHECKING
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.core.validators import RegexValidator
 from django.db import models
 
-from registry.core import protocol
-
-if TYPE_CHECKING:
-    from registry.core.peer_policy import Reach
+from registry.core import peer_policy, protocol
 
 # Tags are stored as ",gpu,eu-west," so that one portable `contains` finds a tag on SQLite and
 # PostgreSQL alike (JSON `contains` is not supported on SQLite).
@@ -97,7 +93,7 @@ class WorkerQuerySet(models.QuerySet["Worker"]):
     def tagged(self, tag: str) -> WorkerQuerySet:
         return self.filter(tags__contains=tag_lookup(tag))
 
-    def within(self, reach: Reach) -> WorkerQuerySet:
+    def within(self, reach: peer_policy.Reach) -> WorkerQuerySet:
         """The workers `reach` (core/peer_policy.py) takes in: any, or these ids and tags."""
         if reach.any:
             return self
@@ -472,8 +468,6 @@ class PeerRule(models.Model):
         return f"#{self.pk}: {self.sources} -> {self.destinations}"
 
     def clean(self) -> None:
-        from registry.core import peer_policy
-
         errors = {}
         for field in ("sources", "destinations"):
             try:
