@@ -25,10 +25,10 @@ from django.core.management import CommandError, call_command
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from registry.peering.stun import messages as stun
 from registry.peering.stun import responder as server
-from registry.peering.stun import wire as stun
+from registry.peering.stun.messages import Attribute, DropReason, StunClass
 from registry.peering.stun.responder import StunStats
-from registry.peering.stun.wire import Attribute, DropReason, StunClass
 from tests.support.processes import REPO, wait_until
 from tests.support.stun_responder import running_responder
 from worker_agent import wire

@@ -3,7 +3,7 @@
 A worker learns its public UDP endpoint by sending a Binding request from the socket it will
 punch from; the answer's XOR-MAPPED-ADDRESS is where the NAT mapped that socket. Listening on two
 ports (or two addresses) lets a worker ask twice and see whether the mapping changes with the
-destination, the check Tailscale's netcheck makes. The messages themselves are wire.py.
+destination, the check Tailscale's netcheck makes. The messages themselves are messages.py.
 
 No Django here: the management command `runstun`, `python -m registry.peering.stun` and the
 network namespace tests all run the same code. A datagram that is not a well-formed Binding
@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-from registry.peering.stun.wire import (
+from registry.peering.stun.messages import (
     SOFTWARE,
     DropReason,
     MalformedDatagram,
