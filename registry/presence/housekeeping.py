@@ -111,10 +111,10 @@ def _announce_departures(
 
 
 class Housekeeper:
-    """The thread that runs `round` every HOUSEKEEPING_INTERVAL seconds until stopped."""
+    """The thread that runs `one_round` every HOUSEKEEPING_INTERVAL seconds until stopped."""
 
-    def __init__(self, round: Callable[[], object], *, describe: Callable[[], str]) -> None:
-        self._round = round
+    def __init__(self, one_round: Callable[[], object], *, describe: Callable[[], str]) -> None:
+        self._round = one_round
         self._describe = describe  # `instance=<id>`, asked at each failure
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
