@@ -7,11 +7,17 @@ class RegistryConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
+        """Wires the signal receivers and the system checks, and nothing else."""
+        from django.core import checks
         from django.db.models.signals import post_delete, post_save
 
-        from registry import checks  # noqa: F401  (registers the system checks)
+        from registry.core import peer_policy
         from registry.models import PeerRule
-        from registry.runtime import peer_rules_changed
+        from registry.ops import metrics
+        from registry.ops.checks import check_rendezvous_settings
+        from registry.peering.rules import rules_changed
 
-        post_save.connect(peer_rules_changed, sender=PeerRule, dispatch_uid="peer-rules-saved")
-        post_delete.connect(peer_rules_changed, sender=PeerRule, dispatch_uid="peer-rules-deleted")
+        checks.register(check_rendezvous_settings)
+        post_save.connect(rules_changed, sender=PeerRule, dispatch_uid="peer-rules-saved")
+        post_delete.connect(rules_changed, sender=PeerRule, dispatch_uid="peer-rules-deleted")
+        peer_policy.on_error(metrics.policy_error)

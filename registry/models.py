@@ -1,20 +1,21 @@
-"""What the registry is: server instances, workers, and each worker's connections."""
+"""What the registry is: server instances, workers and their connections, enrolment keys, API
+tokens, peer connections and peer rules.
+
+One module, longer than the others: Django finds the app's models and migrations here under the
+app label `registry`, and each model keeps its invariants (constraints, querysets with names
+that say what they select) beside its fields."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from datetime import datetime
-from typing import TYPE_CHECKING
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.core.validators import RegexValidator
 from django.db import models
 
-from registry import protocol
-
-if TYPE_CHECKING:
-    from registry.policy import Reach
+from registry.core import peer_policy, protocol
 
 # Tags are stored as ",gpu,eu-west," so that one portable `contains` finds a tag on SQLite and
 # PostgreSQL alike (JSON `contains` is not supported on SQLite).
@@ -92,8 +93,8 @@ class WorkerQuerySet(models.QuerySet["Worker"]):
     def tagged(self, tag: str) -> WorkerQuerySet:
         return self.filter(tags__contains=tag_lookup(tag))
 
-    def within(self, reach: Reach) -> WorkerQuerySet:
-        """The workers `reach` (registry/policy.py) takes in: any, or these ids and tags."""
+    def within(self, reach: peer_policy.Reach) -> WorkerQuerySet:
+        """The workers `reach` (core/peer_policy.py) takes in: any, or these ids and tags."""
         if reach.any:
             return self
         condition = models.Q(id__in=sorted(reach.worker_ids))
@@ -163,7 +164,7 @@ class Worker(models.Model):
         editable=False,
     )
     tags = models.CharField(max_length=1000, blank=True, editable=False)
-    # Peer connections (registry/identities.py): the certificate the worker's agent made for
+    # Peer connections (security/identities.py): the certificate the worker's agent made for
     # itself, pinned by its peers. Secured mode: bound at enrolment, reset by an operator.
     certificate = models.TextField(blank=True, editable=False, help_text="Base64 DER.")
     certificate_fingerprint = models.CharField(
@@ -442,7 +443,7 @@ class PeerConnection(models.Model):
 
 
 class PeerRule(models.Model):
-    """A rule of the peer policy (registry/policy.py): these sources may reach these
+    """A rule of the peer policy (registry/core/peer_policy.py): these sources may reach these
     destinations. Directional; rules only ever allow."""
 
     description = models.CharField(
@@ -467,13 +468,11 @@ class PeerRule(models.Model):
         return f"#{self.pk}: {self.sources} -> {self.destinations}"
 
     def clean(self) -> None:
-        from registry import policy
-
         errors = {}
         for field in ("sources", "destinations"):
             try:
-                policy.parse_side(getattr(self, field))
-            except policy.InvalidRule as exc:
+                peer_policy.parse_side(getattr(self, field))
+            except peer_policy.InvalidRule as exc:
                 errors[field] = str(exc)
         if errors:
             raise ValidationError(errors)

@@ -1,7 +1,7 @@
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.urls import re_path
 
-from registry.consumers import RegisterConsumer
+from registry.presence.consumer import RegisterConsumer
 
 
 class RefuseConsumer(AsyncWebsocketConsumer):

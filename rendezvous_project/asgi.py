@@ -12,9 +12,11 @@ from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from django.conf import settings  # noqa: E402
 from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler  # noqa: E402
 
-from registry import enrolment, websocket_server  # noqa: E402
+from registry.ops import websocket_server  # noqa: E402
+from registry.presence.housekeeping import install_graceful_shutdown  # noqa: E402
+from registry.presence.runtime import get_runtime  # noqa: E402
 from registry.routing import websocket_urlpatterns  # noqa: E402
-from registry.runtime import get_runtime, install_graceful_shutdown  # noqa: E402
+from registry.security import modes  # noqa: E402
 
 websocket_server.install()
 
@@ -28,7 +30,7 @@ application = ProtocolTypeRouter(
 
 _mode = settings.RENDEZVOUS["SECURITY_MODE"]
 logging.getLogger("registry.security").log(
-    logging.WARNING if _mode == enrolment.OPEN else logging.INFO, enrolment.mode_notice(_mode)
+    logging.WARNING if _mode == modes.OPEN else logging.INFO, modes.mode_notice(_mode)
 )
 
 if settings.RENDEZVOUS["HOUSEKEEPING"]:

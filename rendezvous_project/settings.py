@@ -14,8 +14,8 @@ from pathlib import Path
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
-from registry.addresses import parse_networks
-from registry.logs import log_stream
+from registry.core.addresses import parse_networks
+from registry.ops.logs import log_stream
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -68,7 +68,7 @@ SECRET_KEY = os.environ.get("SECRET_KEY") or _local_secret_key()
 DEBUG = env_bool("DEBUG", False)
 ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", ["localhost", "127.0.0.1", "[::1]"])
 CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", [])
-CSRF_FAILURE_VIEW = "registry.views.csrf_failure"  # errors are JSON, never HTML pages
+CSRF_FAILURE_VIEW = "registry.ops.views.csrf_failure"  # errors are JSON, never HTML pages
 
 # Where `manage.py serve` binds daphne.
 HOST = os.environ.get("HOST") or "127.0.0.1"
@@ -162,12 +162,12 @@ def redis_hosts(url: str) -> list[dict[str, object]]:
 
 
 CHANNEL_CAPACITY = env_int("RENDEZVOUS_CHANNEL_CAPACITY", 1000)
-# Each instance has one command channel for all of its connections (registry/runtime.py).
+# Each instance has one command channel for all of its connections (registry/presence/runtime.py).
 INSTANCE_CHANNEL_CAPACITY = {"rendezvous.instance.*": max(CHANNEL_CAPACITY, 100_000)}
 if REDIS_URL:
     CHANNEL_LAYERS = {
         "default": {
-            "BACKEND": "registry.layers.RedisChannelLayer",
+            "BACKEND": "registry.ops.layers.RedisChannelLayer",
             "CONFIG": {
                 "hosts": redis_hosts(REDIS_URL),
                 "capacity": CHANNEL_CAPACITY,
@@ -180,7 +180,7 @@ if REDIS_URL:
 else:
     CHANNEL_LAYERS = {
         "default": {
-            "BACKEND": "registry.layers.InMemoryChannelLayer",
+            "BACKEND": "registry.ops.layers.InMemoryChannelLayer",
             "CONFIG": {
                 "capacity": CHANNEL_CAPACITY,
                 "channel_capacity": INSTANCE_CHANNEL_CAPACITY,
@@ -240,7 +240,7 @@ RENDEZVOUS = {
     # Start the housekeeping thread with the ASGI application (tests call it directly instead).
     "HOUSEKEEPING": env_bool("RENDEZVOUS_HOUSEKEEPING", True),
     "API_PAGE_SIZE": env_int("RENDEZVOUS_API_PAGE_SIZE", 100),
-    # Connection limits (registry/admission.py); 0 = none. Per-address limits are off by
+    # Connection limits (registry/presence/admission.py); 0 = none. Per-address limits are off by
     # default: fleets behind one NAT share an address.
     "MAX_CONNECTIONS": env_int("RENDEZVOUS_MAX_CONNECTIONS", 20000),
     "MAX_CONNECTIONS_PER_ADDRESS": env_int("RENDEZVOUS_MAX_CONNECTIONS_PER_ADDRESS", 0),
@@ -259,8 +259,9 @@ RENDEZVOUS = {
     # STUN servers (host:port) the service tells agents to use, e.g. its own `manage.py runstun`
     # on two addresses; at least two at different addresses classify a NAT.
     "STUN_SERVERS": env_list("RENDEZVOUS_STUN_SERVERS", []),
-    # The service relay (registry/relay.py): per worker connection, introduced peers at once,
-    # and what it may send through the relay (bytes and frames per second, bursts of a second).
+    # The service relay (registry/peering/relay.py): per worker connection, introduced peers at
+    # once, and what it may send through the relay (bytes and frames per second, bursts of a
+    # second).
     # Off: the service carries no peer traffic; pairs connect over UDP (direct, LAN or TURN).
     "RELAY": env_bool("RENDEZVOUS_RELAY", True),
     "RELAY_MAX_PEERS": env_int("RENDEZVOUS_RELAY_MAX_PEERS", 64),
@@ -268,14 +269,14 @@ RENDEZVOUS = {
     "RELAY_FRAMES_PER_SECOND": env_float("RENDEZVOUS_RELAY_FRAMES_PER_SECOND", 5000.0),
     # TURN servers (coturn, host:port, UDP) and the shared secret of coturn's TURN REST API
     # (--use-auth-secret --static-auth-secret): the service mints credentials per introduction,
-    # valid for TURN_TTL seconds; agents never see the secret (registry/turn.py).
+    # valid for TURN_TTL seconds; agents never see the secret (registry/core/turn.py).
     "TURN_SERVERS": env_list("RENDEZVOUS_TURN_SERVERS", []),
     "TURN_SECRET": os.environ.get("RENDEZVOUS_TURN_SECRET") or "",
     "TURN_TTL": env_float("RENDEZVOUS_TURN_TTL", 3600.0),
     # Seconds an ephemeral worker stays in the registry after it went offline.
     "EPHEMERAL_AFTER": env_float("RENDEZVOUS_EPHEMERAL_AFTER", 1800.0),
-    # Who may reach whom (registry/policy.py, docs/peer-policy.md): `allow-all` (any worker may
-    # ask for any other) or `rules` (only what an enabled peer rule allows).
+    # Who may reach whom (registry/core/peer_policy.py, docs/peer-policy.md): `allow-all` (any
+    # worker may ask for any other) or `rules` (only what an enabled peer rule allows).
     "PEER_POLICY": PEER_POLICY,
     # Days the records of ended peer connections are kept (housekeeping deletes older ones).
     "PEER_CONNECTION_RETENTION_DAYS": env_float("RENDEZVOUS_PEER_CONNECTION_RETENTION_DAYS", 30.0),
@@ -291,12 +292,12 @@ LOGGING = {
     "disable_existing_loggers": False,
     "formatters": {
         "text": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"},
-        "json": {"()": "registry.logs.JsonFormatter"},
+        "json": {"()": "registry.ops.logs.JsonFormatter"},
     },
     "handlers": {
         "console": {
             "class": "logging.StreamHandler",
-            # stdout for the servers, stderr for the other management commands (registry.logs).
+            # stdout for the servers, stderr for other management commands (registry/ops/logs.py).
             "stream": log_stream(sys.argv),
             "formatter": LOG_FORMAT,
         }

@@ -1,7 +1,7 @@
 from django.contrib import admin
 from django.urls import path
 
-from registry import views
+from registry.ops import views
 
 urlpatterns = [
     path("", views.service_info, name="service-info"),
@@ -15,7 +15,7 @@ urlpatterns = [
     path("admin/", admin.site.urls),
 ]
 
-handler400 = "registry.views.handler400"
-handler403 = "registry.views.handler403"
-handler404 = "registry.views.handler404"
-handler500 = "registry.views.handler500"
+handler400 = "registry.ops.views.handler400"
+handler403 = "registry.ops.views.handler403"
+handler404 = "registry.ops.views.handler404"
+handler500 = "registry.ops.views.handler500"

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from channels.layers import channel_layers
 
-from registry.runtime import InstanceRuntime, reset_runtime
+from registry.presence.runtime import InstanceRuntime, reset_runtime
 from tests.support.databases import current_database_url
 from tests.support.processes import ServerProcess
 from worker_agent import Backoff, WorkerAgent

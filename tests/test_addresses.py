@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from registry.addresses import observed_address, parse_networks
-from registry.origins import origin_allowed
+from registry.core.addresses import observed_address, parse_networks
+from registry.security.origins import origin_allowed
 
 pytestmark = pytest.mark.standalone
 

@@ -15,11 +15,11 @@ from django.contrib.auth.models import User
 from django.test import AsyncClient, Client
 from django.utils import timezone
 
-from registry import services
 from registry.models import Connection, Worker
+from registry.presence import sessions
+from registry.presence.runtime import InstanceRuntime
+from registry.presence.selectors import RECENT_CONNECTIONS
 from registry.routing import websocket_urlpatterns
-from registry.runtime import InstanceRuntime
-from registry.selectors import RECENT_CONNECTIONS
 from tests.support.processes import ServerProcess
 
 
@@ -27,14 +27,14 @@ from tests.support.processes import ServerProcess
 def workers(runtime: InstanceRuntime) -> None:
     instance = runtime.ensure_registered()
     for n, worker_id in enumerate(["alpha", "beta"]):
-        services.register_connection(
+        sessions.register_connection(
             worker_id=worker_id,
             channel_name=f"chan{n}",
             instance_id=instance,
             observed_ip=f"192.0.2.{n + 10}",
             observed_port=40000,
         )
-    services.close_connection(
+    sessions.close_connection(
         connection_id=Worker.objects.get(id="beta").current_connection_id, code=1000, reason="bye"
     )
 
@@ -120,14 +120,14 @@ def fleet(runtime: InstanceRuntime) -> Callable[[int], None]:
 
     def make(n: int) -> None:
         requests = [
-            services.RegistrationRequest(f"w{i:03}", f"chan{i}", f"192.0.2.{i % 250}", 40000 + i)
+            sessions.RegistrationRequest(f"w{i:03}", f"chan{i}", f"192.0.2.{i % 250}", 40000 + i)
             for i in range(n)
         ]
-        services.register_connections(requests, instance_id=instance)
-        services.register_connections(requests, instance_id=instance)
+        sessions.register_connections(requests, instance_id=instance)
+        sessions.register_connections(requests, instance_id=instance)
         ids = Worker.objects.order_by("id").values_list("current_connection_id", flat=True)
-        services.close_connections(
-            [services.CloseRequest(connection_id, 1000, "bye") for connection_id in ids[::3]]
+        sessions.close_connections(
+            [sessions.CloseRequest(connection_id, 1000, "bye") for connection_id in ids[::3]]
         )
 
     return make
@@ -247,7 +247,7 @@ def test_inline_history_shows_only_the_latest_connections_and_links_to_all(
     instance = runtime.ensure_registered()
     start = timezone.now() - timedelta(hours=1)
     for n in range(RECENT_CONNECTIONS + 5):
-        services.register_connection(
+        sessions.register_connection(
             worker_id="flapper",
             channel_name=f"chan{n}",
             instance_id=instance,

@@ -10,8 +10,8 @@ from channels.testing import WebsocketCommunicator
 from django.conf import settings
 from django.test import override_settings
 
-from registry.admission import Admission
 from registry.models import Worker
+from registry.presence.admission import Admission
 from registry.routing import websocket_urlpatterns
 
 
@@ -87,7 +87,7 @@ async def test_a_refused_connection_gets_4008_and_leaves_no_row() -> None:
 
 
 def test_failed_authentications_count_against_an_ipv6_hosts_whole_64() -> None:
-    from registry.admission import Admission
+    from registry.presence.admission import Admission
 
     admission = Admission(
         max_total=0, max_per_address=0, handshake_rate=0, auth_failures_per_minute=3

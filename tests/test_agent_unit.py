@@ -2,7 +2,7 @@
 
 Modules are tested alone (wire, backoff, policy, public_ip, health, cli); the connection life is
 tested against a small in-process fake service built on the `websockets` library, which speaks
-`registry.protocol` frames. Integration with the real service lives in other test files.
+`registry.core.protocol` frames. Integration with the real service lives in other test files.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from typing import Any
 
 import pytest
 
-from registry import protocol
+from registry.core import protocol
 from worker_agent import AgentGroup, Backoff, WorkerAgent, __version__, wire
 from worker_agent.cli import main
 from worker_agent.health import HealthServer
@@ -645,7 +645,7 @@ def test_sigterm_closes_with_1000_and_exits_0(fake_service: FakeService) -> None
 
 
 class FakeService:
-    """Speaks `registry.protocol` frames: welcome, acks, supersede, refusal by worker id."""
+    """Speaks `registry.core.protocol` frames: welcome, acks, supersede, refusal by worker id."""
 
     def __init__(self, heartbeat_interval: float = 30.0) -> None:
         from websockets.sync.server import serve

@@ -9,10 +9,12 @@ import pytest
 from channels.db import database_sync_to_async
 from django.db import IntegrityError, OperationalError
 
-from registry import protocol, services
-from registry.batching import Coalescer
+from registry.core import protocol
 from registry.models import Connection, Worker, WorkerStatus
-from registry.runtime import InstanceRuntime
+from registry.presence import sessions
+from registry.presence.batching import Coalescer
+from registry.presence.reports import Report
+from registry.presence.runtime import InstanceRuntime
 
 
 @pytest.mark.standalone
@@ -78,14 +80,14 @@ async def test_batches_respect_the_maximum_size() -> None:
     assert max(sizes) <= 7 and sum(sizes) == 50
 
 
-def request(worker_id: str, n: int = 0) -> services.RegistrationRequest:
-    return services.RegistrationRequest(worker_id, f"chan-{worker_id}-{n}", "192.0.2.1", 40000 + n)
+def request(worker_id: str, n: int = 0) -> sessions.RegistrationRequest:
+    return sessions.RegistrationRequest(worker_id, f"chan-{worker_id}-{n}", "192.0.2.1", 40000 + n)
 
 
 @pytest.mark.django_db
 def test_a_batch_with_one_id_twice_registers_them_in_order(runtime: InstanceRuntime) -> None:
     instance = runtime.ensure_registered()
-    first, second, other = services.register_connections(
+    first, second, other = sessions.register_connections(
         [request("twice", 1), request("twice", 2), request("once")], instance_id=instance
     )
     assert second.superseded_connection_id == first.connection_id
@@ -106,7 +108,7 @@ def test_a_batch_failing_in_a_later_round_writes_nothing(
     # Regression: rounds committed one by one, so a batch retried item by item after a later
     # round failed left duplicate (superseded) connection rows. Fault injected in round two.
     instance = runtime.ensure_registered()
-    real_round = services._register_round
+    real_round = sessions._register_round
     rounds: list[int] = []
 
     def failing_second_round(*args, **kwargs):
@@ -115,9 +117,9 @@ def test_a_batch_failing_in_a_later_round_writes_nothing(
             raise IntegrityError("injected")
         return real_round(*args, **kwargs)
 
-    monkeypatch.setattr(services, "_register_round", failing_second_round)
+    monkeypatch.setattr(sessions, "_register_round", failing_second_round)
     with pytest.raises(IntegrityError):
-        services.register_connections(
+        sessions.register_connections(
             [request("a"), request("b"), request("a")], instance_id=instance
         )
     assert len(rounds) == 2
@@ -128,14 +130,14 @@ def test_a_batch_failing_in_a_later_round_writes_nothing(
 @pytest.mark.django_db
 def test_a_batch_of_closes_ends_only_current_registrations(runtime: InstanceRuntime) -> None:
     instance = runtime.ensure_registered()
-    a, b_old = services.register_connections([request("a"), request("b", 1)], instance_id=instance)
-    b_new = services.register_connection(
+    a, b_old = sessions.register_connections([request("a"), request("b", 1)], instance_id=instance)
+    b_new = sessions.register_connection(
         worker_id="b", channel_name="x", instance_id=instance, observed_ip=None, observed_port=None
     )
-    ended = services.close_connections(
+    ended = sessions.close_connections(
         [
-            services.CloseRequest(a.connection_id, 1000, "bye"),
-            services.CloseRequest(b_old.connection_id, 4000, "late close of a superseded socket"),
+            sessions.CloseRequest(a.connection_id, 1000, "bye"),
+            sessions.CloseRequest(b_old.connection_id, 4000, "late close of a superseded socket"),
         ]
     )
     assert ended == [True, False]
@@ -169,10 +171,9 @@ async def test_many_connections_reporting_at_once_use_few_transactions(
         *(runtime.registrations.submit(request(f"w{n}")) for n in range(100))
     )
     reports = [
-        services.Report(r.connection_id or 0, public_ip=f"198.51.100.{n}")
-        for n, r in enumerate(registered)
+        Report(r.connection_id or 0, public_ip=f"198.51.100.{n}") for n, r in enumerate(registered)
     ]
-    reports += [services.Report(r.connection_id or 0, agent_info={"n": 1}) for r in registered]
+    reports += [Report(r.connection_id or 0, agent_info={"n": 1}) for r in registered]
     stored = await asyncio.gather(*(runtime.reports.submit(report) for report in reports))
     assert stored == [True] * 200
     assert runtime.reports.batches < 10

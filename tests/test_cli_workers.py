@@ -9,8 +9,8 @@ import pytest
 from django.core.management import CommandError, call_command
 from django.test import Client
 
-from registry import services
-from registry.runtime import InstanceRuntime
+from registry.presence import reports, sessions
+from registry.presence.runtime import InstanceRuntime
 
 pytestmark = pytest.mark.django_db
 
@@ -20,15 +20,15 @@ def registry_with_workers(runtime: InstanceRuntime) -> str:
     instance = runtime.ensure_registered()
     ids = {}
     for n, worker_id in enumerate(["c-1", "c-2", "d-1"]):
-        ids[worker_id] = services.register_connection(
+        ids[worker_id] = sessions.register_connection(
             worker_id=worker_id,
             channel_name=f"chan{n}",
             instance_id=instance,
             observed_ip="2001:db8::5" if worker_id == "c-2" else f"192.0.2.{n + 1}",
             observed_port=40000 + n,
         ).connection_id
-    services.report_public_ip(connection_id=ids["c-1"], ip="198.51.100.7")
-    services.close_connection(connection_id=ids["d-1"], code=1000, reason="bye")
+    reports.report_public_ip(connection_id=ids["c-1"], ip="198.51.100.7")
+    sessions.close_connection(connection_id=ids["d-1"], code=1000, reason="bye")
     return instance
 
 

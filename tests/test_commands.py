@@ -63,7 +63,7 @@ def test_the_dockerfile_runs_the_commands_the_tests_run() -> None:
 
 
 def test_registry_before_channels_is_enforced_by_a_system_check(settings) -> None:
-    from registry.checks import check_rendezvous_settings
+    from registry.ops.checks import check_rendezvous_settings
 
     settings.INSTALLED_APPS = [a for a in settings.INSTALLED_APPS if a != "registry"] + ["registry"]
     assert "rendezvous.E003" in [p.id for p in check_rendezvous_settings()]
@@ -91,7 +91,7 @@ def test_ensure_local_admin_creates_one_superuser_and_prints_its_password_once()
     [(["stun.example.com:3478", "[2001:db8::1]:3479"], []), (["stun.example.com"], ["E004"])],
 )
 def test_stun_servers_must_be_host_and_port(settings, servers, problems) -> None:
-    from registry.checks import check_rendezvous_settings
+    from registry.ops.checks import check_rendezvous_settings
 
     settings.RENDEZVOUS = {**settings.RENDEZVOUS, "STUN_SERVERS": servers}
     found = [p.id for p in check_rendezvous_settings() if p.id == "rendezvous.E004"]

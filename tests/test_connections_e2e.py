@@ -22,9 +22,9 @@ from pathlib import Path
 
 import pytest
 
-from registry import enrolment, identities
 from registry.models import PeerConnection as PeerConnectionRecord
 from registry.models import Worker
+from registry.security import enrolment, identities
 from tests.support.processes import REPO, ServerProcess, wait_until
 from worker_agent import NoPath, PeerConnection, PeerError, PeerStream, WorkerAgent
 

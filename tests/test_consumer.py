@@ -13,10 +13,12 @@ from django.conf import settings
 from django.test import override_settings
 from django.utils import timezone
 
-from registry import control, protocol, services
+from registry.core import protocol
 from registry.models import Connection, Worker, WorkerStatus
+from registry.ops import control
+from registry.presence import instances
+from registry.presence.runtime import InstanceRuntime
 from registry.routing import websocket_urlpatterns
-from registry.runtime import InstanceRuntime
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.asyncio]
 
@@ -235,7 +237,7 @@ async def test_housekeeping_of_a_swept_instance_starts_a_new_boot_and_closes_its
 ) -> None:
     comm, _welcome = await connected("w1")
     old_id = runtime.instance_id
-    await database_sync_to_async(services.stop_instance)(instance_id=old_id, reason="swept")
+    await database_sync_to_async(instances.stop_instance)(instance_id=old_id, reason="swept")
     report = await database_sync_to_async(runtime.housekeeping_round)()
     assert report.declared_dead and report.sockets_closed == 1
     assert runtime.instance_id != old_id

@@ -11,7 +11,7 @@ import pytest
 import websockets
 from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
 
-from registry import protocol
+from registry.core import protocol
 from registry.models import Connection, ServerInstance, Worker, WorkerStatus
 from tests.support.poc_worker import run_poc_worker
 from tests.support.processes import ServerProcess, get_json, wait_until

@@ -12,8 +12,9 @@ import pytest
 from channels.db import database_sync_to_async
 from django.test import Client
 
-from registry import identities, protocol, tokens
+from registry.core import certificates, protocol, tokens
 from registry.models import Worker
+from registry.security import identities
 from tests.test_peering import ask, connected
 from tests.test_security import handshake, new_key, welcome_or_close
 from worker_agent.p2p import identity
@@ -155,7 +156,7 @@ async def test_the_admin_shows_the_fingerprint_and_resets_it(admin_client: Clien
     comm, _ = await registered("w", C)
     await recorded("w", C.fingerprint)
     page = await database_sync_to_async(admin_client.get)("/admin/registry/worker/w/change/")
-    shown = identities.display(C.fingerprint)
+    shown = certificates.display(C.fingerprint)
     assert shown.startswith("SHA256:") and shown in page.content.decode()
     api = await database_sync_to_async(admin_client.get)("/api/workers/w/")
     assert api.json()["identity"]["fingerprint"] == C.fingerprint

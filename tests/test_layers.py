@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from registry.layers import CLEAN_INTERVAL, InMemoryChannelLayer
+from registry.ops.layers import CLEAN_INTERVAL, InMemoryChannelLayer
 
 pytestmark = [pytest.mark.standalone, pytest.mark.asyncio]
 

@@ -18,9 +18,9 @@ from channels.routing import URLRouter
 from channels.testing import WebsocketCommunicator
 from django.conf import settings
 
-from registry.logs import InstanceLogAdapter, JsonFormatter, log_stream
+from registry.ops.logs import InstanceLogAdapter, JsonFormatter, log_stream
+from registry.presence.runtime import InstanceRuntime
 from registry.routing import websocket_urlpatterns
-from registry.runtime import InstanceRuntime
 from tests.support.processes import REPO, ServerProcess, wait_until
 
 application = URLRouter(websocket_urlpatterns)

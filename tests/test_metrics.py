@@ -19,9 +19,9 @@ from django.test import Client
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
-from registry import services
+from registry.presence import instances
+from registry.presence.runtime import InstanceRuntime
 from registry.routing import websocket_urlpatterns
-from registry.runtime import InstanceRuntime
 from tests.support.processes import ServerProcess, wait_until
 
 application = URLRouter(websocket_urlpatterns)
@@ -132,7 +132,7 @@ def test_each_running_instance_shows_its_heartbeat_age(
     client: Client, runtime: InstanceRuntime
 ) -> None:
     instance_id = runtime.ensure_registered()
-    services.heartbeat_instance(instance_id=instance_id)
+    instances.heartbeat_instance(instance_id=instance_id)
     ages = scrape(client)["rendezvous_registry_instance_heartbeat_age_seconds"]
     key = (("instance_id", instance_id), ("instance_name", runtime.name))
     assert 0 <= ages[key] < 5

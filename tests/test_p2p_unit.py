@@ -12,7 +12,7 @@ from typing import Any
 import aioice
 import pytest
 
-from registry import protocol
+from registry.core import protocol
 from worker_agent import PeerClosed, wire
 from worker_agent.p2p import ice
 from worker_agent.p2p.loop import LoopThread

@@ -12,10 +12,11 @@ import pytest
 from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 
-from registry import metrics, selectors
-from registry import runtime as runtime_module
 from registry.models import PeerConnection, PeerRule, Worker
-from registry.runtime import POLICY_CHANGED, POLICY_GROUP, get_runtime, reset_runtime
+from registry.ops import metrics
+from registry.peering import rules
+from registry.peering.rules import POLICY_CHANGED, POLICY_GROUP
+from registry.presence.runtime import get_runtime, reset_runtime
 from tests.test_peering import accept, ask, connect_request, connected, introduce
 from tests.test_relay import frame
 
@@ -137,7 +138,7 @@ async def test_a_link_the_rules_no_longer_allow_is_ended_for_both_sides(rules_mo
 async def test_a_change_made_around_the_signals_is_found_by_the_periodic_check(
     rules_mode, monkeypatch
 ) -> None:
-    monkeypatch.setattr(runtime_module, "POLICY_CHECK_EVERY", 0.2)
+    monkeypatch.setattr(rules, "POLICY_CHECK_EVERY", 0.2)
     rule = await add_rule("a", "b")
     a, b = await connected("a", 1), await connected("b", 2)
     await introduce(a, b)
@@ -190,7 +191,7 @@ async def test_rules_that_cannot_be_read_refuse_everything(rules_mode, monkeypat
 
     await add_rule("*", "*")
     a, b = await connected("a", 1), await connected("b", 2)
-    monkeypatch.setattr(selectors, "peer_policy", unreadable)
+    monkeypatch.setattr(rules, "current", unreadable)
     reply = await ask(a, connect_request("b"))
     assert reply["code"] == "POLICY_DENIED"
     assert await b.receive_nothing(timeout=0.2)
@@ -201,7 +202,7 @@ async def test_rules_that_cannot_be_read_refuse_everything(rules_mode, monkeypat
 async def test_a_stored_rule_that_cannot_be_read_allows_nothing(rules_mode) -> None:
     await database_sync_to_async(PeerRule.objects.create)(sources="a b/c", destinations="*")
     await add_rule("a", "c")
-    policy = await database_sync_to_async(selectors.peer_policy)()
+    policy = await database_sync_to_async(rules.load)()
     assert [rule.destinations[0].value for rule in policy.rules] == ["c"]  # the broken one left out
 
 

@@ -12,7 +12,7 @@ from channels.db import database_sync_to_async
 from channels.routing import URLRouter
 from channels.testing import WebsocketCommunicator
 
-from registry import turn
+from registry.core import turn
 from registry.models import PeerConnection, Worker
 from registry.routing import websocket_urlpatterns
 
@@ -417,13 +417,13 @@ async def test_connect_requests_beyond_the_burst_are_refused_without_bothering_t
 async def test_a_worker_disconnected_by_an_operator_is_announced_as_left() -> None:
     # Regression: the operator's close ended the row first, so the consumer's own close did not
     # "end" the worker and no peer_left went out.
-    from registry import control
+    from registry.ops import control
 
     watcher = await connected("watcher", 1)
     await ask(watcher, {"type": "subscribe_peers"})
     target = await connected("target", 2)
     assert (await watcher.receive_json_from(timeout=3))["type"] == "peer_joined"
-    await database_sync_to_async(control.disable_workers)(["target"])
+    await database_sync_to_async(control.disable_and_disconnect)(["target"])
     assert (await target.receive_json_from(timeout=3))["code"] == 4011
     assert (await target.receive_output(timeout=3))["type"] == "websocket.close"
     await target.disconnect(code=4011)  # what daphne reports once the socket is closed
@@ -437,7 +437,7 @@ async def test_a_worker_disconnected_by_an_operator_is_announced_as_left() -> No
 async def test_a_channel_layer_failure_fails_the_frame_not_the_connection(monkeypatch) -> None:
     # Regression: an exception from the layer escaped receive() and ended the consumer without
     # its disconnect clean-up, leaving the socket counted as held for ever.
-    from registry.runtime import get_runtime
+    from registry.presence.runtime import get_runtime
 
     comm = await connected("a")
 

@@ -1,5 +1,5 @@
 """The peer policy's evaluation, as plain functions: the rule syntax, directional rules, the two
-modes, and the properties that make rules safe to add (registry/policy.py)."""
+modes, and the properties that make rules safe to add (registry/core/peer_policy.py)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from registry import metrics
-from registry.policy import (
+from registry.core.peer_policy import (
     ALLOW_ALL,
     RULES,
     InvalidRule,
@@ -20,6 +19,7 @@ from registry.policy import (
     format_side,
     parse_side,
 )
+from registry.ops import metrics
 
 CI = Subject.of("ci-runner-1", ["ci"])
 CI2 = Subject.of("ci-runner-2", ["CI"])

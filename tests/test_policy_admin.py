@@ -16,9 +16,12 @@ from django.core.management import call_command
 from django.test import Client, override_settings
 from django.utils import timezone
 
-from registry import selectors, services
 from registry.models import PeerConnection, PeerRule, Worker
-from registry.runtime import InstanceRuntime
+from registry.peering import reach
+from registry.peering.records import purge_peer_connections
+from registry.peering.rules import load
+from registry.presence import sessions
+from registry.presence.runtime import InstanceRuntime
 
 pytestmark = pytest.mark.django_db
 
@@ -40,7 +43,7 @@ def fleet(runtime: InstanceRuntime) -> None:
     ):
         Worker.objects.create(id=worker_id, first_seen=now, last_seen=now, tags=tags)
     instance = runtime.ensure_registered()
-    services.register_connection(
+    sessions.register_connection(
         worker_id="gpu-1",
         channel_name="chan",
         instance_id=instance,
@@ -238,7 +241,7 @@ def test_the_peer_connections_api_needs_a_token_in_secured_mode(
 
 def test_ended_records_are_kept_for_the_retention_only(records: None) -> None:
     later = timezone.now() + timedelta(days=31)
-    assert services.purge_peer_connections(older_than=timedelta(days=30), now=later) == 2
+    assert purge_peer_connections(older_than=timedelta(days=30), now=later) == 2
     assert list(PeerConnection.objects.values_list("id", flat=True)) == ["a" * 32]  # still open
 
 
@@ -258,15 +261,15 @@ def test_who_may_reach_whom_is_one_query_each_way_and_agrees_with_the_decisions(
 ) -> None:
     PeerRule.objects.create(sources="tag:ci laptop-3", destinations="tag:gpu ci-2")
     PeerRule.objects.create(sources="gpu-1", destinations="*")
-    rules = selectors.peer_policy()
-    everyone = [selectors.subject(w) for w in ("ci-1", "ci-2", "gpu-1", "laptop-3")]
+    rules = load()
+    everyone = [reach.subject(w) for w in ("ci-1", "ci-2", "gpu-1", "laptop-3")]
     for me in everyone:
         others = [o for o in everyone if o != me]
         with django_assert_max_num_queries(3):  # the rules, the page of ids, the count
-            ids, count = selectors.worker_reach(me.worker_id, me.tags, outward=True, limit=2)
+            ids, count = reach.worker_reach(me.worker_id, me.tags, outward=True, limit=2)
         expected = [o.worker_id for o in others if rules.allows(me, o)]
         assert (ids, count) == (expected[:2], len(expected))
-        ids, count = selectors.worker_reach(me.worker_id, me.tags, outward=False, limit=50)
+        ids, count = reach.worker_reach(me.worker_id, me.tags, outward=False, limit=50)
         assert ids == [o.worker_id for o in others if rules.allows(o, me)]
 
 

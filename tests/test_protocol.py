@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from registry import protocol
-from registry.protocol import ErrorCode
+from registry.core import protocol
+from registry.core.protocol import ErrorCode
 
 pytestmark = pytest.mark.standalone
 

@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, example, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
-from registry import protocol
+from registry.core import protocol
 from tests.test_consumer import connected, worker
 
 MESSAGE_CLASSES: tuple[type, ...] = typing.get_args(protocol.ClientMessage)

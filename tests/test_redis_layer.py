@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from registry.layers import RedisChannelLayer
+from registry.ops.layers import RedisChannelLayer
 from rendezvous_project.settings import redis_hosts
 from tests.support.backing import RedisServer, require_or_skip
 

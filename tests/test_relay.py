@@ -14,10 +14,10 @@ import pytest
 from channels.db import database_sync_to_async
 from channels.testing import WebsocketCommunicator
 
-from registry import metrics
 from registry.models import Worker
-from registry.relay import RelayOutbox
-from registry.runtime import get_runtime
+from registry.ops import metrics
+from registry.peering.relay import RelayOutbox
+from registry.presence.runtime import get_runtime
 from tests.test_peering import ask, connected, introduce
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.asyncio]

@@ -16,10 +16,13 @@ from django.core.management import call_command
 from django.test import Client
 from django.utils import timezone
 
-from registry import api_access, control, enrolment, protocol, services, tokens
+from registry.core import protocol, tokens
 from registry.models import ApiToken, Connection, EnrolmentKey, Worker, WorkerStatus
+from registry.ops import control
+from registry.presence import sessions
+from registry.presence.runtime import InstanceRuntime
 from registry.routing import websocket_urlpatterns
-from registry.runtime import InstanceRuntime
+from registry.security import api_access, bans, enrolment
 
 application = URLRouter(websocket_urlpatterns)
 DAY = timedelta(days=1)
@@ -59,9 +62,9 @@ async def welcome_or_close(comm: WebsocketCommunicator) -> tuple[dict, int | Non
     return first, closed["code"]
 
 
-def enrol(grant: enrolment.Enrolment, worker_id: str, instance_id: str) -> services.Registration:
+def enrol(grant: enrolment.Enrolment, worker_id: str, instance_id: str) -> sessions.Registration:
     """Bind `grant` to `worker_id` and register a connection for it, as the consumer does."""
-    request = services.RegistrationRequest(worker_id, "c", None, None)
+    request = sessions.RegistrationRequest(worker_id, "c", None, None)
     return enrolment.enrol_and_register(grant, request, instance_id=instance_id)
 
 
@@ -108,7 +111,7 @@ def test_a_usable_key_grants_an_enrolment_and_a_used_single_use_key_grants_nothi
     secret = new_key(tags=["gpu"], ephemeral=True)
     grant = enrolment.authenticate(worker_id="w1", bearer=secret)
     assert grant is not None and grant.ephemeral and grant.tags == ",gpu,"
-    request = services.RegistrationRequest("w1", "chan", "192.0.2.1", 1)
+    request = sessions.RegistrationRequest("w1", "chan", "192.0.2.1", 1)
     registration = enrolment.enrol_and_register(
         grant, request, instance_id=runtime.ensure_registered()
     )
@@ -195,22 +198,22 @@ def test_a_credential_is_bound_to_its_own_id_only(runtime: InstanceRuntime) -> N
 @pytest.mark.django_db
 def test_a_disabled_worker_is_refused_in_every_mode(runtime: InstanceRuntime) -> None:
     instance = runtime.ensure_registered()
-    services.register_connection(
+    sessions.register_connection(
         worker_id="w1", channel_name="c", instance_id=instance, observed_ip=None, observed_port=None
     )
-    assert control.disable_workers(["w1"], reason="compromised") == ["w1"]
+    assert control.disable_and_disconnect(["w1"], reason="compromised") == ["w1"]
     worker = Worker.objects.get(id="w1")
     assert worker.status == WorkerStatus.DISCONNECTED and worker.disabled_reason == "compromised"
     assert Connection.objects.get().close_code == protocol.CloseCode.WORKER_DISABLED
     with pytest.raises(enrolment.WorkerDisabled):
         enrolment.authenticate(worker_id="w1", bearer=None)
     # Open mode registers through the batch alone: the ban is checked there, under the row lock.
-    registration = services.register_connection(
+    registration = sessions.register_connection(
         worker_id="w1", channel_name="c", instance_id=instance, observed_ip=None, observed_port=None
     )
     assert registration.refused and Connection.objects.count() == 1
-    assert enrolment.enable_workers(["w1"]) == 1
-    assert not services.register_connection(
+    assert bans.mark_enabled(["w1"]) == 1
+    assert not sessions.register_connection(
         worker_id="w1", channel_name="c", instance_id=instance, observed_ip=None, observed_port=None
     ).refused
 
@@ -221,8 +224,8 @@ def test_a_batch_with_a_disabled_worker_registers_the_others(runtime: InstanceRu
     Worker.objects.create(
         id="banned", first_seen=timezone.now(), last_seen=timezone.now(), disabled_at=timezone.now()
     )
-    results = services.register_connections(
-        [services.RegistrationRequest(i, "c", None, None) for i in ("a", "banned", "b")],
+    results = sessions.register_connections(
+        [sessions.RegistrationRequest(i, "c", None, None) for i in ("a", "banned", "b")],
         instance_id=instance,
     )
     assert [r.refused for r in results] == [False, True, False]
@@ -239,7 +242,7 @@ def test_ephemeral_workers_are_removed_once_offline_long_enough(runtime: Instanc
         ("eph-online", True),
         ("eph-banned", True),
     ]:
-        registration = services.register_connection(
+        registration = sessions.register_connection(
             worker_id=worker_id,
             channel_name="c",
             instance_id=instance,
@@ -249,7 +252,7 @@ def test_ephemeral_workers_are_removed_once_offline_long_enough(runtime: Instanc
         )
         Worker.objects.filter(id=worker_id).update(ephemeral=ephemeral)
         if worker_id != "eph-online":
-            services.close_connection(
+            sessions.close_connection(
                 connection_id=registration.connection_id,
                 code=1000,
                 reason="bye",

@@ -12,9 +12,10 @@ from channels.testing import WebsocketCommunicator
 from django.test import Client
 from django.utils import timezone
 
-from registry import enrolment, protocol, tokens
+from registry.core import protocol, tokens
 from registry.models import ApiToken, EnrolmentKey, Worker
 from registry.routing import websocket_urlpatterns
+from registry.security import enrolment
 
 SECRET_FIELD = 'id="rv-secret"'
 

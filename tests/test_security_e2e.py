@@ -18,8 +18,10 @@ import pytest
 import websockets
 from websockets.exceptions import ConnectionClosed
 
-from registry import api_access, control, enrolment, protocol
+from registry.core import protocol
 from registry.models import EnrolmentKey, Worker, WorkerStatus
+from registry.ops import control
+from registry.security import api_access, enrolment
 from tests.support.processes import ServerProcess, get_json, wait_until
 from worker_agent import WorkerAgent
 
@@ -191,7 +193,7 @@ def test_disabling_a_worker_closes_it_with_4011_and_keeps_it_out(
     secured_server: ServerProcess, legit: WorkerAgent
 ) -> None:
     credential = legit.credential
-    assert control.disable_workers(["victim"], reason="lost laptop") == ["victim"]
+    assert control.disable_and_disconnect(["victim"], reason="lost laptop") == ["victim"]
     # The server is another process: the holder closes the socket from the recorded close code.
     wait_until(lambda: legit.state == "refused", timeout=15, what="the agent to stop")
     assert "disabled" in legit.status()["final_reason"]

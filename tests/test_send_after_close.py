@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import pytest
 
-from registry import protocol
+from registry.core import protocol
 from registry.models import Connection, Worker, WorkerStatus
 from tests.support.processes import ServerProcess, wait_until
 from tests.support.raw_websocket import (

@@ -8,14 +8,15 @@ import pytest
 from django.db import IntegrityError
 from django.utils import timezone
 
-from registry import protocol, services
+from registry.core import protocol
 from registry.models import Connection, ServerInstance, Worker, WorkerStatus
+from registry.presence import instances, reports, sessions
 
 pytestmark = pytest.mark.django_db
 
 
 def start(instance_id: str = "a" * 32, name: str = "host:1", now=None, dead=True) -> str:
-    services.start_instance(
+    instances.start_instance(
         instance_id=instance_id,
         name=name,
         hostname="host",
@@ -27,7 +28,7 @@ def start(instance_id: str = "a" * 32, name: str = "host:1", now=None, dead=True
 
 
 def register(worker_id: str, instance_id: str, channel: str = "chan", now=None, ip="192.0.2.1"):
-    return services.register_connection(
+    return sessions.register_connection(
         worker_id=worker_id,
         channel_name=channel,
         instance_id=instance_id,
@@ -66,7 +67,7 @@ def test_closing_a_superseded_connection_leaves_the_newer_one_registered() -> No
     instance = start()
     first = register("w1", instance)
     second = register("w1", instance)
-    ended = services.close_connection(connection_id=first.connection_id, code=4000, reason="x")
+    ended = sessions.close_connection(connection_id=first.connection_id, code=4000, reason="x")
     assert ended is False
     worker = Worker.objects.get(id="w1")
     assert worker.status == WorkerStatus.CONNECTED
@@ -78,7 +79,7 @@ def test_closing_a_superseded_connection_leaves_the_newer_one_registered() -> No
 def test_closing_the_current_connection_ends_the_registration() -> None:
     instance = start()
     registration = register("w1", instance)
-    assert services.close_connection(
+    assert sessions.close_connection(
         connection_id=registration.connection_id, code=1000, reason="bye"
     )
     worker = Worker.objects.get(id="w1")
@@ -91,14 +92,14 @@ def test_reported_address_is_kept_only_from_the_current_connection() -> None:
     instance = start()
     first = register("w1", instance)
     register("w1", instance)
-    assert not services.report_public_ip(connection_id=first.connection_id, ip="198.51.100.9")
+    assert not reports.report_public_ip(connection_id=first.connection_id, ip="198.51.100.9")
     assert Worker.objects.get(id="w1").public_ip is None
 
 
 def test_reported_address_is_normalised_and_recorded_on_worker_and_connection() -> None:
     instance = start()
     registration = register("w1", instance)
-    assert services.report_public_ip(connection_id=registration.connection_id, ip="2001:DB8::1")
+    assert reports.report_public_ip(connection_id=registration.connection_id, ip="2001:DB8::1")
     assert Worker.objects.get(id="w1").public_ip == "2001:db8::1"
     assert Connection.objects.get().public_ip == "2001:db8::1"
 
@@ -106,11 +107,11 @@ def test_reported_address_is_normalised_and_recorded_on_worker_and_connection() 
 def test_two_addresses_from_one_connection_in_one_batch_the_last_wins() -> None:
     instance = start()
     connection_id = register("w1", instance).connection_id
-    stored = services.record_reports(
+    stored = reports.record_reports(
         [
-            services.Report(connection_id, public_ip="198.51.100.1"),
-            services.Report(connection_id, agent_info={"version": "1"}),
-            services.Report(connection_id, public_ip="198.51.100.2"),
+            reports.Report(connection_id, public_ip="198.51.100.1"),
+            reports.Report(connection_id, agent_info={"version": "1"}),
+            reports.Report(connection_id, public_ip="198.51.100.2"),
         ]
     )
     assert stored == [True, True, True]
@@ -128,12 +129,12 @@ def test_a_batch_stores_the_current_connections_reports_and_ignores_a_superseded
         mapping=protocol.NatMapping.ENDPOINT_INDEPENDENT,
         udp_endpoint=protocol.UdpEndpoint(ip="203.0.113.5", port=40000),
     )
-    stored = services.record_reports(
+    stored = reports.record_reports(
         [
-            services.Report(old, public_ip="198.51.100.66", agent_info={"stale": True}),
-            services.Report(new, nat=nat),
-            services.Report(other, public_ip="2001:db8::7"),
-            services.Report(new, agent_info={"version": "2"}),
+            reports.Report(old, public_ip="198.51.100.66", agent_info={"stale": True}),
+            reports.Report(new, nat=nat),
+            reports.Report(other, public_ip="2001:db8::7"),
+            reports.Report(new, agent_info={"version": "2"}),
         ]
     )
     assert stored == [False, True, True, True]
@@ -152,7 +153,7 @@ def test_a_malformed_address_never_reaches_the_database() -> None:
     instance = start()
     registration = register("w1", instance)
     with pytest.raises(protocol.InvalidIp):
-        services.report_public_ip(connection_id=registration.connection_id, ip="evil")
+        reports.report_public_ip(connection_id=registration.connection_id, ip="evil")
     assert Worker.objects.get(id="w1").public_ip is None
 
 
@@ -184,8 +185,8 @@ def test_a_live_instance_sharing_the_name_is_left_alone() -> None:
 
 def test_no_connection_is_recorded_on_a_stopped_instance() -> None:
     instance = start()
-    services.stop_instance(instance_id=instance, reason="swept")
-    with pytest.raises(services.InstanceStopped):
+    instances.stop_instance(instance_id=instance, reason="swept")
+    with pytest.raises(sessions.InstanceStopped):
         register("late", instance)
     assert not Connection.objects.exists()
 
@@ -194,7 +195,7 @@ def test_rows_left_open_on_a_stopped_instance_are_closed_by_the_backstop() -> No
     instance = start()
     register("w1", instance)
     ServerInstance.objects.filter(id=instance).update(stopped_at=timezone.now())  # a lost race
-    assert services.close_connections_of_stopped_instances() == 1
+    assert instances.close_connections_of_stopped_instances() == 1
     assert Worker.objects.get(id="w1").status == WorkerStatus.DISCONNECTED
 
 
@@ -212,8 +213,8 @@ def test_silent_instance_is_swept_after_the_staleness_bound() -> None:
     register("w-dead", dead, now=t0)
     register("w-alive", alive, now=t0)
     later = t0 + timedelta(seconds=31)
-    services.heartbeat_instance(instance_id=alive, now=later)
-    closed = services.sweep_silent_instances(
+    instances.heartbeat_instance(instance_id=alive, now=later)
+    closed = instances.sweep_silent_instances(
         dead_after=timedelta(seconds=30), now=later, exclude=alive
     )
     assert closed == 1
@@ -229,8 +230,8 @@ def test_an_instance_that_heartbeats_within_the_bound_is_not_swept() -> None:
     t0 = timezone.now()
     other = start("a" * 32, name="other", now=t0)
     register("w1", other, now=t0)
-    services.heartbeat_instance(instance_id=other, now=t0 + timedelta(seconds=25))
-    closed = services.sweep_silent_instances(
+    instances.heartbeat_instance(instance_id=other, now=t0 + timedelta(seconds=25))
+    closed = instances.sweep_silent_instances(
         dead_after=timedelta(seconds=30), now=t0 + timedelta(seconds=40)
     )
     assert closed == 0
@@ -240,17 +241,17 @@ def test_an_instance_that_heartbeats_within_the_bound_is_not_swept() -> None:
 def test_a_swept_instance_learns_it_at_its_next_heartbeat() -> None:
     t0 = timezone.now()
     instance = start(now=t0)
-    services.sweep_silent_instances(
+    instances.sweep_silent_instances(
         dead_after=timedelta(seconds=30), now=t0 + timedelta(seconds=60)
     )
-    assert services.heartbeat_instance(instance_id=instance) is False
+    assert instances.heartbeat_instance(instance_id=instance) is False
 
 
 def test_a_second_stop_of_the_same_instance_closes_nothing_again() -> None:
     instance = start()
     register("w1", instance)
-    assert services.stop_instance(instance_id=instance, reason="a") == 1
-    assert services.stop_instance(instance_id=instance, reason="b") == 0
+    assert instances.stop_instance(instance_id=instance, reason="a") == 1
+    assert instances.stop_instance(instance_id=instance, reason="b") == 0
     assert Connection.objects.get().close_reason == "a"
 
 
@@ -261,13 +262,13 @@ def test_touch_refreshes_last_seen_of_held_workers_in_one_bounded_write() -> Non
         register(f"w{n}", instance, now=t0)
     resolution = timedelta(seconds=10)
     assert (
-        services.touch_held_workers(
+        instances.touch_held_workers(
             instance_id=instance, now=t0 + timedelta(seconds=5), resolution=resolution
         )
         == 0
     )
     later = t0 + timedelta(seconds=11)
-    assert services.touch_held_workers(instance_id=instance, now=later, resolution=resolution) == 5
+    assert instances.touch_held_workers(instance_id=instance, now=later, resolution=resolution) == 5
     assert set(Worker.objects.values_list("last_seen", flat=True)) == {later}
 
 
@@ -279,7 +280,7 @@ def test_reconcile_closes_rows_without_a_socket_and_reports_sockets_without_a_ro
     superseded = register("moved", instance, now=t0)
     register("moved", instance, now=t0)  # closes `superseded`'s row
     held = {live.connection_id, superseded.connection_id}
-    result = services.reconcile_instance(
+    result = instances.reconcile_instance(
         instance_id=instance,
         local_ids=held,
         settled_ids=held,
@@ -299,7 +300,7 @@ def test_a_socket_attached_just_after_its_row_was_written_is_no_orphan() -> None
     t0 = timezone.now()
     instance = start(now=t0)
     row = register("busy", instance, now=t0)
-    result = services.reconcile_instance(
+    result = instances.reconcile_instance(
         instance_id=instance,
         local_ids={row.connection_id},
         settled_ids=set(),  # attached a few milliseconds after t0: not settled yet
@@ -314,7 +315,7 @@ def test_reconcile_leaves_young_rows_alone() -> None:
     t0 = timezone.now()
     instance = start(now=t0)
     register("young", instance, now=t0)
-    result = services.reconcile_instance(
+    result = instances.reconcile_instance(
         instance_id=instance,
         local_ids=set(),
         settled_ids=set(),

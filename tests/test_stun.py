@@ -25,8 +25,10 @@ from django.core.management import CommandError, call_command
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from registry import stun as server
-from registry.stun import Attribute, DropReason, StunClass, StunStats
+from registry.peering.stun import messages as stun
+from registry.peering.stun import responder as server
+from registry.peering.stun.messages import Attribute, DropReason, StunClass
+from registry.peering.stun.responder import StunStats
 from tests.support.processes import REPO, wait_until
 from tests.support.stun_responder import running_responder
 from worker_agent import wire
@@ -88,7 +90,7 @@ def classify(servers: list[tuple[str, int]], timeout: float = 2.0) -> Any:
 def message_integrity_ok(message: bytes, key: bytes) -> bool:
     """RFC 5389 section 15.4: HMAC-SHA1 over the message up to MESSAGE-INTEGRITY, with the
     header length counting up to the end of that attribute. Checks our attribute offsets."""
-    offset = server.HEADER_LENGTH
+    offset = stun.HEADER_LENGTH
     while offset < len(message):
         kind, size = struct.unpack_from("!HH", message, offset)
         if kind == Attribute.MESSAGE_INTEGRITY:
@@ -103,7 +105,7 @@ def message_integrity_ok(message: bytes, key: bytes) -> bool:
 
 
 def test_rfc5769_sample_request_parses_as_a_binding_request() -> None:
-    request = server.parse_binding_request(RFC5769_REQUEST)
+    request = stun.parse_binding_request(RFC5769_REQUEST)
     assert request.transaction_id == RFC5769_TRANSACTION_ID
     assert request.get(Attribute.SOFTWARE) == b"STUN test client"
     assert request.get(Attribute.USERNAME) == b"evtj:h6vY"
@@ -120,12 +122,12 @@ def test_rfc5769_sample_request_parses_as_a_binding_request() -> None:
 def test_rfc5769_sample_responses_decode_to_their_mapped_address(
     vector: bytes, mapped: tuple[str, int]
 ) -> None:
-    message = server.parse_message(vector)
-    assert (message.method, message.stun_class) == (server.METHOD_BINDING, StunClass.SUCCESS)
+    message = stun.parse_message(vector)
+    assert (message.method, message.stun_class) == (stun.METHOD_BINDING, StunClass.SUCCESS)
     assert message.get(Attribute.SOFTWARE) == b"test vector"
     value = message.get(Attribute.XOR_MAPPED_ADDRESS)
     assert value is not None
-    assert server.decode_xor_address(value, RFC5769_TRANSACTION_ID) == mapped
+    assert stun.decode_xor_address(value, RFC5769_TRANSACTION_ID) == mapped
     assert mapped_by_the_agent(vector, RFC5769_TRANSACTION_ID) == mapped
     assert message_integrity_ok(vector, RFC5769_PASSWORD)
 
@@ -138,14 +140,14 @@ def test_rfc5769_sample_responses_decode_to_their_mapped_address(
 def test_xor_mapped_address_encodes_to_the_rfc5769_bytes(
     vector: bytes, mapped: tuple[str, int]
 ) -> None:
-    value = server.parse_message(vector).get(Attribute.XOR_MAPPED_ADDRESS)
-    assert server.encode_xor_address(*mapped, RFC5769_TRANSACTION_ID) == value
+    value = stun.parse_message(vector).get(Attribute.XOR_MAPPED_ADDRESS)
+    assert stun.encode_xor_address(*mapped, RFC5769_TRANSACTION_ID) == value
 
 
 @pytest.mark.parametrize("vector", [RFC5769_REQUEST, RFC5769_IPV4_RESPONSE, RFC5769_IPV6_RESPONSE])
 def test_fingerprint_matches_the_rfc5769_vectors(vector: bytes) -> None:
     (expected,) = struct.unpack("!I", vector[-4:])
-    assert server.fingerprint(vector[:-8]) == expected
+    assert stun.fingerprint(vector[:-8]) == expected
 
 
 def test_the_rfc5769_sample_request_is_answered_despite_its_ice_attributes() -> None:
@@ -160,17 +162,17 @@ def test_the_rfc5769_sample_request_is_answered_despite_its_ice_attributes() -> 
 
 
 def test_binding_message_types_are_the_rfc_values() -> None:
-    assert server.message_type(server.METHOD_BINDING, StunClass.REQUEST) == 0x0001
-    assert server.message_type(server.METHOD_BINDING, StunClass.INDICATION) == 0x0011
-    assert server.message_type(server.METHOD_BINDING, StunClass.SUCCESS) == 0x0101
-    assert server.message_type(server.METHOD_BINDING, StunClass.ERROR) == 0x0111
+    assert stun.message_type(stun.METHOD_BINDING, StunClass.REQUEST) == 0x0001
+    assert stun.message_type(stun.METHOD_BINDING, StunClass.INDICATION) == 0x0011
+    assert stun.message_type(stun.METHOD_BINDING, StunClass.SUCCESS) == 0x0101
+    assert stun.message_type(stun.METHOD_BINDING, StunClass.ERROR) == 0x0111
 
 
 @given(st.integers(0, 0xFFF), st.sampled_from(StunClass))
 def test_message_type_interleaving_round_trips(method: int, stun_class: StunClass) -> None:
-    value = server.message_type(method, stun_class)
+    value = stun.message_type(method, stun_class)
     assert value < 0x4000
-    assert server.split_message_type(value) == (method, stun_class)
+    assert stun.split_message_type(value) == (method, stun_class)
 
 
 ipv4s = st.ip_addresses(v=4).map(str)
@@ -181,15 +183,15 @@ ipv6s = st.ip_addresses(v=6).filter(lambda a: a.ipv4_mapped is None).map(str)
 def test_success_response_round_trips_through_the_agents_parser(
     ip: str, port: int, transaction_id: bytes
 ) -> None:
-    response = server.build_binding_success(transaction_id, (ip, port))
-    parsed = server.parse_message(response)  # layout and FINGERPRINT valid
+    response = stun.build_binding_success(transaction_id, (ip, port))
+    parsed = stun.parse_message(response)  # layout and FINGERPRINT valid
     assert parsed.stun_class is StunClass.SUCCESS
     assert mapped_by_the_agent(response, transaction_id) == (ip, port)
 
 
 def test_an_ipv4_client_seen_through_a_dual_stack_socket_is_reported_as_ipv4() -> None:
     transaction_id = os.urandom(12)
-    response = server.build_binding_success(transaction_id, ("::ffff:198.51.100.7", 5000))
+    response = stun.build_binding_success(transaction_id, ("::ffff:198.51.100.7", 5000))
     assert mapped_by_the_agent(response, transaction_id) == ("198.51.100.7", 5000)
 
 
@@ -197,7 +199,7 @@ def test_the_agents_request_is_a_binding_request_to_the_responder() -> None:
     request = aioice_stun.Message(
         message_method=aioice_stun.Method.BINDING, message_class=aioice_stun.Class.REQUEST
     )
-    parsed = server.parse_binding_request(bytes(request))
+    parsed = stun.parse_binding_request(bytes(request))
     assert parsed.transaction_id == request.transaction_id
     assert parsed.attributes == ()
 
@@ -205,8 +207,8 @@ def test_the_agents_request_is_a_binding_request_to_the_responder() -> None:
 def test_the_agent_reads_mapped_address_from_an_rfc3489_style_server() -> None:
     transaction_id = os.urandom(12)
     value = struct.pack("!BBH", 0, 1, 4242) + ipaddress.IPv4Address("192.0.2.9").packed
-    response = server.encode_message(
-        server.METHOD_BINDING,
+    response = stun.encode_message(
+        stun.METHOD_BINDING,
         StunClass.SUCCESS,
         transaction_id,
         [(Attribute.MAPPED_ADDRESS, value)],
@@ -216,7 +218,7 @@ def test_the_agent_reads_mapped_address_from_an_rfc3489_style_server() -> None:
 
 def test_the_agent_ignores_a_response_with_a_corrupted_fingerprint() -> None:
     transaction_id = os.urandom(12)
-    response = bytearray(server.build_binding_success(transaction_id, CLIENT))
+    response = bytearray(stun.build_binding_success(transaction_id, CLIENT))
     response[-1] ^= 0xFF
     assert mapped_by_the_agent(bytes(response), transaction_id) is None
 
@@ -228,7 +230,7 @@ def request(
     attributes: bytes = b"",
     *,
     kind: int = 0x0001,
-    cookie: int = server.MAGIC_COOKIE,
+    cookie: int = stun.MAGIC_COOKIE,
     length: int | None = None,
 ) -> bytes:
     size = len(attributes) if length is None else length
@@ -238,7 +240,7 @@ def request(
 def with_fingerprint(message: bytes) -> bytes:
     body_length = len(message) - 20 + 8
     head = message[:2] + struct.pack("!H", body_length) + message[4:]
-    return head + struct.pack("!HHI", Attribute.FINGERPRINT, 4, server.fingerprint(head))
+    return head + struct.pack("!HHI", Attribute.FINGERPRINT, 4, stun.fingerprint(head))
 
 
 MALFORMED = {
@@ -292,7 +294,7 @@ def test_an_unknown_comprehension_required_attribute_gets_a_420_naming_it() -> N
     stats = StunStats()
     reply = server.handle_datagram(request(change_request), CLIENT, stats)
     assert reply is not None
-    message = server.parse_message(reply)
+    message = stun.parse_message(reply)
     assert message.stun_class is StunClass.ERROR
     assert message.get(Attribute.UNKNOWN_ATTRIBUTES) == b"\x00\x03"
     error = aioice_stun.parse_message(reply).attributes["ERROR-CODE"]
@@ -320,7 +322,7 @@ def stun_shaped(draw: Any) -> bytes:
     body = draw(st.binary(max_size=120))
     kind = draw(st.sampled_from([0x0001, 0x0011, 0x0101, 0x0003, draw(st.integers(0, 0x3FFF))]))
     length = draw(st.sampled_from([len(body), len(body) & ~3, draw(st.integers(0, 0xFFFF))]))
-    return struct.pack("!HHI12s", kind, length, server.MAGIC_COOKIE, b"\x00" * 12) + body
+    return struct.pack("!HHI12s", kind, length, stun.MAGIC_COOKIE, b"\x00" * 12) + body
 
 
 datagrams = st.one_of(st.binary(max_size=200), st.composite(stun_shaped)())
@@ -455,7 +457,7 @@ def test_a_second_listener_identical_to_the_first_is_refused() -> None:
 
 def test_the_responder_core_runs_without_django() -> None:
     code = (
-        "import sys, registry.stun; "
+        "import sys, registry.peering.stun.responder; "
         "loaded = sorted(m for m in sys.modules if m.split('.')[0] == 'django'); "
         "sys.exit(f'imported {loaded}' if loaded else 0)"
     )

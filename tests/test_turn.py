@@ -17,7 +17,7 @@ import pytest
 from django.core.checks import run_checks
 from django.test import override_settings
 
-from registry import turn
+from registry.core import turn
 from tests.support.backing import require_or_skip
 from tests.support.processes import free_port, wait_until
 from worker_agent import wire

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from django.test import Client, override_settings
 
-from registry import services
-from registry.runtime import InstanceRuntime
+from registry.presence import reports, sessions
+from registry.presence.runtime import InstanceRuntime
 
 pytestmark = pytest.mark.django_db
 
@@ -16,7 +16,7 @@ def registry_with_workers(runtime: InstanceRuntime) -> dict[str, int]:
     instance = runtime.ensure_registered()
     ids = {}
     for n, worker_id in enumerate(["c-1", "c-2", "d-1"]):
-        registration = services.register_connection(
+        registration = sessions.register_connection(
             worker_id=worker_id,
             channel_name=f"chan{n}",
             instance_id=instance,
@@ -24,8 +24,8 @@ def registry_with_workers(runtime: InstanceRuntime) -> dict[str, int]:
             observed_port=40000 + n,
         )
         ids[worker_id] = registration.connection_id
-    services.report_public_ip(connection_id=ids["c-2"], ip="198.51.100.7")
-    services.close_connection(connection_id=ids["d-1"], code=1000, reason="bye")
+    reports.report_public_ip(connection_id=ids["c-2"], ip="198.51.100.7")
+    sessions.close_connection(connection_id=ids["d-1"], code=1000, reason="bye")
     return ids
 
 
@@ -145,7 +145,7 @@ def test_readyz_checks_database_and_channel_layer(client: Client) -> None:
 def test_readyz_is_503_when_the_channel_layer_is_unreachable(client: Client) -> None:
     unreachable = {
         "default": {
-            "BACKEND": "registry.layers.RedisChannelLayer",
+            "BACKEND": "registry.ops.layers.RedisChannelLayer",
             "CONFIG": {"hosts": ["redis://127.0.0.1:1/0"]},
         }
     }

@@ -7,7 +7,7 @@ import pprint
 import pytest
 from autobahn.websocket import protocol
 
-from registry import websocket_server
+from registry.ops import websocket_server
 
 pytestmark = pytest.mark.standalone
 

@@ -351,7 +351,7 @@ class NatTopology:
         """The project's STUN responder in the public namespace, returned once it listens."""
         if self.log_dir is None:
             raise ValueError("start_stun needs a log_dir for the responder's log")
-        argv = ["-m", "registry.stun", "--host", host, "--port", str(port)]
+        argv = ["-m", "registry.peering.stun", "--host", host, "--port", str(port)]
         if second_host is not None:
             argv += ["--second-host", second_host]
         if second_port is not None:

@@ -1,4 +1,5 @@
-"""The project's STUN responder (registry/stun.py) in a thread of the test process, on loopback."""
+"""The project's STUN responder (registry/peering/stun/) in a thread of the test process, on
+loopback."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
-from registry import stun as server
+from registry.peering.stun import responder as server
 
 
 @contextlib.contextmanager

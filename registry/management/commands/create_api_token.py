@@ -7,7 +7,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand
 
-from registry import api_access
+from registry.security import api_access
 
 
 class Command(BaseCommand):

@@ -6,7 +6,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError
 
-from registry import control
+from registry.ops import control
 
 
 class Command(BaseCommand):

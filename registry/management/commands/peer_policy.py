@@ -13,7 +13,9 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError
 
-from registry import policy, protocol, selectors
+from registry.core import peer_policy, protocol
+from registry.peering import reach, rules
+from registry.presence import selectors
 
 
 class Command(BaseCommand):
@@ -33,9 +35,9 @@ class Command(BaseCommand):
             )
 
     def handle(self, *args: Any, **options: Any) -> None:
-        rules = selectors.peer_policy(policy.RULES if options["rules"] else None)
+        policy = rules.load(peer_policy.RULES if options["rules"] else None)
         if options["command"] == "show":
-            self._show(rules)
+            self._show(policy)
             return
         source, destination = options["source"], options["destination"]
         for worker_id in (source, destination):
@@ -43,23 +45,23 @@ class Command(BaseCommand):
                 raise CommandError(f"{worker_id!r} is not a worker id")
             if not selectors.worker_exists(worker_id):
                 self.stderr.write(f"note: no worker {worker_id} in the registry (no tags)")
-        decision = rules.decide(selectors.subject(source), selectors.subject(destination))
+        decision = policy.decide(reach.subject(source), reach.subject(destination))
         if decision.allowed:
             self.stdout.write(f"allowed: {source} may reach {destination} ({decision.by})")
             return
         self.stdout.write(f"denied: {decision.reason}")
         sys.exit(1)
 
-    def _show(self, rules: policy.Policy) -> None:
-        self.stdout.write(f"RENDEZVOUS_PEER_POLICY: {rules.mode}")
-        if rules.mode == policy.ALLOW_ALL:
+    def _show(self, policy: peer_policy.Policy) -> None:
+        self.stdout.write(f"RENDEZVOUS_PEER_POLICY: {policy.mode}")
+        if policy.mode == peer_policy.ALLOW_ALL:
             self.stdout.write("every worker may reach every other; rules are not enforced")
             return
-        if not rules.rules:
+        if not policy.rules:
             self.stdout.write("no enabled rules: no worker may reach another")
-        for rule in rules.rules:
+        for rule in policy.rules:
             self.stdout.write(
-                f"#{rule.id}: {policy.format_side(rule.sources)} -> "
-                f"{policy.format_side(rule.destinations)}"
+                f"#{rule.id}: {peer_policy.format_side(rule.sources)} -> "
+                f"{peer_policy.format_side(rule.destinations)}"
                 + (f"  ({rule.description})" if rule.description else "")
             )

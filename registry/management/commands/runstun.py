@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 
 from django.core.management.base import BaseCommand, CommandError
 
-from registry.stun import DEFAULT_PORT, listeners_from, run
+from registry.peering.stun.responder import DEFAULT_PORT, listeners_from, run
 
 
 def _env_port(name: str, default: int | None) -> int | None:

@@ -12,7 +12,8 @@ from typing import Any
 from django.conf import settings
 from django.core.management.base import BaseCommand
 
-from registry import enrolment, protocol
+from registry.core import protocol
+from registry.security import modes
 
 # daphne's own frame cap: above it the WebSocket layer drops the connection (the client sees 1006).
 # Text frames between MAX_FRAME_BYTES and this get the protocol's FRAME_TOO_LARGE error, relay
@@ -66,7 +67,7 @@ class Command(BaseCommand):
             f"database {database['ENGINE'].rsplit('.', 1)[-1]} {database['NAME']}, "
             f"channel layer {layer}, instance {settings.RENDEZVOUS['INSTANCE_NAME']}"
         )
-        self.stdout.write(enrolment.mode_notice(settings.RENDEZVOUS["SECURITY_MODE"]))
+        self.stdout.write(modes.mode_notice(settings.RENDEZVOUS["SECURITY_MODE"]))
         self.stdout.flush()
         os.environ["HOST"], os.environ["PORT"] = host, str(port)  # the instance name uses PORT
         argv = [sys.executable, "-m", "daphne", *daphne_arguments(host, port)]

@@ -8,8 +8,8 @@ from typing import Any
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from registry import selectors
 from registry.models import WorkerStatus
+from registry.presence import selectors
 
 COLUMNS = ("ID", "STATUS", "OBSERVED ADDRESS", "PUBLIC IP", "LAST SEEN", "INSTANCE")
 
@@ -96,7 +96,7 @@ class Command(BaseCommand):
         )
 
 
-def _dumps(result: selectors.WorkerPage) -> str:
+def _dumps(result: selectors.Page) -> str:
     return json.dumps(
         {
             "count": result.count,
