@@ -1,4 +1,4 @@
-"""What a `WorkerAgent` can be told, in a few groups instead of thirty parameters.
+"""What a `WorkerAgent` can be told, in groups that say what each option is for.
 
 Each group is a frozen dataclass that checks its values when it is made. `WorkerAgent` takes
 the groups (`service=ServiceOptions(...)`) and, as a shorthand, any of their fields as a
