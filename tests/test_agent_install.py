@@ -131,7 +131,7 @@ def test_without_the_p2p_extra_connect_names_the_extra_at_once(
         assert importlib.util.find_spec("aioice") is None
         agent = WorkerAgent("https://rendezvous.example", "no-p2p")
         try:
-            agent.peering.connect("gpu-box-7", timeout=1)
+            agent.peers.connect("gpu-box-7", timeout=1)
         except P2PUnavailable as exc:
             print(exc)
         """

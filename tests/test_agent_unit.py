@@ -33,8 +33,8 @@ from registry.core import protocol
 from worker_agent import AgentGroup, Backoff, WorkerAgent, __version__, wire
 from worker_agent.cli import main
 from worker_agent.health import HealthServer
-from worker_agent.policy import Outcome, ReconnectPolicy
-from worker_agent.public_ip import fetch_public_ip
+from worker_agent.service.public_ip import fetch_public_ip
+from worker_agent.service.reconnect import Outcome, ReconnectPolicy
 
 # No database: these run once, in the SQLite pass (see tools/run_tests.py).
 pytestmark = pytest.mark.standalone
@@ -1111,7 +1111,7 @@ def test_an_authentication_refusal_ends_the_agent_with_the_servers_reason(code: 
 
 
 def test_a_credential_file_round_trips_with_mode_0600(tmp_path) -> None:
-    from worker_agent import credentials
+    from worker_agent.service import credentials
 
     path = tmp_path / "sub" / "id.json"
     assert credentials.load(path) is None
@@ -1123,7 +1123,7 @@ def test_a_credential_file_round_trips_with_mode_0600(tmp_path) -> None:
 
 @pytest.mark.parametrize("content", ["not json", "{}", '{"worker_id": "w", "credential": "rvk_x"}'])
 def test_a_damaged_credential_file_is_an_error_not_a_fresh_start(tmp_path, content: str) -> None:
-    from worker_agent import credentials
+    from worker_agent.service import credentials
 
     path = tmp_path / "id.json"
     path.write_text(content)
@@ -1134,32 +1134,33 @@ def test_a_damaged_credential_file_is_an_error_not_a_fresh_start(tmp_path, conte
 
 
 def test_a_credential_file_decides_the_worker_id_and_refuses_another(tmp_path) -> None:
-    from worker_agent import credentials
+    from worker_agent.service import credentials
 
     path = tmp_path / "id.json"
     credentials.save(path, credentials.Identity("w-7", "rvc_secret"))
     agent = WorkerAgent("http://127.0.0.1:9", credential_file=path, enrolment_key="rvk_k")
     assert agent.worker_id == "w-7" and agent.credential == "rvc_secret"
-    assert agent._headers()["Authorization"] == "Bearer rvc_secret"  # the credential wins
+    headers = agent.enrolment.headers({})
+    assert headers["Authorization"] == "Bearer rvc_secret"  # the credential wins
     with pytest.raises(ValueError, match="belongs to worker 'w-7'"):
         WorkerAgent("http://127.0.0.1:9", "w-8", credential_file=path)
 
 
 def test_an_agent_without_secrets_sends_no_authorization_header() -> None:
-    assert "Authorization" not in WorkerAgent("http://127.0.0.1:9", "w")._headers()
+    assert "Authorization" not in WorkerAgent("http://127.0.0.1:9", "w").enrolment.headers({})
     keyed = WorkerAgent("http://127.0.0.1:9", "w", enrolment_key="rvk_k")
-    assert keyed._headers()["Authorization"] == "Bearer rvk_k"
+    assert keyed.enrolment.headers({})["Authorization"] == "Bearer rvk_k"
 
 
 def test_a_relay_error_for_an_introduction_this_agent_ended_is_no_warning(caplog) -> None:
     """Closing a connection tells the service at once; packets the peer or this agent still had
     on their way then meet RELAY_NOT_INTRODUCED. That is no news: logged at DEBUG, not kept as
     the last server error. The same error for a live or unknown introduction is a warning."""
-    from worker_agent.agent import _Connection
+    from worker_agent.service.attempt import Attempt
 
     agent = WorkerAgent("http://127.0.0.1:9", "w-late", ip_echo_url="")
     ended, unknown = "ab" * 16, "cd" * 16
-    agent.peering._ended[ended] = None  # type: ignore[assignment]  # as _session_ended keeps it
+    agent.peers.signalling._ended[ended] = None  # type: ignore[assignment]  # as ended() keeps it
 
     def error(introduction_id: str) -> str:
         return json.dumps(
@@ -1168,10 +1169,10 @@ def test_a_relay_error_for_an_introduction_this_agent_ended_is_no_warning(caplog
         )  # fmt: skip
 
     with caplog.at_level(logging.DEBUG, logger="worker_agent"):
-        agent._handle_message(_Connection(1), error(ended))
+        agent.session._handle_message(Attempt(1), error(ended))
         assert agent.status()["last_server_error"] is None
         assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
-        agent._handle_message(_Connection(1), error(unknown))
+        agent.session._handle_message(Attempt(1), error(unknown))
     assert agent.status()["last_server_error"]["code"] == "RELAY_NOT_INTRODUCED"
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "RELAY_NOT_INTRODUCED" in warnings[0]

@@ -17,7 +17,7 @@ from registry.models import Worker
 from registry.security import identities
 from tests.test_peering import ask, connected
 from tests.test_security import handshake, new_key, welcome_or_close
-from worker_agent.p2p import identity
+from worker_agent.secure import identity
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.asyncio]
 

@@ -48,7 +48,7 @@ def netcheck(topology: NatTopology, site: Site, *, bind: str = "0.0.0.0:0") -> d
     """The agent's STUN client, run from the worker's namespace, as JSON."""
     result = topology.run(
         site.worker,
-        [sys.executable, "-m", "worker_agent.p2p.netcheck", *STUN_SERVERS, "--bind", bind],
+        [sys.executable, "-m", "worker_agent.paths.netcheck", *STUN_SERVERS, "--bind", bind],
     )
     return json.loads(result.stdout)
 

@@ -14,10 +14,10 @@ import pytest
 
 from registry.core import protocol
 from worker_agent import PeerClosed, wire
-from worker_agent.p2p import ice
-from worker_agent.p2p.loop import LoopThread
-from worker_agent.p2p.path import PeerPath, RelayRoute
-from worker_agent.p2p.relay import RelayLink
+from worker_agent.paths import ice
+from worker_agent.paths.loop import LoopThread
+from worker_agent.paths.path import PeerPath, RelayRoute
+from worker_agent.paths.relay import RelayLink
 
 pytestmark = pytest.mark.standalone
 
@@ -222,7 +222,7 @@ CANDIDATE = "6815297761 1 udp 2130706431 192.0.2.2 37929 typ host"
 
 
 def test_aioice_still_keeps_what_the_agent_reads_where_it_reads_it() -> None:
-    """worker_agent/p2p/ice.py reads aioice's private `_nominated`, `_check_list`, each pair's
+    """worker_agent/paths/ice.py reads aioice's private `_nominated`, `_check_list`, each pair's
     `remote_nominated`, and the socket protocol under a TURN transport; pyproject pins aioice."""
     assert aioice.__version__.startswith("0.13.")
 

@@ -17,12 +17,12 @@ import aioquic
 import pytest
 
 from worker_agent import PeerClosed, wire
-from worker_agent.p2p import identity, quic
-from worker_agent.p2p.connection import PeerConnection
-from worker_agent.p2p.errors import HandshakeFailed, IdentityMismatch
-from worker_agent.p2p.loop import LoopThread
-from worker_agent.p2p.path import PeerPath
-from worker_agent.p2p.quic import QuicSession
+from worker_agent.connection import PeerConnection
+from worker_agent.errors import HandshakeFailed, IdentityMismatch
+from worker_agent.paths.loop import LoopThread
+from worker_agent.paths.path import PeerPath
+from worker_agent.secure import identity, quic
+from worker_agent.secure.quic import QuicSession
 
 pytestmark = pytest.mark.standalone
 
@@ -120,7 +120,7 @@ def established(loop: LoopThread, session: QuicSession, timeout: float = 5) -> N
 
 
 def test_aioquic_still_has_the_private_parts_the_agent_uses() -> None:
-    """worker_agent/p2p/quic.py relies on these in aioquic 1.7 (pinned in pyproject.toml)."""
+    """worker_agent/secure/quic.py relies on these in aioquic 1.7 (pinned in pyproject.toml)."""
     assert aioquic.__version__.startswith("1.7.")
     from aioquic.quic.configuration import QuicConfiguration
     from aioquic.quic.connection import QuicConnection
@@ -144,18 +144,30 @@ def test_a_route_move_starts_congestion_control_afresh_and_keeps_what_is_in_flig
     assert client.quic is not None
     recovery = client.quic._loss
 
-    async def reset_now() -> tuple[Any, Any, int]:
-        """In one step of the loop: nothing acknowledged or lost in between."""
+    async def reset_now() -> tuple[Any, Any, int, tuple[int, int | None, int]]:
+        """In one step of the loop: nothing acknowledged or lost in between. The fresh
+        controller's values are read here, where they are made: once this step ends, ACKs
+        still arriving grow its window (slow start)."""
         shrunk = recovery._cc
         shrunk.congestion_window, shrunk.ssthresh = 2 * 1350, 2 * 1350  # as after losses
         in_flight = shrunk.bytes_in_flight
         client._route_moved(client.path, "relay", "direct")
-        return shrunk, recovery._cc, in_flight
+        fresh = recovery._cc
+        return (
+            shrunk,
+            fresh,
+            in_flight,
+            (
+                fresh.congestion_window,
+                fresh.ssthresh,
+                fresh.bytes_in_flight,
+            ),
+        )
 
-    shrunk, fresh, in_flight = loop.call(reset_now(), 5)
+    shrunk, fresh, in_flight, (window, ssthresh, fresh_in_flight) = loop.call(reset_now(), 5)
     assert fresh is not shrunk
-    assert fresh.congestion_window == 10 * 1350 and fresh.ssthresh is None  # slow start again
-    assert fresh.bytes_in_flight == in_flight
+    assert window == 10 * 1350 and ssthresh is None  # slow start again
+    assert fresh_in_flight == in_flight
 
     class Direct(Wire):
         kind = wire.PathKind.DIRECT

@@ -1,6 +1,6 @@
 """STUN: the responder's codec against RFC 5769's test vectors, the drop counters, the real
 responder on loopback answered by the agent's client (aioice's STUN, in
-worker_agent/p2p/netcheck.py), and `manage.py runstun`."""
+worker_agent/paths/netcheck.py), and `manage.py runstun`."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ from registry.peering.stun.responder import StunStats
 from tests.support.processes import REPO, wait_until
 from tests.support.stun_responder import running_responder
 from worker_agent import wire
-from worker_agent.p2p.netcheck import classify_nat
+from worker_agent.paths.netcheck import classify_nat
 from worker_agent.wire import NatMapping
 
 pytestmark = pytest.mark.standalone

@@ -21,7 +21,7 @@ from registry.core import turn
 from tests.support.backing import require_or_skip
 from tests.support.processes import free_port, wait_until
 from worker_agent import wire
-from worker_agent.p2p import ice
+from worker_agent.paths import ice
 
 pytestmark = pytest.mark.standalone
 

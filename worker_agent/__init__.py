@@ -5,9 +5,8 @@ Needs only `websocket-client` and the standard library; it imports nothing from 
 
 from .agent import AgentState, WorkerAgent
 from .agents import AgentGroup, run_agents
-from .backoff import Backoff
-from .p2p.connection import PeerConnection, PeerStream
-from .p2p.errors import (
+from .connection import PeerConnection, PeerStream
+from .errors import (
     HandshakeFailed,
     IdentityMismatch,
     NoPath,
@@ -20,13 +19,24 @@ from .p2p.errors import (
     PolicyDenied,
     StreamReset,
 )
-from .p2p.path import PeerPath
+from .options import (
+    Callbacks,
+    EnrolmentOptions,
+    PeerOptions,
+    ReconnectOptions,
+    ReportingOptions,
+    ServiceOptions,
+)
+from .paths.path import PeerPath
+from .service.backoff import Backoff
 from .version import __version__
 
 __all__ = [
     "AgentGroup",
     "AgentState",
     "Backoff",
+    "Callbacks",
+    "EnrolmentOptions",
     "HandshakeFailed",
     "IdentityMismatch",
     "NoPath",
@@ -34,12 +44,16 @@ __all__ = [
     "PeerClosed",
     "PeerConnection",
     "PeerError",
+    "PeerOptions",
     "PeerPath",
     "PeerRefused",
     "PeerStream",
     "PeerUnavailable",
     "PeerUnresponsive",
     "PolicyDenied",
+    "ReconnectOptions",
+    "ReportingOptions",
+    "ServiceOptions",
     "StreamReset",
     "WorkerAgent",
     "__version__",

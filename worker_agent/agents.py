@@ -9,9 +9,9 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
-from . import credentials
 from .agent import AgentState, WorkerAgent
 from .health import HealthServer
+from .service import credentials
 
 logger = logging.getLogger("worker_agent")
 

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import Any
 
-from .agent import DEFAULT_PING_INTERVAL, DEFAULT_PING_TIMEOUT
 from .agents import AgentGroup
-from .public_ip import DEFAULT_IP_ECHO_URL
+from .options import DEFAULT_PING_INTERVAL, DEFAULT_PING_TIMEOUT
+from .service.public_ip import DEFAULT_IP_ECHO_URL
 from .version import __version__
 
 DEFAULT_PORT = 8080
@@ -121,21 +121,7 @@ def main(
     env = os.environ if environ is None else environ
     try:
         config = Config.from_environ(env)
-        if args.count < 1:
-            raise ConfigError("--count must be at least 1")
-        worker_ids = _worker_ids(config.worker_id, args.count)
-        group = AgentGroup(
-            config.service_url,
-            args.count,
-            worker_ids,
-            health_host=config.health_host,
-            health_port=config.port,
-            ping_interval=config.ping_interval,
-            ping_timeout=config.ping_timeout,
-            ip_echo_url=config.ip_echo_url,
-            enrolment_key=config.enrolment_key,
-            credential_file=config.credential_file,
-        )
+        group = _group(config, args.count)
     except ValueError as exc:  # ConfigError, and the agent's own URL and id checks
         print(f"rendezvous-worker: {exc}", file=sys.stderr, flush=True)
         return 1
@@ -174,6 +160,24 @@ def main(
         logger.error("the service refused every worker id; exiting")
         return 1
     return 0
+
+
+def _group(config: Config, count: int) -> AgentGroup:
+    """Every agent the configuration asks for, built (and so checked) before any starts."""
+    if count < 1:
+        raise ConfigError("--count must be at least 1")
+    return AgentGroup(
+        config.service_url,
+        count,
+        _worker_ids(config.worker_id, count),
+        health_host=config.health_host,
+        health_port=config.port,
+        ping_interval=config.ping_interval,
+        ping_timeout=config.ping_timeout,
+        ip_echo_url=config.ip_echo_url,
+        enrolment_key=config.enrolment_key,
+        credential_file=config.credential_file,
+    )
 
 
 def _worker_ids(worker_id: str | None, count: int) -> list[str] | None:

@@ -1,4 +1,4 @@
-"""One introduction, from the agent's side: which routes to try, when, and what to tell.
+"""One introduction's routes, from the agent's side: which to try, when, and what to tell.
 
 The service relay carries data from the moment of the introduction. The side that asked for it
 (the initiator, controlling ICE) then drives the attempts at something better:
@@ -23,13 +23,10 @@ from collections.abc import Callable
 from typing import Any
 
 from .. import wire
-from .connection import PeerConnection
-from .errors import NoPath
+from ..errors import NoPath
 from .ice import DEFAULT_TIMEOUT, IceAttempt, TurnServer
-from .identity import WorkerIdentity, certificate_from_header
 from .loop import LoopThread
 from .path import PeerPath, RelayRoute
-from .quic import QuicSession
 from .relay import RelayLink
 
 logger = logging.getLogger("worker_agent.p2p")
@@ -46,7 +43,9 @@ ANSWERING_TIMEOUT = 45.0
 Signal = Callable[[str], bool]
 
 
-class PeerSession:
+class PathSession:
+    """The path of one introduction and the ICE attempts that feed it, on the peer loop."""
+
     def __init__(
         self,
         *,
@@ -57,25 +56,21 @@ class PeerSession:
         stun_server: tuple[str, int] | None,
         use_udp: bool = True,
         started: float | None = None,
-        on_end: Callable[[PeerSession], None] | None = None,
         attempt_timeout: float = DEFAULT_TIMEOUT,
-        identity: WorkerIdentity | None = None,
     ) -> None:
         self.introduction_id: str = introduction["introduction_id"]
         self.peer_id: str = introduction["peer_id"]
         self.controlling = introduction.get("role") == "initiator"
-        self.transport = introduction.get("transport") or wire.Transport.QUIC
-        self._identity = identity
-        self._peer_certificate = introduction.get("peer_certificate")
-        self.quic: QuicSession | None = None
-        self.connection: PeerConnection | None = None
-        self.quic_failure: NoPath | None = None
+        self.failure: NoPath | None = None  # why no route was possible at all
+        # The layer above: told first when the session ends (while the path still has its
+        # routes, so its own goodbye can still go out on them), and once it has ended.
+        self.on_closing: Callable[[str], None] | None = None
+        self.on_end: Callable[[str], None] | None = None
         self._loop = loop
         self._signal = signal
         self._stun_server = stun_server
         self._use_udp = use_udp
         self._started = time.monotonic() if started is None else started
-        self._on_end = on_end
         self._attempt_timeout = attempt_timeout
         self.turn = _turn_server(introduction.get("turn"))
         self._attempts: dict[tuple[str, int], IceAttempt] = {}
@@ -96,61 +91,35 @@ class PeerSession:
         self.path.on_change(self._path_changed)
 
     def __repr__(self) -> str:
-        return f"<PeerSession {self.introduction_id[:8]} with {self.peer_id} {self.path.kind}>"
+        return f"<PathSession {self.introduction_id[:8]} with {self.peer_id} {self.path.kind}>"
 
     # ---- on the peer loop ----------------------------------------------------------------------
 
-    def start(self) -> None:
+    def start(self) -> bool:
+        """The relay route at once, the attempts at better ones in the background. False (and
+        `failure`, and the session closed) when no route is possible at all."""
         self._direct_up = asyncio.Event()
         if self.relay_route is not None:
             self.path.add_route(self.relay_route)
         elif not self._use_udp:
-            self.quic_failure = NoPath(
-                "no route is possible: the service does not relay (RENDEZVOUS_RELAY is off) "
-                "and UDP is off here (peer_udp=False)"
+            self.fail(
+                NoPath(
+                    "no route is possible: the service does not relay (RENDEZVOUS_RELAY is off) "
+                    "and UDP is off here (peer_udp=False)"
+                )
             )
-            logger.warning("introduction=%s: %s", self.introduction_id, self.quic_failure)
-            self.close(str(self.quic_failure))
-            return
-        if self.transport == wire.Transport.QUIC:
-            self._start_quic()
+            return False
         if self.controlling and self._use_udp:
             self._spawn(self._drive_direct())
             if self.turn is not None:
                 self._spawn(self._drive_turn())
+        return True
 
-    def _start_quic(self) -> None:
-        """QUIC over the path from the start: the initiator is the client."""
-        try:
-            if self._identity is None:
-                raise NoPath("this agent has no identity (no p2p extra, or it could not make one)")
-            if not self._peer_certificate:
-                raise NoPath(f"worker {self.peer_id} has no identity: its agent is too old")
-            peer = certificate_from_header(self._peer_certificate)
-        except (NoPath, ValueError) as exc:
-            self.quic_failure = exc if isinstance(exc, NoPath) else NoPath(str(exc))
-            logger.warning("introduction=%s: no QUIC: %s", self.introduction_id, exc)
-            self.close(str(self.quic_failure))
-            return
-        try:
-            self.quic = QuicSession(
-                path=self.path, own=self._identity, peer_certificate=peer, client=self.controlling
-            )
-        except (ValueError, TypeError) as exc:  # an unusable own identity
-            self.quic_failure = NoPath(f"cannot start QUIC: {exc}")
-            logger.warning("introduction=%s: %s", self.introduction_id, self.quic_failure)
-            self.close(str(self.quic_failure))
-            return
-        self.quic.on_closed = lambda quic: self.end(f"connection closed: {quic.closed_reason}")
-        self.connection = PeerConnection(session=self.quic, loop=self._loop, path=self.path)
-        self.quic.start()
-
-    async def established(self) -> PeerConnection:
-        """The connection once its handshake completed (pinned identities checked both ways)."""
-        if self.quic is None or self.connection is None:
-            raise self.quic_failure or NoPath("no QUIC connection on this introduction")
-        await asyncio.shield(self.quic.handshake)
-        return self.connection
+    def fail(self, failure: NoPath) -> None:
+        """Nothing can be carried on this introduction: say why, and close it."""
+        self.failure = failure
+        logger.warning("introduction=%s: %s", self.introduction_id, failure)
+        self.close(str(failure))
 
     def relayed(self, datagrams: list[bytes]) -> None:
         for datagram in datagrams:
@@ -188,16 +157,16 @@ class PeerSession:
         if self.ended:
             return
         self.ended = True
-        if self.quic is not None:
-            self.quic.close(reason)
+        if self.on_closing is not None:
+            self.on_closing(reason)
         for task in list(self._tasks):
             task.cancel()
         for attempt in list(self._attempts.values()):
             self._spawn_detached(attempt.close())
         self._attempts.clear()
         self.path.ended(reason)
-        if self._on_end is not None:
-            self._on_end(self)
+        if self.on_end is not None:
+            self.on_end(reason)
 
     def relay_lost(self, reason: str) -> None:
         """The service link of this introduction is gone (the WebSocket dropped)."""

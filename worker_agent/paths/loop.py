@@ -14,7 +14,7 @@ import threading
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
-from .errors import PeerClosed
+from ..errors import PeerClosed
 
 logger = logging.getLogger("worker_agent.p2p")
 

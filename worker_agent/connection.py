@@ -13,16 +13,16 @@ import asyncio
 import contextlib
 import io
 import queue
-import threading
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from .errors import PeerClosed, PeerError
-from .loop import LoopThread
-from .path import ChangeCallback, Endpoint, PeerPath
+from .paths.loop import LoopThread
+from .paths.path import ChangeCallback, Endpoint, PeerPath
+from .secure.streams import StreamBuffer
 
 if TYPE_CHECKING:
-    from .quic import QuicSession
+    from .secure.quic import QuicSession
 
 DEFAULT_TIMEOUT = 30.0
 READ_SIZE = 64 * 1024
@@ -31,50 +31,6 @@ LINGER = 5.0  # how long close() waits for the peer to acknowledge what was writ
 # Bytes read before the peer's send window grows by them: a sixteenth of quic.STREAM_WINDOW, so
 # the peer always has most of its window while the reader keeps up.
 WINDOW_STEP = 256 * 1024
-
-
-class StreamBuffer:
-    """What arrived on one stream and was not read yet; filled by the loop, read from any
-    thread."""
-
-    def __init__(self) -> None:
-        self._data = bytearray()
-        self._eof = False
-        self._error: PeerError | None = None
-        self._changed = threading.Condition()
-
-    def feed(self, data: bytes, end: bool) -> None:
-        """Append what arrived; the reader hears of it at `wake()` (once per burst of packets,
-        not per packet)."""
-        with self._changed:
-            self._data += data
-            self._eof = self._eof or end
-
-    def wake(self) -> None:
-        with self._changed:
-            self._changed.notify_all()
-
-    def fail(self, error: PeerError) -> None:
-        with self._changed:
-            if self._error is None and not self._eof:
-                self._error = error
-            self._changed.notify_all()
-
-    def read(self, max_bytes: int, timeout: float | None) -> bytes:
-        with self._changed:
-            if not self._changed.wait_for(lambda: self._data or self._eof or self._error, timeout):
-                raise TimeoutError(f"nothing arrived on the stream within {timeout}s")
-            if self._data:
-                chunk = bytes(self._data[:max_bytes])
-                del self._data[:max_bytes]
-                return chunk
-            if self._error is not None:
-                raise self._error
-            return b""  # the peer's end of stream
-
-    @property
-    def buffered(self) -> int:
-        return len(self._data)
 
 
 class PeerStream:

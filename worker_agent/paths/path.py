@@ -20,7 +20,7 @@ from types import TracebackType
 from typing import Any, Protocol
 
 from .. import wire
-from .errors import PeerClosed
+from ..errors import PeerClosed
 from .loop import LoopThread
 from .relay import RelayLink
 

@@ -12,7 +12,7 @@ import urllib.error
 import urllib.request
 from urllib.parse import urlsplit
 
-from .version import __version__
+from ..version import __version__
 
 DEFAULT_IP_ECHO_URL = "https://api.ipify.org"
 DEFAULT_TIMEOUT = 5.0

@@ -35,10 +35,10 @@ from aioquic.quic.packet import QuicFrameType, QuicPacketType, pull_quic_header
 from aioquic.quic.recovery import create_congestion_control
 from cryptography import x509
 
+from ..errors import HandshakeFailed, IdentityMismatch, PeerClosed, PeerError, StreamReset
+from ..paths.path import PeerPath
 from . import identity
-from .connection import StreamBuffer
-from .errors import HandshakeFailed, IdentityMismatch, PeerClosed, PeerError, StreamReset
-from .path import PeerPath
+from .streams import StreamBuffer
 
 logger = logging.getLogger("worker_agent.p2p")
 

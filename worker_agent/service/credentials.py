@@ -2,7 +2,7 @@
 
 The agent makes its credential itself before it enrols (the service binds the credential the
 enrolling agent presents, so nobody else holding the enrolment key can redo that enrolment), and
-its key pair and certificate (worker_agent/p2p/identity.py); all of it is kept here, read at
+its key pair and certificate (worker_agent/secure/identity.py); all of it is kept here, read at
 every start, so a restarted worker comes back as itself without its enrolment key. The file is
 created with mode 0600 and replaced atomically; it holds secrets, so keep it where only the
 worker's user can read it. Files of format 1 (a credential the service issued, no key pair) are

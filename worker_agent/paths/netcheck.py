@@ -158,8 +158,8 @@ def _format(endpoint: tuple[Any, ...]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m worker_agent.p2p.netcheck SERVER SERVER`: this host's mapping, as JSON."""
-    parser = argparse.ArgumentParser(prog="python -m worker_agent.p2p.netcheck")
+    """`python -m worker_agent.paths.netcheck SERVER SERVER`: this host's mapping, as JSON."""
+    parser = argparse.ArgumentParser(prog="python -m worker_agent.paths.netcheck")
     parser.add_argument("servers", nargs="+", help="STUN servers, host[:port]")
     parser.add_argument("--bind", default="0.0.0.0:0", help="local address:port to send from")
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT)

@@ -28,7 +28,7 @@ from typing import Any
 import aioice
 
 from .. import wire
-from .errors import PeerError
+from ..errors import PeerError
 
 logger = logging.getLogger("worker_agent.p2p")
 

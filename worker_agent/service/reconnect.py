@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..wire import FINAL_CLOSE_CODES, CloseCode
 from .backoff import Backoff, Uniform
-from .wire import FINAL_CLOSE_CODES, CloseCode
 
 DEFAULT_SUPERSEDED_DELAY = 60.0
 DEFAULT_MAX_SUPERSEDED = 3

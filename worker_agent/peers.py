@@ -1,0 +1,388 @@
+"""The agent's peer side: the layers put together for each introduction.
+
+`Signalling` (over the service session) introduces two workers; for each introduction a
+`PeerSession` carries it: a `PathSession` (paths: the relay at once, ICE for better routes)
+and, for an encrypted connection, a `QuicSession` on that path (secure) wrapped in the
+`PeerConnection` the host program uses. `Peers` owns what they share (the asyncio loop of the
+p2p layers, the relay link over the agent's WebSocket) and the host program's side:
+`connect()`, `connect_path()`, and handing connections a peer opened to `on_peer`.
+
+Discovery needs only the standard library; connections need the `p2p` extra, imported on first
+use (and ahead of it by `warm_up`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from . import wire
+from .errors import MISSING_EXTRA, NoPath, P2PUnavailable, PeerError
+from .signalling.introductions import Carrier, Signalling
+
+if TYPE_CHECKING:
+    from .connection import PeerConnection
+    from .paths.loop import LoopThread
+    from .paths.netcheck import NatReport
+    from .paths.path import PeerPath
+    from .paths.relay import RelayLink
+    from .paths.session import PathSession
+    from .secure.identity import WorkerIdentity
+    from .secure.quic import QuicSession
+
+logger = logging.getLogger("worker_agent")
+
+DEFAULT_CONNECT_TIMEOUT = 10.0
+NAT_CHECK_TIMEOUT = 3.0
+HANDSHAKE_TIMEOUT = 10.0  # the answering side's wait for the initiator's QUIC handshake
+
+Send = Callable[[str], bool]
+SendBinary = Callable[[bytes], bool]
+PeerCallback = Callable[["PeerConnection"], None]
+PathCallback = Callable[["PeerPath"], None]
+
+
+class PeerSession:
+    """One introduction as the agent carries it (a signalling `Carrier`): its path session and,
+    for an encrypted connection, QUIC on that path. Created on the session's reading thread;
+    everything else runs on the peer loop."""
+
+    def __init__(
+        self,
+        *,
+        introduction: dict[str, Any],
+        loop: LoopThread,
+        paths: PathSession,
+        identity: WorkerIdentity | None,
+        on_end: Callable[[PeerSession], None],
+    ) -> None:
+        self.introduction_id = paths.introduction_id
+        self.peer_id = paths.peer_id
+        self.transport = introduction.get("transport") or wire.Transport.QUIC
+        self.paths = paths
+        self.path = paths.path
+        self.quic: QuicSession | None = None
+        self.connection: PeerConnection | None = None
+        self._loop = loop
+        self._identity = identity
+        self._peer_certificate = introduction.get("peer_certificate")
+        paths.on_closing = self._closing
+        paths.on_end = lambda reason: on_end(self)
+
+    def __repr__(self) -> str:
+        return f"<PeerSession {self.introduction_id[:8]} with {self.peer_id} {self.path.kind}>"
+
+    @property
+    def failure(self) -> PeerError | None:
+        return self.paths.failure
+
+    @property
+    def closed_reason(self) -> str | None:
+        return self.path.closed_reason
+
+    # ---- signalling's Carrier: from the service session's reading thread --------------------
+
+    def start(self) -> None:
+        self._loop.call_soon(self._start)
+
+    def ice_candidates(self, message: dict[str, Any]) -> None:
+        self._loop.call_soon(self.paths.remote_candidates, message)
+
+    def relayed(self, datagrams: list[bytes]) -> None:
+        self._loop.call_soon(self.paths.relayed, datagrams)
+
+    def peer_closed(self, reason: str) -> None:
+        self._loop.call_soon(self.paths.end, reason)
+
+    def relay_lost(self, reason: str) -> None:
+        self._loop.call_soon(self.paths.relay_lost, reason)
+
+    def end(self, reason: str) -> None:
+        self._loop.call_soon(self.paths.end, reason)
+
+    # ---- on the peer loop ----------------------------------------------------------------------
+
+    def _start(self) -> None:
+        if self.paths.start() and self.transport == wire.Transport.QUIC:
+            self._start_quic()
+
+    def _start_quic(self) -> None:
+        """QUIC over the path from the start: the initiator is the client."""
+        from .connection import PeerConnection
+        from .secure.identity import certificate_from_header
+        from .secure.quic import QuicSession
+
+        try:
+            if self._identity is None:
+                raise NoPath("this agent has no identity (no p2p extra, or it could not make one)")
+            if not self._peer_certificate:
+                raise NoPath(f"worker {self.peer_id} has no identity: its agent is too old")
+            peer = certificate_from_header(self._peer_certificate)
+            self.quic = QuicSession(
+                path=self.path,
+                own=self._identity,
+                peer_certificate=peer,
+                client=self.paths.controlling,
+            )
+        except NoPath as exc:
+            self.paths.fail(exc)
+            return
+        except (ValueError, TypeError) as exc:  # an unusable certificate, ours or the peer's
+            self.paths.fail(NoPath(f"cannot start QUIC: {exc}"))
+            return
+        self.quic.on_closed = lambda quic: self.paths.end(
+            f"connection closed: {quic.closed_reason}"
+        )
+        self.connection = PeerConnection(session=self.quic, loop=self._loop, path=self.path)
+        self.quic.start()
+
+    async def established(self) -> PeerConnection:
+        """The connection once its handshake completed (pinned identities checked both ways)."""
+        if self.quic is None or self.connection is None:
+            raise self.failure or NoPath("no QUIC connection on this introduction")
+        await asyncio.shield(self.quic.handshake)
+        return self.connection
+
+    def _closing(self, reason: str) -> None:
+        if self.quic is not None:
+            self.quic.close(reason)
+
+
+class Peers:
+    def __init__(
+        self,
+        worker_id: str,
+        send: Send,
+        *,
+        send_binary: SendBinary,
+        stun_servers: Sequence[str] | None = None,
+        on_peer: PeerCallback | None = None,
+        on_peer_path: PathCallback | None = None,
+        use_udp: bool = True,
+        identity: WorkerIdentity | None = None,
+    ) -> None:
+        self.worker_id = worker_id
+        self._send = send
+        self._send_binary = send_binary
+        self.on_peer = on_peer
+        self.on_peer_path = on_peer_path
+        self.use_udp = use_udp
+        self.identity = identity
+        self.signalling = Signalling(
+            worker_id,
+            send,
+            open_carrier=self._open,
+            refusal=self._refusal,
+            incoming=self._incoming,
+            stun_servers=stun_servers,
+        )
+        self._lock = threading.Lock()
+        self._loop: LoopThread | None = None
+        self._relay: RelayLink | None = None
+        self._closed = False
+        self.last_nat_report: NatReport | None = None
+
+    # ---- what the host program calls ------------------------------------------------------------
+
+    def connect(self, peer_id: str, *, timeout: float = DEFAULT_CONNECT_TIMEOUT) -> PeerConnection:
+        """An encrypted connection to `peer_id`, pinned to its introduced identity, once its
+        handshake completed over the first route that carries data (the relay, normally)."""
+        started = time.monotonic()
+        session = self._introduce(peer_id, wire.Transport.QUIC, timeout)
+        try:
+            connection = self.loop().call(
+                session.established(), max(0.1, started + timeout - time.monotonic())
+            )
+        except TimeoutError:
+            session.path.close("no QUIC handshake in time")
+            raise NoPath(
+                f"introduced to {peer_id}, but the encrypted handshake did not complete within "
+                f"{timeout:g}s (path: {session.path.kind})"
+            ) from None
+        except PeerError:
+            session.path.close("no QUIC connection")
+            raise
+        logger.info(
+            "worker=%s: connected to %s over %s in %.0f ms (handshake %.0f ms)",
+            self.worker_id,
+            peer_id,
+            connection.path_kind,
+            1000 * (time.monotonic() - started),
+            1000 * (connection.handshake_seconds or 0),
+        )
+        return connection
+
+    def connect_path(self, peer_id: str, *, timeout: float = DEFAULT_CONNECT_TIMEOUT) -> PeerPath:
+        """A raw datagram path to `peer_id` (not encrypted), as soon as a route carries data."""
+        started = time.monotonic()
+        path = self._introduce(peer_id, wire.Transport.DATAGRAMS, timeout).path
+        if path.kind is None and not path.wait_for_kind(
+            *[k.value for k in wire.PathKind],
+            timeout=max(0.0, started + timeout - time.monotonic()),
+        ):
+            path.close("no path came up")
+            raise NoPath(
+                f"introduced to {peer_id}, but no route carried data within {timeout:g}s "
+                f"({path.closed_reason or 'the relay was not offered and ICE found no pair'})"
+            )
+        logger.info(
+            "worker=%s: path to %s over %s in %.0f ms",
+            self.worker_id,
+            peer_id,
+            path.kind,
+            1000 * (time.monotonic() - started),
+        )
+        return path
+
+    def _introduce(self, peer_id: str, transport: str, timeout: float) -> PeerSession:
+        self.loop()  # P2PUnavailable at once, before the peer is bothered
+        carrier = self.signalling.introduce(peer_id, transport, timeout)
+        assert isinstance(carrier, PeerSession)
+        return carrier
+
+    def sessions(self) -> list[PeerSession]:
+        return [c for c in self.signalling.carriers() if isinstance(c, PeerSession)]
+
+    def report_nat(self) -> NatReport | None:
+        """Classify the NAT from a fresh socket and tell the service (admin, API, peer list)."""
+        servers = self.signalling.stun_servers()
+        if not servers:
+            return None
+        from .paths.netcheck import classify_nat
+
+        report = self.loop().call(
+            classify_nat(servers, timeout=NAT_CHECK_TIMEOUT), NAT_CHECK_TIMEOUT + 2
+        )
+        self.last_nat_report = report
+        self._send(wire.nat_report(report.mapping.value, report.mapped))
+        logger.info(
+            "worker=%s: NAT mapping %s, UDP endpoint %s",
+            self.worker_id,
+            report.mapping.value,
+            report.mapped,
+        )
+        return report
+
+    def close(self) -> None:
+        """The agent stops: every path ends, the peer loop stops."""
+        with self._lock:
+            self._closed = True
+            loop, relay = self._loop, self._relay
+        for carrier in self.signalling.carriers():
+            carrier.end("the agent stopped")
+        if relay is not None:
+            relay.close()
+        if loop is not None:
+            loop.stop()
+
+    # ---- what signalling asks (on the service session's reading thread) -------------------------
+
+    def _refusal(self, transport: str) -> str | None:
+        """Why this worker refuses an introduction a peer asked for, or None to accept it."""
+        quic = transport == wire.Transport.QUIC
+        if (self.on_peer if quic else self.on_peer_path) is None:
+            return (
+                "this worker does not accept peer connections"
+                if quic
+                else "this worker does not accept raw datagram paths"
+            )
+        if quic and self.identity is None:
+            return "this worker has no identity for encrypted connections"
+        try:
+            self.loop()
+        except P2PUnavailable:
+            return f"this worker cannot take peer connections ({MISSING_EXTRA})"
+        return None
+
+    def _open(self, introduction: dict[str, Any], started: float | None) -> Carrier:
+        from .paths.session import PathSession
+
+        loop = self.loop()
+        servers = self.signalling.stun_servers()
+        paths = PathSession(
+            introduction=introduction,
+            loop=loop,
+            relay=self._relay_link(),
+            signal=self._send,
+            stun_server=servers[0] if servers else None,
+            use_udp=self.use_udp,
+            started=started,
+        )
+        return PeerSession(
+            introduction=introduction,
+            loop=loop,
+            paths=paths,
+            identity=self.identity,
+            on_end=self.signalling.ended,
+        )
+
+    def _incoming(self, carrier: Carrier) -> None:
+        assert isinstance(carrier, PeerSession)
+        threading.Thread(
+            target=self._hand_over,
+            args=(carrier,),
+            name=f"worker-agent-peer-{carrier.peer_id[:12]}",
+            daemon=True,
+        ).start()
+
+    def _hand_over(self, session: PeerSession) -> None:
+        """The answering side: `on_peer(connection)` once the handshake completed, or
+        `on_peer_path(path)` for a raw datagram path."""
+        try:
+            if session.transport == wire.Transport.QUIC:
+                connection = self.loop().call(session.established(), HANDSHAKE_TIMEOUT)
+                callback: Callable[[Any], None] | None = self.on_peer
+                handed: Any = connection
+            else:
+                callback, handed = self.on_peer_path, session.path
+        except (PeerError, TimeoutError) as exc:
+            logger.warning(
+                "worker=%s: connection from %s failed: %s", self.worker_id, session.peer_id, exc
+            )
+            session.path.close(f"no connection: {exc}")
+            return
+        if callback is None:
+            return
+        try:
+            callback(handed)
+        except Exception:
+            logger.exception("worker=%s: the on_peer callback raised", self.worker_id)
+
+    # ---- what the layers share -----------------------------------------------------------------
+
+    def warm_up(self) -> None:
+        """Import what peer connections need (aioice, aioquic, cryptography: about a quarter of a
+        second of CPU) ahead of the first one, in the caller's thread; nothing without the
+        extra. The agent does it in the background when it starts."""
+        try:
+            from .paths import session  # noqa: F401
+            from .secure import quic  # noqa: F401
+        except ImportError:
+            logger.debug("worker=%s: no p2p extra; peer connections unavailable", self.worker_id)
+
+    def loop(self) -> LoopThread:
+        """The peer loop, started on first use; P2PUnavailable without the extra."""
+        try:  # outside the lock: the first import takes a while
+            from .paths.loop import LoopThread
+            from .paths.session import PathSession  # noqa: F401 - aioice present?
+        except ImportError as exc:
+            raise P2PUnavailable(f"{MISSING_EXTRA} ({exc})") from None
+        with self._lock:
+            if self._loop is not None:
+                return self._loop
+            if self._closed:
+                raise PeerError("the agent has stopped")
+            self._loop = LoopThread(f"worker-agent-p2p-{self.worker_id[:12]}")
+            return self._loop
+
+    def _relay_link(self) -> RelayLink:
+        from .paths.relay import RelayLink
+
+        with self._lock:
+            if self._relay is None:
+                self._relay = RelayLink(self._send_binary)
+            return self._relay
