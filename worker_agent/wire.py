@@ -1,6 +1,6 @@
 """The agent's copy of the wire protocol: constants, the frames it sends, the frames it reads.
 
-`registry/protocol.py` is the source of truth. This module copies what a worker needs so the
+`registry/core/protocol/` is the source of truth. This module copies what a worker needs so the
 agent installs without the service; `tests/test_agent_unit.py` checks that the copies agree.
 """
 
@@ -27,7 +27,7 @@ AGENT_INFO_MAX_KEY_LENGTH = 64
 AGENT_INFO_MAX_VALUE_LENGTH = 256
 
 REGISTER_PATH = "/ws/register/{worker_id}"
-# Handshake headers besides Authorization (registry/protocol.py has the rules).
+# Handshake headers besides Authorization (registry/core/protocol/ has the rules).
 CREDENTIAL_HEADER = "Rendezvous-Credential"  # the agent's own credential, to bind at enrolment
 CERTIFICATE_HEADER = "Rendezvous-Certificate"  # its identity certificate, base64 DER
 
@@ -354,7 +354,7 @@ def peer_close(*, introduction_id: str, reason: str = "") -> str:
     )
 
 
-# ---- relay frames (binary; registry/protocol.py has the layout) ---------------------------------
+# ---- relay frames (binary; registry/core/protocol/relay_frames.py has the layout) ----------------
 
 RELAY_DATA = 1
 RELAY_HEADER_BYTES = 17
