@@ -89,6 +89,7 @@ class PathSession:
         if introduction.get("relay"):
             self.relay_route = RelayRoute(relay, wire.relay_header(self.introduction_id))
         self.path.on_change(self._path_changed)
+        self.path.on_route_failed = self._route_failed
 
     def __repr__(self) -> str:
         return f"<PathSession {self.introduction_id[:8]} with {self.peer_id} {self.path.kind}>"
@@ -99,6 +100,7 @@ class PathSession:
         """The relay route at once, the attempts at better ones in the background. False (and
         `failure`, and the session closed) when no route is possible at all."""
         self._direct_up = asyncio.Event()
+        self.path.watch.start()
         if self.relay_route is not None:
             self.path.add_route(self.relay_route)
         elif not self._use_udp:
@@ -167,6 +169,12 @@ class PathSession:
         self.path.ended(reason)
         if self.on_end is not None:
             self.on_end(reason)
+
+    def _route_failed(self, route: Any) -> None:
+        """The path gave a route up (it stopped reaching the peer): close its ICE attempt; the
+        initiator's drivers then try again at once, with fresh sockets."""
+        if isinstance(route, IceAttempt):
+            self._spawn_detached(route.close())
 
     def relay_lost(self, reason: str) -> None:
         """The service link of this introduction is gone (the WebSocket dropped)."""
