@@ -179,20 +179,21 @@ class QuicSession:
             self._connect()
 
     def _route_moved(self, path: PeerPath, old: str | None, new: str | None) -> None:
-        """The packets take another route now (the relay, then the LAN, say): a new network
-        path, for which QUIC starts its congestion control afresh (RFC 9000, 9.4). aioquic
-        does not see the move (the address below it stays the same), so it is done here;
-        otherwise the window CUBIC shrank on the relay's losses grows back on the direct path
-        at the pace of the relay's. A move down (the better route stopped reaching the peer)
-        also probes at once: what was in flight on the lost route is gone, and waiting for the
-        probe timeout, doubled by every silent second, would stall the connection."""
-        if old is None or new is None or old == new or self.quic is None:
+        """The packets take another route now (the relay, then the LAN, say; or the relay again
+        after an outage of the service): a new network path, for which QUIC starts its
+        congestion control afresh (RFC 9000, 9.4). aioquic does not see the move (the address
+        below it stays the same), so it is done here; otherwise the window CUBIC shrank on the
+        relay's losses grows back on the direct path at the pace of the relay's. A move down,
+        or back from no route at all, also probes at once: what was in flight is gone, and
+        waiting for the probe timeout, doubled by every silent second, would stall the
+        connection for as long again."""
+        if new is None or old == new or self.quic is None:
             return
         recovery = self.quic._loss  # aioquic's private loss recovery: no public way to reset
         fresh = create_congestion_control(CONGESTION_CONTROL, max_datagram_size=MAX_PACKET)
         fresh.bytes_in_flight = recovery._cc.bytes_in_flight  # still owed their ACKs
         recovery._cc = fresh
-        if _rank(new) < _rank(old) and recovery.bytes_in_flight:
+        if (old is None or _rank(new) < _rank(old)) and recovery.bytes_in_flight:
             recovery._pto_count = 0
             recovery.reschedule_data(now=time.monotonic())
             self.transmit()
