@@ -65,6 +65,8 @@ def test_wire_constants_match_the_server_protocol() -> None:
     assert _members(wire.NatMapping) == _members(protocol.NatMapping)
     assert _members(wire.PathKind) == _members(protocol.PathKind)
     assert _members(wire.IcePolicy) == _members(protocol.IcePolicy)
+    assert _members(wire.PeerClosedCode) == _members(protocol.PeerClosedCode)
+    assert wire.RESUMING_PROTOCOL_VERSION == protocol.PROTOCOL_VERSION
     for name in (
         "PROTOCOL_VERSION",
         "PEER_PROTOCOL_VERSION",
@@ -98,8 +100,11 @@ def test_the_server_parses_every_frame_the_agent_builds() -> None:
         wire.list_peers(request_id="r", tag="gpu"): protocol.ListPeers("gpu", "r"),
         wire.subscribe_peers(): protocol.SubscribePeers(None),
         wire.unsubscribe_peers(): protocol.UnsubscribePeers(),
-        wire.connect_request(peer_id="b", request_id="r"): protocol.ConnectRequest("b", "r", 2),
-        wire.introduction_accept(introduction_id=intro): protocol.IntroductionAccept(intro, 2),
+        wire.connect_request(peer_id="b", request_id="r"): protocol.ConnectRequest("b", "r", 3),
+        wire.connect_request(peer_id="b", request_id="r", resumes=intro): protocol.ConnectRequest(
+            "b", "r", 3, resumes=intro
+        ),
+        wire.introduction_accept(introduction_id=intro): protocol.IntroductionAccept(intro, 3),
         wire.introduction_reject(introduction_id=intro, reason="no"): protocol.IntroductionReject(
             intro, "no"
         ),
@@ -334,11 +339,46 @@ def test_a_connection_up_for_stable_after_resets_the_backoff() -> None:
     assert backoff.next_delay() == 1
 
 
+def test_after_a_registered_connection_the_retries_stay_quick_for_a_while() -> None:
+    """A service restart of a few seconds must cost its workers a few seconds: within
+    `fast_for` of a registered connection's end every delay is at most `base`; a connection
+    lost again meanwhile does not extend the window; then the exponent counts on."""
+    now = [1000.0]
+    backoff = Backoff(
+        base=2, stable_after=30, fast_for=60, uniform=lambda low, high: high, clock=lambda: now[0]
+    )
+    assert [backoff.next_delay() for _ in range(3)] == [2, 4, 8]  # never registered: doubling
+    backoff.connection_lasted(3600)
+    backoff.registered_connection_ended()
+    delays = []
+    while now[0] < 1059.0:
+        delays.append(backoff.next_delay())
+        now[0] += delays[-1]
+        if len(delays) == 10:
+            backoff.registered_connection_ended()  # registered and lost again: no extension
+    assert set(delays) == {2} and len(delays) == 30
+    now[0] = 1060.0
+    assert [backoff.next_delay() for _ in range(3)] == [2, 4, 8]
+
+
+def test_the_policy_retries_quickly_after_a_registered_connection_only() -> None:
+    now = [0.0]
+    policy = ReconnectPolicy(Backoff(base=2, uniform=lambda low, high: high, clock=lambda: now[0]))
+    assert [policy.after(Outcome()).delay for _ in range(3)] == [2, 4, 8]  # never registered
+    lost = Outcome(opened=True, registered=True, uptime=5.0, close_code=None)
+    assert [policy.after(lost).delay for _ in range(3)] == [2, 2, 2]
+    flood = Outcome(opened=True, registered=True, uptime=5.0, close_code=4029)
+    now[0] = 100.0
+    assert policy.after(flood).delay == 16  # closed for flooding: the normal backoff
+
+
 def test_backoff_settings_are_checked() -> None:
     with pytest.raises(ValueError):
         Backoff(base=0)
     with pytest.raises(ValueError):
         Backoff(base=10, cap=5)
+    with pytest.raises(ValueError):
+        Backoff(fast_for=-1)
 
 
 # ---- reconnect policy --------------------------------------------------------------------------
@@ -363,11 +403,17 @@ def test_other_handshake_failures_are_retried_with_backoff() -> None:
 
 
 @pytest.mark.parametrize("code", [1000, 1001, 1006, 1012, 4001, 4002, 4003, 4004, None])
-def test_server_closes_and_lost_connections_reconnect_with_normal_backoff(code: int | None) -> None:
+def test_server_closes_and_lost_connections_reconnect_quickly_then_with_backoff(
+    code: int | None,
+) -> None:
+    """The retries after a registered connection stay within the base delay for a while (a
+    service restart); a policy that never saw one doubles them as before."""
     policy = _policy()
     decision = policy.after(Outcome(opened=True, registered=True, uptime=1.0, close_code=code))
     assert (decision.retry, decision.delay) == (True, 1)
-    assert policy.after(Outcome(opened=True, uptime=1.0, close_code=code)).delay == 2
+    assert policy.after(Outcome(opened=True, uptime=1.0, close_code=code)).delay == 1
+    fresh = _policy()
+    assert [fresh.after(Outcome(opened=True, close_code=code)).delay for _ in range(2)] == [1, 2]
 
 
 def test_a_stable_connection_resets_the_normal_backoff() -> None:

@@ -161,6 +161,26 @@ def test_closing_a_connection_ends_it_at_the_service_and_at_the_peer(
     assert a.status()["state"] == "registered" and b.status()["state"] == "registered"
 
 
+def test_an_agent_that_stops_ends_its_connections_at_the_peer_at_once(
+    server: ServerProcess, agents: Callable[..., WorkerAgent]
+) -> None:
+    """A stopping agent says goodbye before its WebSocket closes: the peer's connection ends
+    with the close (code CLOSED), instead of waiting for a resume that will not come."""
+    answered: queue.Queue[PeerConnection] = queue.Queue()
+    b = agents(server.url, "b", on_peer=lambda agent, conn: answered.put(conn), peer_udp=False)
+    a = agents(server.url, "a", peer_udp=False)
+    b.start()
+    a.start()
+    assert a.wait_registered(10) and b.wait_registered(10)
+    a.connect("b", timeout=10)
+    theirs = answered.get(timeout=10)
+    stopped = time.monotonic()
+    assert a.stop(timeout=10)
+    wait_until(lambda: theirs.closed, timeout=5, what="the peer's end closed")
+    assert time.monotonic() - stopped < 5.0
+    assert "the agent stopped" in (theirs.closed_reason or ""), theirs.closed_reason
+
+
 def test_with_the_relay_off_the_handshake_waits_for_the_udp_path_and_runs_on_it(
     server_factory: Callable[..., ServerProcess], agents: Callable[..., WorkerAgent]
 ) -> None:

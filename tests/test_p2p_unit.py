@@ -215,6 +215,73 @@ def test_closing_the_path_asks_the_session_to_end_it(loop) -> None:
     wait(lambda: closes == ["done here"])
 
 
+# ---- a route that stops reaching the peer (paths/liveness.py) ----------------------------------
+
+
+def watched_path(loop: LoopThread) -> tuple[PeerPath, list[Any]]:
+    """A path on a relay and a direct route; what the path gave up, in `failed`."""
+    path = PeerPath(peer_id="b", introduction_id=INTRO, loop=loop, on_close=lambda reason: None)
+    failed: list[Any] = []
+    path.on_route_failed = failed.append
+    on_loop(loop, path.add_route, FakeRoute(wire.PathKind.RELAY))
+    on_loop(loop, path.add_route, FakeRoute(wire.PathKind.DIRECT, ("203.0.113.2", 4000)))
+    return path, failed
+
+
+def test_a_direct_route_silent_while_the_peer_sends_on_the_relay_is_given_up(loop) -> None:
+    """The peer moved off the route: this side's sends on it are not arriving either."""
+    path, failed = watched_path(loop)
+    direct = path.best_route
+    path.watch.look(100.0)  # starts watching: a new best route has its full second
+    on_loop(loop, path.deliver, b"via relay", wire.PathKind.RELAY)
+    path.watch.look(100.9)
+    assert path.kind == "direct" and failed == []  # not a second yet
+    path.watch.look(101.1)
+    assert path.kind == "relay" and failed == [direct]
+    assert "direct" not in path.routes()
+
+
+def test_a_direct_route_silent_while_an_answer_is_owed_is_given_up(loop) -> None:
+    path, failed = watched_path(loop)
+    path.expecting = lambda: True  # QUIC: packets in flight, unacknowledged
+    path.watch.look(100.0)
+    path.watch.look(101.1)
+    assert path.kind == "relay" and len(failed) == 1
+
+
+def test_a_quiet_route_with_nothing_owed_and_nothing_elsewhere_is_kept(loop) -> None:
+    """An idle connection is not a broken one."""
+    path, failed = watched_path(loop)
+    path.expecting = lambda: False
+    path.watch.look(100.0)
+    path.watch.look(130.0)
+    assert path.kind == "direct" and failed == []
+
+
+def test_datagrams_on_the_route_restart_its_second(loop) -> None:
+    path, failed = watched_path(loop)
+    path.expecting = lambda: True
+    path.watch.look(100.0)
+    for at in (100.8, 101.6, 102.4):
+        on_loop(loop, path.deliver, b"ack", wire.PathKind.DIRECT)
+        path.watch.look(at)
+    path.watch.look(103.0)
+    assert path.kind == "direct" and failed == []
+    path.watch.look(103.5)
+    assert path.kind == "relay" and len(failed) == 1
+
+
+def test_the_relay_is_never_given_up_for_silence(loop) -> None:
+    path = PeerPath(peer_id="b", introduction_id=INTRO, loop=loop, on_close=lambda reason: None)
+    failed: list[Any] = []
+    path.on_route_failed = failed.append
+    path.expecting = lambda: True
+    on_loop(loop, path.add_route, FakeRoute(wire.PathKind.RELAY))
+    path.watch.look(100.0)
+    path.watch.look(160.0)
+    assert path.kind == "relay" and failed == []
+
+
 CANDIDATE = "6815297761 1 udp 2130706431 192.0.2.2 37929 typ host"
 
 

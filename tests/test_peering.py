@@ -147,7 +147,7 @@ async def test_an_introduction_tells_both_sides_of_each_other_and_of_the_relay()
         "type": "introduction_request",
         "introduction_id": pending["introduction_id"],
         "peer_id": "a",
-        "protocol_version": 2,
+        "protocol_version": 3,
         "transport": "datagrams",
     }
     for_b = await ask(b, accept(asked["introduction_id"]))
@@ -358,6 +358,7 @@ async def test_the_requester_reports_its_path_and_the_record_follows_it() -> Non
         "type": "peer_closed",
         "introduction_id": introduction_id,
         "peer_id": "a",
+        "code": "CLOSED",
         "reason": "closed by a",
     }
     record = await database_sync_to_async(PeerConnection.objects.get)(id=introduction_id)
@@ -369,6 +370,8 @@ async def test_the_requester_reports_its_path_and_the_record_follows_it() -> Non
 
 
 async def test_a_peer_going_offline_ends_the_introduction_for_the_other_side() -> None:
+    """Ended at the service, with the code that tells the agent the peer may come back and
+    resume it (docs/peer-connections.md, "What survives what")."""
     a, b = await connected("a", 1), await connected("b", 2)
     for_a, _ = await introduce(a, b)
     await b.disconnect()
@@ -377,9 +380,32 @@ async def test_a_peer_going_offline_ends_the_introduction_for_the_other_side() -
         "type": "peer_closed",
         "introduction_id": for_a["introduction_id"],
         "peer_id": "b",
+        "code": "PEER_OFFLINE",
         "reason": "worker b went offline",
     }
     await a.disconnect()
+
+
+async def test_a_connect_request_resumes_an_introduction_and_the_peer_is_told_which() -> None:
+    """A resumed introduction is a new one (checked like any other) that names the one it
+    replaces, for the target's agent to carry its connection on; an agent too old to resume
+    is not asked to."""
+    a, b = await connected("a", 1), await connected("b", 2)
+    first, _ = await introduce(a, b)
+    old = first["introduction_id"]
+    pending = await ask(a, {**connect_request("b", request_id="again"), "resumes": old})
+    asked = await b.receive_json_from(timeout=3)
+    assert asked["type"] == "introduction_request" and asked["resumes"] == old
+    assert asked["introduction_id"] == pending["introduction_id"] != old
+    old_agent = {**accept(asked["introduction_id"]), "protocol_version": 2}
+    refused = await ask(b, old_agent)
+    assert refused == {"type": "introduction_rejected", "introduction_id": asked["introduction_id"]}
+    failed = await a.receive_json_from(timeout=3)
+    assert (failed["code"], "cannot resume" in failed["reason"]) == ("PEER_REFUSED", True)
+    bad = await ask(a, {**connect_request("b", request_id="bad"), "resumes": "nothex"})
+    assert (bad["type"], bad["code"]) == ("error", "INVALID_FIELD")
+    await a.disconnect()
+    await b.disconnect()
 
 
 async def test_the_api_shows_the_nat_report(async_client) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import os
 import threading
 import time
@@ -50,7 +51,7 @@ class Wire:
             if data is None:
                 return
         assert self.peer is not None
-        self.loop.loop.call_soon(self.peer.deliver, data, wire.PathKind.LAN)
+        self.loop.loop.call_soon(self.peer.deliver, data, self.kind)
 
     def send_many(self, datagrams: list[bytes]) -> None:
         for data in datagrams:
@@ -131,6 +132,7 @@ def test_aioquic_still_has_the_private_parts_the_agent_uses() -> None:
     )
     connection = QuicConnection(configuration=QuicConfiguration(is_client=True))
     assert hasattr(connection._loss, "_cc") and hasattr(connection._loss._cc, "bytes_in_flight")
+    assert connection._loss._pto_count == 0 and callable(connection._loss.reschedule_data)
     context = Context(is_client=False)
     assert context._request_client_certificate is False and context._peer_certificate is None
 
@@ -187,6 +189,60 @@ def test_a_route_move_starts_congestion_control_afresh_and_keeps_what_is_in_flig
     stream.shutdown_write()
     received = connections.server.accept_stream(timeout=5).recv_exactly(13000, timeout=5)
     assert received == b"still flowing" * 1000
+
+
+def test_a_route_that_stops_reaching_the_peer_is_left_and_the_stream_carries_on(loop) -> None:
+    """A NAT rebinding, in memory: mid-stream the LAN route drops everything both ways. Each
+    side gives it up after a second of silence (paths/liveness.py), QUIC probes on the relay
+    at once, and every byte arrives; the longest stall is seconds, not the idle timeout."""
+    connections, client, server = pair(loop)
+    established(loop, client)
+
+    class Relay(Wire):
+        kind = wire.PathKind.RELAY
+
+    relays = [Relay(loop), Relay(loop)]
+    relays[0].peer, relays[1].peer = connections.to_server.peer, connections.to_client.peer
+
+    async def add_relays() -> None:
+        client.path.add_route(relays[0])
+        server.path.add_route(relays[1])
+
+    loop.call(add_relays(), 5)
+    assert client.path.kind == server.path.kind == "lan"
+    cut = threading.Event()
+
+    def drop_once_cut(data: bytes) -> bytes | None:
+        return None if cut.is_set() else data
+
+    connections.to_server.tamper = connections.to_client.tamper = drop_once_cut
+    payload = os.urandom(16 * 1024 * 1024)
+    arrivals: list[float] = []
+    received: dict[str, str] = {}
+
+    def serve() -> None:
+        stream = connections.server.accept_stream(timeout=10)
+        digest = hashlib.sha256()
+        total = 0
+        while data := stream.recv(64 * 1024, timeout=30):
+            digest.update(data)
+            arrivals.append(time.monotonic())
+            total += len(data)
+            if total >= 4 * 1024 * 1024:
+                cut.set()  # a quarter in: the LAN route goes dark
+        received["digest"] = digest.hexdigest()
+
+    server_thread = threading.Thread(target=serve)
+    server_thread.start()
+    stream = connections.client.open_stream()
+    stream.sendall(payload, timeout=60)
+    stream.shutdown_write()
+    server_thread.join(60)
+    assert cut.is_set() and received["digest"] == hashlib.sha256(payload).hexdigest()
+    assert client.path.kind == server.path.kind == "relay"
+    assert [kind for _, kind in client.path.history] == ["lan", "relay"]
+    stall = max(b - a for a, b in itertools.pairwise(arrivals))
+    assert 0.9 < stall < 5.0, stall  # at least the second of silence, at most a few
 
 
 def test_both_sides_prove_the_identities_they_were_introduced_with(loop) -> None:

@@ -184,6 +184,7 @@ class WorkerAgent:
         The server gets `close_timeout` seconds to answer the close; then the socket is cut.
         Called from one of the agent's own callbacks it only asks, and returns False.
         """
+        self.peers.goodbye("the agent stopped")
         return self.session.stop(timeout)
 
     def wait_registered(self, timeout: float | None = None) -> bool:

@@ -160,9 +160,13 @@ class PeerConnection:
         self._loop = loop
         self.path = path
         self.peer_id = path.peer_id
-        self.introduction_id = path.introduction_id
 
     # ---- who, and how ----------------------------------------------------------------------
+
+    @property
+    def introduction_id(self) -> str:
+        """The introduction the connection runs under now (a new one after a resume)."""
+        return self.path.introduction_id
 
     @property
     def peer_fingerprint(self) -> str | None:

@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from . import wire
-from .errors import MISSING_EXTRA, NoPath, P2PUnavailable, PeerError
+from .errors import MISSING_EXTRA, NoPath, P2PUnavailable, PeerError, PeerRefused
 from .signalling.introductions import Carrier, Signalling
 
 if TYPE_CHECKING:
@@ -39,6 +39,10 @@ logger = logging.getLogger("worker_agent")
 DEFAULT_CONNECT_TIMEOUT = 10.0
 NAT_CHECK_TIMEOUT = 3.0
 HANDSHAKE_TIMEOUT = 10.0  # the answering side's wait for the initiator's QUIC handshake
+# Asking to resume an introduction: each request's wait, and the pauses between requests while
+# the peer is not back (the service allows a connect request a second after a burst of five).
+RESUME_TIMEOUT = 5.0
+RESUME_DELAYS = (0.25, 0.5, 1.0)
 
 Send = Callable[[str], bool]
 SendBinary = Callable[[bytes], bool]
@@ -59,6 +63,7 @@ class PeerSession:
         paths: PathSession,
         identity: WorkerIdentity | None,
         on_end: Callable[[PeerSession], None],
+        on_link_lost: Callable[[PeerSession], None],
     ) -> None:
         self.introduction_id = paths.introduction_id
         self.peer_id = paths.peer_id
@@ -70,6 +75,7 @@ class PeerSession:
         self._loop = loop
         self._identity = identity
         self._peer_certificate = introduction.get("peer_certificate")
+        self._on_link_lost = on_link_lost
         paths.on_closing = self._closing
         paths.on_end = lambda reason: on_end(self)
 
@@ -98,8 +104,29 @@ class PeerSession:
     def peer_closed(self, reason: str) -> None:
         self._loop.call_soon(self.paths.end, reason)
 
-    def relay_lost(self, reason: str) -> None:
-        self._loop.call_soon(self.paths.relay_lost, reason)
+    def relay_lost(self, reason: str, *, resumable: bool) -> None:
+        """This side's connection to the service was renewed: the service link is gone; the
+        introduction is resumed where the service can (else, with no route left, it ends)."""
+        self._loop.call_soon(self.paths.relay_lost, reason, resumable)
+        if resumable:
+            self._on_link_lost(self)
+
+    def peer_offline(self, reason: str) -> None:
+        """The peer's connection to the service ended; it may come back and resume."""
+        self._loop.call_soon(self.paths.relay_lost, reason, True)
+        self._on_link_lost(self)
+
+    def resume(self, introduction: dict[str, Any]) -> None:
+        self.introduction_id = str(introduction["introduction_id"])
+        self._loop.call_soon(self.paths.resume, introduction)
+
+    @property
+    def controlling(self) -> bool:
+        return self.paths.controlling
+
+    @property
+    def ended(self) -> bool:
+        return self.paths.ended
 
     def end(self, reason: str) -> None:
         self._loop.call_soon(self.paths.end, reason)
@@ -183,6 +210,7 @@ class Peers:
         self._lock = threading.Lock()
         self._loop: LoopThread | None = None
         self._relay: RelayLink | None = None
+        self._resuming: set[PeerSession] = set()
         self._closed = False
         self.last_nat_report: NatReport | None = None
 
@@ -267,6 +295,13 @@ class Peers:
         )
         return report
 
+    def goodbye(self, reason: str) -> None:
+        """The agent is stopping: each peer is told through the service while the connection to
+        it is still up (a peer whose service link merely dropped waits for a resume instead)."""
+        for carrier in self.signalling.carriers():
+            self._send(wire.peer_close(introduction_id=carrier.introduction_id, reason=reason))
+            carrier.end(reason)
+
     def close(self) -> None:
         """The agent stops: every path ends, the peer loop stops."""
         with self._lock:
@@ -318,7 +353,53 @@ class Peers:
             paths=paths,
             identity=self.identity,
             on_end=self.signalling.ended,
+            on_link_lost=self._link_lost,
         )
+
+    def _link_lost(self, session: PeerSession) -> None:
+        """A session lost its service link: the side that asked for it resumes it under a new
+        introduction, in a thread of its own; the other side waits for that."""
+        if not session.controlling:
+            return
+        with self._lock:
+            if session in self._resuming or self._closed:
+                return
+            self._resuming.add(session)
+        threading.Thread(
+            target=self._resume,
+            args=(session,),
+            name=f"worker-agent-resume-{session.peer_id[:12]}",
+            daemon=True,
+        ).start()
+
+    def _resume(self, session: PeerSession) -> None:
+        """Ask for a new introduction to the same peer until it comes (the peer may be on its
+        way back to the service), it is refused, or the session ends."""
+        from .paths.session import RESUME_WITHIN
+
+        deadline = time.monotonic() + RESUME_WITHIN
+        delays = iter(RESUME_DELAYS)
+        try:
+            while not session.ended and time.monotonic() < deadline:
+                try:
+                    self.signalling.introduce(
+                        session.peer_id, session.transport, RESUME_TIMEOUT, resumes=session
+                    )
+                    return
+                except PeerRefused as exc:  # the policy, or nothing left to resume there
+                    session.end(f"not resumed: {exc}")
+                    return
+                except PeerError as exc:  # offline for now, rate limited, no answer yet
+                    logger.info(
+                        "worker=%s: introduction with %s not resumed yet: %s",
+                        self.worker_id,
+                        session.peer_id,
+                        exc,
+                    )
+                time.sleep(next(delays, RESUME_DELAYS[-1]))
+        finally:
+            with self._lock:
+                self._resuming.discard(session)
 
     def _incoming(self, carrier: Carrier) -> None:
         assert isinstance(carrier, PeerSession)

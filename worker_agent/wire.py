@@ -14,8 +14,11 @@ from enum import IntEnum, StrEnum
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-PROTOCOL_VERSION = 2
-PEER_PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
+PEER_PROTOCOL_VERSION = 3
+# A service that says it speaks this version (`welcome`) resumes introductions (`resumes` in
+# `connect_request`) and says why one ended (`code` in `peer_closed`).
+RESUMING_PROTOCOL_VERSION = 3
 
 WORKER_ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
 WORKER_ID_MAX_LENGTH = 128
@@ -112,6 +115,15 @@ class ConnectFailure(StrEnum):
     AGENT_OUTDATED = "AGENT_OUTDATED"
     NO_IDENTITY = "NO_IDENTITY"
     POLICY_DENIED = "POLICY_DENIED"
+
+
+class PeerClosedCode(StrEnum):
+    """Why an introduction ended (`peer_closed`'s `code`)."""
+
+    CLOSED = "CLOSED"  # either side closed it
+    PEER_OFFLINE = "PEER_OFFLINE"  # the peer's connection to the service ended: it may resume
+    POLICY_DENIED = "POLICY_DENIED"  # the peer rules no longer allow the pair
+    TOO_MANY_PEERS = "TOO_MANY_PEERS"  # this side held too many peers when it was made
 
 
 class CloseCode(IntEnum):
@@ -270,7 +282,15 @@ def unsubscribe_peers() -> str:
     return encode({"type": ClientMessageType.UNSUBSCRIBE_PEERS})
 
 
-def connect_request(*, peer_id: str, request_id: str, transport: str = Transport.QUIC) -> str:
+def connect_request(
+    *,
+    peer_id: str,
+    request_id: str,
+    transport: str = Transport.QUIC,
+    resumes: str | None = None,
+) -> str:
+    """`resumes`: the introduction this one replaces (the connection on it carries on)."""
+    extra = {"resumes": resumes} if resumes else {}
     return encode(
         {
             "type": ClientMessageType.CONNECT_REQUEST,
@@ -278,6 +298,7 @@ def connect_request(*, peer_id: str, request_id: str, transport: str = Transport
             "request_id": request_id,
             "protocol_version": PEER_PROTOCOL_VERSION,
             "transport": transport,
+            **extra,
         }
     )
 

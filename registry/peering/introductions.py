@@ -155,10 +155,11 @@ class PeerSide:
         await self.side.end_link(link, request.reason or f"closed by {self.side.worker_id}")
 
     async def link_closed(self, message: dict[str, Any]) -> None:
-        """The peer ended the link."""
+        """The peer ended the link (or went offline: then its agent may resume it)."""
         link = self.links.get(message["introduction_id"])
         if link is not None:
-            await self.side.end_link(link, message["reason"], peer_knows=True)
+            code = protocol.PeerClosedCode(message.get("code") or protocol.PeerClosedCode.CLOSED)
+            await self.side.end_link(link, message["reason"], code=code, peer_knows=True)
 
     async def policy_changed(self, policy: Policy) -> int:
         """End the links the new rules no longer allow (and the relaying for them); both sides
@@ -170,8 +171,9 @@ class PeerSide:
             if decision.allowed:
                 continue
             reason = f"the peer policy no longer allows it: {decision.reason}"
+            code = protocol.PeerClosedCode.POLICY_DENIED
             # False: ended meanwhile (by the peer, or by a reload before this one).
-            if await self.side.end_link(link, reason):
+            if await self.side.end_link(link, reason, code=code):
                 metrics.policy_link_ended()
                 ended += 1
         return ended
@@ -182,7 +184,9 @@ class PeerSide:
         for link in self.links.drain():
             reason = f"worker {self.side.worker_id} went offline"
             self.side.record_end(link, reason)
-            await self.side.tell_peer(link, event=LINK_CLOSED, reason=reason)
+            await self.side.tell_peer(
+                link, event=LINK_CLOSED, reason=reason, code=protocol.PeerClosedCode.PEER_OFFLINE
+            )
 
     # ---- relay frames -------------------------------------------------------------------------
 

@@ -29,6 +29,7 @@ class Pending:
     requester_certificate: str | None = None  # base64 DER, as the requester presented it
     requester_tags: tuple[str, ...] = ()
     decided_by: str = ""  # what the requester's instance found the peer policy to say
+    resumes: str | None = None  # the introduction with the requester this one replaces
     expires_at: float = field(default_factory=lambda: time.monotonic() + ANSWER_TIMEOUT)
 
     @classmethod
@@ -43,6 +44,7 @@ class Pending:
             requester_certificate=message["requester_certificate"],
             requester_tags=tuple(message.get("requester_tags") or ()),
             decided_by=message.get("decided_by") or "",
+            resumes=message.get("resumes") or None,
         )
 
     def as_message(self) -> dict[str, Any]:
@@ -56,6 +58,7 @@ class Pending:
             "requester_certificate": self.requester_certificate,
             "requester_tags": list(self.requester_tags),
             "decided_by": self.decided_by,
+            "resumes": self.resumes,
         }
 
 

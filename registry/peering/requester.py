@@ -125,6 +125,7 @@ class Requester:
             requester_certificate=side.certificate,
             requester_tags=tuple(sorted(side.subject.tags)),
             decided_by=decision.by,
+            resumes=request.resumes,
         )
         gone = protocol.connect_failed(
             request_id=request.request_id,
@@ -153,6 +154,7 @@ class Requester:
         links filled up while B was deciding."""
         link = PeerLink.from_message(message["link"])
         if not self.side.links.add(link):
-            await self.side.end_link(link, too_many(self.side.worker_id), held=False)
+            code = protocol.PeerClosedCode.TOO_MANY_PEERS
+            await self.side.end_link(link, too_many(self.side.worker_id), code=code, held=False)
             return
         await self.side.send(message["frame"])

@@ -46,7 +46,7 @@ def new_introduction_id() -> str:
 
 
 def outdated(version: int) -> bool:
-    return version < protocol.PEER_PROTOCOL_VERSION
+    return version < protocol.MIN_PEER_PROTOCOL_VERSION
 
 
 def too_many(worker_id: str) -> str:
@@ -188,20 +188,29 @@ class ConnectionSide:
         return link
 
     async def end_link(
-        self, link: PeerLink, reason: str, *, peer_knows: bool = False, held: bool = True
+        self,
+        link: PeerLink,
+        reason: str,
+        *,
+        code: protocol.PeerClosedCode = protocol.PeerClosedCode.CLOSED,
+        peer_knows: bool = False,
+        held: bool = True,
     ) -> bool:
         """The one teardown of a link: ended here and recorded (if it was `held` here: False if
         it had ended already), the peer's consumer told (LINK_CLOSED) unless it ended the link
-        itself (`peer_knows`), and this connection's worker sent `peer_closed`."""
+        itself (`peer_knows`), and this connection's worker sent `peer_closed` with `code`."""
         if held:
             if self.links.pop(link.introduction_id) is None:
                 return False
             self.record_end(link, reason)
         if not peer_knows:
-            await self.tell_peer(link, event=LINK_CLOSED, reason=reason)
+            await self.tell_peer(link, event=LINK_CLOSED, reason=reason, code=code)
         await self.send(
             protocol.peer_closed(
-                introduction_id=link.introduction_id, peer_id=link.peer_id, reason=reason
+                introduction_id=link.introduction_id,
+                peer_id=link.peer_id,
+                reason=reason,
+                code=code,
             )
         )
         return True

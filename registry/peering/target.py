@@ -65,6 +65,7 @@ class Target:
                 introduction_id=pending.introduction_id,
                 peer_id=pending.requester_id,
                 transport=pending.transport,
+                resumes=pending.resumes,
             )
         )
 
@@ -91,6 +92,10 @@ class Target:
                 "upgrade rendezvous-worker-agent",
                 code=protocol.ErrorCode.INVALID_FIELD,
             )
+        if pending.resumes and answer.protocol_version < protocol.RESUMING_PEER_PROTOCOL_VERSION:
+            reason = f"worker {self.side.worker_id} runs an agent that cannot resume connections"
+            await self._fail(pending, protocol.ConnectFailure.PEER_REFUSED, reason)
+            return protocol.introduction_rejected(answer.introduction_id)
         # Again, as B's instance reads the rules now: one may have changed while B decided.
         requester = Subject.of(pending.requester_id, pending.requester_tags)
         decision = await self.side.decide(requester, self.side.subject)
@@ -138,6 +143,7 @@ class Target:
                 event=LINK_CLOSED,
                 introduction_id=pending.introduction_id,
                 reason=f"worker {pending.requester_id} went offline",
+                code=protocol.PeerClosedCode.PEER_OFFLINE,
             ),
         )
         metrics.introduction(None)

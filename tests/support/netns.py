@@ -422,6 +422,24 @@ class NatTopology:
         destination = ["-d", to] if to else []
         return [action, "FORWARD", "-i", "lan0", "-p", "udp", *destination, "-j", "DROP"]
 
+    def rebind_udp(self, site: Site, ports: str) -> int:
+        """Move the public port of every UDP flow of the site's workers, as a NAT that loses its
+        mappings (a reboot, a timeout under load, a carrier-grade NAT's rebalancing) does: new
+        flows leave from `ports` (a range such as "61000-61099": above the ephemeral ports the
+        workers bind, so that every flow moves; endpoint-independent still), and the conntrack
+        entries of the old ones are deleted, so the peer's packets to the old port meet the
+        drop-unsolicited rule. TCP (the agent's WebSocket) keeps its mapping. Returns how many
+        entries were deleted. These kernels come without the `conntrack` tool: the entries are
+        deleted through ctnetlink (pyroute2), inside the NAT."""
+        self._exec(site.nat, "iptables", "-w", "5", "-t", "nat", "-I", "POSTROUTING", "1",
+                   "-o", "wan0", "-p", "udp", "-j", "SNAT",
+                   "--to-source", f"{site.public_ip}:{ports}")  # fmt: skip
+        deleted = 0
+        for worker_ip in site.worker_ips:
+            argv = [sys.executable, "-m", "tests.support.conntrack", "delete-udp", worker_ip]
+            deleted += int(self.run(site.nat, argv).stdout.strip())
+        return deleted
+
     def forwarded_udp(self, site: Site, destination: str) -> int:
         """Packets the site's NAT forwarded to `destination` so far (a counting rule is added
         on the first call)."""

@@ -29,15 +29,25 @@ from typing import Any
 
 from worker_agent import PeerConnection, PeerError, PeerPath, WorkerAgent
 
+TIMED = b"T"  # the first byte of a stream whose arrivals the answering side times
+CHUNK = 64 * 1024
+
 
 def digest_streams(agent: WorkerAgent, conn: PeerConnection) -> None:
     """Each stream: the SHA-256 of everything that arrived on it, sent back when it ends."""
 
     def one(stream: Any) -> None:
         digest = hashlib.sha256()
+        timed = stream.recv_exactly(1, timeout=120) == TIMED
+        if not timed:
+            stream.close()  # not a stream of ours
+            return
+        last, longest = time.monotonic(), 0.0
         while data := stream.recv(1 << 20, timeout=120):
+            now = time.monotonic()
+            last, longest = now, max(longest, now - last)
             digest.update(data)
-        stream.sendall(digest.hexdigest().encode())
+        stream.sendall(json.dumps({"sha256": digest.hexdigest(), "longest_gap": longest}).encode())
         stream.shutdown_write()
 
     def datagrams() -> None:
@@ -59,7 +69,11 @@ def digest_streams(agent: WorkerAgent, conn: PeerConnection) -> None:
     threading.Thread(target=serve, daemon=True).start()
 
 
-def quic_transfer(agent: WorkerAgent, peer: str, size: int, kinds: list[str]) -> dict[str, Any]:
+def quic_transfer(
+    agent: WorkerAgent, peer: str, size: int, kinds: list[str], pace: float = 0.0
+) -> dict[str, Any]:
+    """`size` random bytes over one stream (at `pace` MB/s at most, when given); the peer
+    answers with their digest and the longest wait between two arrivals."""
     started = time.monotonic()
     conn = agent.connect(peer, timeout=15)
     connected = time.monotonic() - started
@@ -69,9 +83,14 @@ def quic_transfer(agent: WorkerAgent, peer: str, size: int, kinds: list[str]) ->
     payload = os.urandom(size)
     stream = conn.open_stream()
     began = time.monotonic()
-    stream.sendall(payload, timeout=120)
+    stream.sendall(TIMED, timeout=10)
+    for offset in range(0, size, CHUNK):
+        stream.sendall(payload[offset : offset + CHUNK], timeout=120)
+        if pace:
+            time.sleep(max(0.0, began + (offset + CHUNK) / (pace * 1e6) - time.monotonic()))
     stream.shutdown_write()
-    reply = stream.recv_exactly(64, timeout=120).decode()
+    answer = json.loads(stream.makefile("rb").read().decode())
+    reply = answer["sha256"]
     seconds = time.monotonic() - began
     conn.send_datagram(b"dg")
     datagram = conn.recv_datagram(timeout=10)
@@ -83,6 +102,8 @@ def quic_transfer(agent: WorkerAgent, peer: str, size: int, kinds: list[str]) ->
         "connect_ms": round(1000 * connected, 1),
         "handshake_ms": round(1000 * (conn.handshake_seconds or 0), 1),
         "mb_per_s": round(size / 1e6 / seconds, 2),
+        "longest_gap": round(answer["longest_gap"], 3),
+        "seconds_to": {kind: round(at - started, 3) for at, kind in conn.path.history},
         "peer_fingerprint": conn.peer_fingerprint,
         "datagram": datagram.decode(),
         "remote_address": list(conn.remote_address) if conn.remote_address else None,
@@ -150,6 +171,7 @@ def main() -> int:
     parser.add_argument("--rate", type=float, default=50, help="datagrams a second when streaming")
     parser.add_argument("--no-udp", action="store_true", help="the service relay only")
     parser.add_argument("--quic", type=int, default=0, help="bytes over one encrypted stream")
+    parser.add_argument("--pace", type=float, default=0, help="MB/s at most on that stream")
     parser.add_argument("--credential-file", default=None)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(message)s")
@@ -176,7 +198,8 @@ def main() -> int:
             time.sleep(0.2)
         if args.quic:
             kinds = [k for k in args.wait_kind.split(",") if k]
-            print(json.dumps(quic_transfer(agent, args.peer, args.quic, kinds)), flush=True)
+            outcome = quic_transfer(agent, args.peer, args.quic, kinds, args.pace)
+            print(json.dumps(outcome), flush=True)
             agent.stop(5)
             return 0
         started = time.monotonic()

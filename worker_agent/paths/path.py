@@ -21,6 +21,7 @@ from typing import Any, Protocol
 
 from .. import wire
 from ..errors import PeerClosed
+from .liveness import RouteWatch
 from .loop import LoopThread
 from .relay import RelayLink
 
@@ -100,6 +101,11 @@ class PeerPath:
         self.history: list[tuple[float, str]] = []  # (monotonic time, kind) of each move
         self.stats = PathStats()
         self.closed_reason: str | None = None
+        # The layers that use the path: whether one is owed an answer (a route that stays
+        # silent then is given up), and who closes a route given up (liveness.py).
+        self.expecting: Callable[[], bool] | None = None
+        self.on_route_failed: Callable[[Route], None] | None = None
+        self.watch = RouteWatch(self)
 
     # ---- what the caller sees ------------------------------------------------------------------
 
@@ -223,6 +229,28 @@ class PeerPath:
         with self._lock:
             return {str(kind): route for kind, route in self._routes.items()}
 
+    @property
+    def best_route(self) -> Route | None:
+        return self._best
+
+    def fail_route(self, route: Route, reason: str) -> None:
+        """Stop sending on `route` (it no longer reaches the peer: liveness.py) and tell its
+        owner, who closes it; the next best route carries the data from now on."""
+        with self._changed:
+            if route.kind is None or self._routes.get(route.kind) is not route:
+                return
+            del self._routes[route.kind]
+            logger.info(
+                "path to %s (introduction %s): %s route given up: %s",
+                self.peer_id,
+                self.introduction_id,
+                route.kind,
+                reason,
+            )
+            self._select()
+        if self.on_route_failed is not None:
+            self.on_route_failed(route)
+
     def _select(self) -> None:
         """Pick the best route (lock held) and tell whoever listens when it changed."""
         old = self._best
@@ -267,6 +295,7 @@ class PeerPath:
             self._routes.clear()
             self._select()
             self._changed.notify_all()
+        self.watch.stop()
         self._received.put(None)
 
     @staticmethod

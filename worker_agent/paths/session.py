@@ -39,6 +39,10 @@ TURN_HEAD_START = 1.0  # how long a direct attempt has before TURN is tried too
 # completes as soon as one of its checks is answered, the answering side only once one of its
 # own (retransmitted, up to 31.5 s later) gets through, so it must not give up first.
 ANSWERING_TIMEOUT = 45.0
+# An introduction whose service link went (either side's WebSocket renewed, a service restart)
+# may be resumed under a new one for this long; then, with no route left, it ends (QUIC's own
+# idle timeout is the same).
+RESUME_WITHIN = 30.0
 
 Signal = Callable[[str], bool]
 
@@ -78,6 +82,7 @@ class PathSession:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._direct_up: asyncio.Event | None = None
         self._reported: tuple[str | None, Any] = (None, None)
+        self._setup_reported = False
         self.ended = False
         self.path = PeerPath(
             peer_id=self.peer_id,
@@ -85,10 +90,14 @@ class PathSession:
             loop=loop,
             on_close=self.close,
         )
+        self._relay = relay
+        self._resume_timer: asyncio.TimerHandle | None = None
+        self._lost_because = ""
         self.relay_route: RelayRoute | None = None
         if introduction.get("relay"):
             self.relay_route = RelayRoute(relay, wire.relay_header(self.introduction_id))
         self.path.on_change(self._path_changed)
+        self.path.on_route_failed = self._route_failed
 
     def __repr__(self) -> str:
         return f"<PathSession {self.introduction_id[:8]} with {self.peer_id} {self.path.kind}>"
@@ -99,6 +108,7 @@ class PathSession:
         """The relay route at once, the attempts at better ones in the background. False (and
         `failure`, and the session closed) when no route is possible at all."""
         self._direct_up = asyncio.Event()
+        self.path.watch.start()
         if self.relay_route is not None:
             self.path.add_route(self.relay_route)
         elif not self._use_udp:
@@ -157,6 +167,9 @@ class PathSession:
         if self.ended:
             return
         self.ended = True
+        if self._resume_timer is not None:
+            self._resume_timer.cancel()
+            self._resume_timer = None
         if self.on_closing is not None:
             self.on_closing(reason)
         for task in list(self._tasks):
@@ -168,13 +181,51 @@ class PathSession:
         if self.on_end is not None:
             self.on_end(reason)
 
-    def relay_lost(self, reason: str) -> None:
-        """The service link of this introduction is gone (the WebSocket dropped)."""
+    def _route_failed(self, route: Any) -> None:
+        """The path gave a route up (it stopped reaching the peer): close its ICE attempt; the
+        initiator's drivers then try again at once, with fresh sockets."""
+        if isinstance(route, IceAttempt):
+            self._spawn_detached(route.close())
+
+    def relay_lost(self, reason: str, resumable: bool = True) -> None:
+        """The service link of this introduction is gone: this side's WebSocket was renewed, or
+        the peer's. UDP routes carry on; the introduction may be resumed (`resume`) within
+        RESUME_WITHIN seconds, and ends if it is not while no route carries it (at once where
+        the service cannot resume introductions)."""
         if self.relay_route is not None:
             self.path.remove_route(self.relay_route)
             self.relay_route = None
+        if not resumable:
+            if not self.path.routes():
+                self.end(reason)
+            return
+        if self._resume_timer is None and not self.ended:
+            self._lost_because = reason
+            self._resume_timer = self._loop.loop.call_later(RESUME_WITHIN, self._not_resumed)
+
+    def resume(self, introduction: dict[str, Any]) -> None:
+        """Carry on under a new introduction to the same peer: its relay link, its signalling,
+        its TURN credentials; the routes that are up stay up."""
+        old = self.introduction_id
+        self.introduction_id = self.path.introduction_id = introduction["introduction_id"]
+        if self._resume_timer is not None:
+            self._resume_timer.cancel()
+            self._resume_timer = None
+        self.turn = _turn_server(introduction.get("turn")) or self.turn
+        if self.relay_route is not None:
+            self.path.remove_route(self.relay_route)
+            self.relay_route = None
+        if introduction.get("relay"):
+            self.relay_route = RelayRoute(self._relay, wire.relay_header(self.introduction_id))
+            self.path.add_route(self.relay_route)
+        self._reported = (None, None)  # the new introduction's record learns the path afresh
+        self._path_changed(self.path, None, self.path.kind)
+        logger.info("introduction=%s resumed as %s", old, self.introduction_id)
+
+    def _not_resumed(self) -> None:
+        self._resume_timer = None
         if not self.path.routes():
-            self.end(reason)
+            self.end(f"{self._lost_because}; not resumed within {RESUME_WITHIN:g}s")
 
     # ---- attempts --------------------------------------------------------------------------------
 
@@ -302,14 +353,16 @@ class PathSession:
         report = (new, path.remote_address)
         if report == self._reported:
             return
-        first = self._reported[0] is None
+        setup_ms = None
+        if not self._setup_reported:  # the time to the first path, once (not for a resumed one)
+            setup_ms, self._setup_reported = round(1000 * (time.monotonic() - self._started)), True
         self._reported = report
         self._signal(
             wire.path_report(
                 introduction_id=self.introduction_id,
                 kind=new,
                 remote=path.remote_address,
-                setup_ms=round(1000 * (time.monotonic() - self._started)) if first else None,
+                setup_ms=setup_ms,
             )
         )
 

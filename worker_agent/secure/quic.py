@@ -10,11 +10,13 @@ client) trusts only that certificate (`cadata`), and both compare the certificat
 proved possession of with the pin once the handshake completes, before any data is taken. A
 peer presenting any other certificate is refused, in both directions.
 
-Three things aioquic 1.7 (pinned in pyproject.toml) keeps private, each used once here and
-checked by tests/test_quic.py: the server asks for a client certificate only through
-`tls._request_client_certificate`; the peer's certificate is `tls._peer_certificate`; and the
+What aioquic 1.7 (pinned in pyproject.toml) keeps private, each part checked by
+tests/test_quic.py: the server asks for a client certificate only through
+`tls._request_client_certificate`; the peer's certificate is `tls._peer_certificate`; the
 receive window grows by doubling whatever the application reads, so `_write_stream_limits` is
-replaced to grow it only as the reader consumes (bounded memory for a slow reader).
+replaced to grow it only as the reader consumes (bounded memory for a slow reader); and the loss
+recovery (`_loss`: its congestion controller `_cc`, `_pto_count`, `reschedule_data`) is reset
+when the route under the connection moves, which aioquic cannot see.
 """
 
 from __future__ import annotations
@@ -35,8 +37,9 @@ from aioquic.quic.packet import QuicFrameType, QuicPacketType, pull_quic_header
 from aioquic.quic.recovery import create_congestion_control
 from cryptography import x509
 
+from .. import wire
 from ..errors import HandshakeFailed, IdentityMismatch, PeerClosed, PeerError, StreamReset
-from ..paths.path import PeerPath
+from ..paths.path import RANK, PeerPath
 from . import identity
 from .streams import StreamBuffer
 
@@ -161,6 +164,8 @@ class QuicSession:
     def start(self) -> None:
         self.path.set_datagram_handler(self.datagram_received)
         self.path.on_change(self._route_moved)
+        self.path.expecting = self._awaiting_acknowledgements
+        self.path.watch.start()
         self._keepalive = asyncio.get_running_loop().create_task(self._keep_alive())
         if self.quic is None:
             return  # the server: it starts with the client's first packet
@@ -174,17 +179,28 @@ class QuicSession:
             self._connect()
 
     def _route_moved(self, path: PeerPath, old: str | None, new: str | None) -> None:
-        """The packets take another route now (the relay, then the LAN, say): a new network
-        path, for which QUIC starts its congestion control afresh (RFC 9000, 9.4). aioquic
-        does not see the move (the address below it stays the same), so it is done here;
-        otherwise the window CUBIC shrank on the relay's losses grows back on the direct path
-        at the pace of the relay's."""
-        if old is None or new is None or old == new or self.quic is None:
+        """The packets take another route now (the relay, then the LAN, say; or the relay again
+        after an outage of the service): a new network path, for which QUIC starts its
+        congestion control afresh (RFC 9000, 9.4). aioquic does not see the move (the address
+        below it stays the same), so it is done here; otherwise the window CUBIC shrank on the
+        relay's losses grows back on the direct path at the pace of the relay's. A move down,
+        or back from no route at all, also probes at once: what was in flight is gone, and
+        waiting for the probe timeout, doubled by every silent second, would stall the
+        connection for as long again."""
+        if new is None or old == new or self.quic is None:
             return
         recovery = self.quic._loss  # aioquic's private loss recovery: no public way to reset
         fresh = create_congestion_control(CONGESTION_CONTROL, max_datagram_size=MAX_PACKET)
         fresh.bytes_in_flight = recovery._cc.bytes_in_flight  # still owed their ACKs
         recovery._cc = fresh
+        if (old is None or _rank(new) < _rank(old)) and recovery.bytes_in_flight:
+            recovery._pto_count = 0
+            recovery.reschedule_data(now=time.monotonic())
+            self.transmit()
+
+    def _awaiting_acknowledgements(self) -> bool:
+        """Whether the peer owes this side an answer: packets in flight, not yet acknowledged."""
+        return self.quic is not None and self.quic._loss.bytes_in_flight > 0
 
     def _connect(self) -> None:
         assert self.quic is not None
@@ -438,3 +454,7 @@ class QuicSession:
     def _wake_writers(self) -> None:
         self._progress.set()
         self._progress = asyncio.Event()
+
+
+def _rank(kind: str) -> int:
+    return RANK.get(wire.PathKind(kind), 0)

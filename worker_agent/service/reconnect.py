@@ -89,6 +89,8 @@ class ReconnectPolicy:
             self.superseded_count = 0
         if outcome.close_code != CloseCode.RATE_LIMITED:
             self.backoff.connection_lasted(outcome.uptime)
+            if outcome.registered:
+                self.backoff.registered_connection_ended()
         return Decision(retry=True, delay=self.backoff.next_delay(), reason=_describe(outcome))
 
     def _after_superseded(self, outcome: Outcome) -> Decision:

@@ -68,7 +68,11 @@ class Carrier(Protocol):
 
     def peer_closed(self, reason: str) -> None: ...
 
-    def relay_lost(self, reason: str) -> None: ...
+    def relay_lost(self, reason: str, *, resumable: bool) -> None: ...
+
+    def peer_offline(self, reason: str) -> None: ...
+
+    def resume(self, introduction: dict[str, Any]) -> None: ...
 
     def end(self, reason: str) -> None: ...
 
@@ -98,13 +102,16 @@ class Signalling:
         self._advertised_stun: list[str] = []
         self.requests = Requests(send)
         self._lock = threading.Lock()
-        self._answering: set[str] = set()
+        # Introductions this worker accepted, until they arrive: a resumed carrier, or None.
+        self._answering: dict[str, Carrier | None] = {}
+        self._resuming: dict[str, Carrier] = {}  # request id -> the carrier it resumes
         self._carriers: dict[str, Carrier] = {}
         # Introductions that ended lately, so an `introduce` that looks its carrier up just
         # after it ended can say why (the last few only).
         self._ended: OrderedDict[str, Carrier] = OrderedDict()
         self._connects: dict[str, float] = {}  # request id -> when the introduction was asked
         self._subscription: tuple[bool, str | None] = (False, None)
+        self.resumable = False  # the service resumes introductions (its welcome says so)
 
     # ---- the session with the service ---------------------------------------------------------
 
@@ -114,11 +121,15 @@ class Signalling:
         advertised = welcome.get("stun_servers")
         if isinstance(advertised, list):
             self._advertised_stun = [s for s in advertised if isinstance(s, str)]
+        version = welcome.get("protocol_version")
+        self.resumable = isinstance(version, int) and version >= wire.RESUMING_PROTOCOL_VERSION
         subscribed, tag = self._subscription
         if subscribed:
             self._send(wire.subscribe_peers(tag))
         for carrier in self.carriers():
-            carrier.relay_lost("the connection to the service was renewed")
+            carrier.relay_lost(
+                "the connection to the service was renewed", resumable=self.resumable
+            )
 
     def stun_servers(self) -> list[tuple[str, int]]:
         servers = []
@@ -148,22 +159,29 @@ class Signalling:
 
     # ---- introductions we ask for ---------------------------------------------------------------
 
-    def introduce(self, peer_id: str, transport: str, timeout: float) -> Carrier:
-        """Ask the service to introduce us to `peer_id`; the carrier the introduction opened, or
-        the PeerError that says why there is none."""
+    def introduce(
+        self, peer_id: str, transport: str, timeout: float, *, resumes: Carrier | None = None
+    ) -> Carrier:
+        """Ask the service to introduce us to `peer_id`; the carrier the introduction opened
+        (or `resumes`, carrying on under the new introduction), or the PeerError that says why
+        there is none."""
         key = request_id()
         with self._lock:
             self._connects[key] = time.monotonic()
+            if resumes is not None:
+                self._resuming[key] = resumes
+        frame = wire.connect_request(
+            peer_id=peer_id,
+            request_id=key,
+            transport=transport,
+            resumes=resumes.introduction_id if resumes is not None else None,
+        )
         try:
-            reply = self.requests.ask(
-                wire.connect_request(peer_id=peer_id, request_id=key, transport=transport),
-                key,
-                timeout,
-                until=_ANSWERS,
-            )
+            reply = self.requests.ask(frame, key, timeout, until=_ANSWERS)
         finally:
             with self._lock:
                 self._connects.pop(key, None)
+                self._resuming.pop(key, None)
         kind = reply["type"]
         if kind == wire.ServerMessageType.CONNECT_FAILED:
             code = str(reply.get("code", ""))
@@ -198,13 +216,15 @@ class Signalling:
                 carrier.ice_candidates(message)
         elif kind == wire.ServerMessageType.PEER_CLOSED:
             carrier = self.carrier(introduction_id)
-            if carrier is not None:
-                carrier.peer_closed(f"closed by the peer: {message.get('reason')}")
-            else:
+            if carrier is None:
                 self.requests.wake(message)
+            elif message.get("code") == wire.PeerClosedCode.PEER_OFFLINE:
+                carrier.peer_offline(f"the peer went offline: {message.get('reason')}")
+            else:
+                carrier.peer_closed(f"closed by the peer: {message.get('reason')}")
         elif kind == wire.ServerMessageType.CONNECT_FAILED:
             with self._lock:
-                self._answering.discard(str(introduction_id))
+                self._answering.pop(str(introduction_id), None)
             self.requests.wake(message)
         elif kind in (wire.ServerMessageType.PEERS, wire.ServerMessageType.CONNECT_PENDING):
             self.requests.wake(message)
@@ -232,24 +252,35 @@ class Signalling:
             carrier.relayed(datagrams)
 
     def _requested(self, request: dict[str, Any]) -> None:
-        """Another worker asks to reach this one: accept at once, or say why not."""
+        """Another worker asks to reach this one: accept at once, or say why not. A request
+        that resumes an introduction is accepted only for a carrier with that very peer."""
         introduction_id = str(request.get("introduction_id"))
-        reason = self._refusal(str(request.get("transport", wire.Transport.QUIC)))
+        resumed = None
+        if request.get("resumes") is not None:
+            resumed = self.carrier(request.get("resumes"))
+            reason = None
+            if resumed is None or resumed.peer_id != request.get("peer_id"):
+                resumed, reason = None, "nothing to resume under that introduction"
+        else:
+            reason = self._refusal(str(request.get("transport", wire.Transport.QUIC)))
         if reason is not None:
             self._send(wire.introduction_reject(introduction_id=introduction_id, reason=reason))
             return
         with self._lock:
-            self._answering.add(introduction_id)
+            self._answering[introduction_id] = resumed
         self._send(wire.introduction_accept(introduction_id=introduction_id))
 
     def _introduced(self, introduction: dict[str, Any]) -> None:
         """Both sides get this: the carrier starts now, before any relayed datagram arrives."""
         introduction_id = str(introduction.get("introduction_id"))
         responder = introduction.get("role") == "responder"
+        key = str(introduction.get("request_id"))
         with self._lock:
             answering = introduction_id in self._answering
-            self._answering.discard(introduction_id)
-            started = self._connects.get(str(introduction.get("request_id")))
+            resumed = self._answering.pop(introduction_id, None)
+            if not responder:
+                resumed = self._resuming.get(key)
+            started = self._connects.get(key)
         waited_for = self.requests.waiting(introduction.get("request_id"))
         if (responder and not answering) or (not responder and not waited_for):
             # Nobody here asked for it any more (connect() gave up): end it for the peer too.
@@ -257,14 +288,33 @@ class Signalling:
                 wire.peer_close(introduction_id=introduction_id, reason="the requester gave up")
             )
             return
-        carrier = self._open(introduction, started)
-        with self._lock:
-            self._carriers[introduction_id] = carrier
-        carrier.start()
-        if responder:
-            self._incoming(carrier)
+        if resumed is not None:
+            self._rekey(resumed, introduction)
         else:
+            carrier = self._open(introduction, started)
+            with self._lock:
+                self._carriers[introduction_id] = carrier
+            carrier.start()
+            if responder:
+                self._incoming(carrier)
+        if not responder:
             self.requests.wake(introduction)
+
+    def _rekey(self, carrier: Carrier, introduction: dict[str, Any]) -> None:
+        """A carrier carries on under a new introduction (its old one is gone at the service)."""
+        old = carrier.introduction_id
+        carrier.resume(introduction)
+        with self._lock:
+            if self._carriers.get(old) is carrier:
+                del self._carriers[old]
+            self._carriers[carrier.introduction_id] = carrier
+        logger.info(
+            "worker=%s introduction=%s with %s resumed as %s",
+            self.worker_id,
+            old,
+            carrier.peer_id,
+            carrier.introduction_id,
+        )
 
     # ---- the carriers ----------------------------------------------------------------------------
 

@@ -52,6 +52,7 @@ class ConnectRequest:
     request_id: str
     protocol_version: int
     transport: Transport = Transport.QUIC
+    resumes: str | None = None  # the introduction this one replaces, its connection carrying on
 
 
 @dataclass(frozen=True, slots=True)

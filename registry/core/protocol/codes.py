@@ -5,11 +5,17 @@ from __future__ import annotations
 
 from enum import IntEnum, StrEnum
 
-PROTOCOL_VERSION = 2
-# Peer messages speak version 2 (ICE and the service relay): `connect_request` and
-# `introduction_accept` say which version they speak, and an agent that says less gets
-# AGENT_OUTDATED instead of an introduction it could not use.
-PEER_PROTOCOL_VERSION = 2
+# Version 3: `peer_closed` says why an introduction ended (`code`), and a `connect_request` may
+# resume an introduction whose service link went (`resumes`): agents that see 3 in `welcome`
+# keep their connections across a renewed WebSocket and resume them.
+PROTOCOL_VERSION = 3
+# Peer messages: `connect_request` and `introduction_accept` say which version they speak. An
+# agent below MIN_PEER_PROTOCOL_VERSION (before ICE and the service relay) gets AGENT_OUTDATED
+# instead of an introduction it could not use; one below RESUMING_PEER_PROTOCOL_VERSION is not
+# asked to resume an introduction.
+PEER_PROTOCOL_VERSION = 3
+MIN_PEER_PROTOCOL_VERSION = 2
+RESUMING_PEER_PROTOCOL_VERSION = 3
 
 
 class ClientMessageType(StrEnum):
@@ -97,6 +103,15 @@ class ConnectFailure(StrEnum):
     AGENT_OUTDATED = "AGENT_OUTDATED"  # either side's agent speaks an older peer protocol
     NO_IDENTITY = "NO_IDENTITY"  # a QUIC connection, and either side presented no certificate
     POLICY_DENIED = "POLICY_DENIED"  # the peer policy does not let the requester reach the target
+
+
+class PeerClosedCode(StrEnum):
+    """Why an introduction ended (`peer_closed`)."""
+
+    CLOSED = "CLOSED"  # either side closed it
+    PEER_OFFLINE = "PEER_OFFLINE"  # the peer's connection to the service ended: it may resume
+    POLICY_DENIED = "POLICY_DENIED"  # the peer rules no longer allow the pair
+    TOO_MANY_PEERS = "TOO_MANY_PEERS"  # this side held too many peers when it was made
 
 
 class CloseCode(IntEnum):

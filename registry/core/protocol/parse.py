@@ -120,12 +120,12 @@ def _request_id(data: dict[str, Any], *, required: bool) -> str | None:
     return value
 
 
-def _introduction_id(data: dict[str, Any]) -> str:
-    value = data.get("introduction_id")
+def _introduction_id(data: dict[str, Any], name: str = "introduction_id") -> str:
+    value = data.get(name)
     if value is None:
-        raise MissingField("'introduction_id' is required")
+        raise MissingField(f"'{name}' is required")
     if not isinstance(value, str) or not _INTRODUCTION_ID_RE.match(value):
-        raise InvalidField("'introduction_id' must be 32 lowercase hex characters")
+        raise InvalidField(f"'{name}' must be 32 lowercase hex characters")
     return value
 
 
@@ -253,6 +253,7 @@ _PARSERS: dict[str, Any] = {
         request_id=_request_id(d, required=True) or "",
         protocol_version=_protocol_version(d),
         transport=_transport(d),
+        resumes=_introduction_id(d, "resumes") if d.get("resumes") is not None else None,
     ),
     ClientMessageType.INTRODUCTION_ACCEPT: lambda d: IntroductionAccept(
         introduction_id=_introduction_id(d), protocol_version=_protocol_version(d)

@@ -14,6 +14,7 @@ from registry.core.protocol.codes import (
     ConnectFailure,
     NatMapping,
     PathKind,
+    PeerClosedCode,
     ServerMessageType,
     Transport,
 )
@@ -150,7 +151,12 @@ def connect_failed(
     )
 
 
-def introduction_request(*, introduction_id: str, peer_id: str, transport: Transport) -> str:
+def introduction_request(
+    *, introduction_id: str, peer_id: str, transport: Transport, resumes: str | None = None
+) -> str:
+    """`resumes`: the introduction with this peer that the new one replaces (the target's
+    agent carries its connection on under the new one)."""
+    extra = {"resumes": resumes} if resumes else {}
     return encode(
         {
             "type": ServerMessageType.INTRODUCTION_REQUEST,
@@ -158,6 +164,7 @@ def introduction_request(*, introduction_id: str, peer_id: str, transport: Trans
             "peer_id": peer_id,
             "protocol_version": PEER_PROTOCOL_VERSION,
             "transport": transport,
+            **extra,
         }
     )
 
@@ -212,12 +219,19 @@ def path_report_recorded(introduction_id: str, kind: PathKind) -> str:
     )
 
 
-def peer_closed(*, introduction_id: str, peer_id: str, reason: str) -> str:
+def peer_closed(
+    *,
+    introduction_id: str,
+    peer_id: str,
+    reason: str,
+    code: PeerClosedCode = PeerClosedCode.CLOSED,
+) -> str:
     return encode(
         {
             "type": ServerMessageType.PEER_CLOSED,
             "introduction_id": introduction_id,
             "peer_id": peer_id,
+            "code": code,
             "reason": reason[:MAX_DETAIL_LENGTH],
         }
     )
