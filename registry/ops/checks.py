@@ -50,7 +50,7 @@ def check_rendezvous_settings(app_configs: Any = None, **kwargs: Any) -> list[An
         )
     for entry in config["STUN_SERVERS"]:
         host, _, port = entry.rpartition(":")
-        if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        if not host or not (port.isascii() and port.isdigit()) or not 1 <= int(port) <= 65535:
             problems.append(
                 Error(
                     f"RENDEZVOUS_STUN_SERVERS entry {entry!r} is not host:port.",
