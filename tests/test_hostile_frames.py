@@ -123,3 +123,38 @@ async def test_ice_candidates_of_the_well_formed_kind_still_pass_in_canonical_fo
     assert (await b.receive_json_from(timeout=3))["candidates"] == [SRFLX]
     await a.disconnect()
     await b.disconnect()
+
+
+def dropped_counted(reason: str) -> float:
+    labels = {"instance_name": metrics._instance(), "reason": reason}
+    return metrics.REGISTRY.get_sample_value("rendezvous_messages_dropped_total", labels) or 0.0
+
+
+async def test_a_flood_gets_one_log_line_per_streak_and_one_at_its_close(settings, caplog) -> None:
+    """Issue 19: after the 4029 close every further frame logged "closed for flooding" again (870
+    lines for one connection). The drops are counted in /metrics instead."""
+    settings.RENDEZVOUS = {
+        **settings.RENDEZVOUS,
+        "RATE_LIMIT": 1.0,
+        "RATE_BURST": 3,
+        "RATE_LIMIT_CLOSE_AFTER": 10,
+    }
+    caplog.set_level(logging.INFO, logger="registry.consumers")
+    before = dropped_counted("rate_limited"), dropped_counted("closing")
+    comm = await connected("flooder")
+    for _ in range(3 + 10 + 50):  # the burst, the streak that closes it, and what comes after
+        await comm.send_to(text_data='{"type": "heartbeat"}')
+    replies = [await comm.receive_output(timeout=3) for _ in range(3 + 1 + 2)]
+    assert [json.loads(r["text"]).get("code") for r in replies[:5]] == [None] * 3 + [
+        "RATE_LIMITED",
+        4029,
+    ]
+    assert replies[5] == {"type": "websocket.close", "code": 4029}
+    assert await comm.receive_nothing(timeout=0.2)
+    await comm.disconnect(code=4029)
+    messages = [r.getMessage() for r in caplog.records if "worker=flooder" in r.getMessage()]
+    [closed] = [m for m in messages if "closed for flooding" in m]
+    assert closed.endswith("closed for flooding: 10 messages dropped")
+    assert len([m for m in messages if "RATE_LIMITED" in m]) == 1
+    assert dropped_counted("rate_limited") == before[0] + 10
+    assert dropped_counted("closing") == before[1] + 50

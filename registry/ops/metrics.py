@@ -112,6 +112,12 @@ MESSAGES_RECEIVED = Counter(
     "Frames received from workers (before the rate limit).",
     ["instance_name"],
 )
+MESSAGES_DROPPED = Counter(
+    "rendezvous_messages_dropped",
+    "Text frames from workers dropped unanswered, by reason: over the rate limit (rate_limited),"
+    " or arriving once the service had begun to close the connection (closing).",
+    ["instance_name", "reason"],
+)
 MESSAGES_SENT = Counter(
     "rendezvous_messages_sent",
     "Frames sent to workers.",
@@ -230,6 +236,10 @@ def turn_credentials(count: int) -> None:
 
 def message_received() -> None:
     MESSAGES_RECEIVED.labels(_instance()).inc()
+
+
+def message_dropped(reason: str) -> None:
+    MESSAGES_DROPPED.labels(_instance(), reason).inc()
 
 
 def message_sent() -> None:

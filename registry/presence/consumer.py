@@ -35,9 +35,13 @@ from registry.security.origins import origin_allowed
 
 log = InstanceLogAdapter(logging.getLogger("registry.consumers"), lambda: get_runtime().instance_id)
 
-# Dropped messages count towards the 4029 close only while the drops keep coming: a gap this
-# long (seconds) without one starts the count again.
+# Dropped messages are one streak while the drops keep coming: a gap this long (seconds) without
+# one ends it. A streak gets one error frame and one log line, and a streak of
+# RATE_LIMIT_CLOSE_AFTER drops closes the connection (4029).
 FLOOD_MEMORY = 10.0
+# Why a text frame was dropped unanswered (the `reason` label of rendezvous_messages_dropped).
+DROP_RATE_LIMITED = "rate_limited"
+DROP_CLOSING = "closing"
 
 # What a send to a socket that has just closed raises: ASGI asks servers for an OSError
 # (uvicorn's ClientDisconnected), daphne lets autobahn's Disconnected through.
@@ -185,6 +189,10 @@ class RegisterConsumer(AsyncWebsocketConsumer):
         if self.connection_id is None:
             return
         metrics.message_received()
+        if self._server_close_code is not None:
+            # The service is closing this socket (a flood, say): what still arrives is not read.
+            metrics.message_dropped(DROP_CLOSING)
+            return
         if text_data is None:
             # Binary frames are relay frames, budgeted by the relay, not the message rate limit.
             await self._relay(bytes_data or b"")
@@ -340,14 +348,21 @@ class RegisterConsumer(AsyncWebsocketConsumer):
         await self.peer_side.relayed_to_me(frame)
 
     async def _dropped(self, flood: Flood) -> None:
-        """A message over the rate limit was dropped: say so once per streak, or close."""
+        """A message over the rate limit was dropped: counted; said (and logged) once per streak;
+        or, when the streak is long enough, the connection closed (and logged once)."""
+        metrics.message_dropped(DROP_RATE_LIMITED)
         if flood is Flood.CLOSE:
             log.warning(
-                "worker=%s connection=%s closed for flooding", self.worker_id, self.connection_id
+                "worker=%s connection=%s closed for flooding: %d messages dropped",
+                self.worker_id,
+                self.connection_id,
+                self.rate.dropped,
             )
             await self.close_with(protocol.CloseCode.RATE_LIMITED)
         elif flood is Flood.WARN:
-            await self.send(_error(protocol.RateLimited("too many messages; this one was dropped")))
+            refusal = protocol.RateLimited("too many messages; those beyond the limit are dropped")
+            self._log_refused(refusal)
+            await self.send(_error(refusal))
 
     async def disconnect(self, code: int) -> None:
         if self.connection_id is None:
