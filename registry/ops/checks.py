@@ -118,4 +118,14 @@ def _turn_problems(config: dict[str, Any]) -> list[Any]:
                 id="rendezvous.E008",
             )
         )
+    unused = config["UNUSED_INTRODUCTION_TIMEOUT"]
+    if not math.isfinite(unused) or not 5 < unused <= 3600:
+        problems.append(
+            Error(
+                "RENDEZVOUS_UNUSED_INTRODUCTION_TIMEOUT must be a number of seconds above 5 (and "
+                f"at most 3600), not {unused!r}: a pair without the relay may send its first ICE "
+                "candidates only after 5 s of gathering, and would be ended before.",
+                id="rendezvous.E009",
+            )
+        )
     return problems

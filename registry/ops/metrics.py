@@ -134,6 +134,12 @@ SENDS_AFTER_CLOSE = Counter(
     "Frames dropped because the worker's socket closed while they were on their way.",
     ["instance_name"],
 )
+UNUSED_INTRODUCTIONS = Counter(
+    "rendezvous_unused_introductions",
+    "Introductions ended because neither worker sent anything on them in time"
+    " (RENDEZVOUS_UNUSED_INTRODUCTION_TIMEOUT), counted on the target's instance.",
+    ["instance_name"],
+)
 POLICY_ERRORS = Counter(
     "rendezvous_policy_errors",
     "Peer policy decisions that could not be made (refused, never allowed), and stored rules that"
@@ -228,6 +234,10 @@ def relayed(size: int) -> None:
 
 def relay_dropped(reason: str) -> None:
     RELAY_DROPPED.labels(_instance(), reason).inc()
+
+
+def unused_introduction() -> None:
+    UNUSED_INTRODUCTIONS.labels(_instance()).inc()
 
 
 def turn_credentials(count: int) -> None:

@@ -197,31 +197,56 @@ class RegisterConsumer(AsyncWebsocketConsumer):
             # Binary frames are relay frames, budgeted by the relay, not the message rate limit.
             await self._relay(bytes_data or b"")
             return
-        flood = self.rate.admit()
-        if flood is not None:
-            await self._dropped(flood)
-            return
+        parsed = self._parse(text_data)
+        if not self._answers_a_request(parsed):
+            flood = self.rate.admit()
+            if flood is not None:
+                await self._dropped(flood)
+                return
+        reply = await self._reply(parsed)
+        if reply is not None:
+            await self.send(reply)
+
+    def _parse(self, text: str) -> protocol.ClientMessage | protocol.ProtocolError:
+        """The frame's message, or the refusal to answer it with (once within the rate limit)."""
+        try:
+            return protocol.parse_client_message(text, max_bytes=self.max_frame_bytes)
+        except protocol.ProtocolError as exc:
+            return exc
+        except Exception:  # a bug in a parser: this frame fails, the connection stays
+            log.exception(
+                "worker=%s connection=%s frame failed", self.worker_id, self.connection_id
+            )
+            return protocol.Unavailable("service busy; send it again later")
+
+    def _answers_a_request(self, message: protocol.ClientMessage | protocol.ProtocolError) -> bool:
+        """An answer to an introduction request this connection holds costs nothing against its
+        rate limit: others' requests must not use it up (they are bounded by the requesters'
+        own rates and by MAX_PENDING, and each is answered once)."""
+        return self._peer_side is not None and self._peer_side.target.awaits(message)
+
+    async def _reply(self, message: protocol.ClientMessage | protocol.ProtocolError) -> str | None:
+        """What a frame within the rate limit is answered with: its reply, or its error."""
         try:
             await self._confirm()
-            message = protocol.parse_client_message(text_data, max_bytes=self.max_frame_bytes)
-            reply = await self.handle(message)
+            if isinstance(message, protocol.ProtocolError):
+                raise message
+            return await self.handle(message)
         except DatabaseError as exc:
             log.error(
                 "worker=%s connection=%s not recorded: %s", self.worker_id, self.connection_id, exc
             )
-            reply = _error(protocol.Unavailable("registry unavailable; send it again later"))
+            return _error(protocol.Unavailable("registry unavailable; send it again later"))
         except protocol.ProtocolError as exc:
             self._log_refused(exc)
-            reply = _error(exc)
+            return _error(exc)
         except Exception:
             # The channel layer away (Redis), a full channel: this frame fails, the connection
             # stays. Escaping here would end the consumer without its disconnect clean-up.
             log.exception(
                 "worker=%s connection=%s frame failed", self.worker_id, self.connection_id
             )
-            reply = _error(protocol.Unavailable("service busy; send it again later"))
-        if reply is not None:
-            await self.send(reply)
+            return _error(protocol.Unavailable("service busy; send it again later"))
 
     def _log_refused(self, exc: protocol.ProtocolError) -> None:
         log.info(
