@@ -6,6 +6,7 @@ message means in peering/introductions.py; this class turns socket events into t
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import Any
@@ -59,6 +60,26 @@ class RegisterConsumer(AsyncWebsocketConsumer):
     _confirm_credential = False
     _server_close_code: int | None = None
     _last_heartbeat: float | None = None
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        """Channels' loop, without the task and the asyncio.wait it wraps every message in (three
+        turns of the event loop before a frame is handled, and their CPU for every frame), and
+        fair between connections: each takes one frame a turn (round robin). A connection with
+        more frames waiting in its queue (daphne's, one per socket) lets every other connection
+        take its turn before its next frame, so one at its relay budget cannot keep another's
+        frames waiting behind its own (docs/performance.md, relay fairness)."""
+        self.scope = scope
+        self.channel_layer = None
+        self.base_send = send
+        queue = getattr(receive, "__self__", None)  # daphne's receive is its queue's `get`
+        waiting = queue.qsize if hasattr(queue, "qsize") else lambda: 1
+        try:
+            while True:
+                await self.dispatch(await receive())
+                if waiting():
+                    await asyncio.sleep(0)  # the other connections' turns first
+        except StopConsumer:
+            pass
 
     async def dispatch(self, message: dict[str, Any]) -> None:
         """Channels' dispatch without its per-event `aclose_old_connections`, a hop to the
