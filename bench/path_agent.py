@@ -320,7 +320,14 @@ def main() -> int:
     parser.add_argument("--no-udp", action="store_true")
     parser.add_argument("--megabytes", type=int, default=16)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument(
+        "--congestion-control", help="aioquic's controller for this agent's QUIC (reno, cubic)"
+    )
     args = parser.parse_args()
+    if args.congestion_control:  # a bench knob, not a setting: bench/peer_loss.py compares them
+        from worker_agent.secure import quic
+
+        quic.CONGESTION_CONTROL = args.congestion_control
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     if args.mode == "udp-recv":
         print(json.dumps(udp_recv(args.bind, args.seconds)), flush=True)
