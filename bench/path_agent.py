@@ -92,6 +92,19 @@ def variant(name: str) -> None:
         QuicPacketPacer.next_send_time = lambda self, now: None  # type: ignore[method-assign]
     if "aioquicpacing" in name:  # aioquic's own pacer: bursts of 16 packets
         quic.PACING_BURST = 0
+    if "burst5ms" in name:
+        quic.PACING_BURST = 0.005
+    if "lazywake" in name:  # the reader woken per 256 KiB (or at the end), not per burst
+        from worker_agent.secure.streams import StreamBuffer
+
+        def wake(self: Any) -> None:
+            with self._changed:
+                if len(self._data) >= 256 * 1024 or self._eof or self._error:
+                    self._changed.notify_all()
+
+        StreamBuffer.wake = wake  # type: ignore[method-assign]
+    if "packet1452" in name:  # the largest QUIC packet a 1,500-byte IPv4 path carries whole
+        quic.MAX_PACKET = 1452
 
 
 def quic_counters(conn: PeerConnection) -> dict[str, float]:
