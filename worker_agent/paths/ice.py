@@ -29,6 +29,7 @@ import aioice
 
 from .. import wire
 from ..errors import PeerError
+from .kinds import host_pair_kind
 
 logger = logging.getLogger("worker_agent.p2p")
 
@@ -197,7 +198,7 @@ class IceAttempt:
         if self._relay or "relay" in (local.type, remote.type):
             self.kind = wire.PathKind.TURN
         elif local.type == "host" and remote.type == "host":
-            self.kind = wire.PathKind.LAN
+            self.kind = host_pair_kind(local.host, remote.host)  # global IPv6 is not a LAN
         else:
             self.kind = wire.PathKind.DIRECT
         return True

@@ -70,8 +70,8 @@ class NatMapping(StrEnum):
 class PathKind(StrEnum):
     """Which route carries a peer connection's data, best first (docs/nat-traversal.md)."""
 
-    LAN = "lan"  # host candidate to host candidate: no NAT in between
-    DIRECT = "direct"  # through one or both NATs, hole-punched by ICE
+    LAN = "lan"  # host to host candidate on one private network or link
+    DIRECT = "direct"  # between networks: punched, port-mapped, or global IPv6 host to host
     TURN = "turn"  # through a TURN server (coturn)
     RELAY = "relay"  # through this service, over the workers' WebSockets
 
