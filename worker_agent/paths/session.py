@@ -27,6 +27,7 @@ from ..errors import NoPath
 from .ice import DEFAULT_TIMEOUT, IceAttempt, TurnServer
 from .loop import LoopThread
 from .path import PeerPath, RelayRoute
+from .portmap.manager import PortMapper
 from .relay import RelayLink
 
 logger = logging.getLogger("worker_agent.p2p")
@@ -61,6 +62,7 @@ class PathSession:
         use_udp: bool = True,
         started: float | None = None,
         attempt_timeout: float = DEFAULT_TIMEOUT,
+        port_mapper: PortMapper | None = None,
     ) -> None:
         self.introduction_id: str = introduction["introduction_id"]
         self.peer_id: str = introduction["peer_id"]
@@ -73,6 +75,7 @@ class PathSession:
         self._loop = loop
         self._signal = signal
         self._stun_server = stun_server
+        self._port_mapper = port_mapper
         self._use_udp = use_udp
         self._started = time.monotonic() if started is None else started
         self._attempt_timeout = attempt_timeout
@@ -239,6 +242,7 @@ class PathSession:
             datagram=self._ice_datagram,
             stun_server=self._stun_server,
             turn=self.turn,
+            port_mapper=self._port_mapper,
         )
         self._attempts[(policy.value, number)] = attempt
         return attempt
