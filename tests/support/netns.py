@@ -66,8 +66,27 @@ _counter = itertools.count(1)
 
 
 class NatKind(StrEnum):
-    MASQUERADE = "masquerade"  # endpoint-independent mapping, keeps the source port if it can
-    RANDOM_FULLY = "random-fully"  # endpoint-dependent ("symmetric"): a new port per destination
+    """What each router is, in RFC 4787's terms and in iptables' (every one drops unsolicited
+    inbound packets in conntrack state NEW, as home routers do)."""
+
+    # Endpoint-independent mapping (keeps the source port if it can) and address-and-port-
+    # dependent filtering: only replies to a remote address and port the worker sent to pass
+    # (conntrack). A "port-restricted cone".
+    MASQUERADE = "masquerade"
+    # Endpoint-independent mapping and filtering: MASQUERADE plus a DNAT of all inbound UDP to
+    # the worker (the port MASQUERADE kept is the worker's own). A "full cone".
+    FULL_CONE = "full-cone"
+    # Endpoint-dependent mapping ("symmetric"): MASQUERADE --random-fully, a new port per
+    # destination.
+    RANDOM_FULLY = "random-fully"
+    # RANDOM_FULLY, in legacy iptables, with Debian's miniupnpd answering NAT-PMP, PCP and UPnP
+    # IGD on the LAN side; its outside address is 198.20.0.N (miniupnpd refuses mappings when
+    # it is in a reserved range such as 203.0.113.0/24).
+    MINIUPNPD = "miniupnpd"
+
+
+UPNP_OUTSIDE_NET = "198.20.0"  # the miniupnpd routers' outside addresses, on the same bridge
+PUBLIC_V6 = "2001:db8:ff::"  # the bridge's IPv6 network; site N's LAN is 2001:db8:N::/64
 
 
 @dataclass(frozen=True)
@@ -81,6 +100,20 @@ class Site:
     public_ip: str  # the NAT's address on the public bridge, what STUN reports
     gateway_ip: str  # the NAT's LAN address, the workers' default route
     worker_ips: tuple[str, ...]
+    ipv6: bool = False
+
+    @property
+    def iptables(self) -> str:
+        """miniupnpd writes legacy iptables rules; its router's own rules must be legacy too."""
+        return "iptables-legacy" if self.kind is NatKind.MINIUPNPD else "iptables"
+
+    @property
+    def worker_ip6s(self) -> tuple[str, ...]:
+        return tuple(f"2001:db8:{self.index}::{2 + n}" for n in range(len(self.workers)))
+
+    @property
+    def public_ip6(self) -> str:
+        return f"{PUBLIC_V6}{self.index}"
 
     @property
     def worker(self) -> str:
@@ -93,6 +126,21 @@ class Site:
 
 def _which(name: str) -> str | None:
     return shutil.which(name, path=_PATH)
+
+
+def miniupnpd_unavailable_reason() -> str | None:
+    """Why a miniupnpd router cannot be built here (None: it can)."""
+    if _which("miniupnpd") is None:
+        return "needs miniupnpd (tools/install_system_packages.sh installs miniupnpd-iptables)"
+    if _which("iptables-legacy") is None:
+        return "needs iptables-legacy (miniupnpd writes legacy iptables rules)"
+    return None
+
+
+def require_miniupnpd() -> None:
+    require_netns()
+    reason = miniupnpd_unavailable_reason()
+    require_or_skip(reason is None, reason or "")
 
 
 @functools.cache
@@ -153,6 +201,7 @@ class NatTopology:
         prefix: str | None = None,
         service_ips: Sequence[str] = (SERVICE_IP, SECOND_SERVICE_IP),
         log_dir: Path | None = None,
+        ipv6: bool = False,
     ) -> None:
         if not 1 <= len(kinds) <= MAX_SITES:
             raise ValueError(f"between 1 and {MAX_SITES} NAT sites, not {len(kinds)}")
@@ -172,9 +221,12 @@ class NatTopology:
                     f"{self.prefix}w{i}" + ("" if n == 0 else chr(ord("a") + n))
                     for n in range(count)
                 ),
-                public_ip=f"203.0.113.{i}",
+                public_ip=(
+                    f"{UPNP_OUTSIDE_NET}.{i}" if kind == NatKind.MINIUPNPD else f"203.0.113.{i}"
+                ),
                 gateway_ip=f"10.0.{i}.1",
                 worker_ips=tuple(f"10.0.{i}.{2 + n}" for n in range(count)),
+                ipv6=ipv6,
             )
             for i, (kind, count) in enumerate(zip(kinds, counts, strict=True), start=1)
         ]
@@ -192,9 +244,16 @@ class NatTopology:
         self._ip(self.public, "link", "add", "br0", "type", "bridge")
         for address in self.service_ips:
             self._ip(self.public, "addr", "add", f"{address}/24", "dev", "br0")
+        self._ip(self.public, "addr", "add", f"{UPNP_OUTSIDE_NET}.254/24", "dev", "br0")
         self._ip(self.public, "link", "set", "br0", "up")
+        if self.sites[0].ipv6:
+            self._exec(self.public, "sysctl", "-qw", "net.ipv6.conf.all.forwarding=1")
+            for address in self.service_ip6s:
+                self._ip(self.public, "-6", "addr", "add", f"{address}/64", "dev", "br0", "nodad")
         for site in self.sites:
             self._build_site(site)
+            if site.ipv6:
+                self._build_site_ipv6(site)
         self.setup_seconds = time.monotonic() - started
         return self
 
@@ -221,15 +280,94 @@ class NatTopology:
             for device in ("lo", "eth0"):
                 self._ip(worker, "link", "set", device, "up")
             self._ip(worker, "route", "add", "default", "via", site.gateway_ip)
+        # Both outside networks share the bridge: each is on-link from every router.
+        other = "203.0.113.0/24" if site.kind is NatKind.MINIUPNPD else f"{UPNP_OUTSIDE_NET}.0/24"
+        self._ip(site.nat, "route", "add", other, "dev", "wan0")
         masquerade = ["-j", "MASQUERADE"]
-        if site.kind is NatKind.RANDOM_FULLY:
+        if site.kind in (NatKind.RANDOM_FULLY, NatKind.MINIUPNPD):
             masquerade.append("--random-fully")
+        iptables = [site.iptables, "-w", "5"]
         self._exec(site.nat, "sysctl", "-qw", "net.ipv4.ip_forward=1")
-        self._exec(site.nat, "iptables", "-w", "5", "-t", "nat", "-A", "POSTROUTING",
+        self._exec(site.nat, *iptables, "-t", "nat", "-A", "POSTROUTING",
                    "-o", "wan0", *masquerade)  # fmt: skip
         # The pitfall rule: unsolicited inbound packets die before conntrack confirms them.
-        self._exec(site.nat, "iptables", "-w", "5", "-A", "INPUT", "-i", "wan0",
+        self._exec(site.nat, *iptables, "-A", "INPUT", "-i", "wan0",
                    "-m", "conntrack", "--ctstate", "NEW", "-j", "DROP")  # fmt: skip
+        if site.kind is NatKind.FULL_CONE:
+            self._exec(site.nat, *iptables, "-t", "nat", "-A", "PREROUTING", "-i", "wan0",
+                       "-p", "udp", "-j", "DNAT", "--to-destination", site.worker_ip)  # fmt: skip
+        if site.kind is NatKind.MINIUPNPD:
+            # The chains miniupnpd writes its rules into (Debian ships no script that makes them).
+            for table, chain, hook in (
+                ("nat", "MINIUPNPD", ["PREROUTING", "-i", "wan0"]),
+                ("nat", "MINIUPNPD-POSTROUTING", ["POSTROUTING", "-o", "wan0"]),
+                ("filter", "MINIUPNPD", ["FORWARD", "-i", "wan0", "!", "-o", "wan0"]),
+            ):
+                self._exec(site.nat, *iptables, "-t", table, "-N", chain)
+                self._exec(site.nat, *iptables, "-t", table, "-I", *hook, "-j", chain)
+
+    def _build_site_ipv6(self, site: Site) -> None:
+        """Global IPv6 without NAT: the router forwards 2001:db8:N::/64, and its stateful
+        firewall lets in only replies and ICMPv6, as home routers do."""
+        self._exec(site.nat, "sysctl", "-qw", "net.ipv6.conf.all.forwarding=1")
+        self._ip(site.nat, "-6", "addr", "add", f"{site.public_ip6}/64", "dev", "wan0", "nodad")
+        self._ip(site.nat, "-6", "addr", "add", f"2001:db8:{site.index}::1/64", "dev", "lan0",
+                 "nodad")  # fmt: skip
+        self._ip(site.nat, "-6", "route", "add", "default", "via", self.service_ip6s[0])
+        self._ip(self.public, "-6", "route", "add", f"2001:db8:{site.index}::/64",
+                 "via", site.public_ip6)  # fmt: skip
+        for worker, address in zip(site.workers, site.worker_ip6s, strict=True):
+            self._ip(worker, "-6", "addr", "add", f"{address}/64", "dev", "eth0", "nodad")
+            self._ip(worker, "-6", "route", "add", "default", "via", f"2001:db8:{site.index}::1")
+        rules = [
+            ["-A", "FORWARD", "-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED", "-j",
+             "ACCEPT"],
+            ["-A", "FORWARD", "-p", "ipv6-icmp", "-j", "ACCEPT"],
+            ["-A", "FORWARD", "-i", "lan0", "-j", "ACCEPT"],
+            ["-A", "FORWARD", "-i", "wan0", "-j", "DROP"],
+        ]  # fmt: skip
+        for rule in rules:
+            self._exec(site.nat, "ip6tables", "-w", "5", *rule)
+
+    @property
+    def service_ip6s(self) -> list[str]:
+        """The public namespace's IPv6 addresses (with ipv6=True): the service's and STUN's."""
+        return [f"{PUBLIC_V6}10", f"{PUBLIC_V6}11"]
+
+    def start_miniupnpd(self, site: Site) -> subprocess.Popen[Any]:
+        """Debian's miniupnpd on `site`'s router (NatKind.MINIUPNPD): NAT-PMP, PCP and UPnP IGD
+        on its LAN side. Returned once it listens; stopped by `down()`."""
+        if site.kind is not NatKind.MINIUPNPD:
+            raise ValueError(f"{site.nat} is not a miniupnpd router")
+        if self.log_dir is None:
+            raise ValueError("start_miniupnpd needs a log_dir for its configuration and log")
+        binary = _which("miniupnpd")
+        if binary is None:
+            raise RuntimeError("miniupnpd is not installed (tools/install_system_packages.sh)")
+        config = self.log_dir / f"miniupnpd-{site.nat}.conf"
+        config.write_text(
+            "ext_ifname=wan0\nlistening_ip=lan0\nport=0\nenable_natpmp=yes\n"
+            "enable_upnp=yes\nsecure_mode=no\nsystem_uptime=no\n"
+            "uuid=3d3cec3a-8cf0-11e0-98ee-001a6bd2d07b\n"
+            f"allow 1024-65535 10.0.{site.index}.0/24 1024-65535\n"
+            "deny 0-65535 0.0.0.0/0 0-65535\n"
+        )
+        log_name = f"miniupnpd-{site.nat}.log"
+        pidfile = self.log_dir / f"miniupnpd-{site.nat}.pid"
+        process = self.popen(
+            site.nat, [binary, "-f", str(config), "-d", "-4", "-P", str(pidfile)],
+            log_name=log_name,
+        )  # fmt: skip
+        log_path = self.log_dir / log_name
+        deadline = time.monotonic() + 15
+        while "HTTP listening on port" not in _read(log_path):
+            if process.poll() is not None:
+                raise RuntimeError(f"miniupnpd exited {process.returncode}:\n{_read(log_path)}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"miniupnpd not listening after 15s:\n{_read(log_path)}")
+            time.sleep(0.05)
+        time.sleep(0.2)  # NAT-PMP and SSDP sockets open right after the HTTP one
+        return process
 
     def down(self) -> list[str]:
         """Stop our processes, then delete our namespaces. Returns what could not be cleaned."""
@@ -412,10 +550,10 @@ class NatTopology:
     def block_udp(self, site: Site, *, to: str | None = None) -> None:
         """Drop the UDP the site's NAT would forward out (to one address, or anywhere): a
         firewall that lets only TCP through, such as a corporate network's."""
-        self._exec(site.nat, "iptables", "-w", "5", *self._udp_rule("-I", to))
+        self._exec(site.nat, site.iptables, "-w", "5", *self._udp_rule("-I", to))
 
     def unblock_udp(self, site: Site, *, to: str | None = None) -> None:
-        self._exec(site.nat, "iptables", "-w", "5", *self._udp_rule("-D", to))
+        self._exec(site.nat, site.iptables, "-w", "5", *self._udp_rule("-D", to))
 
     @staticmethod
     def _udp_rule(action: str, to: str | None) -> list[str]:
@@ -445,10 +583,10 @@ class NatTopology:
         on the first call)."""
         rule = ["FORWARD", "-o", "wan0", "-p", "udp", "-d", destination]
         try:
-            self._exec(site.nat, "iptables", "-w", "5", "-C", *rule)
+            self._exec(site.nat, site.iptables, "-w", "5", "-C", *rule)
         except RuntimeError:
-            self._exec(site.nat, "iptables", "-w", "5", "-A", *rule)
-        listing = self.run(site.nat, ["iptables", "-w", "5", "-nvxL", "FORWARD"]).stdout
+            self._exec(site.nat, site.iptables, "-w", "5", "-A", *rule)
+        listing = self.run(site.nat, [site.iptables, "-w", "5", "-nvxL", "FORWARD"]).stdout
         for line in listing.splitlines():
             fields = line.split()
             if fields[-1:] == [destination] and "DROP" not in fields:
@@ -458,7 +596,7 @@ class NatTopology:
     def input_drop_packets(self, site: Site) -> int:
         """Packets the NAT's drop-unsolicited-inbound rule has dropped so far."""
         output = _run(
-            ["ip", "netns", "exec", site.nat, "iptables", "-w", "5", "-L", "INPUT", "-v",
+            ["ip", "netns", "exec", site.nat, site.iptables, "-w", "5", "-L", "INPUT", "-v",
              "-x", "-n"]
         ).stdout  # fmt: skip
         for line in output.splitlines():
@@ -492,9 +630,10 @@ def nat_topology(
     workers: Sequence[int] | None = None,
     log_dir: Path | None = None,
     prefix: str | None = None,
+    ipv6: bool = False,
 ) -> Iterator[NatTopology]:
     """`with nat_topology("masquerade", "random-fully", log_dir=tmp_path) as net:`"""
     with NatTopology(
-        kinds or (NatKind.MASQUERADE,), workers=workers, log_dir=log_dir, prefix=prefix
+        kinds or (NatKind.MASQUERADE,), workers=workers, log_dir=log_dir, prefix=prefix, ipv6=ipv6
     ) as topology:
         yield topology

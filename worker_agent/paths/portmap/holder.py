@@ -6,6 +6,7 @@ UPnP) is imported when the peer loop exists, as every other p2p module is.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -47,8 +48,13 @@ class PortMapperHolder:
     def probe_soon(self, loop: LoopThread) -> None:
         """Probe the gateway now, in the background (the agent starts)."""
         mapper = self.get()
-        if mapper is not None:
-            loop.submit(mapper.probe())
+        if mapper is None:
+            return
+        # Imported here, not on the peer loop: aiohttp takes a few hundred milliseconds. Without
+        # it the mapper says why it has no UPnP.
+        with contextlib.suppress(ImportError):
+            from . import upnp  # noqa: F401
+        loop.submit(mapper.probe())
 
     def status(self) -> dict[str, Any] | None:
         with self._lock:
