@@ -67,6 +67,14 @@ class NatMapping(StrEnum):
     UNKNOWN = "unknown"
 
 
+class PortMappingProtocol(StrEnum):
+    """How a worker's router mapped a UDP port for it (the agent's worker_agent/paths/portmap/)."""
+
+    NAT_PMP = "nat-pmp"  # RFC 6886
+    PCP = "pcp"  # RFC 6887
+    UPNP = "upnp"  # UPnP Internet Gateway Device
+
+
 class PathKind(StrEnum):
     """Which route carries a peer connection's data, best first (docs/nat-traversal.md)."""
 
