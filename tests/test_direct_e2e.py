@@ -160,6 +160,10 @@ def test_a_symmetric_nat_behind_miniupnpd_gets_a_direct_path_to_another_symmetri
     assert outcome["stream"]["lost"] == 0
     assert "port mapping: nat-pmp mapped" in log_of(net, "upnp1")
     assert PeerConnection.objects.get().path_kind == "direct"
+    # its NAT report told the service: symmetric, and what the router maps (admin, API)
+    worker = Worker.objects.get(id="upnp1")
+    assert (worker.nat_mapping, worker.port_mapping_protocol) == ("endpoint-dependent", "nat-pmp")
+    assert worker.port_mapping_ip == upnp.public_ip
     # the mapping was deleted when the answering agent's attempt ended (it was terminated)
     wait_until(
         lambda: "DNAT" not in net.run(upnp.nat, ["iptables-legacy", "-t", "nat", "-S",
