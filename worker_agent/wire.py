@@ -109,6 +109,7 @@ class PortMappingProtocol(StrEnum):
 class IcePolicy(StrEnum):
     ALL = "all"
     RELAY = "relay"
+    PROBE = "probe"  # hard-NAT probing's endpoints (paths/probing.py), not ICE
 
 
 class ConnectFailure(StrEnum):

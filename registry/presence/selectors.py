@@ -192,6 +192,11 @@ def peer_target(worker_id: str) -> PeerTarget | None:
     return PeerTarget(*row) if row else None
 
 
+def nat_mappings(worker_ids: tuple[str, ...]) -> dict[str, str]:
+    """The NAT mapping each worker's current connection reported ("" before its report)."""
+    return dict(Worker.objects.filter(id__in=worker_ids).values_list("id", "nat_mapping"))
+
+
 def list_peers(
     *,
     exclude: str,

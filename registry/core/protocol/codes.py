@@ -89,6 +89,8 @@ class IcePolicy(StrEnum):
 
     ALL = "all"  # host and server-reflexive candidates: LAN and direct paths
     RELAY = "relay"  # TURN relay candidates only
+    # Not ICE: hard-NAT probing's public endpoints and token (RENDEZVOUS_HARD_NAT_PROBING)
+    PROBE = "probe"
 
 
 class Transport(StrEnum):

@@ -211,7 +211,7 @@ def _parse_ice_candidates(data: dict[str, Any]) -> IceCandidates:
     try:
         policy = IcePolicy(data.get("policy"))
     except ValueError:
-        raise InvalidField("'policy' must be 'all' or 'relay'") from None
+        raise InvalidField("'policy' must be 'all', 'relay' or 'probe'") from None
     ufrag, pwd = data.get("ufrag"), data.get("pwd")
     if not is_ufrag(ufrag):
         raise InvalidField("'ufrag' must be 4 to 256 ICE characters (A-Z a-z 0-9 + /)")
