@@ -15,6 +15,8 @@ same matrix:
 
     sudo .venv/bin/python bench/nat_matrix.py --code /tmp/rdv-main --label baseline
     sudo .venv/bin/python bench/nat_matrix.py --label now
+    sudo .venv/bin/python bench/nat_matrix.py --label "now, probing" --probing
+    sudo .venv/bin/python bench/nat_matrix.py --probing --only "symmetric / port" --count 20
 
 Prints one line per connection and a table; not a test.
 """
@@ -61,7 +63,7 @@ PAIRS = [
 ]
 
 
-def serve(net: NatTopology, database_url: str, port: int) -> str:
+def serve(net: NatTopology, database_url: str, port: int, probing: bool) -> str:
     env = {
         **os.environ,
         "DATABASE_URL": database_url,
@@ -74,6 +76,7 @@ def serve(net: NatTopology, database_url: str, port: int) -> str:
         ),
         "LOG_LEVEL": "WARNING",
         "PYTHONUNBUFFERED": "1",
+        "RENDEZVOUS_HARD_NAT_PROBING": "on" if probing else "off",
     }
     log = f"service-{port}.log"
     net.python(net.public, "manage.py", "serve", env=env, log_name=log)
@@ -88,7 +91,14 @@ def serve(net: NatTopology, database_url: str, port: int) -> str:
 
 
 def one_pair(
-    net: NatTopology, url: str, code: Path, frm: str, to: str, ids: tuple[str, str], size: int
+    net: NatTopology,
+    url: str,
+    code: Path,
+    frm: str,
+    to: str,
+    ids: tuple[str, str],
+    size: int,
+    probing: bool,
 ) -> dict[str, Any]:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "RENDEZVOUS_PORT_MAPPING": "on"}
     argv = [sys.executable, "-m", "tests.support.peer_agent"]
@@ -102,7 +112,8 @@ def one_pair(
         connecting = net.popen(
             frm,
             [*argv, "connect", "--url", url, "--id", ids[0], "--peer", ids[1],
-             "--quic", str(size), "--wait-kind", "direct,lan"],
+             "--quic", str(size), "--wait-kind", "direct,lan",
+             *(["--wait-nat"] if probing else [])],
             env=env, cwd=code, stdout=subprocess.PIPE,
             stderr=(net.log_dir / f"{ids[0]}.log").open("ab"), text=True,
         )  # fmt: skip
@@ -117,21 +128,26 @@ def one_pair(
         answering.wait(10)
 
 
-def run_matrix(code: Path, count: int, size: int, logs: Path) -> list[tuple[str, list[dict]]]:
+def run_matrix(
+    code: Path, count: int, size: int, logs: Path, probing: bool, only: str | None
+) -> list[tuple[str, list[dict]]]:
     results: list[tuple[str, list[dict]]] = []
     database_url = f"sqlite:///{logs / 'bench.sqlite3'}"
     subprocess.run(
         [sys.executable, "manage.py", "migrate", "-v0"],
         cwd=REPO, env={**os.environ, "DATABASE_URL": database_url}, check=True,
     )  # fmt: skip
+    pairs = [(name, sites) for name, sites in PAIRS if only is None or only in name]
     for ipv6 in (False, True):
+        if not any((sites == "v6") == ipv6 for _, sites in pairs):
+            continue
         kinds = [K.RANDOM_FULLY, K.RANDOM_FULLY] if ipv6 else IPV4_SITES
         with NatTopology(kinds, log_dir=logs, ipv6=ipv6) as net:
             net.start_stun()
             if not ipv6:
                 net.start_miniupnpd(net.sites[6])
-            url = serve(net, database_url, 8020 + ipv6)
-            for name, sites in PAIRS:
+            url = serve(net, database_url, 8020 + ipv6, probing)
+            for name, sites in pairs:
                 if (sites == "v6") != ipv6:
                     continue
                 a, b = (1, 2) if sites == "v6" else sites
@@ -139,7 +155,7 @@ def run_matrix(code: Path, count: int, size: int, logs: Path) -> list[tuple[str,
                 for n in range(count):
                     ids = (f"m{len(results)}a{n}{int(ipv6)}", f"m{len(results)}b{n}{int(ipv6)}")
                     worker_a, worker_b = net.sites[a - 1].worker, net.sites[b - 1].worker
-                    outcome = one_pair(net, url, code, worker_a, worker_b, ids, size)
+                    outcome = one_pair(net, url, code, worker_a, worker_b, ids, size, probing)
                     print(f"  {name} #{n + 1}: {outcome}", flush=True)
                     runs.append(outcome)
                 results.append((name, runs))
@@ -184,6 +200,10 @@ def main() -> int:
     parser.add_argument("--count", type=int, default=2, help="connections per pair")
     parser.add_argument("--megabytes", type=float, default=4)
     parser.add_argument("--logs", type=Path, help="keep every process's log here")
+    parser.add_argument(
+        "--probing", action="store_true", help="RENDEZVOUS_HARD_NAT_PROBING=on in the service"
+    )
+    parser.add_argument("--only", help="the pairs whose name contains this")
     args = parser.parse_args()
     reason = netns_unavailable_reason() or miniupnpd_unavailable_reason()
     if reason:
@@ -193,7 +213,14 @@ def main() -> int:
         logs = args.logs or Path(tmp)
         logs.mkdir(parents=True, exist_ok=True)
         print(f"{args.label}: agents from {args.code}", flush=True)
-        results = run_matrix(args.code.resolve(), args.count, int(args.megabytes * 1e6), logs)
+        results = run_matrix(
+            args.code.resolve(),
+            args.count,
+            int(args.megabytes * 1e6),
+            logs,
+            args.probing,
+            args.only,
+        )
     summary(args.label, results)
     return 0
 

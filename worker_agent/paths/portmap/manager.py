@@ -27,6 +27,7 @@ from .pcp import PcpClient
 logger = logging.getLogger("worker_agent.portmap")
 
 PROBE_TIMEOUT = 0.5
+PROBE_WAIT = 0.25  # how long an ICE attempt waits for a probe under way before going without
 MAP_TIMEOUT = 0.5
 RELEASE_TIMEOUT = 0.5
 LIFETIME = 600  # seconds asked for; a crashed agent's mappings go within ten minutes
@@ -126,15 +127,21 @@ class PortMapper:
             logger.info("port mapping: no UPnP IGD without async-upnp-client (%s)", exc)
         else:
             clients.append(UpnpClient(self.gateway, self.local))
-        outcomes = await asyncio.gather(
-            *(_ask(client, PROBE_TIMEOUT) for client in clients), return_exceptions=True
-        )
+        # All three at once; decided as soon as the preferred one that answers is known.
+        asked = [asyncio.ensure_future(_ask(client, PROBE_TIMEOUT)) for client in clients]
         errors = []
-        for client, outcome in zip(clients, outcomes, strict=True):
-            if isinstance(outcome, BaseException):
-                errors.append(f"{client.protocol}: {outcome}")
-            elif self.client is None:
-                self.client, self.external_ip = client, outcome
+        try:
+            for client, task in zip(clients, asked, strict=True):
+                try:
+                    self.external_ip = await task
+                except (PortMapError, OSError, TimeoutError) as exc:
+                    errors.append(f"{client.protocol}: {exc or type(exc).__name__}")
+                    continue
+                self.client = client
+                break
+        finally:
+            for task in asked:
+                task.cancel()
         if self.client is None:
             self.probe_error = "; ".join(errors)
         logger.info(
@@ -150,7 +157,10 @@ class PortMapper:
         if not self.enabled:
             return None
         if self._changed():
-            await self.probe()
+            try:  # an attempt does not wait long for a gateway that is slow to say nothing
+                await asyncio.wait_for(self.probe(), PROBE_WAIT)
+            except TimeoutError:
+                return None
         if self.client is None or local_ip != self.local:
             return None
         try:
