@@ -264,6 +264,9 @@ RENDEZVOUS = {
     # second).
     # Off: the service carries no peer traffic; pairs connect over UDP (direct, LAN or TURN).
     "RELAY": env_bool("RENDEZVOUS_RELAY", True),
+    # Hard-NAT ("birthday") probing for pairs where exactly one NAT maps endpoint-dependently:
+    # up to a few hundred UDP datagrams per introduction (registry/peering/probing.py).
+    "HARD_NAT_PROBING": env_bool("RENDEZVOUS_HARD_NAT_PROBING", False),
     "RELAY_MAX_PEERS": env_int("RENDEZVOUS_RELAY_MAX_PEERS", 64),
     "RELAY_BYTES_PER_SECOND": env_float("RENDEZVOUS_RELAY_BYTES_PER_SECOND", 32 * 1024 * 1024),
     "RELAY_FRAMES_PER_SECOND": env_float("RENDEZVOUS_RELAY_FRAMES_PER_SECOND", 5000.0),

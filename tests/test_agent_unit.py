@@ -64,6 +64,7 @@ def test_wire_constants_match_the_server_protocol() -> None:
     assert _members(wire.ConnectFailure) == _members(protocol.ConnectFailure)
     assert _members(wire.NatMapping) == _members(protocol.NatMapping)
     assert _members(wire.PathKind) == _members(protocol.PathKind)
+    assert _members(wire.PortMappingProtocol) == _members(protocol.PortMappingProtocol)
     assert _members(wire.IcePolicy) == _members(protocol.IcePolicy)
     assert _members(wire.PeerClosedCode) == _members(protocol.PeerClosedCode)
     assert wire.RESUMING_PROTOCOL_VERSION == protocol.PROTOCOL_VERSION
@@ -97,6 +98,15 @@ def test_the_server_parses_every_frame_the_agent_builds() -> None:
     intro = "ab" * 16
     frames = {
         wire.nat_report(cone, ("198.51.100.7", 4000)): protocol.NatReport(cone, endpoint),
+        wire.nat_report(
+            cone, None, {"protocol": "pcp", "external": ("198.51.100.1", 4001)}
+        ): protocol.NatReport(
+            cone,
+            None,
+            protocol.PortMapping(
+                protocol.PortMappingProtocol.PCP, protocol.UdpEndpoint("198.51.100.1", 4001)
+            ),
+        ),
         wire.list_peers(request_id="r", tag="gpu"): protocol.ListPeers("gpu", "r"),
         wire.subscribe_peers(): protocol.SubscribePeers(None),
         wire.unsubscribe_peers(): protocol.UnsubscribePeers(),

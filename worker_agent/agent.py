@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import options, wire
 from .errors import P2PUnavailable, PeerError
+from .paths.portmap.holder import enabled_by_environment
 from .peers import DEFAULT_CONNECT_TIMEOUT as DEFAULT_PEER_CONNECT_TIMEOUT
 from .peers import Peers
 from .service import credentials
@@ -94,6 +95,11 @@ class WorkerAgent:
             on_peer_path=(lambda path: on.on_peer_path(self, path)) if on.on_peer_path else None,
             use_udp=config["peers"].peer_udp,
             identity=self.identity,
+            port_mapping=(
+                enabled_by_environment()
+                if config["peers"].port_mapping is None
+                else config["peers"].port_mapping
+            ),
         )
         self.session = self._service_session(config["service"], config["reconnect"])
         self.enrolment.persist()  # once everything given was found valid
@@ -209,6 +215,7 @@ class WorkerAgent:
             **{key: connection[key] for key in _STATUS_AFTER_ADDRESS},
             "superseded_count": self.session.reconnect.superseded_count,
             "enrolled": self.enrolment.enrolled,
+            "port_mapping": self.peers.port_mapping.status(),
             "next_attempt_at": connection["next_attempt_at"],
             "final_reason": connection["final_reason"],
         }

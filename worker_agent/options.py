@@ -102,10 +102,13 @@ class ReconnectOptions:
 
 @dataclass(frozen=True)
 class PeerOptions:
-    """Peer connections: where to find STUN, whether to use UDP at all."""
+    """Peer connections: where to find STUN, whether to use UDP at all, port mapping."""
 
     stun_servers: Sequence[str] | None = None  # None: what the service says in `welcome`
     peer_udp: bool = True  # False: the service relay only
+    # Ask the home router for UDP port mappings (NAT-PMP, PCP, UPnP IGD: docs/nat-traversal.md).
+    # None: on, unless the environment says RENDEZVOUS_PORT_MAPPING=off.
+    port_mapping: bool | None = None
 
 
 @dataclass(frozen=True)

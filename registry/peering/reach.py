@@ -22,7 +22,7 @@ async def reachable_peers(me: Subject, *, tag: str | None) -> tuple[list[dict[st
     whether the list was cut."""
     policy = await rules.current()
     return await database_sync_to_async(selectors.list_peers)(
-        exclude=me.worker_id, tag=tag, reach=policy.reach_from(me)
+        exclude=me.worker_id, tag=tag, reach=rules.reach_from(policy, me)
     )
 
 
@@ -40,7 +40,7 @@ def worker_reach(
     each way, whatever the size of the registry."""
     me = Subject.of(worker_id, tags)
     policy = rules.load()
-    reach = policy.reach_from(me) if outward else policy.reach_to(me)
+    reach = rules.reach_from(policy, me) if outward else rules.reach_to(policy, me)
     workers = Worker.objects.within(reach).exclude(id=worker_id)
     return list(workers.order_by("id").values_list("id", flat=True)[:limit]), workers.count()
 

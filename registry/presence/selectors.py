@@ -36,6 +36,9 @@ _WORKER_FIELDS = (
     "udp_ip",
     "udp_port",
     "nat_reported_at",
+    "port_mapping_protocol",
+    "port_mapping_ip",
+    "port_mapping_port",
     "certificate_fingerprint",
     "certificate_bound_at",
 )
@@ -112,6 +115,12 @@ def _worker_dict(row: dict[str, Any]) -> dict[str, Any]:
             if row["udp_ip"]
             else None,
             "reported_at": iso(row["nat_reported_at"]),
+            "port_mapping": {
+                "protocol": row["port_mapping_protocol"],
+                "external": {"ip": row["port_mapping_ip"], "port": row["port_mapping_port"]},
+            }
+            if row["port_mapping_protocol"]
+            else None,
         },
         "identity": {
             "fingerprint": row["certificate_fingerprint"] or None,
@@ -181,6 +190,11 @@ def peer_target(worker_id: str) -> PeerTarget | None:
         .first()
     )
     return PeerTarget(*row) if row else None
+
+
+def nat_mappings(worker_ids: tuple[str, ...]) -> dict[str, str]:
+    """The NAT mapping each worker's current connection reported ("" before its report)."""
+    return dict(Worker.objects.filter(id__in=worker_ids).values_list("id", "nat_mapping"))
 
 
 def list_peers(

@@ -179,10 +179,13 @@ def introduction(
     transport: Transport,
     peer_certificate: str | None,
     relay: bool,
+    hard_nat: str | None = None,
 ) -> str:
     """Both sides get one once the peer accepted: from now on the service passes on their ICE
     candidates, and relays their binary frames if `relay`. `turn`: credentials for this side
-    alone, or None. `peer_certificate`: the other side's identity (base64 DER), to pin."""
+    alone, or None. `peer_certificate`: the other side's identity (base64 DER), to pin.
+    `hard_nat`: this side's part in hard-NAT probing ("hard" or "easy"), only when it probes."""
+    extra = {"hard_nat": hard_nat} if hard_nat else {}
     return encode(
         {
             "type": ServerMessageType.INTRODUCTION,
@@ -194,6 +197,7 @@ def introduction(
             "turn": turn,
             "transport": transport,
             "peer_certificate": peer_certificate,
+            **extra,
         }
     )
 
