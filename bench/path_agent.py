@@ -84,16 +84,16 @@ def count_events() -> None:
 
 def variant(name: str) -> None:
     """Alternatives measured side by side with what the agent does (bench knobs, not settings)."""
-    from worker_agent.secure import quic
+    from worker_agent.secure import pacing, quic
 
     if "nopacing" in name:
         from aioquic.quic.recovery import QuicPacketPacer
 
         QuicPacketPacer.next_send_time = lambda self, now: None  # type: ignore[method-assign]
     if "aioquicpacing" in name:  # aioquic's own pacer: bursts of 16 packets
-        quic.PACING_BURST = 0
+        pacing.PACING_BURST = 0
     if "burst5ms" in name:
-        quic.PACING_BURST = 0.005
+        pacing.PACING_BURST = 0.005
     if "lazywake" in name:  # the reader woken per 256 KiB (or at the end), not per burst
         from worker_agent.secure.streams import StreamBuffer
 

@@ -22,7 +22,7 @@ from worker_agent.connection import PeerConnection
 from worker_agent.errors import HandshakeFailed, IdentityMismatch
 from worker_agent.paths.loop import LoopThread
 from worker_agent.paths.path import PeerPath
-from worker_agent.secure import identity, quic
+from worker_agent.secure import identity, pacing, quic
 from worker_agent.secure.quic import QuicSession
 
 pytestmark = pytest.mark.standalone
@@ -161,12 +161,15 @@ def test_a_paced_burst_carries_what_the_loop_timer_can_space() -> None:
     PACING_BURST's worth (2 ms: about 148 packets of 1,350 bytes), not 16."""
     from aioquic.quic.recovery import QuicPacketPacer
 
-    ours, theirs = quic._Pacer(max_datagram_size=1350), QuicPacketPacer(max_datagram_size=1350)
+    ours, theirs = pacing.Pacer(max_datagram_size=1350), QuicPacketPacer(max_datagram_size=1350)
     for pacer in (ours, theirs):
         pacer.update_rate(congestion_window=1_000_000, smoothed_rtt=0.01)  # 100 MB/s
     assert released_at_once(theirs) == 16
-    assert released_at_once(ours) == pytest.approx(quic.PACING_BURST * 100e6 / 1350, abs=2)
-    slow, slow_theirs = quic._Pacer(max_datagram_size=1350), QuicPacketPacer(max_datagram_size=1350)
+    assert released_at_once(ours) == pytest.approx(pacing.PACING_BURST * 100e6 / 1350, abs=2)
+    slow, slow_theirs = (
+        pacing.Pacer(max_datagram_size=1350),
+        QuicPacketPacer(max_datagram_size=1350),
+    )
     for pacer in (slow, slow_theirs):  # 270 kB/s: 2 ms is less than a packet, paced as before
         pacer.update_rate(congestion_window=27_000, smoothed_rtt=0.1)
     assert released_at_once(slow) == released_at_once(slow_theirs) == 5
@@ -175,8 +178,8 @@ def test_a_paced_burst_carries_what_the_loop_timer_can_space() -> None:
 def test_a_connection_paces_with_the_wider_bursts(loop) -> None:
     _, client, server = pair(loop)
     established(loop, client)
-    assert isinstance(client.quic._loss._pacer, quic._Pacer)
-    assert isinstance(server.quic._loss._pacer, quic._Pacer)
+    assert isinstance(client.quic._loss._pacer, pacing.Pacer)
+    assert isinstance(server.quic._loss._pacer, pacing.Pacer)
 
 
 def test_a_route_move_starts_congestion_control_afresh_and_keeps_what_is_in_flight(loop) -> None:

@@ -16,9 +16,8 @@ tests/test_quic.py: the server asks for a client certificate only through
 receive window grows by doubling whatever the application reads, so `_write_stream_limits` is
 replaced to grow it only as the reader consumes (bounded memory for a slow reader); the loss
 recovery (`_loss`: its congestion controller `_cc`, `_pto_count`, `reschedule_data`) is reset
-when the route under the connection moves, which aioquic cannot see; and its pacer
-(`_loss._pacer`, a `QuicPacketPacer` whose `update_rate` sets `bucket_max`) is replaced by
-`_Pacer`, which lets a burst carry as much as the loop's timers can space.
+when the route under the connection moves, which aioquic cannot see; and its pacer (`_loss`'s
+`_pacer`) is replaced by pacing.py's, which lets a burst carry what the loop's timers can space.
 """
 
 from __future__ import annotations
@@ -36,13 +35,13 @@ from aioquic.quic import events
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import MAX_STREAM_DATA_FRAME_CAPACITY, QuicConnection
 from aioquic.quic.packet import QuicFrameType, QuicPacketType, pull_quic_header
-from aioquic.quic.recovery import QuicPacketPacer, create_congestion_control
+from aioquic.quic.recovery import create_congestion_control
 from cryptography import x509
 
 from .. import wire
 from ..errors import HandshakeFailed, IdentityMismatch, PeerClosed, PeerError, StreamReset
 from ..paths.path import RANK, PeerPath
-from . import identity
+from . import identity, pacing
 from .streams import StreamBuffer
 
 logger = logging.getLogger("worker_agent.p2p")
@@ -59,9 +58,6 @@ WRITE_CHUNK = 256 * 1024
 # with a TURN header or a tunnel still carries without fragments (1,500 - IP, UDP, TURN headers).
 MAX_PACKET = 1350
 CONGESTION_CONTROL = "cubic"  # aioquic's choices: "reno", "cubic"
-# The shortest a pacing timer can wait on asyncio's loop (epoll counts whole milliseconds) is
-# what a paced burst may carry at least, in seconds at the pacing rate (see `_Pacer`).
-PACING_BURST = 0.002
 MAX_QUEUED_DATAGRAMS = 1024
 CID_LENGTH = 8  # aioquic's default connection id length
 # Application close codes (QUIC application error space).
@@ -70,21 +66,6 @@ CLOSE_IDENTITY = 0x52560001  # "RV" 1: an application code, outside the TLS aler
 CRYPTO_ERRORS = (0x100, 0x1FF)  # QUIC's range for TLS alerts (RFC 9000 section 20.1)
 
 _EOF = object()
-
-
-class _Pacer(QuicPacketPacer):
-    """aioquic's pacer, with bursts of at least PACING_BURST seconds' worth.
-
-    aioquic lets a burst carry at most 16 packets and then asks to be woken a few microseconds
-    later; asyncio's timers wake no sooner than a millisecond later (epoll's resolution), so
-    every timer-driven burst is 16 packets and a connection whose packets the timer releases is
-    held near 16 packets a millisecond, however wide its window. Each of those bursts also costs
-    a turn of the loop, a send and a wake-up of the peer. The rate stays aioquic's (window over
-    smoothed RTT): on a slow path PACING_BURST is a few packets, on a fast one a whole window."""
-
-    def update_rate(self, congestion_window: int, smoothed_rtt: float) -> None:
-        super().update_rate(congestion_window, smoothed_rtt)
-        self.bucket_max = max(self.bucket_max, PACING_BURST)
 
 
 class _PinnedConnection(QuicConnection):
@@ -100,8 +81,7 @@ class _PinnedConnection(QuicConnection):
             original_destination_connection_id=original_destination_connection_id,
         )
         self._consumed = consumed  # stream id -> bytes the application has read
-        if PACING_BURST:
-            self._loss._pacer = _Pacer(max_datagram_size=configuration.max_datagram_size)
+        pacing.install(self._loss, configuration.max_datagram_size)
 
     def _initialize(self, peer_cid: bytes) -> None:
         super()._initialize(peer_cid)
