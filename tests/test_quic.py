@@ -22,7 +22,7 @@ from worker_agent.connection import PeerConnection
 from worker_agent.errors import HandshakeFailed, IdentityMismatch
 from worker_agent.paths.loop import LoopThread
 from worker_agent.paths.path import PeerPath
-from worker_agent.secure import identity, quic
+from worker_agent.secure import identity, pacing, quic
 from worker_agent.secure.quic import QuicSession
 
 pytestmark = pytest.mark.standalone
@@ -133,8 +133,53 @@ def test_aioquic_still_has_the_private_parts_the_agent_uses() -> None:
     connection = QuicConnection(configuration=QuicConfiguration(is_client=True))
     assert hasattr(connection._loss, "_cc") and hasattr(connection._loss._cc, "bytes_in_flight")
     assert connection._loss._pto_count == 0 and callable(connection._loss.reschedule_data)
+    from aioquic.quic.recovery import QuicPacketPacer
+
+    assert isinstance(connection._loss._pacer, QuicPacketPacer)
+    pacer = QuicPacketPacer(max_datagram_size=1350)
+    pacer.update_rate(congestion_window=1_000_000, smoothed_rtt=0.01)
+    assert pacer.bucket_max > 0 and pacer.packet_time is not None
     context = Context(is_client=False)
     assert context._request_client_certificate is False and context._peer_certificate is None
+
+
+def released_at_once(pacer: Any, now: float = 100.0) -> int:
+    """Packets a pacer lets out in one call of datagrams_to_send (aioquic asks it before each
+    packet, with one `now` for the whole call), its bucket full."""
+    pacer.update_bucket(now=now)
+    pacer.bucket_time = pacer.bucket_max
+    sent = 0
+    while pacer.next_send_time(now=now) is None and sent < 100_000:
+        pacer.update_after_send(now=now)
+        sent += 1
+    return sent
+
+
+def test_a_paced_burst_carries_what_the_loop_timer_can_space() -> None:
+    """aioquic's pacer releases 16 packets and asks for a wake-up microseconds later, which
+    asyncio's millisecond timers turn into a millisecond: at 100 MB/s a burst must carry
+    PACING_BURST's worth (2 ms: about 148 packets of 1,350 bytes), not 16."""
+    from aioquic.quic.recovery import QuicPacketPacer
+
+    ours, theirs = pacing.Pacer(max_datagram_size=1350), QuicPacketPacer(max_datagram_size=1350)
+    for pacer in (ours, theirs):
+        pacer.update_rate(congestion_window=1_000_000, smoothed_rtt=0.01)  # 100 MB/s
+    assert released_at_once(theirs) == 16
+    assert released_at_once(ours) == pytest.approx(pacing.PACING_BURST * 100e6 / 1350, abs=2)
+    slow, slow_theirs = (
+        pacing.Pacer(max_datagram_size=1350),
+        QuicPacketPacer(max_datagram_size=1350),
+    )
+    for pacer in (slow, slow_theirs):  # 270 kB/s: 2 ms is less than a packet, paced as before
+        pacer.update_rate(congestion_window=27_000, smoothed_rtt=0.1)
+    assert released_at_once(slow) == released_at_once(slow_theirs) == 5
+
+
+def test_a_connection_paces_with_the_wider_bursts(loop) -> None:
+    _, client, server = pair(loop)
+    established(loop, client)
+    assert isinstance(client.quic._loss._pacer, pacing.Pacer)
+    assert isinstance(server.quic._loss._pacer, pacing.Pacer)
 
 
 def test_a_route_move_starts_congestion_control_afresh_and_keeps_what_is_in_flight(loop) -> None:

@@ -14,9 +14,10 @@ What aioquic 1.7 (pinned in pyproject.toml) keeps private, each part checked by
 tests/test_quic.py: the server asks for a client certificate only through
 `tls._request_client_certificate`; the peer's certificate is `tls._peer_certificate`; the
 receive window grows by doubling whatever the application reads, so `_write_stream_limits` is
-replaced to grow it only as the reader consumes (bounded memory for a slow reader); and the loss
+replaced to grow it only as the reader consumes (bounded memory for a slow reader); the loss
 recovery (`_loss`: its congestion controller `_cc`, `_pto_count`, `reschedule_data`) is reset
-when the route under the connection moves, which aioquic cannot see.
+when the route under the connection moves, which aioquic cannot see; and its pacer (`_loss`'s
+`_pacer`) is replaced by pacing.py's, which lets a burst carry what the loop's timers can space.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from cryptography import x509
 from .. import wire
 from ..errors import HandshakeFailed, IdentityMismatch, PeerClosed, PeerError, StreamReset
 from ..paths.path import RANK, PeerPath
-from . import identity
+from . import identity, pacing
 from .streams import StreamBuffer
 
 logger = logging.getLogger("worker_agent.p2p")
@@ -80,6 +81,7 @@ class _PinnedConnection(QuicConnection):
             original_destination_connection_id=original_destination_connection_id,
         )
         self._consumed = consumed  # stream id -> bytes the application has read
+        pacing.install(self._loss, configuration.max_datagram_size)
 
     def _initialize(self, peer_cid: bytes) -> None:
         super()._initialize(peer_cid)
