@@ -19,7 +19,7 @@ import pytest
 
 from worker_agent import PeerClosed, wire
 from worker_agent.connection import PeerConnection
-from worker_agent.errors import HandshakeFailed, IdentityMismatch
+from worker_agent.errors import HandshakeFailed, IdentityMismatch, StreamReset
 from worker_agent.paths.loop import LoopThread
 from worker_agent.paths.path import PeerPath
 from worker_agent.secure import identity, quic
@@ -135,6 +135,13 @@ def test_aioquic_still_has_the_private_parts_the_agent_uses() -> None:
     assert connection._loss._pto_count == 0 and callable(connection._loss.reschedule_data)
     context = Context(is_client=False)
     assert context._request_client_certificate is False and context._peer_certificate is None
+    # pinned.py: PINGs acknowledged at once, the round trip read, reset senders recognised.
+    assert hasattr(QuicConnection, "_handle_ping_frame") and hasattr(connection, "_spaces")
+    assert connection._loss._rtt_initialized is False and connection._loss._rtt_smoothed == 0.0
+    from aioquic.quic.stream import QuicStreamSender
+
+    sender = QuicStreamSender(stream_id=0, writable=True)
+    assert sender._reset_error_code is None and sender._buffer_stop == sender._buffer_start == 0
 
 
 def test_a_route_move_starts_congestion_control_afresh_and_keeps_what_is_in_flight(loop) -> None:
@@ -398,3 +405,56 @@ def test_a_flood_of_streams_is_held_to_quic_stream_limit(loop) -> None:
     arrived = loop.call(flood(), 10)
     assert 0 < arrived <= 128  # aioquic's default limit of open streams
     assert not connections.server.closed and not connections.client.closed
+
+
+def test_a_ping_is_answered_at_once_and_says_the_route_it_came_back_on(loop) -> None:
+    """The peer acknowledges a PING in the same turn of its loop, not after aioquic's ACK delay
+    of a millisecond (pinned.py): on an in-memory route the round trip is a fraction of it."""
+    connections, client, server = pair(loop)
+    established(loop, client)
+    established(loop, server)
+    pongs = [connections.client.ping(timeout=5) for _ in range(20)]
+    assert all(pong.kind == "lan" for pong in pongs)
+    assert all(pong.address == Wire.remote for pong in pongs)
+    assert sorted(p.seconds for p in pongs)[10] < 0.001, [p.seconds for p in pongs]
+    assert connections.client.rtt is not None and connections.client.rtt < 0.01
+    snapshot = connections.client.snapshot()
+    assert snapshot["kind"] == "lan" and snapshot["bytes_sent"] > 0
+    assert snapshot["bytes_received"] > 0 and snapshot["rtt_ms"] is not None
+    assert snapshot["history"][0][1] == "lan"
+
+
+def test_a_ping_on_a_closed_connection_raises_peer_closed(loop) -> None:
+    connections, client, _ = pair(loop)
+    established(loop, client)
+    loop.call_soon(client.close, "done")
+    with pytest.raises(PeerClosed):
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            connections.client.ping(timeout=1)
+            time.sleep(0.01)
+
+
+def test_a_reset_stream_ends_reads_and_writes_on_both_sides(loop) -> None:
+    """`PeerStream.reset()`: the peer's reads raise, and so do its writes (STOP_SENDING),
+    instead of waiting for acknowledgements that will never come."""
+    connections, client, _ = pair(loop)
+    established(loop, client)
+    stream = connections.client.open_stream()
+    stream.sendall(b"hello")
+    incoming = connections.server.accept_stream(timeout=5)
+    assert incoming.recv(timeout=5) == b"hello"
+    incoming.sendall(b"answer")
+    assert stream.recv(timeout=5) == b"answer"
+    stream.reset(7)
+    with pytest.raises(StreamReset, match="code 7"):
+        while incoming.recv(timeout=5):
+            pass
+    with pytest.raises(StreamReset):
+        for _ in range(100):  # the peer's STOP_SENDING arrives within a round trip
+            incoming.sendall(b"x" * 65536, timeout=5)
+    with pytest.raises(StreamReset):
+        stream.recv(timeout=5)
+    other = connections.client.open_stream()  # the connection itself is unharmed
+    other.sendall(b"still here")
+    assert connections.server.accept_stream(timeout=5).recv(timeout=5) == b"still here"
