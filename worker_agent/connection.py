@@ -80,6 +80,12 @@ class PeerStream:
             missing -= len(part)
         return b"".join(parts)
 
+    def unread(self, data: bytes) -> None:
+        """Put bytes just read back in front, for whoever reads the stream next (a reader that
+        looked at its start to decide who handles it)."""
+        self._buffer.unread(data)
+        self._unannounced -= len(data)
+
     def shutdown_write(self, *, timeout: float | None = DEFAULT_TIMEOUT) -> None:
         """End this side of the stream: the peer's recv() returns b"" after the last byte."""
         if not self._write_closed:
