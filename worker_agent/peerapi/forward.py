@@ -41,14 +41,14 @@ def serve_forward(request: Request, exposures: Exposures, worker_id: str) -> Non
         raise NotExposed("a forward needs a host and a port") from None
     shown = format_endpoint(target)
     if not exposures.allows(target):
-        raise NotExposed(f"{shown} is not exposed on {worker_id}")
+        raise NotExposed(f"{shown} is not exposed")
     if request.ask.get("check"):
         request.accept()
         return
     try:
         sock = socket.create_connection(target, timeout=CONNECT_TIMEOUT)
     except OSError as exc:
-        raise TargetUnreachable(f"{worker_id} cannot connect to {shown}: {exc}") from None
+        raise TargetUnreachable(f"cannot connect to {shown}: {exc.strerror or exc}") from None
     sock.settimeout(None)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     logger.info("worker=%s: forwarding a stream from %s to %s", worker_id, request.peer_id, shown)
@@ -103,7 +103,7 @@ class Forward:
         except OSError as exc:
             shown = format_endpoint(self.bind)
             if exc.errno == errno.EADDRINUSE:
-                raise PortInUse(f"{shown} is in use: {exc.strerror}") from None
+                raise PortInUse(f"{shown} is in use by another program") from None
             raise PortInUse(f"cannot listen on {shown}: {exc.strerror or exc}") from None
         try:
             with self.pool.stream(self.peer_id, self._request(check=True), timeout=timeout):

@@ -46,8 +46,8 @@ class PeerApi:
             worker_id,
             {
                 "forward": lambda r: serve_forward(r, self.exposures, worker_id),
-                "pipe": lambda r: self.pipes.serve(r, worker_id),
-                "files": lambda r: serve_files(r, self.inboxes, worker_id),
+                "pipe": self.pipes.serve,
+                "files": lambda r: serve_files(r, self.inboxes),
             },
         )
         self.pool = Pool(connect, lambda conn: self.router.serve(conn, incoming=False))

@@ -53,7 +53,7 @@ class Pipes:
                 self._waiting.remove(listener)
         listener.finished()
 
-    def serve(self, request: Request, worker_id: str) -> None:
+    def serve(self, request: Request) -> None:
         """A peer opens a pipe: the first command waiting for it takes it (this thread waits
         until that command is done with it)."""
         with self._lock:
@@ -63,5 +63,5 @@ class Pipes:
             if listener is not None:
                 self._waiting.remove(listener)
         if listener is None:
-            raise NoListener(f"no `rendezvous-worker pipe --accept` is waiting on {worker_id}")
+            raise NoListener("no `rendezvous-worker pipe --accept` is waiting there")
         listener._hand(request)

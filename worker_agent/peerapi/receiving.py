@@ -98,12 +98,12 @@ class Inboxes:
         return waiting
 
 
-def serve_files(request: Request, inboxes: Inboxes, worker_id: str) -> None:
+def serve_files(request: Request, inboxes: Inboxes) -> None:
     inbox = inboxes.claim(request.peer_id)
     if inbox is None:
         raise NotReceiving(
-            f"{worker_id} is not receiving files: its operator runs `rendezvous-worker receive`"
-            " (or starts the agent with RENDEZVOUS_INBOX)"
+            "not receiving files: its operator runs `rendezvous-worker receive` there (or "
+            "starts the agent with RENDEZVOUS_INBOX)"
         )
     transfer = _Transfer(request, inbox)
     try:
@@ -138,13 +138,14 @@ class _Transfer:
         self.stream = request.stream
         self.inbox = inbox
         self.peer_id = request.peer_id
+        # bytes: done so far, counting what partial files held and files the sender skipped
         self.outcome: dict[str, Any] = {"peer": self.peer_id, "files": [], "bytes": 0}
         self._told = 0.0
 
     def run(self) -> None:
         root = self.inbox.root
         if not root.is_dir():
-            raise NotReceiving(f"{root} is not a folder on {self.request.connection.peer_id}")
+            raise NotReceiving(f"{root} is not a folder")
         offered, dirs = check_offer(self.request.ask.get("files"), self.request.ask.get("dirs"))
         plans = [self._plan(root, item) for item in offered]
         folders = [path_inside(root, d) for d in dirs]
@@ -152,6 +153,7 @@ class _Transfer:
             plan=[{"action": p.action, "offset": p.offset, "sha256": _hex(p.digest)} for p in plans]
         )
         total = sum(p.offered.size for p in plans)
+        self.outcome["bytes"] = sum(p.offered.size for p in plans if p.action == "exists")
         self.inbox.tell({"event": "receiving", "peer": self.peer_id, "files": len(plans),
                          "bytes": total})  # fmt: skip
         for folder in folders:
@@ -167,6 +169,7 @@ class _Transfer:
             if result is not None:
                 header.write(self.stream, result)
         self.stream.shutdown_write()
+        _tidy(root / PARTIAL_DIR)
 
     def _plan(self, root: Path, offered: Offered) -> _Plan:
         target = path_inside(root, offered.name)
@@ -174,7 +177,7 @@ class _Transfer:
         plan = _Plan(offered, target, partial, "write")
         if target.exists():
             if not target.is_file():
-                raise Exists(f"{offered.name} is a folder on {self.request.connection.peer_id}")
+                raise Exists(f"{offered.name} is a folder there")
             if not self.inbox.overwrite:
                 plan.action, plan.digest = "exists", digest_of(target)
                 return plan
@@ -191,6 +194,7 @@ class _Transfer:
         plan.partial.parent.mkdir(parents=True, exist_ok=True)
         digest = plan.digest.copy() if start and plan.digest is not None else hashlib.sha256()
         self.inbox.tell({"event": "file", "name": name, "size": size, "start": start})
+        self.outcome["bytes"] += start  # what the partial file held counts as done
         copy = _Copy(index, name, size, start, digest)
         fd = os.open(plan.partial, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o644)
         try:
@@ -206,7 +210,7 @@ class _Transfer:
         if copy.error is not None:
             return self._record(copy, copy.error)
         if copy.aborted:
-            reason = f"the sender stopped {name}: {closing.get('reason')}"
+            reason = f"the sender stopped: {closing.get('reason')}"
             return self._record(copy, FileChanged(reason, code=str(closing.get("code"))))
         if copy.written != size or digest.hexdigest() != closing.get("sha256"):
             plan.partial.unlink(missing_ok=True)
@@ -248,8 +252,8 @@ class _Transfer:
         where = f"after {human(copy.written)} of {human(copy.size)}"
         if error.errno in (errno.ENOSPC, errno.EDQUOT):
             return NoSpace(
-                f"the disk of {self.request.connection.peer_id} is full {where} of {name}; the "
-                "partial file is kept: free space and send again to resume"
+                f"the disk is full {where} of {name}; the partial file is kept: free space "
+                "and send again to resume"
             )
         return WriteFailed(f"cannot write {name} {where}: {error.strerror or error}")
 
@@ -306,6 +310,15 @@ class _Copy:
     error: PeerApiError | None = None
     aborted: bool = False
     answered: bool = False  # its result already went to the sender
+
+
+def _tidy(partials: Path) -> None:
+    """Remove the partial-file folders that hold nothing any more."""
+    if not partials.is_dir():
+        return
+    for top, _, _ in sorted(os.walk(partials), key=lambda entry: -len(entry[0])):
+        with contextlib.suppress(OSError):
+            os.rmdir(top)  # only empty ones go
 
 
 def _result(index: int, error: PeerApiError, kept: int) -> dict[str, Any]:

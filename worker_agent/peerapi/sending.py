@@ -215,7 +215,8 @@ class _Sender:
             sent = offset
             while sent < local.size:
                 if self.cancelled.is_set() or self.results.failed(index):
-                    return self._abort(index, Interrupted("the sender stopped"))
+                    why = "the send was cancelled" if self.cancelled.is_set() else "refused"
+                    return self._abort(index, Interrupted(why))
                 chunk = file.read(min(CHUNK, local.size - sent))
                 if not chunk:
                     failure = FileChanged(
