@@ -71,8 +71,7 @@ def run(args: argparse.Namespace, environ: Mapping[str, str], out: TextIO, err: 
     try:
         return COMMANDS[args.command](args, path, out)
     except ControlError as exc:
-        hint = _hint(exc)
-        print(f"rendezvous-worker: {exc} ({exc.code}){hint}", file=err, flush=True)
+        print(f"rendezvous-worker: {exc}{_hint(exc)} ({exc.code})", file=err, flush=True)
         return 1
     except ValueError as exc:
         print(f"rendezvous-worker {args.command}: {exc}", file=err, flush=True)
@@ -86,7 +85,8 @@ def run(args: argparse.Namespace, environ: Mapping[str, str], out: TextIO, err: 
 
 
 def _hint(exc: ControlError) -> str:
-    if exc.code in ("INTERRUPTED", "NO_SPACE") and getattr(exc, "reply", {}).get("files"):
+    files = getattr(exc, "reply", {}).get("files")
+    if exc.code == "INTERRUPTED" and files is not None and "resume" not in str(exc):
         return "; run the same command again to resume"
     return ""
 

@@ -88,13 +88,17 @@ class ControlServer:
             sock.close()
 
     def _handle(self, session: Session) -> None:
+        op = "request"
         try:
             _check_peer(session.sock)
             request = protocol.parse_request(_read_line(session.sock))
-            handlers.HANDLERS[request["op"]](self.agent, session, request)
+            op = request["op"]
+            handlers.HANDLERS[op](self.agent, session, request)
         except protocol.ControlError as exc:
+            self._refused(op, exc.code, exc)
             session.reply(protocol.failed(exc.code, str(exc)))
         except (PeerError, TimeoutError) as exc:
+            self._refused(op, code_of(exc), exc)
             session.reply(protocol.failed(code_of(exc), str(exc) or type(exc).__name__))
         except ValueError as exc:  # arguments the agent cannot use
             session.reply(protocol.failed("BAD_REQUEST", str(exc)))
@@ -105,6 +109,9 @@ class ControlServer:
         except Exception as exc:
             logger.exception("worker=%s: a command failed", self.agent.worker_id)
             session.reply(protocol.failed("INTERNAL_ERROR", f"{type(exc).__name__}: {exc}"))
+
+    def _refused(self, op: str, code: str, exc: BaseException) -> None:
+        logger.warning("worker=%s: command %s failed: %s (%s)", self.agent.worker_id, op, exc, code)
 
 
 def _read_line(sock: socket.socket) -> bytes:

@@ -248,14 +248,13 @@ class _Transfer:
                 self._progress(copy.name, len(data))
 
     def _failed(self, copy: _Copy, error: OSError) -> PeerApiError:
-        name = copy.name
         where = f"after {human(copy.written)} of {human(copy.size)}"
         if error.errno in (errno.ENOSPC, errno.EDQUOT):
             return NoSpace(
-                f"the disk is full {where} of {name}; the partial file is kept: free space "
-                "and send again to resume"
+                f"the disk is full {where}; the partial file is kept: free space and send "
+                "again to resume"
             )
-        return WriteFailed(f"cannot write {name} {where}: {error.strerror or error}")
+        return WriteFailed(f"cannot write {where}: {error.strerror or error}")
 
     def _record(self, copy: _Copy, error: PeerApiError) -> dict[str, Any] | None:
         name, kept = copy.name, copy.written
