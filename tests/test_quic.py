@@ -52,6 +52,7 @@ def test_aioquic_still_has_the_private_parts_the_agent_uses() -> None:
     assert context._request_client_certificate is False and context._peer_certificate is None
     # pinned.py: PINGs acknowledged at once, the round trip read, reset senders recognised.
     assert hasattr(QuicConnection, "_handle_ping_frame") and hasattr(connection, "_spaces")
+    assert connection._ping_pending == []
     assert connection._loss._rtt_initialized is False and connection._loss._rtt_smoothed == 0.0
     from aioquic.quic.stream import QuicStreamSender
 

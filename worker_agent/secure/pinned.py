@@ -11,6 +11,8 @@ aioquic 1.7 (pinned in pyproject.toml; tests/test_quic.py checks each is still t
   `reschedule_data`) starts afresh when the route under the connection moves, which aioquic
   cannot see (`new_network_path`); its `bytes_in_flight` and smoothed round trip are read;
 - what a stream's sender has not had acknowledged is its buffer's bounds (`unacknowledged`);
+- PINGs not yet written into a packet are `_ping_pending` (the ping's clock starts when they
+  leave);
 - a PING is acknowledged at once (`_handle_ping_frame`), not after aioquic's ACK delay of a
   millisecond: `PeerConnection.ping()` measures the path's round trip, not the delay.
 """
@@ -101,6 +103,10 @@ class PinnedConnection(QuicConnection):
         if stream is None or stream.sender._reset_error_code is not None:
             return 0
         return stream.sender._buffer_stop - stream.sender._buffer_start
+
+    def pings_pending(self) -> bool:
+        """Whether PINGs asked for have not been written into a packet yet."""
+        return bool(self._ping_pending)
 
     def sending_reset(self, stream_id: int) -> bool:
         stream = self._streams.get(stream_id)

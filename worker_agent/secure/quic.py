@@ -25,6 +25,7 @@ import queue
 import ssl
 import time
 from collections.abc import Callable
+from typing import Any
 
 from aioquic.buffer import Buffer
 from aioquic.quic import events
@@ -113,7 +114,8 @@ class QuicSession:
         self._last_sent = time.monotonic()
         self._keepalive: asyncio.Task[None] | None = None
         self._connected = False  # the client sent its first packet
-        self._pings: dict[int, tuple[float, asyncio.Future[tuple[float, str | None]]]] = {}
+        # ping id -> [when the datagram carrying it left (None: not yet), who waits for it]
+        self._pings: dict[int, list[Any]] = {}
         self._ping_ids = itertools.count(1)  # 0 is the keep-alive's
         self._stopped: dict[int, int] = {}  # streams the peer asked us to stop sending on: code
 
@@ -178,8 +180,9 @@ class QuicSession:
                 consumed=self.consumed,
                 original_destination_connection_id=header.destination_cid,
             )
-        self.quic.receive_datagram(data, PLACEHOLDER, now=time.monotonic())
-        self._process_events()
+        arrived = time.monotonic()
+        self.quic.receive_datagram(data, PLACEHOLDER, now=arrived)
+        self._process_events(arrived)
         # Once for everything that arrived in this turn of the loop: one round of ACKs and
         # sends for a burst of datagrams, not one per datagram.
         if not self._transmit_scheduled:
@@ -197,6 +200,10 @@ class QuicSession:
         if datagrams:
             self.path.send_many_nowait(datagrams)
             self._last_sent = now
+            if self._pings and not self.quic.pings_pending():
+                left = time.monotonic()  # the PINGs went out in these datagrams, just now
+                for entry in self._pings.values():
+                    entry[0] = entry[0] or left
         self._arm_timer()
         self._wake_writers()
 
@@ -231,7 +238,8 @@ class QuicSession:
 
     # ---- events ----------------------------------------------------------------------------
 
-    def _process_events(self) -> None:
+    def _process_events(self, arrived: float | None = None) -> None:
+        """What aioquic made of what arrived (`arrived`: when the datagram did)."""
         assert self.quic is not None
         while (event := self.quic.next_event()) is not None:
             if self.closed_reason is not None and not isinstance(
@@ -256,7 +264,7 @@ class QuicSession:
                 self._stopped[event.stream_id] = event.error_code
                 self._wake_writers()
             elif isinstance(event, events.PingAcknowledged):
-                self._pong(event.uid)
+                self._pong(event.uid, arrived or time.monotonic())
             elif isinstance(event, events.ConnectionTerminated):
                 self._terminated(event)
 
@@ -301,6 +309,7 @@ class QuicSession:
         for _, waiter in self._pings.values():
             if not waiter.done():
                 waiter.set_exception(error)
+                waiter.exception()  # retrieved: the caller may have given up
         self._pings.clear()
         self._wake_writers()
         if self.on_closed is not None:
@@ -391,15 +400,18 @@ class QuicSession:
         self._wake_writers()
 
     async def ping(self) -> tuple[float, str | None]:
-        """A QUIC PING, answered by the peer's QUIC at once (pinned.py): the round trip in
-        seconds, and the route kind its acknowledgement came back on."""
+        """A QUIC PING, acknowledged by the peer's QUIC at once (pinned.py): the round trip in
+        seconds, and the route kind its acknowledgement came back on. Timed as ping(8) times
+        its echo, at this side's edges: from the datagram carrying the PING leaving to the one
+        carrying its acknowledgement arriving; the peer's processing is in it, this side's
+        encryption is not (it is not the path's)."""
         self._check_open()
         assert self.quic is not None
         uid = next(self._ping_ids)
         waiter: asyncio.Future[tuple[float, str | None]] = (
             asyncio.get_running_loop().create_future()
         )
-        self._pings[uid] = (time.monotonic(), waiter)
+        self._pings[uid] = [None, waiter]
         self.quic.send_ping(uid)
         self.transmit()
         try:
@@ -407,10 +419,11 @@ class QuicSession:
         finally:
             self._pings.pop(uid, None)
 
-    def _pong(self, uid: int) -> None:
-        sent = self._pings.pop(uid, None)
-        if sent is not None and not sent[1].done():
-            sent[1].set_result((time.monotonic() - sent[0], self.path.last_kind))
+    def _pong(self, uid: int, arrived: float) -> None:
+        entry = self._pings.pop(uid, None)
+        if entry is not None and not entry[1].done():
+            left = entry[0] or arrived
+            entry[1].set_result((arrived - left, self.path.last_kind))
 
     @property
     def rtt(self) -> float | None:
