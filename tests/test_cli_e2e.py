@@ -131,6 +131,21 @@ def test_one_agent_per_socket_and_the_socket_a_killed_agent_left_is_replaced(
     assert first.status()["worker"]["registered"]
 
 
+def test_count_n_agents_each_serve_a_socket_of_their_own(
+    server: ServerProcess, tmp_path: Path
+) -> None:
+    fleet = Agent(server.url, "fleet", tmp_path)
+    fleet.argv = ["--count", "2"]
+    fleet.start()  # registered: asked through the first agent's socket
+    try:
+        assert fleet.status()["worker"]["worker_id"] == "fleet-1"
+        second = Agent(server.url, "fleet-2", tmp_path)  # its socket: fleet-2.sock
+        assert second.status()["worker"]["worker_id"] == "fleet-2"
+    finally:
+        fleet.stop()
+    assert not fleet.socket.exists() and not second.socket.exists()
+
+
 # ---- ping, status, peers -------------------------------------------------------------------------
 
 

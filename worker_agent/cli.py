@@ -159,7 +159,17 @@ def main(
         return 1
 
     configure_logging(config.log_level)
-    stop_event = stop_event or threading.Event()
+    try:  # first: a second agent on this socket must not reach the service at all
+        servers = _control_servers(group, config, env)
+    except SocketFileError as exc:
+        print(f"rendezvous-worker: {exc}", file=sys.stderr, flush=True)
+        return 1
+    return _run(group, servers, config, stop_event or threading.Event())
+
+
+def _run(
+    group: AgentGroup, servers: list[ControlServer], config: Config, stop_event: threading.Event
+) -> int:
     received: list[str] = []
     restore = stop_on_signals(stop_event, received)
     try:
@@ -172,13 +182,6 @@ def main(
                 file=sys.stderr,
                 flush=True,
             )
-            group.stop()
-            return 1
-        try:
-            servers = _control_servers(group, config, env)
-        except SocketFileError as exc:
-            print(f"rendezvous-worker: {exc}", file=sys.stderr, flush=True)
-            group.stop()
             return 1
         logger.info(
             "rendezvous-worker %s: %d agent(s) for %s, health on %s:%s",
@@ -191,10 +194,10 @@ def main(
         ended = group.wait(stop_event)
         if received:
             logger.info("received %s, stopping", received[0])
+    finally:
         for server in servers:
             server.stop()  # commands still running hear that the agent stops
         group.stop()
-    finally:
         restore()
     if ended == "refused":
         logger.error("the service refused every worker id; exiting")

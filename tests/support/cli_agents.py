@@ -44,11 +44,12 @@ class Agent:
             **env,
         }
         self.process: subprocess.Popen[bytes] | None = None
+        self.argv: list[str] = []  # options of the agent's own (`--count 2`)
 
     def start(self, *, registered: bool = True, timeout: float = 30) -> Agent:
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
-            [*self.prefix, sys.executable, *WORKER_ARGV],
+            [*self.prefix, sys.executable, *WORKER_ARGV, *self.argv],
             cwd=REPO,
             env=self.env,
             stdout=log,

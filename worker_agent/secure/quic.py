@@ -19,13 +19,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
 import queue
 import ssl
 import time
 from collections.abc import Callable
-from typing import Any
 
 from aioquic.buffer import Buffer
 from aioquic.quic import events
@@ -37,6 +35,7 @@ from .. import wire
 from ..errors import HandshakeFailed, PeerClosed, PeerError, StreamReset
 from ..paths.path import RANK, PeerPath
 from . import identity
+from .pings import Pings
 from .pinned import CLOSE_IDENTITY, STREAM_WINDOW, PinnedConnection, pin_check, pin_failure
 from .streams import StreamBuffer
 
@@ -114,9 +113,7 @@ class QuicSession:
         self._last_sent = time.monotonic()
         self._keepalive: asyncio.Task[None] | None = None
         self._connected = False  # the client sent its first packet
-        # ping id -> [when the datagram carrying it left (None: not yet), who waits for it]
-        self._pings: dict[int, list[Any]] = {}
-        self._ping_ids = itertools.count(1)  # 0 is the keep-alive's
+        self._pings = Pings()
         self._stopped: dict[int, int] = {}  # streams the peer asked us to stop sending on: code
 
     # ---- the path below ----------------------------------------------------------------------
@@ -201,9 +198,7 @@ class QuicSession:
             self.path.send_many_nowait(datagrams)
             self._last_sent = now
             if self._pings and not self.quic.pings_pending():
-                left = time.monotonic()  # the PINGs went out in these datagrams, just now
-                for entry in self._pings.values():
-                    entry[0] = entry[0] or left
+                self._pings.sent(time.monotonic())
         self._arm_timer()
         self._wake_writers()
 
@@ -264,7 +259,7 @@ class QuicSession:
                 self._stopped[event.stream_id] = event.error_code
                 self._wake_writers()
             elif isinstance(event, events.PingAcknowledged):
-                self._pong(event.uid, arrived or time.monotonic())
+                self._pings.answered(event.uid, arrived or time.monotonic(), self.path.last_kind)
             elif isinstance(event, events.ConnectionTerminated):
                 self._terminated(event)
 
@@ -306,11 +301,7 @@ class QuicSession:
             self._timer.cancel()
         if self._keepalive is not None:
             self._keepalive.cancel()
-        for _, waiter in self._pings.values():
-            if not waiter.done():
-                waiter.set_exception(error)
-                waiter.exception()  # retrieved: the caller may have given up
-        self._pings.clear()
+        self._pings.fail(error)
         self._wake_writers()
         if self.on_closed is not None:
             self.on_closed(self)
@@ -400,30 +391,17 @@ class QuicSession:
         self._wake_writers()
 
     async def ping(self) -> tuple[float, str | None]:
-        """A QUIC PING, acknowledged by the peer's QUIC at once (pinned.py): the round trip in
-        seconds, and the route kind its acknowledgement came back on. Timed as ping(8) times
-        its echo, at this side's edges: from the datagram carrying the PING leaving to the one
-        carrying its acknowledgement arriving; the peer's processing is in it, this side's
-        encryption is not (it is not the path's)."""
+        """A QUIC PING (pings.py): the round trip in seconds, and the route kind its
+        acknowledgement came back on."""
         self._check_open()
         assert self.quic is not None
-        uid = next(self._ping_ids)
-        waiter: asyncio.Future[tuple[float, str | None]] = (
-            asyncio.get_running_loop().create_future()
-        )
-        self._pings[uid] = [None, waiter]
+        uid, waiter = self._pings.new()
         self.quic.send_ping(uid)
         self.transmit()
         try:
             return await asyncio.shield(waiter)
         finally:
-            self._pings.pop(uid, None)
-
-    def _pong(self, uid: int, arrived: float) -> None:
-        entry = self._pings.pop(uid, None)
-        if entry is not None and not entry[1].done():
-            left = entry[0] or arrived
-            entry[1].set_result((arrived - left, self.path.last_kind))
+            self._pings.forget(uid)
 
     @property
     def rtt(self) -> float | None:
