@@ -600,3 +600,85 @@ def test_an_inbox_takes_files_without_a_receive_running(fleet: Fleet, tmp_path: 
     laptop.command("send", "gpu-1", str(tmp_path / "a.txt"))
     assert (inbox / "a.txt").read_text() == "a"
     shutil.rmtree(inbox / "a.txt", ignore_errors=True)
+
+
+# ---- the README ----------------------------------------------------------------------------------
+
+
+def readme_commands() -> list[str]:
+    """The command-line example of the README's peer-to-peer section, one command per entry."""
+    text = (REPO / "README.md").read_text()
+    section = text[text.index("## Peer-to-peer") :]
+    block = section[section.index("```sh\n") + 6 :]
+    block = block[: block.index("```")]
+    joined = block.replace("\\\n", " ")
+    return [line.split("  #")[0].strip() for line in joined.splitlines() if line.strip()
+            and not line.startswith("#")]  # fmt: skip
+
+
+def test_the_readmes_command_line_example_runs_as_written(
+    server: ServerProcess, tmp_path: Path
+) -> None:
+    """Each line as a user types it, in a terminal of its own where the README says so, the
+    next one once the last is ready (its agent answers, its command says it waits). Only the
+    addresses change: the test's service, free ports for 8888, 9888 and the health ports."""
+    served = DigestServer()
+    ports = {"8888": str(served.port), "9888": str(free_port()), "8081": "0", "8082": "0"}
+    (tmp_path / "dataset" / "part").mkdir(parents=True)
+    (tmp_path / "dataset" / "part" / "rows.csv").write_text("a,b\n1,2\n")
+    env = {"PATH": os.environ["PATH"], "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
+    running: list[subprocess.Popen[str]] = []
+    outputs: dict[str, str] = {}
+    try:
+        for command in readme_commands():
+            line = command.replace("http://127.0.0.1:8000", server.url)
+            for written, port in ports.items():
+                line = re.sub(rf"\b{written}\b", port, line)
+            line = line.replace("rendezvous-worker", f"{sys.executable} -m worker_agent")
+            if line.startswith("export "):
+                name, _, value = line.removeprefix("export ").partition("=")
+                env[name] = value
+                continue
+            if (
+                "worker_agent receive" in line
+                or line.endswith("&")
+                or line.endswith("worker_agent")
+            ):
+                process = subprocess.Popen(
+                    _exec(line.rstrip("& ")), shell=True, cwd=tmp_path, env=env, text=True,
+                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                )  # fmt: skip
+                running.append(process)
+                ready = "commands on" if line.endswith("worker_agent") else ""
+                Lines(process.stdout).until(
+                    ready or ("waiting" if "receive" in line else "forwarding")
+                )
+                continue
+            result = subprocess.run(line, shell=True, cwd=tmp_path, env=env, text=True,
+                                    capture_output=True, timeout=60)  # fmt: skip
+            assert result.returncode == 0, (line, result.stdout, result.stderr)
+            outputs[command.split()[1]] = result.stdout
+        assert (
+            "via relay" in outputs["ping"]
+            and outputs["ping"].strip().splitlines()[-1].find("via lan") > 0
+        )
+        assert "sent 1 file" in outputs["send"]
+        assert (tmp_path / "inbox" / "dataset" / "part" / "rows.csv").read_text() == "a,b\n1,2\n"
+        assert "gpu-box-7" in outputs["status"]
+        assert through(int(ports["9888"]), b"forwarded") == hashlib.sha256(b"forwarded").hexdigest()
+    finally:
+        for process in reversed(running):
+            process.send_signal(signal.SIGINT)
+            try:
+                process.wait(15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        served.close()
+
+
+def _exec(line: str) -> str:
+    """The shell line with `exec` before its command (after its assignments): the signal that
+    stops it then reaches the program, not a shell around it."""
+    words = line.split()
+    first = next(i for i, word in enumerate(words) if "=" not in word)
+    return " ".join([*words[:first], "exec", *words[first:]])

@@ -151,8 +151,10 @@ def send(agent: WorkerAgent, session: Session, request: dict[str, Any]) -> None:
 def receive(agent: WorkerAgent, session: Session, request: dict[str, Any]) -> None:
     api = _peer_api(agent)
     root = Path(str(request.get("dir")))
-    if not root.is_dir():
-        raise protocol.ControlError("NOT_FOUND", f"{root} is not a folder")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise protocol.ControlError("NOT_FOUND", f"{root}: {exc.strerror or exc}") from None
     from_peer = request.get("from")
     inbox = Inbox(
         root,
