@@ -337,6 +337,7 @@ def test_a_ping_is_answered_at_once_and_says_the_route_it_came_back_on(loop) -> 
     snapshot = connections.client.snapshot()
     assert snapshot["kind"] == "lan" and snapshot["bytes_sent"] > 0
     assert snapshot["bytes_received"] > 0 and snapshot["rtt_ms"] is not None
+    assert snapshot["ping_ms"] == round(1000 * pongs[-1].seconds, 3)
     assert snapshot["history"][0][1] == "lan"
 
 

@@ -229,10 +229,13 @@ class PeerConnection:
         return Pong(seconds, kind, self.path.address_of(kind))
 
     def snapshot(self) -> dict[str, Any]:
-        """The path's snapshot with what the connection adds (round trip, identity)."""
-        rtt = self.rtt
+        """The path's snapshot with what the connection adds: the latest PING's round trip (a
+        `ping`'s, or the keep-alive's every 10 s on a quiet connection), QUIC's smoothed one
+        (queueing under load included), the identity."""
+        rtt, ping = self.rtt, self._session.last_ping
         return {
             **self.path.snapshot(),
+            "ping_ms": None if ping is None else round(1000 * ping, 3),
             "rtt_ms": None if rtt is None else round(1000 * rtt, 3),
             "peer_fingerprint": self.peer_fingerprint,
             "handshake_ms": None

@@ -81,11 +81,20 @@ def status(reply: dict[str, Any], now: float | None = None) -> list[str]:
                 duration(now - c["opened_at"]),
                 human(c["bytes_sent"]),
                 human(c["bytes_received"]),
-                "-" if c.get("rtt_ms") is None else f"{c['rtt_ms']:.1f} ms",
+                _rtt(c),
                 f"{c['use']}, opened by {c['opened_by']}",
             ]
         )
     return [*lines, "", *table(rows)]
+
+
+def _rtt(connection: dict[str, Any]) -> str:
+    """The latest ping's round trip, else QUIC's estimate (marked ~)."""
+    if connection.get("ping_ms") is not None:
+        return f"{connection['ping_ms']:.1f} ms"
+    if connection.get("rtt_ms") is not None:
+        return f"~{connection['rtt_ms']:.0f} ms"
+    return "-"
 
 
 def peers(reply: dict[str, Any]) -> list[str]:

@@ -14,7 +14,8 @@ Pong = tuple[float, "str | None"]  # seconds, the route kind the acknowledgement
 
 class Pings:
     def __init__(self) -> None:
-        self._ids = itertools.count(1)  # 0 is the keep-alive's
+        self._ids = itertools.count(1)
+        self.latest: float | None = None  # the latest round trip
         self._waiting: dict[int, tuple[list[float | None], asyncio.Future[Pong]]] = {}
 
     def new(self) -> tuple[int, asyncio.Future[Pong]]:
@@ -35,7 +36,8 @@ class Pings:
         entry = self._waiting.pop(uid, None)
         if entry is not None and not entry[1].done():
             left = entry[0][0] or arrived
-            entry[1].set_result((arrived - left, kind))
+            self.latest = arrived - left
+            entry[1].set_result((self.latest, kind))
 
     def fail(self, error: BaseException) -> None:
         for _, waiter in self._waiting.values():

@@ -228,7 +228,8 @@ class QuicSession:
                 and time.monotonic() - self._last_sent > KEEPALIVE
                 and self.handshake.done()
             ):
-                self.quic.send_ping(0)
+                uid, _ = self._pings.new()  # timed too: the latest round trip, when quiet
+                self.quic.send_ping(uid)
                 self.transmit()
 
     # ---- events ----------------------------------------------------------------------------
@@ -407,6 +408,11 @@ class QuicSession:
     def rtt(self) -> float | None:
         """QUIC's smoothed round trip on the connection (seconds), once it has a sample."""
         return None if self.quic is None else self.quic.smoothed_rtt()
+
+    @property
+    def last_ping(self) -> float | None:
+        """The latest PING's round trip (seconds): a `ping`'s, or the keep-alive's."""
+        return self._pings.latest
 
     def close(self, reason: str = "closed", *, code: int = CLOSE_NORMAL) -> None:
         if self.closed_reason is not None:
