@@ -88,8 +88,14 @@ class WorkerAgent:
         self.service_url = url
         self.url = self.enrolment.url
         self.reporting = config["reporting"]
-        peer_options: options.PeerOptions = config["peers"]
         self.peer_api: PeerApi | None = None
+        self.peers = self._peers(config["peers"], on)
+        self.session = self._service_session(config["service"], config["reconnect"])
+        self.enrolment.persist()  # once everything given was found valid
+
+    def _peers(self, peer_options: options.PeerOptions, on: options.Callbacks) -> Peers:
+        """The peer side; with the peer API, its router takes the connections peers open and
+        hands the host's `on_peer` what is not its own."""
         on_peer = (lambda conn: on.on_peer(self, conn)) if on.on_peer is not None else None
         if peer_options.peer_api:
             self.peer_api = PeerApi(
@@ -99,7 +105,7 @@ class WorkerAgent:
                 inbox=peer_options.inbox,
             )
             on_peer = _serving(self.peer_api, on_peer)
-        self.peers = Peers(
+        return Peers(
             self.worker_id,
             self._send_text,
             send_binary=self._send_binary,
@@ -109,8 +115,6 @@ class WorkerAgent:
             use_udp=peer_options.peer_udp,
             identity=self.identity,
         )
-        self.session = self._service_session(config["service"], config["reconnect"])
-        self.enrolment.persist()  # once everything given was found valid
 
     def _service_session(
         self, service: options.ServiceOptions, reconnect: options.ReconnectOptions

@@ -72,7 +72,12 @@ class Pool:
 
     @contextlib.contextmanager
     def stream(
-        self, peer_id: str, request: dict[str, Any], *, timeout: float = 10.0
+        self,
+        peer_id: str,
+        request: dict[str, Any],
+        *,
+        timeout: float = 10.0,
+        reply_timeout: float = header.REPLY_TIMEOUT,
     ) -> Iterator[tuple[PeerStream, dict[str, Any]]]:
         """A peer-API stream to `peer_id` whose request the peer accepted, and its acceptance;
         the refusal raised as its kind. A pooled connection that died meanwhile is replaced
@@ -89,7 +94,7 @@ class Pool:
                     raise
         self._use(peer_id, +1)
         try:
-            reply = header.read_reply(stream, peer_id)
+            reply = header.read_reply(stream, peer_id, timeout=reply_timeout)
             yield stream, reply
         finally:
             stream.close()

@@ -29,6 +29,7 @@ logger = logging.getLogger("worker_agent")
 Event = Callable[[dict[str, Any]], None]
 PROGRESS_EVERY = 0.2
 RESULT_TIMEOUT = 120.0  # after the last byte: the receiver checks and moves the last file
+PLAN_TIMEOUT = 900.0  # the receiver hashes the files and partial files it has before its plan
 STOPPING = ("NO_SPACE", "WRITE_FAILED")  # receiver failures after which no file can follow
 
 
@@ -118,7 +119,7 @@ def send_files(
         "files": [{"name": f.name, "size": f.size} for f in files],
         "dirs": dirs,
     }
-    with pool.stream(peer_id, offer) as (stream, reply):
+    with pool.stream(peer_id, offer, reply_timeout=PLAN_TIMEOUT) as (stream, reply):
         plan = reply.get("plan")
         if not isinstance(plan, list) or len(plan) != len(files):
             raise BadRequest(f"{peer_id} answered the offer with no plan for each file")
