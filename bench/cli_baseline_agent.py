@@ -113,8 +113,9 @@ def raw_ping(agent: WorkerAgent, peer: str, count: int) -> dict[str, Any]:
         if n >= 5:  # the first few warm the route up
             samples.append(1000 * (time.monotonic() - started))
         time.sleep(0.05)
+    kind = path.kind
     path.close()
-    return {"kind": path.kind, "median_ms": round(statistics.median(samples), 3),
+    return {"kind": kind, "median_ms": round(statistics.median(samples), 3),
             "samples_ms": [round(s, 3) for s in samples]}  # fmt: skip
 
 

@@ -16,7 +16,7 @@ from typing import Protocol
 from ..connection import PeerStream
 from ..errors import PeerError
 
-CHUNK = 256 * 1024
+CHUNK = 1024 * 1024  # as a program on the API writes; each write is a hop to the peer loop
 RESET_LOCAL_FAILED = 0x5257  # the stream code when the local end broke
 
 
