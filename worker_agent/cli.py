@@ -16,16 +16,14 @@ import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import commands
-from .agents import AgentGroup
-from .control.server import ControlServer
-from .control.socketfile import SocketFileError, default_path
-from .options import DEFAULT_PING_INTERVAL, DEFAULT_PING_TIMEOUT
-from .peerapi.exposure import parse_exposures
-from .service.public_ip import DEFAULT_IP_ECHO_URL
 from .version import __version__
+
+if TYPE_CHECKING:  # the agent's parts load only when it runs: a command starts in a blink
+    from .agents import AgentGroup
+    from .control.server import ControlServer
 
 DEFAULT_PORT = 8080
 DEFAULT_HEALTH_HOST = "0.0.0.0"
@@ -55,6 +53,9 @@ class Config:
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str]) -> Config:
+        from .options import DEFAULT_PING_INTERVAL, DEFAULT_PING_TIMEOUT
+        from .service.public_ip import DEFAULT_IP_ECHO_URL
+
         service_url = environ.get("RENDEZVOUS_SERVICE_URL", "").strip()
         if not service_url:
             raise ConfigError(
@@ -94,6 +95,8 @@ def _number(environ: Mapping[str, str], name: str, default: float) -> float:
 
 
 def _exposures(environ: Mapping[str, str]) -> list[str]:
+    from .peerapi.exposure import parse_exposures
+
     try:
         return parse_exposures(environ.get("RENDEZVOUS_EXPOSE", ""))
     except ValueError as exc:
@@ -158,6 +161,8 @@ def main(
         print(f"rendezvous-worker: {exc}", file=sys.stderr, flush=True)
         return 1
 
+    from .control.socketfile import SocketFileError
+
     configure_logging(config.log_level)
     try:  # first: a second agent on this socket must not reach the service at all
         servers = _control_servers(group, config, env)
@@ -207,6 +212,8 @@ def _run(
 
 def _group(config: Config, count: int) -> AgentGroup:
     """Every agent the configuration asks for, built (and so checked) before any starts."""
+    from .agents import AgentGroup
+
     if count < 1:
         raise ConfigError("--count must be at least 1")
     return AgentGroup(
@@ -230,6 +237,9 @@ def _control_servers(
     group: AgentGroup, config: Config, environ: Mapping[str, str]
 ) -> list[ControlServer]:
     """One control socket per agent (numbered as the credential files are), unless off."""
+    from .control.server import ControlServer
+    from .control.socketfile import default_path
+
     servers: list[ControlServer] = []
     if not config.control:
         return servers

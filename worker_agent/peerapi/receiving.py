@@ -12,11 +12,12 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import json
 import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -136,6 +137,7 @@ class _Transfer:
     def __init__(self, request: Request, inbox: Inbox) -> None:
         self.request = request
         self.stream = request.stream
+        self.reader = _Reader(request.stream)
         self.inbox = inbox
         self.peer_id = request.peer_id
         # bytes: done so far, counting what partial files held and files the sender skipped
@@ -158,7 +160,7 @@ class _Transfer:
                          "bytes": total})  # fmt: skip
         for folder in folders:
             folder.mkdir(parents=True, exist_ok=True)
-        while (message := header.read(self.stream, timeout=None)) is not None:
+        while (message := self.reader.message()) is not None:
             if "cancel" in message:
                 self.outcome["cancelled"] = str(message["cancel"])
                 break
@@ -201,7 +203,7 @@ class _Transfer:
             os.ftruncate(fd, start)
             os.lseek(fd, start, os.SEEK_SET)
             self._copy(fd, copy)
-            closing = header.read(self.stream, timeout=None) or {}
+            closing = self.reader.message() or {}
         except (PeerError, TimeoutError) as exc:
             self._record(copy, Interrupted(f"{name}: the transfer broke off: {exc}"))
             raise
@@ -230,13 +232,13 @@ class _Transfer:
         """Chunks to the file until the sender's end or abort; after a write error the rest is
         read and dropped (the sender stops once it hears of it, at once)."""
         while True:
-            length = LENGTH.unpack(_exactly(self.stream, LENGTH.size))[0]
+            length = LENGTH.unpack(self.reader.exactly(LENGTH.size))[0]
             if length in (END, ABORT):
                 copy.aborted = length == ABORT
                 return
             if length > 4 * CHUNK:
                 raise BadRequest(f"{copy.name}: a chunk of {length} bytes")
-            for data in _chunks(self.stream, length):
+            for data in self.reader.chunks(length):
                 if copy.error is None:
                     done, failure = _write(fd, data)
                     copy.digest.update(data[:done])
@@ -335,18 +337,46 @@ def _write(fd: int, data: bytes) -> tuple[int, OSError | None]:
     return done, None
 
 
-def _chunks(stream: Any, length: int) -> Any:
-    left = length
-    while left:
-        data = stream.recv(min(left, CHUNK), timeout=None)
-        if not data:
-            raise Interrupted(f"the stream ended {left} bytes into a chunk")
-        left -= len(data)
-        yield data
+class _Reader:
+    """The sender's side of the stream, read a MiB at a time and cut into frames here: a small
+    read per frame header would cost the stream's buffer a move of everything behind it."""
 
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        self._view = memoryview(b"")
 
-def _exactly(stream: Any, size: int) -> bytes:
-    return b"".join(_chunks(stream, size))
+    def chunks(self, length: int) -> Iterator[memoryview]:
+        left = length
+        while left:
+            if not self._view:
+                data = self.stream.recv(CHUNK, timeout=None)
+                if not data:
+                    raise Interrupted(f"the stream ended {left} bytes into a chunk")
+                self._view = memoryview(data)
+            piece, self._view = self._view[:left], self._view[left:]
+            left -= len(piece)
+            yield piece
+
+    def exactly(self, size: int) -> bytes:
+        return b"".join(bytes(piece) for piece in self.chunks(size))
+
+    def message(self) -> dict[str, Any] | None:
+        """The next message (header.py's framing); None when the stream ended cleanly."""
+        if not self._view:
+            data = self.stream.recv(CHUNK, timeout=None)
+            if not data:
+                return None
+            self._view = memoryview(data)
+        length = LENGTH.unpack(self.exactly(LENGTH.size))[0]
+        if length > header.MAX_MESSAGE:
+            raise BadRequest(f"a message of {length} bytes")
+        try:
+            message = json.loads(self.exactly(length))
+        except ValueError:
+            raise BadRequest("a message that is not JSON") from None
+        if not isinstance(message, dict):
+            raise BadRequest("a message that is not a JSON object")
+        return message
 
 
 def _hex(digest: Any) -> str | None:
