@@ -200,6 +200,11 @@ def report(figures: dict[str, Any], megabytes: int) -> int:
     for name, base, label in (("send", "api_file", "send (a file, to disk, checked)"),
                               ("forward", "api_bytes", "forward (TCP bulk, checked)")):  # fmt: skip
         ratio = median(name) / median(base)
+        paired = [
+            r["mb_per_s"] / b["mb_per_s"] for r, b in zip(rows[name], rows[base], strict=True)
+        ]
+        print(f"{name}: each round against the baseline of the same round: "
+              + ", ".join(f"{p:.2f}" for p in paired))  # fmt: skip
         verdicts.append(ratio >= 0.9)
         each = ", ".join(str(r["mb_per_s"]) for r in rows[name])
         base_each = ", ".join(str(r["mb_per_s"]) for r in rows[base])
