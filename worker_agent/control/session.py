@@ -29,13 +29,14 @@ class Session:
 
     def reply(self, data: bytes) -> None:
         """The final reply (once): a line, or an `R` frame once the session carries frames."""
-        if self.replied:
-            return
-        self.replied = True
-        if self.framed:
-            data = protocol.frame(protocol.REPLY, data)
-        with contextlib.suppress(OSError):
-            self.send(data)
+        with self._send_lock:  # the handler and the stopping agent may both try
+            if self.replied:
+                return
+            self.replied = True
+            if self.framed:
+                data = protocol.frame(protocol.REPLY, data)
+            with contextlib.suppress(OSError):
+                self.sock.sendall(data)
 
     def send(self, data: bytes) -> None:
         with self._send_lock:
