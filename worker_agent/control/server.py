@@ -60,8 +60,9 @@ class ControlServer:
         with self._lock:
             sessions = list(self._sessions)
         for session in sessions:
-            session.gone.set()
+            # The reply first: once `gone` is set, the handler returns and its socket closes.
             session.reply(protocol.failed("AGENT_STOPPING", "the agent is stopping"))
+            session.gone.set()
             with contextlib.suppress(OSError):
                 session.sock.shutdown(socket.SHUT_RDWR)
         self.socket_file.close()
