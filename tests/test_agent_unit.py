@@ -639,7 +639,7 @@ def test_python_m_worker_agent_without_configuration_exits_1() -> None:
     assert "RENDEZVOUS_SERVICE_URL is not set" in result.stderr
 
 
-def test_main_runs_until_stopped_then_exits_0(fake_service: FakeService) -> None:
+def test_main_runs_until_stopped_then_exits_0(fake_service: FakeService, tmp_path) -> None:
     stop = threading.Event()
     exit_codes: list[int] = []
     environ = {
@@ -648,6 +648,7 @@ def test_main_runs_until_stopped_then_exits_0(fake_service: FakeService) -> None
         "PORT": "0",
         "HEALTH_HOST": "127.0.0.1",
         "IP_ECHO_URL": "",
+        "RENDEZVOUS_CONTROL_SOCKET": str(tmp_path / "agent.sock"),
     }
     websocket_level = logging.getLogger("websocket").level
     thread = threading.Thread(target=lambda: exit_codes.append(main([], environ, stop_event=stop)))
@@ -662,7 +663,7 @@ def test_main_runs_until_stopped_then_exits_0(fake_service: FakeService) -> None
     assert fake_service.wait_for(lambda: fake_service.close_codes.get("cli-worker") == [1000])
 
 
-def test_sigterm_closes_with_1000_and_exits_0(fake_service: FakeService) -> None:
+def test_sigterm_closes_with_1000_and_exits_0(fake_service: FakeService, tmp_path) -> None:
     env = {
         "PATH": os.environ.get("PATH", ""),
         "RENDEZVOUS_SERVICE_URL": fake_service.url,
@@ -670,6 +671,7 @@ def test_sigterm_closes_with_1000_and_exits_0(fake_service: FakeService) -> None
         "PORT": "0",
         "HEALTH_HOST": "127.0.0.1",
         "IP_ECHO_URL": "",
+        "RENDEZVOUS_CONTROL_SOCKET": str(tmp_path / "agent.sock"),
     }
     process = subprocess.Popen(
         [sys.executable, "-m", "worker_agent"],

@@ -288,8 +288,9 @@ def nat_report(
     )
 
 
-def list_peers(*, request_id: str, tag: str | None = None) -> str:
-    return encode({"type": ClientMessageType.LIST_PEERS, "request_id": request_id, "tag": tag})
+def list_peers(*, request_id: str, tag: str | None = None, offline: bool = False) -> str:
+    message = {"type": ClientMessageType.LIST_PEERS, "request_id": request_id, "tag": tag}
+    return encode({**message, "offline": True} if offline else message)
 
 
 def subscribe_peers(tag: str | None = None) -> str:

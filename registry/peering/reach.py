@@ -17,12 +17,14 @@ from registry.peering import rules
 from registry.presence import selectors
 
 
-async def reachable_peers(me: Subject, *, tag: str | None) -> tuple[list[dict[str, Any]], bool]:
-    """`list_peers`: the connected workers `me` may reach, by the rules this process holds, and
-    whether the list was cut."""
+async def reachable_peers(
+    me: Subject, *, tag: str | None, offline: bool = False
+) -> tuple[list[dict[str, Any]], bool]:
+    """`list_peers`: the connected workers `me` may reach (with `offline`, the others too), by
+    the rules this process holds, and whether the list was cut."""
     policy = await rules.current()
     return await database_sync_to_async(selectors.list_peers)(
-        exclude=me.worker_id, tag=tag, reach=rules.reach_from(policy, me)
+        exclude=me.worker_id, tag=tag, reach=rules.reach_from(policy, me), offline=offline
     )
 
 

@@ -49,6 +49,7 @@ class NatReport:
 class ListPeers:
     tag: str | None
     request_id: str | None
+    offline: bool = False  # also the workers that are not connected, each with `online`
 
 
 @dataclass(frozen=True, slots=True)

@@ -263,7 +263,9 @@ _PARSERS: dict[str, Any] = {
     ClientMessageType.AGENT_INFO: lambda d: AgentInfo(info=_validate_agent_info(d.get("info"))),
     ClientMessageType.NAT_REPORT: _parse_nat_report,
     ClientMessageType.LIST_PEERS: lambda d: ListPeers(
-        tag=_optional_tag(d), request_id=_request_id(d, required=False)
+        tag=_optional_tag(d),
+        request_id=_request_id(d, required=False),
+        offline=d.get("offline") is True,
     ),
     ClientMessageType.SUBSCRIBE_PEERS: lambda d: SubscribePeers(tag=_optional_tag(d)),
     ClientMessageType.UNSUBSCRIBE_PEERS: lambda d: UnsubscribePeers(),

@@ -38,8 +38,12 @@ def welcome(
     security_mode: str = "open",
     credential: str | None = None,
     stun_servers: list[str] | None = None,
+    turn_servers: list[str] | None = None,
+    relay: bool = True,
 ) -> str:
-    """`credential` only on enrolment: the worker's secret for every later connection."""
+    """`credential` only on enrolment: the worker's secret for every later connection.
+    `turn_servers` are addresses only (credentials come per introduction): what an agent's
+    netcheck can test reachability of; `relay` says whether the service relays peer traffic."""
     extra = {"credential": credential} if credential else {}
     return encode(
         {
@@ -54,6 +58,8 @@ def welcome(
             "max_frame_bytes": max_frame_bytes,
             "security_mode": security_mode,
             "stun_servers": stun_servers or [],
+            "turn_servers": turn_servers or [],
+            "relay": relay,
             **extra,
         }
     )
