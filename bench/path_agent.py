@@ -43,6 +43,88 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from worker_agent import PeerConnection, PeerError, PeerPath, WorkerAgent
 
 DATAGRAM = 1200
+# What this process's QUIC did, counted by the probes `count_events` puts in.
+EVENTS = {"lost": 0, "transmits": 0, "bursts": 0, "reads": 0}
+
+
+def count_events() -> None:
+    """Bench probes: packets aioquic declares lost (`_on_packets_lost`, private to aioquic 1.7,
+    pinned), the QUIC session's transmit rounds and those that sent anything, and the turns of
+    the loop in which the path's socket was read. Nothing else relies on them."""
+    from aioquic.quic.recovery import QuicPacketRecovery
+
+    from worker_agent.paths import ice
+    from worker_agent.secure import quic
+
+    lost = QuicPacketRecovery._on_packets_lost
+
+    def counting_losses(self: Any, **kwargs: Any) -> None:
+        packets = list(kwargs.pop("packets"))
+        EVENTS["lost"] += len(packets)
+        lost(self, packets=packets, **kwargs)
+
+    transmit = quic.QuicSession.transmit
+
+    def counting_transmits(self: Any) -> None:
+        EVENTS["transmits"] += 1
+        before = self._last_sent
+        transmit(self)
+        EVENTS["bursts"] += self._last_sent != before
+
+    read_more = ice._Drain.read_more
+
+    def counting_reads(self: Any) -> None:
+        EVENTS["reads"] += not self._reading
+        read_more(self)
+
+    QuicPacketRecovery._on_packets_lost = counting_losses  # type: ignore[method-assign]
+    quic.QuicSession.transmit = counting_transmits  # type: ignore[method-assign]
+    ice._Drain.read_more = counting_reads  # type: ignore[method-assign]
+
+
+def variant(name: str) -> None:
+    """Alternatives measured side by side with what the agent does (bench knobs, not settings)."""
+    from worker_agent.secure import pacing, quic
+
+    if "nopacing" in name:
+        from aioquic.quic.recovery import QuicPacketPacer
+
+        QuicPacketPacer.next_send_time = lambda self, now: None  # type: ignore[method-assign]
+    if "aioquicpacing" in name:  # aioquic's own pacer: bursts of 16 packets
+        pacing.PACING_BURST = 0
+    if "burst5ms" in name:
+        pacing.PACING_BURST = 0.005
+    if "lazywake" in name:  # the reader woken per 256 KiB (or at the end), not per burst
+        from worker_agent.secure.streams import StreamBuffer
+
+        def wake(self: Any) -> None:
+            with self._changed:
+                if len(self._data) >= 256 * 1024 or self._eof or self._error:
+                    self._changed.notify_all()
+
+        StreamBuffer.wake = wake  # type: ignore[method-assign]
+    if "packet1452" in name:  # the largest QUIC packet a 1,500-byte IPv4 path carries whole
+        quic.MAX_PACKET = 1452
+
+
+def quic_counters(conn: PeerConnection) -> dict[str, float]:
+    """What one side's QUIC did so far: datagrams on the path, packets declared lost, and the
+    sender's congestion window and smoothed RTT (aioquic's private `_loss`; bench only)."""
+    stats = conn.path.stats
+    quic = conn._session.quic
+    loss = quic._loss if quic is not None else None
+    return {
+        "sent": sum(stats.sent.values()),
+        "received": sum(stats.received.values()),
+        **EVENTS,
+        "cwnd": loss.congestion_window if loss is not None else 0,
+        "srtt_ms": round(loss._rtt_smoothed * 1000, 3) if loss is not None else 0,
+    }
+
+
+def delta(after: dict[str, float], before: dict[str, float]) -> dict[str, float]:
+    """Counters over one transfer; the window and RTT as they are at its end."""
+    return {k: v if k in ("cwnd", "srtt_ms") else v - before[k] for k, v in after.items()}
 
 
 class Counter:
@@ -83,11 +165,12 @@ def quic_answer(agent: WorkerAgent, conn: PeerConnection) -> None:
         except (TimeoutError, PeerError):
             return
         digest = hashlib.sha256()
-        received, first, last, cpu = 0, None, None, 0.0
+        received, first, last, cpu, system = 0, None, None, 0.0, 0.0
+        counters = quic_counters(conn)
         while data := stream.recv(1 << 20, timeout=60):
             last = time.monotonic()
             if first is None:
-                first, cpu = last, time.process_time()
+                first, cpu, system = last, time.process_time(), os.times().system
             received += len(data)
             digest.update(data)
         reply = {
@@ -96,6 +179,8 @@ def quic_answer(agent: WorkerAgent, conn: PeerConnection) -> None:
             "first": first,
             "last": last,
             "cpu_s": time.process_time() - cpu,
+            "system_s": os.times().system - system,
+            "counters": delta(quic_counters(conn), counters),
         }
         stream.sendall(json.dumps(reply).encode())
         stream.shutdown_write()
@@ -116,23 +201,38 @@ def quic_send(
     digest = hashlib.sha256(payload).hexdigest()
     mb = len(payload) / 1e6
     rates, sender_cpu, receiver_cpu, intact = [], 0.0, 0.0, True
+    transfers: list[dict[str, Any]] = []
     with agent.connect(peer, timeout=15) as conn:
         if kinds and not conn.path.wait_for_kind(*kinds, timeout=20):
             return {"error": f"the path never reached {kinds} (it is {conn.path_kind})"}
         kind = conn.path_kind
         for _ in range(repeat):  # one stream each, one after the other, on the one connection
             stream = conn.open_stream()
-            started, cpu = time.monotonic(), time.process_time()
+            counters = quic_counters(conn)
+            started, cpu, system = time.monotonic(), time.process_time(), os.times().system
             stream.sendall(payload, timeout=600)
             stream.shutdown_write()
             answer = b""
             while part := stream.recv(4096, timeout=600):
                 answer += part
             reply = json.loads(answer)
-            sender_cpu += time.process_time() - cpu
+            spent, kernel = time.process_time() - cpu, os.times().system - system
+            sender_cpu += spent
             receiver_cpu += reply["cpu_s"]
             intact = intact and reply["sha256"] == digest
             rates.append(mb / (reply["last"] - started))
+            transfers.append(
+                {
+                    "mb_per_s": round(rates[-1], 2),
+                    "cpu_s_per_mb": [round(spent / mb, 4), round(reply["cpu_s"] / mb, 4)],
+                    "system_s_per_mb": [
+                        round(kernel / mb, 4),
+                        round(reply["system_s"] / mb, 4),
+                    ],
+                    "sender": delta(quic_counters(conn), counters),
+                    "receiver": reply["counters"],
+                }
+            )
     return {
         "kind": kind,
         "first_route": first_kinds,
@@ -141,13 +241,13 @@ def quic_send(
         "handshake_p50_ms": round(statistics.median(handshakes), 1),
         "handshake_p99_ms": round(percentile(handshakes, 99), 1),
         "mb": round(mb, 2),
-        "transfers": repeat,
         "intact": intact,
         "mb_per_s": round(statistics.median(rates), 2),
         "mb_per_s_min": round(min(rates), 2),
         "mb_per_s_max": round(max(rates), 2),
         "sender_cpu_s_per_mb": round(sender_cpu / mb / repeat, 4),
         "receiver_cpu_s_per_mb": round(receiver_cpu / mb / repeat, 4),
+        "transfers": transfers,
     }
 
 
@@ -320,8 +420,18 @@ def main() -> int:
     parser.add_argument("--no-udp", action="store_true")
     parser.add_argument("--megabytes", type=int, default=16)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument(
+        "--congestion-control", help="aioquic's controller for this agent's QUIC (reno, cubic)"
+    )
     args = parser.parse_args()
+    if args.congestion_control:  # a bench knob, not a setting: bench/peer_loss.py compares them
+        from worker_agent.secure import quic
+
+        quic.CONGESTION_CONTROL = args.congestion_control
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    if args.mode.startswith("quic"):
+        count_events()
+        variant(os.environ.get("BENCH_VARIANT", ""))
     if args.mode == "udp-recv":
         print(json.dumps(udp_recv(args.bind, args.seconds)), flush=True)
         return 0

@@ -39,12 +39,15 @@ from tests.support.netns import (
 )
 
 RAW = {  # the raw-datagram baseline over the same kind of path, from peer_paths.throughput()
+    "LAN (two workers, one NAT)": "LAN (two workers, one NAT)",
     "direct (cone <-> cone)": "direct (cone <-> cone)",
     "TURN (cone <-> symmetric)": "TURN (cone <-> symmetric)",
     "service relay, one instance": "service relay, one instance",
     "service relay, two instances (Redis)": "service relay, two instances (Redis)",
 }
 PLAIN_UDP = "raw UDP (worker -> NAT -> public)"
+# A transfer slower than this share of the path's fastest in the run is in the slow mode.
+SLOW = 0.85
 
 
 def cases(net: NatTopology) -> list[tuple[str, str, str, str, str, list[str], str]]:
@@ -64,30 +67,62 @@ def cases(net: NatTopology) -> list[tuple[str, str, str, str, str, list[str], st
     ]  # fmt: skip
 
 
-def quic(bench: Bench, count: int, megabytes: int, repeat: int) -> dict[str, dict[str, Any]]:
+def quic(
+    bench: Bench,
+    count: int,
+    megabytes: int,
+    repeat: int,
+    only: list[str],
+    pin: str,
+    variants: list[str],
+) -> dict[str, dict[str, Any]]:
+    """Each path (those named in `only`, or all), once per variant: the agents of a variant
+    run with BENCH_VARIANT set (bench/path_agent.py's `variant`); "" is the agent as it is."""
+    cpus = [c for c in pin.split(",") if c]
     figures: dict[str, dict[str, Any]] = {}
-    for n, (name, service_a, service_b, frm, to, extra, kind) in enumerate(cases(bench.net)):
-        bench.answer(to, service_b, f"qb{n}", *extra, mode="quic-answer")
-        args = ["--url", bench.url(service_a), "--id", f"qa{n}", "--peer", f"qb{n}"]
-        args += ["--count", str(count), "--megabytes", str(megabytes), "--repeat", str(repeat)]
-        args += extra
-        if kind:
-            args += ["--wait-kind", kind]
-        try:
-            outcome = bench.run(frm, [*AGENT, "quic-send", *args])
-        finally:
-            bench.stop_answering()
-        print(f"  {name}: {outcome}", flush=True)
-        figures[name] = outcome
+    n = 0
+    for name, service_a, service_b, frm, to, extra, kind in cases(bench.net):
+        if only and not any(word in name for word in only):
+            continue
+        for variant in variants:
+            n += 1
+            env = ("env", f"BENCH_VARIANT={variant}")
+            sender = (*env, *(("taskset", "-c", cpus[0]) if cpus else ()))
+            receiver = (*env, *(("taskset", "-c", cpus[-1]) if cpus else ()))
+            bench.answer(to, service_b, f"qb{n}", *extra, mode="quic-answer", prefix=receiver)
+            args = ["--url", bench.url(service_a), "--id", f"qa{n}", "--peer", f"qb{n}"]
+            args += ["--count", str(count), "--megabytes", str(megabytes)]
+            args += ["--repeat", str(repeat), *extra]
+            if kind:
+                args += ["--wait-kind", kind]
+            try:
+                outcome = bench.run(frm, [*sender, *AGENT, "quic-send", *args])
+            finally:
+                bench.stop_answering()
+            label = f"{name} [{variant}]" if variant else name
+            print(f"  {label}: {outcome}", flush=True)
+            figures[label] = outcome
     return figures
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--count", type=int, default=10, help="connects timed per path")
+    parser.add_argument("--count", type=int, default=5, help="connects timed per path")
     parser.add_argument("--megabytes", type=int, default=16, help="MiB sent over one stream")
-    parser.add_argument("--repeat", type=int, default=3, help="transfers per path (median)")
+    parser.add_argument("--repeat", type=int, default=5, help="transfers per path (median)")
+    parser.add_argument(
+        "--only", default="", help="comma-separated words: only the paths whose name has one"
+    )
     parser.add_argument("--seconds", type=float, default=5, help="seconds per raw baseline")
+    parser.add_argument(
+        "--variants",
+        default="",
+        help="comma-separated alternatives measured side by side, each path once per variant "
+        "(bench/path_agent.py's `variant`; an empty name is the agent as it is)",
+    )
+    parser.add_argument(
+        "--pin", default="", help="CPUs for the sender and the receiver (taskset), e.g. 0,1"
+    )
     parser.add_argument("--logs", type=Path, help="keep every process's log in this directory")
     args = parser.parse_args()
     reason = netns_unavailable_reason()
@@ -104,7 +139,9 @@ def main() -> int:
             "stream each, per path):",
             flush=True,
         )
-        figures = quic(bench, args.count, args.megabytes, args.repeat)
+        only = [word for word in args.only.split(",") if word]
+        variants = args.variants.split(",")
+        figures = quic(bench, args.count, args.megabytes, args.repeat, only, args.pin, variants)
         bench.stop_answering()
     report(raw, figures)
     return 0
@@ -116,14 +153,14 @@ def report(raw: dict[str, dict[str, Any]], figures: dict[str, dict[str, Any]]) -
     print(
         "\n| path | QUIC MB/s (median; min-max) | raw datagrams, same path (MB/s) | QUIC / raw "
         "| setup p50 / p99 (ms) | handshake p50 / p99 (ms) | CPU-s per MB, sender / receiver "
-        "| SHA-256 |"
+        "| slow mode | SHA-256 |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name, r in figures.items():
         if "error" in r:
-            print(f"| {name} | {r['error']} | | | | | | |")
+            print(f"| {name} | {r['error']} | | | | | | | |")
             continue
-        base = raw.get(RAW.get(name, ""), {}).get("mb_per_s")
+        base = raw.get(RAW.get(name.split(" [")[0], ""), {}).get("mb_per_s")
         ratio = f"{r['mb_per_s'] / base:.2f}" if base else "-"
         print(
             f"| {name} ({r['kind']}) | {r['mb_per_s']} ({r['mb_per_s_min']}-{r['mb_per_s_max']}) | "
@@ -131,8 +168,14 @@ def report(raw: dict[str, dict[str, Any]], figures: dict[str, dict[str, Any]]) -
             f"{r['setup_p50_ms']} / {r['setup_p99_ms']} | "
             f"{r['handshake_p50_ms']} / {r['handshake_p99_ms']} | "
             f"{r['sender_cpu_s_per_mb']} / {r['receiver_cpu_s_per_mb']} | "
-            f"{'match' if r['intact'] else 'MISMATCH'} |"
+            f"{slow_mode(r)} | {'match' if r['intact'] else 'MISMATCH'} |"
         )
+    report_transfers(figures)
+    print(
+        f"\nslow mode: a transfer below {SLOW:.2f}x the fastest on its path in this run; "
+        "the ratio's baseline for the relay rows is the relay's own budget "
+        "(RENDEZVOUS_RELAY_BYTES_PER_SECOND), what raw datagrams reach through it"
+    )
     direct = figures.get("direct (cone <-> cone)", {})
     turn = figures.get("TURN (cone <-> symmetric)", {})
     relay = figures.get("service relay, one instance", {})
@@ -152,6 +195,35 @@ def report(raw: dict[str, dict[str, Any]], figures: dict[str, dict[str, Any]]) -
         f"{verdict(handshake.get('handshake_p50_ms'), 20, False)} "
         f"({handshake.get('handshake_p50_ms')} ms p50)"
     )
+
+
+def slow_mode(r: dict[str, Any]) -> str:
+    """How many of the path's transfers fell in the slow mode, out of how many."""
+    rates = [t["mb_per_s"] for t in r.get("transfers", [])]
+    if not rates:
+        return "-"
+    return f"{sum(rate < SLOW * max(rates) for rate in rates)} of {len(rates)}"
+
+
+def report_transfers(figures: dict[str, dict[str, Any]]) -> None:
+    """Each transfer: its rate, CPU per MB on each side, and what QUIC did (datagrams each
+    way, packets declared lost, the sender's window and smoothed RTT at the end)."""
+    print(
+        "\n| path | MB/s | CPU-s per MB, sender / receiver (of it in the kernel) "
+        "| datagrams out / ACKs back | lost "
+        "| window (KB) | sRTT (ms) | sender: sends / transmits | receiver: reads |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, r in figures.items():
+        for t in r.get("transfers", []):
+            sender, receiver = t["sender"], t["receiver"]
+            print(
+                f"| {name} | {t['mb_per_s']} | {t['cpu_s_per_mb'][0]} / {t['cpu_s_per_mb'][1]} "
+                f"({t['system_s_per_mb'][0]} / {t['system_s_per_mb'][1]}) | "
+                f"{sender['sent']} / {receiver['sent']} | {sender['lost']} | "
+                f"{sender['cwnd'] // 1000} | {sender['srtt_ms']} | "
+                f"{sender['bursts']} / {sender['transmits']} | {receiver['reads']} |"
+            )
 
 
 if __name__ == "__main__":

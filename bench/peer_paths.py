@@ -108,11 +108,18 @@ class Bench:
         return self.services[name][1].pid
 
     def answer(
-        self, namespace: str, service: str, worker_id: str, *extra: str, mode: str = "answer"
+        self,
+        namespace: str,
+        service: str,
+        worker_id: str,
+        *extra: str,
+        mode: str = "answer",
+        prefix: tuple[str, ...] = (),
     ) -> None:
+        """Start an answering agent; `prefix` goes before it (`taskset -c 1`, say)."""
         process = self.net.popen(
             namespace,
-            [*AGENT, mode, "--url", self.url(service), "--id", worker_id, *extra],
+            [*prefix, *AGENT, mode, "--url", self.url(service), "--id", worker_id, *extra],
             stdout=subprocess.PIPE,
             stderr=(self.log_dir / f"{worker_id}.log").open("ab"),
             text=True,
@@ -197,20 +204,24 @@ def throughput(bench: Bench, seconds: float) -> dict[str, dict[str, Any]]:
     received = receiver.communicate(timeout=60)[0]
     figures["raw UDP (worker -> NAT -> public)"] = json.loads(received.strip().splitlines()[-1])
     cases = [
-        ("service relay, one instance", "plain", "plain", ["--no-udp"], ""),
-        ("service relay, two instances (Redis)", "redis-a", "redis-b", ["--no-udp"], ""),
-        ("direct (cone <-> cone)", "plain", "plain", [], "direct"),
-        ("TURN (cone <-> symmetric)", "turn", "turn", [], "turn"),
-    ]
-    for n, (name, service_a, service_b, extra, kind) in enumerate(cases):
-        bench.answer(s[1].worker if kind != "turn" else s[2].worker, service_b, f"tb{n}", *extra)
+        # name, service of A, service of B, A's namespace, B's namespace, extra, kind
+        ("service relay, one instance", "plain", "plain", s[0].workers[0], s[1].worker,
+         ["--no-udp"], ""),
+        ("service relay, two instances (Redis)", "redis-a", "redis-b", s[0].workers[0],
+         s[1].worker, ["--no-udp"], ""),
+        ("LAN (two workers, one NAT)", "plain", "plain", s[0].workers[0], s[0].workers[1], [],
+         "lan"),
+        ("direct (cone <-> cone)", "plain", "plain", s[0].workers[0], s[1].worker, [], "direct"),
+        ("TURN (cone <-> symmetric)", "turn", "turn", s[1].worker, s[2].worker, [], "turn"),
+    ]  # fmt: skip
+    for n, (name, service_a, service_b, source, target, extra, kind) in enumerate(cases):
+        bench.answer(target, service_b, f"tb{n}", *extra)
         services = {service_a, service_b}
         before = {name: cpu_seconds(bench.pid(name)) for name in services}
         args = ["--url", bench.url(service_a), "--id", f"ta{n}", "--peer", f"tb{n}"]
         args += ["--seconds", str(seconds), *extra]
         if kind:
             args += ["--wait-kind", kind]
-        source = s[0].worker if kind != "turn" else s[1].worker
         outcome = bench.run(source, [*AGENT, "blast", *args])
         bench.stop_answering()
         cpu = sum(cpu_seconds(bench.pid(name)) - before[name] for name in services)

@@ -11,13 +11,10 @@ class RegistryConfig(AppConfig):
         from django.core import checks
         from django.db.models.signals import post_delete, post_save
 
-        from registry.core import peer_policy
         from registry.models import PeerRule
-        from registry.ops import metrics
         from registry.ops.checks import check_rendezvous_settings
         from registry.peering.rules import rules_changed
 
         checks.register(check_rendezvous_settings)
         post_save.connect(rules_changed, sender=PeerRule, dispatch_uid="peer-rules-saved")
         post_delete.connect(rules_changed, sender=PeerRule, dispatch_uid="peer-rules-deleted")
-        peer_policy.on_error(metrics.policy_error)

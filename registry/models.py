@@ -189,6 +189,20 @@ class Worker(models.Model):
     )
     udp_port = models.PositiveIntegerField(null=True, blank=True, verbose_name="UDP port")
     nat_reported_at = models.DateTimeField(null=True, blank=True, verbose_name="NAT reported at")
+    # The router's port mapping for the worker, when its router makes them (NAT-PMP, PCP, UPnP).
+    port_mapping_protocol = models.CharField(
+        max_length=16,
+        choices=[(p.value, p.value) for p in protocol.PortMappingProtocol],
+        blank=True,
+        help_text="How the worker's router mapped a UDP port for it, if it did.",
+        verbose_name="port mapping protocol",
+    )
+    port_mapping_ip = models.GenericIPAddressField(
+        null=True, blank=True, unpack_ipv4=True, verbose_name="port mapping IP"
+    )
+    port_mapping_port = models.PositiveIntegerField(
+        null=True, blank=True, verbose_name="port mapping port"
+    )
 
     objects = WorkerQuerySet.as_manager()
 

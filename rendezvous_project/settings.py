@@ -264,6 +264,9 @@ RENDEZVOUS = {
     # second).
     # Off: the service carries no peer traffic; pairs connect over UDP (direct, LAN or TURN).
     "RELAY": env_bool("RENDEZVOUS_RELAY", True),
+    # Hard-NAT ("birthday") probing for pairs where exactly one NAT maps endpoint-dependently:
+    # up to a few hundred UDP datagrams per introduction (registry/peering/probing.py).
+    "HARD_NAT_PROBING": env_bool("RENDEZVOUS_HARD_NAT_PROBING", False),
     "RELAY_MAX_PEERS": env_int("RENDEZVOUS_RELAY_MAX_PEERS", 64),
     # Seconds an accepted introduction may go unused (no relay frame, ICE candidates or path
     # report from either side) before it is ended for both (peer_closed UNUSED).

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -10,6 +11,10 @@ from registry.presence.runtime import InstanceRuntime, reset_runtime
 from tests.support.databases import current_database_url
 from tests.support.processes import ServerProcess
 from worker_agent import Backoff, WorkerAgent
+
+# Agents on this machine's own network must never ask its real router for port mappings: only
+# the tests that build a router of their own (network namespaces) turn port mapping on.
+os.environ.setdefault("RENDEZVOUS_PORT_MAPPING", "off")
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -306,3 +306,9 @@ def test_nat_mapping_shows_in_the_list_the_overview_and_the_worker_page(
     assert ">alpha<" in filtered and ">beta<" not in filtered
     detail = admin_client.get("/admin/registry/worker/alpha/change/").content.decode()
     assert "198.51.100.9:50123" in detail
+    assert "Port mapping (router)" in detail and "198.20.0.1:41000 (pcp)" not in detail
+    Worker.objects.filter(id="alpha").update(
+        port_mapping_protocol="pcp", port_mapping_ip="198.20.0.1", port_mapping_port=41000
+    )
+    detail = admin_client.get("/admin/registry/worker/alpha/change/").content.decode()
+    assert "198.20.0.1:41000 (pcp)" in detail

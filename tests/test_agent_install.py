@@ -78,6 +78,7 @@ def test_the_agent_installs_and_imports_without_django(agent_venv: Path) -> None
         import worker_agent
         from worker_agent import WorkerAgent
         import worker_agent.cli, worker_agent.agents, worker_agent.health
+        import worker_agent.commands, worker_agent.control.server, worker_agent.peerapi.peer_api
 
         agent = WorkerAgent("https://rendezvous.example", "install-check")
         assert agent.url == "wss://rendezvous.example/ws/register/install-check", agent.url
@@ -105,6 +106,19 @@ def test_the_installed_command_exits_1_without_a_service_url(agent_venv: Path) -
     )
     assert result.returncode == 1
     assert "RENDEZVOUS_SERVICE_URL is not set" in result.stderr
+
+
+def test_the_installed_commands_say_when_no_agent_runs(agent_venv: Path) -> None:
+    result = subprocess.run(
+        [str(agent_venv / "bin" / "rendezvous-worker"), "status"],
+        cwd=agent_venv,
+        env={"PATH": os.environ.get("PATH", ""), "RENDEZVOUS_CONTROL_SOCKET": "none.sock"},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 1
+    assert "no agent is running" in result.stderr and "(NO_AGENT)" in result.stderr
 
 
 def test_only_the_agent_package_is_installed(agent_venv: Path) -> None:

@@ -64,6 +64,7 @@ def test_wire_constants_match_the_server_protocol() -> None:
     assert _members(wire.ConnectFailure) == _members(protocol.ConnectFailure)
     assert _members(wire.NatMapping) == _members(protocol.NatMapping)
     assert _members(wire.PathKind) == _members(protocol.PathKind)
+    assert _members(wire.PortMappingProtocol) == _members(protocol.PortMappingProtocol)
     assert _members(wire.IcePolicy) == _members(protocol.IcePolicy)
     assert _members(wire.PeerClosedCode) == _members(protocol.PeerClosedCode)
     assert wire.RESUMING_PROTOCOL_VERSION == protocol.PROTOCOL_VERSION
@@ -97,6 +98,15 @@ def test_the_server_parses_every_frame_the_agent_builds() -> None:
     intro = "ab" * 16
     frames = {
         wire.nat_report(cone, ("198.51.100.7", 4000)): protocol.NatReport(cone, endpoint),
+        wire.nat_report(
+            cone, None, {"protocol": "pcp", "external": ("198.51.100.1", 4001)}
+        ): protocol.NatReport(
+            cone,
+            None,
+            protocol.PortMapping(
+                protocol.PortMappingProtocol.PCP, protocol.UdpEndpoint("198.51.100.1", 4001)
+            ),
+        ),
         wire.list_peers(request_id="r", tag="gpu"): protocol.ListPeers("gpu", "r"),
         wire.subscribe_peers(): protocol.SubscribePeers(None),
         wire.unsubscribe_peers(): protocol.UnsubscribePeers(),
@@ -629,7 +639,7 @@ def test_python_m_worker_agent_without_configuration_exits_1() -> None:
     assert "RENDEZVOUS_SERVICE_URL is not set" in result.stderr
 
 
-def test_main_runs_until_stopped_then_exits_0(fake_service: FakeService) -> None:
+def test_main_runs_until_stopped_then_exits_0(fake_service: FakeService, tmp_path) -> None:
     stop = threading.Event()
     exit_codes: list[int] = []
     environ = {
@@ -638,6 +648,7 @@ def test_main_runs_until_stopped_then_exits_0(fake_service: FakeService) -> None
         "PORT": "0",
         "HEALTH_HOST": "127.0.0.1",
         "IP_ECHO_URL": "",
+        "RENDEZVOUS_CONTROL_SOCKET": str(tmp_path / "agent.sock"),
     }
     websocket_level = logging.getLogger("websocket").level
     thread = threading.Thread(target=lambda: exit_codes.append(main([], environ, stop_event=stop)))
@@ -652,7 +663,7 @@ def test_main_runs_until_stopped_then_exits_0(fake_service: FakeService) -> None
     assert fake_service.wait_for(lambda: fake_service.close_codes.get("cli-worker") == [1000])
 
 
-def test_sigterm_closes_with_1000_and_exits_0(fake_service: FakeService) -> None:
+def test_sigterm_closes_with_1000_and_exits_0(fake_service: FakeService, tmp_path) -> None:
     env = {
         "PATH": os.environ.get("PATH", ""),
         "RENDEZVOUS_SERVICE_URL": fake_service.url,
@@ -660,6 +671,7 @@ def test_sigterm_closes_with_1000_and_exits_0(fake_service: FakeService) -> None
         "PORT": "0",
         "HEALTH_HOST": "127.0.0.1",
         "IP_ECHO_URL": "",
+        "RENDEZVOUS_CONTROL_SOCKET": str(tmp_path / "agent.sock"),
     }
     process = subprocess.Popen(
         [sys.executable, "-m", "worker_agent"],

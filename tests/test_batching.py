@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Sequence
 
 import pytest
@@ -11,7 +12,7 @@ from django.db import IntegrityError, OperationalError
 
 from registry.core import protocol
 from registry.models import Connection, Worker, WorkerStatus
-from registry.presence import sessions
+from registry.presence import batching, sessions
 from registry.presence.batching import Coalescer
 from registry.presence.reports import Report
 from registry.presence.runtime import InstanceRuntime
@@ -181,3 +182,65 @@ async def test_many_connections_reporting_at_once_use_few_transactions(
         lambda: dict(Worker.objects.values_list("id", "public_ip"))
     )()
     assert addresses == {f"w{n}": f"198.51.100.{n}" for n in range(100)}
+
+
+@pytest.mark.standalone
+@pytest.mark.asyncio
+@pytest.mark.parametrize("yields", [True, False])
+async def test_reports_wait_for_the_registrations_queued_meanwhile(yields: bool) -> None:
+    """The one database thread takes batches in the order they come: a batch of reports handed
+    over while a registration batch is written went before the next registrations, and every
+    handshake in those waited for it. Reports yield: the registrations queued meanwhile go
+    first."""
+    order: list[str] = []
+    gate = threading.Event()
+
+    def register(items: Sequence[int]) -> list[int]:
+        if not order:
+            gate.wait(5)  # the first registration batch is being written
+        order.append(f"registrations {list(items)}")
+        return list(items)
+
+    def report(items: Sequence[int]) -> list[int]:
+        order.append(f"reports {list(items)}")
+        return list(items)
+
+    registrations: Coalescer[int, int] = Coalescer(register, name="registrations")
+    reports: Coalescer[int, int] = Coalescer(
+        report, name="reports", yields_to=registrations if yields else None
+    )
+    first = asyncio.ensure_future(registrations.submit(1))
+    await asyncio.sleep(0.05)
+    reported = asyncio.ensure_future(reports.submit(10))
+    await asyncio.sleep(0.05)
+    second = asyncio.ensure_future(registrations.submit(2))
+    await asyncio.sleep(0.05)
+    gate.set()
+    assert await asyncio.wait_for(asyncio.gather(first, second, reported), 5) == [1, 2, 10]
+    if yields:
+        assert order == ["registrations [1]", "registrations [2]", "reports [10]"]
+        assert reports.yielded == 1
+    else:  # what it was: the report batch in between
+        assert order == ["registrations [1]", "reports [10]", "registrations [2]"]
+
+
+@pytest.mark.standalone
+@pytest.mark.asyncio
+async def test_reports_are_not_held_back_longer_than_max_yield(monkeypatch) -> None:
+    """A steady stream of registrations (never idle) delays a batch of reports by MAX_YIELD,
+    not for ever."""
+    monkeypatch.setattr(batching, "MAX_YIELD", 0.2)
+
+    class Streaming(Coalescer[int, int]):
+        busy = True  # type: ignore[assignment]
+
+        async def idle(self) -> None:
+            await asyncio.Event().wait()
+
+    reports: Coalescer[int, int] = Coalescer(
+        list, name="reports", yields_to=Streaming(list, name="registrations")
+    )
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    assert await asyncio.wait_for(reports.submit(10), 5) == 10
+    assert reports.yielded == 1 and 0.2 <= loop.time() - started < 1.0

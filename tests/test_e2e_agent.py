@@ -118,6 +118,7 @@ def test_sigterm_stops_the_standalone_agent_with_a_normal_close(
         "WORKER_ID": "standalone",
         "PORT": str(free_port()),
         "IP_ECHO_URL": ip_echo.url,
+        "RENDEZVOUS_CONTROL_SOCKET": str(tmp_path / "agent.sock"),
     }
     with child_process(
         [sys.executable, *WORKER_ARGV], env=env, log_path=tmp_path / "agent.log"

@@ -435,3 +435,45 @@ def test_a_turn_attempt_without_a_turn_server_fails_at_once_and_says_so() -> Non
         assert "no local candidates" in (attempt.failure or "")
 
     asyncio.run(scenario())
+
+
+# ---- what a host pair is called ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("local", "remote", "kind"),
+    [
+        ("10.0.1.2", "10.0.1.3", "lan"),  # one home network
+        ("192.168.1.5", "10.8.0.2", "lan"),  # private both: one organisation's routed network
+        ("fd00::2", "fd00:1::7", "lan"),  # unique local addresses
+        ("fe80::1", "fe80::2", "lan"),  # one link
+        ("2001:db8:1::2", "2001:db8:2::2", "direct"),  # global IPv6 on two networks
+        ("203.0.113.5", "198.51.100.7", "direct"),  # two hosts without NAT on the internet
+        ("10.0.1.2", "203.0.113.7", "direct"),
+        ("10.0.1.2", "2001:db8::1", "direct"),
+    ],
+)
+def test_a_host_pair_is_lan_only_on_one_private_network_or_link(
+    local: str, remote: str, kind: str
+) -> None:
+    from worker_agent.paths.kinds import host_pair_kind
+
+    assert host_pair_kind(local, remote) == kind
+
+
+def test_a_global_address_on_this_hosts_own_link_is_lan() -> None:
+    """The peer's address inside the prefix of the local interface: the same link."""
+    from worker_agent.paths import kinds
+
+    public = [
+        (address, network)
+        for address, network in kinds._interface_networks().items()
+        if not kinds.is_private(kinds._address(address))
+    ]
+    if not public:
+        pytest.skip("this host has no public-looking address to stand on")
+    address, network = public[0]
+    neighbour = next(str(h) for h in network.hosts() if str(h) != address)
+    assert kinds.host_pair_kind(address, neighbour) == "lan"
+    outside = network.broadcast_address + 256
+    assert kinds.host_pair_kind(address, str(outside)) == "direct"

@@ -201,6 +201,32 @@ async def test_each_side_gets_turn_credentials_of_its_own_and_never_the_secret(s
     await b.disconnect()
 
 
+@pytest.mark.parametrize(
+    ("probing", "mappings", "parts"),
+    [
+        (True, (SYMMETRIC, CONE), ("hard", "easy")),
+        (True, (CONE, SYMMETRIC), ("easy", "hard")),
+        (True, (SYMMETRIC, SYMMETRIC), (None, None)),  # probing cannot help two hard NATs
+        (True, (CONE, CONE), (None, None)),  # ICE punches those
+        (True, (SYMMETRIC, None), (None, None)),  # B has not reported yet
+        (False, (SYMMETRIC, CONE), (None, None)),  # off: the default
+    ],
+    ids=["hard-easy", "easy-hard", "hard-hard", "easy-easy", "unreported", "off"],
+)
+async def test_hard_nat_probing_is_asked_of_exactly_one_hard_and_one_easy_side_when_on(
+    settings, probing: bool, mappings: tuple, parts: tuple
+) -> None:
+    settings.RENDEZVOUS = {**settings.RENDEZVOUS, "HARD_NAT_PROBING": probing}
+    a, b = await connected("a", 1), await connected("b", 2)
+    for comm, mapping, port in ((a, mappings[0], 5001), (b, mappings[1], 5002)):
+        if mapping is not None:
+            await report_nat(comm, mapping, port)
+    for_a, for_b = await introduce(a, b)
+    assert (for_a.get("hard_nat"), for_b.get("hard_nat")) == parts
+    await a.disconnect()
+    await b.disconnect()
+
+
 async def test_a_refusing_peer_makes_the_request_fail_with_its_reason() -> None:
     a, b = await connected("a", 1), await connected("b", 2)
     await ask(a, connect_request("b"))

@@ -99,17 +99,25 @@ def test_ids_and_any_select_as_written() -> None:
 
 
 def test_a_decision_that_cannot_be_made_is_a_refusal_and_is_counted() -> None:
-    before = metrics.REGISTRY.get_sample_value(
-        "rendezvous_policy_errors_total", {"instance_name": metrics._instance()}
-    )
+    """The policy says so (`error`) and stays plain: the service's callers count it."""
+    from registry.peering import rules
+
+    def errors() -> float:
+        value = metrics.REGISTRY.get_sample_value(
+            "rendezvous_policy_errors_total", {"instance_name": metrics._instance()}
+        )
+        return value or 0.0
+
+    before = errors()
     broken = Policy(RULES, (Rule(1, "broken", (None,), (Selector("any"),)),))  # type: ignore[arg-type]
     decision = broken.decide(CI, GPU)
-    assert not decision.allowed and "could not be evaluated" in decision.reason
-    assert Policy("allow-some").decide(CI, GPU).allowed is False  # an unknown mode too
-    after = metrics.REGISTRY.get_sample_value(
-        "rendezvous_policy_errors_total", {"instance_name": metrics._instance()}
-    )
-    assert after == (before or 0) + 2
+    assert not decision.allowed and decision.error and "could not be evaluated" in decision.reason
+    assert broken.reach_from(CI).error and broken.reach_from(CI).nobody
+    assert errors() == before  # core counts nothing
+    assert rules.decide(broken, CI, GPU).allowed is False
+    assert rules.decide(Policy("allow-some"), CI, GPU).allowed is False  # an unknown mode too
+    assert rules.reach_from(broken, CI).nobody
+    assert errors() == before + 3
 
 
 # ---- properties --------------------------------------------------------------------------------

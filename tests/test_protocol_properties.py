@@ -237,6 +237,18 @@ near_valid = {
     "info": info_objects,
     "mapping": st.sampled_from([m.value for m in protocol.NatMapping]),
     "udp_endpoint": endpoints,
+    "port_mapping": st.one_of(
+        st.none(),
+        st.fixed_dictionaries(
+            {
+                "protocol": st.one_of(
+                    st.sampled_from([p.value for p in protocol.PortMappingProtocol]), any_text
+                ),
+                "external": endpoints,
+            }
+        ),
+    ),
+    "offline": st.one_of(st.booleans(), json_values),
     "tag": st.one_of(st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", fullmatch=True), any_text),
     "request_id": st.one_of(st.from_regex(protocol.REQUEST_ID_PATTERN, fullmatch=True), any_text),
     "peer_id": st.one_of(st.from_regex(protocol.WORKER_ID_PATTERN, fullmatch=True), any_text),

@@ -11,60 +11,21 @@ import os
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import aioquic
 import pytest
 
+from tests.support import quic_pair
 from worker_agent import PeerClosed, wire
-from worker_agent.connection import PeerConnection
-from worker_agent.errors import HandshakeFailed, IdentityMismatch
+from worker_agent.errors import HandshakeFailed, IdentityMismatch, StreamReset
 from worker_agent.paths.loop import LoopThread
-from worker_agent.paths.path import PeerPath
-from worker_agent.secure import identity, quic
-from worker_agent.secure.quic import QuicSession
+from worker_agent.secure import pacing, quic
 
 pytestmark = pytest.mark.standalone
 
-INTRO = "ab" * 16
-ALICE, BOB, MALLORY = identity.create("alice"), identity.create("bob"), identity.create("mallory")
-
-
-class Wire:
-    """A route that hands each datagram to the other path on the loop; `tamper` may drop or
-    replace it."""
-
-    kind = wire.PathKind.LAN
-    remote = ("192.0.2.9", 4000)
-
-    def __init__(self, loop: LoopThread) -> None:
-        self.loop = loop
-        self.peer: PeerPath | None = None
-        self.tamper: Any = None
-        self.sent = 0
-
-    def send(self, data: bytes) -> None:
-        self.sent += 1
-        if self.tamper is not None:
-            data = self.tamper(data)
-            if data is None:
-                return
-        assert self.peer is not None
-        self.loop.loop.call_soon(self.peer.deliver, data, self.kind)
-
-    def send_many(self, datagrams: list[bytes]) -> None:
-        for data in datagrams:
-            self.send(data)
-
-
-@dataclass
-class Pair:
-    loop: LoopThread
-    client: PeerConnection
-    server: PeerConnection
-    to_server: Wire
-    to_client: Wire
+ALICE, BOB, MALLORY = quic_pair.ALICE, quic_pair.BOB, quic_pair.MALLORY
+Wire, pair, established = quic_pair.Wire, quic_pair.pair, quic_pair.established
 
 
 @pytest.fixture
@@ -72,52 +33,6 @@ def loop() -> Iterator[LoopThread]:
     thread = LoopThread("test-quic")
     yield thread
     thread.stop()
-
-
-def pair(
-    loop: LoopThread,
-    *,
-    client_is: identity.WorkerIdentity = ALICE,
-    server_is: identity.WorkerIdentity = BOB,
-    client_pins: identity.WorkerIdentity = BOB,
-    server_pins: identity.WorkerIdentity = ALICE,
-) -> tuple[Pair, QuicSession, QuicSession]:
-    paths = [
-        PeerPath(peer_id=peer, introduction_id=INTRO, loop=loop, on_close=lambda reason: None)
-        for peer in ("bob", "alice")
-    ]
-    wires = [Wire(loop), Wire(loop)]
-    wires[0].peer, wires[1].peer = paths[1], paths[0]
-
-    async def start() -> tuple[QuicSession, QuicSession]:
-        paths[0].add_route(wires[0])
-        paths[1].add_route(wires[1])
-        client = QuicSession(
-            path=paths[0], own=client_is, peer_certificate=client_pins.certificate, client=True
-        )
-        server = QuicSession(
-            path=paths[1], own=server_is, peer_certificate=server_pins.certificate, client=False
-        )
-        server.start()
-        client.start()
-        return client, server
-
-    client, server = loop.call(start(), 5)
-    connections = Pair(
-        loop,
-        PeerConnection(session=client, loop=loop, path=paths[0]),
-        PeerConnection(session=server, loop=loop, path=paths[1]),
-        wires[0],
-        wires[1],
-    )
-    return connections, client, server
-
-
-def established(loop: LoopThread, session: QuicSession, timeout: float = 5) -> None:
-    async def wait() -> None:
-        await asyncio.wait_for(asyncio.shield(session.handshake), timeout)
-
-    loop.call(wait(), timeout + 1)
 
 
 def test_aioquic_still_has_the_private_parts_the_agent_uses() -> None:
@@ -133,8 +48,61 @@ def test_aioquic_still_has_the_private_parts_the_agent_uses() -> None:
     connection = QuicConnection(configuration=QuicConfiguration(is_client=True))
     assert hasattr(connection._loss, "_cc") and hasattr(connection._loss._cc, "bytes_in_flight")
     assert connection._loss._pto_count == 0 and callable(connection._loss.reschedule_data)
+    from aioquic.quic.recovery import QuicPacketPacer
+
+    assert isinstance(connection._loss._pacer, QuicPacketPacer)
+    pacer = QuicPacketPacer(max_datagram_size=1350)
+    pacer.update_rate(congestion_window=1_000_000, smoothed_rtt=0.01)
+    assert pacer.bucket_max > 0 and pacer.packet_time is not None
     context = Context(is_client=False)
     assert context._request_client_certificate is False and context._peer_certificate is None
+    # pinned.py: PINGs acknowledged at once, the round trip read, reset senders recognised.
+    assert hasattr(QuicConnection, "_handle_ping_frame") and hasattr(connection, "_spaces")
+    assert connection._ping_pending == []
+    assert connection._loss._rtt_initialized is False and connection._loss._rtt_smoothed == 0.0
+    from aioquic.quic.stream import QuicStreamSender
+
+    sender = QuicStreamSender(stream_id=0, writable=True)
+    assert sender._reset_error_code is None and sender._buffer_stop == sender._buffer_start == 0
+
+
+def released_at_once(pacer: Any, now: float = 100.0) -> int:
+    """Packets a pacer lets out in one call of datagrams_to_send (aioquic asks it before each
+    packet, with one `now` for the whole call), its bucket full."""
+    pacer.update_bucket(now=now)
+    pacer.bucket_time = pacer.bucket_max
+    sent = 0
+    while pacer.next_send_time(now=now) is None and sent < 100_000:
+        pacer.update_after_send(now=now)
+        sent += 1
+    return sent
+
+
+def test_a_paced_burst_carries_what_the_loop_timer_can_space() -> None:
+    """aioquic's pacer releases 16 packets and asks for a wake-up microseconds later, which
+    asyncio's millisecond timers turn into a millisecond: at 100 MB/s a burst must carry
+    PACING_BURST's worth (2 ms: about 148 packets of 1,350 bytes), not 16."""
+    from aioquic.quic.recovery import QuicPacketPacer
+
+    ours, theirs = pacing.Pacer(max_datagram_size=1350), QuicPacketPacer(max_datagram_size=1350)
+    for pacer in (ours, theirs):
+        pacer.update_rate(congestion_window=1_000_000, smoothed_rtt=0.01)  # 100 MB/s
+    assert released_at_once(theirs) == 16
+    assert released_at_once(ours) == pytest.approx(pacing.PACING_BURST * 100e6 / 1350, abs=2)
+    slow, slow_theirs = (
+        pacing.Pacer(max_datagram_size=1350),
+        QuicPacketPacer(max_datagram_size=1350),
+    )
+    for pacer in (slow, slow_theirs):  # 270 kB/s: 2 ms is less than a packet, paced as before
+        pacer.update_rate(congestion_window=27_000, smoothed_rtt=0.1)
+    assert released_at_once(slow) == released_at_once(slow_theirs) == 5
+
+
+def test_a_connection_paces_with_the_wider_bursts(loop) -> None:
+    _, client, server = pair(loop)
+    established(loop, client)
+    assert isinstance(client.quic._loss._pacer, pacing.Pacer)
+    assert isinstance(server.quic._loss._pacer, pacing.Pacer)
 
 
 def test_a_route_move_starts_congestion_control_afresh_and_keeps_what_is_in_flight(loop) -> None:
@@ -398,3 +366,57 @@ def test_a_flood_of_streams_is_held_to_quic_stream_limit(loop) -> None:
     arrived = loop.call(flood(), 10)
     assert 0 < arrived <= 128  # aioquic's default limit of open streams
     assert not connections.server.closed and not connections.client.closed
+
+
+def test_a_ping_is_answered_at_once_and_says_the_route_it_came_back_on(loop) -> None:
+    """The peer acknowledges a PING in the same turn of its loop, not after aioquic's ACK delay
+    of a millisecond (pinned.py): on an in-memory route the round trip is a fraction of it."""
+    connections, client, server = pair(loop)
+    established(loop, client)
+    established(loop, server)
+    pongs = [connections.client.ping(timeout=5) for _ in range(20)]
+    assert all(pong.kind == "lan" for pong in pongs)
+    assert all(pong.address == Wire.remote for pong in pongs)
+    assert sorted(p.seconds for p in pongs)[10] < 0.001, [p.seconds for p in pongs]
+    assert connections.client.rtt is not None and connections.client.rtt < 0.01
+    snapshot = connections.client.snapshot()
+    assert snapshot["kind"] == "lan" and snapshot["bytes_sent"] > 0
+    assert snapshot["bytes_received"] > 0 and snapshot["rtt_ms"] is not None
+    assert snapshot["ping_ms"] == round(1000 * pongs[-1].seconds, 3)
+    assert snapshot["history"][0][1] == "lan"
+
+
+def test_a_ping_on_a_closed_connection_raises_peer_closed(loop) -> None:
+    connections, client, _ = pair(loop)
+    established(loop, client)
+    loop.call_soon(client.close, "done")
+    with pytest.raises(PeerClosed):
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            connections.client.ping(timeout=1)
+            time.sleep(0.01)
+
+
+def test_a_reset_stream_ends_reads_and_writes_on_both_sides(loop) -> None:
+    """`PeerStream.reset()`: the peer's reads raise, and so do its writes (STOP_SENDING),
+    instead of waiting for acknowledgements that will never come."""
+    connections, client, _ = pair(loop)
+    established(loop, client)
+    stream = connections.client.open_stream()
+    stream.sendall(b"hello")
+    incoming = connections.server.accept_stream(timeout=5)
+    assert incoming.recv(timeout=5) == b"hello"
+    incoming.sendall(b"answer")
+    assert stream.recv(timeout=5) == b"answer"
+    stream.reset(7)
+    with pytest.raises(StreamReset, match="code 7"):
+        while incoming.recv(timeout=5):
+            pass
+    with pytest.raises(StreamReset):
+        for _ in range(100):  # the peer's STOP_SENDING arrives within a round trip
+            incoming.sendall(b"x" * 65536, timeout=5)
+    with pytest.raises(StreamReset):
+        stream.recv(timeout=5)
+    other = connections.client.open_stream()  # the connection itself is unharmed
+    other.sendall(b"still here")
+    assert connections.server.accept_stream(timeout=5).recv(timeout=5) == b"still here"

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from channels.exceptions import ChannelFull
 
 from registry.ops.layers import RedisChannelLayer
 from rendezvous_project.settings import redis_hosts
@@ -82,3 +83,31 @@ async def test_a_burst_of_sends_is_not_refused_for_want_of_connections(redis: Re
         *(layer.group_add(f"group{n}", f"rendezvous.instance.b{n}") for n in range(300)),
     )
     assert (await asyncio.wait_for(layer.receive("rendezvous.instance.b7"), 5))["type"] == "x"
+
+
+async def test_a_message_crosses_redis_once_each_way_in_order(redis: RedisServer) -> None:
+    """A send is one script and a receive one blocking pop: no backup copy of each message is
+    written to Redis and read back (channels-redis's `$inflight` queue), and none is left."""
+    layer = RedisChannelLayer(hosts=redis_hosts(redis.url), prefix="once")
+    client = layer.connection(0)
+    await client.config_resetstat()
+    for n in range(20):
+        await layer.send("rendezvous.instance.once", {"type": "worker.relay", "n": n})
+    received = [await layer.receive("rendezvous.instance.once") for _ in range(20)]
+    await asyncio.sleep(0.1)  # channels-redis's backup cleaner, had it run
+    assert [message["n"] for message in received] == list(range(20))
+    stats = await client.info("commandstats")
+    calls = {name.removeprefix("cmdstat_"): value["calls"] for name, value in stats.items()}
+    assert calls.get("eval", 0) + calls.get("evalsha", 0) == 20  # one round trip per send
+    assert calls["bzpopmin"] == 20 and "zpopmin" not in calls  # one per receive, no backup
+    assert await client.keys("once*$inflight") == []
+
+
+async def test_a_full_channel_refuses_the_message_past_its_capacity(redis: RedisServer) -> None:
+    layer = RedisChannelLayer(hosts=redis_hosts(redis.url), prefix="full", capacity=3)
+    for n in range(3):
+        await layer.send("rendezvous.instance.full", {"type": "x", "n": n})
+    with pytest.raises(ChannelFull):
+        await layer.send("rendezvous.instance.full", {"type": "x", "n": 3})
+    assert (await layer.receive("rendezvous.instance.full"))["n"] == 0
+    await layer.send("rendezvous.instance.full", {"type": "x", "n": 4})  # room again

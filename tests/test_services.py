@@ -149,6 +149,49 @@ def test_a_batch_stores_the_current_connections_reports_and_ignores_a_superseded
     assert Connection.objects.get(id=old).public_ip is None
 
 
+def test_a_nat_report_with_a_port_mapping_stores_it_and_a_new_registration_clears_it() -> None:
+    instance = start()
+    first = register("w1", instance).connection_id
+    mapped = protocol.parse_client_message(
+        '{"type": "nat_report", "mapping": "endpoint-dependent", "udp_endpoint": null,'
+        ' "port_mapping": {"protocol": "nat-pmp", "external": {"ip": "198.20.0.1", "port": 41000}}}'
+    )
+    assert isinstance(mapped, protocol.NatReport)
+    assert reports.record_nat_report(connection_id=first, report=mapped)
+    worker = Worker.objects.get(id="w1")
+    assert (worker.port_mapping_protocol, worker.port_mapping_ip, worker.port_mapping_port) == (
+        "nat-pmp",
+        "198.20.0.1",
+        41000,
+    )
+    from registry.presence.selectors import worker_detail
+
+    nat = worker_detail("w1")["nat"]  # type: ignore[index]
+    assert nat["port_mapping"] == {
+        "protocol": "nat-pmp",
+        "external": {"ip": "198.20.0.1", "port": 41000},
+    }
+    register("w1", instance)  # another network, maybe: its own report will say
+    assert Worker.objects.get(id="w1").port_mapping_protocol == ""
+
+
+@pytest.mark.parametrize(
+    "port_mapping",
+    [
+        '{"protocol": "igd2", "external": {"ip": "198.20.0.1", "port": 1}}',
+        '{"protocol": "pcp"}',
+        '{"protocol": "pcp", "external": {"ip": "not an ip", "port": 1}}',
+        '"nat-pmp"',
+    ],
+)
+def test_a_nat_report_with_a_bad_port_mapping_is_refused_with_the_field_named(
+    port_mapping: str,
+) -> None:
+    frame = f'{{"type": "nat_report", "mapping": "unknown", "port_mapping": {port_mapping}}}'
+    with pytest.raises((protocol.InvalidField, protocol.InvalidIp)):
+        protocol.parse_client_message(frame)
+
+
 def test_a_malformed_address_never_reaches_the_database() -> None:
     instance = start()
     registration = register("w1", instance)

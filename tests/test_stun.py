@@ -388,6 +388,32 @@ def test_the_responder_counts_garbage_sent_to_it_and_keeps_answering(
     assert dropped["too_short"] == 2 and dropped["bad_magic_cookie"] == 1
 
 
+def ask_binding(family: socket.AddressFamily, server_address: tuple[str, int]) -> tuple[str, int]:
+    """One Binding request from a fresh socket of `family`: the mapped address it is told."""
+    request = aioice_stun.Message(
+        message_method=aioice_stun.Method.BINDING, message_class=aioice_stun.Class.REQUEST
+    )
+    with socket.socket(family, socket.SOCK_DGRAM) as udp:
+        udp.settimeout(3)
+        udp.sendto(bytes(request), server_address)
+        answer = aioice_stun.parse_message(udp.recv(2048))
+    assert answer.transaction_id == request.transaction_id
+    mapped = answer.attributes["XOR-MAPPED-ADDRESS"]
+    return mapped[0], mapped[1]
+
+
+def test_the_default_listener_answers_over_ipv4_and_ipv6_alike() -> None:
+    """`::` is one dual-stack socket: IPv6 clients get their IPv6 address, IPv4 clients their
+    IPv4 one (not ::ffff:127.0.0.1)."""
+    if not socket.has_ipv6:
+        pytest.skip("this Python has no IPv6")
+    with running_responder([(server.ALL_ADDRESSES, 0)]) as running:
+        port = running.addresses[0][1]
+        assert ask_binding(socket.AF_INET6, ("::1", port))[0] == "::1"
+        assert ask_binding(socket.AF_INET, ("127.0.0.1", port))[0] == "127.0.0.1"
+        assert running.stats.answered == 2
+
+
 def test_endpoints_parse_as_configuration_values() -> None:
     assert wire.parse_host_port("stun.example.org") == ("stun.example.org", 3478)
     assert wire.parse_host_port("203.0.113.10:3479") == ("203.0.113.10", 3479)

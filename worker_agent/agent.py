@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 from . import options, wire
 from .errors import P2PUnavailable, PeerError
+from .paths.portmap.holder import enabled_by_environment
+from .peerapi.peer_api import PeerApi
 from .peers import DEFAULT_CONNECT_TIMEOUT as DEFAULT_PEER_CONNECT_TIMEOUT
 from .peers import Peers
 from .service import credentials
@@ -31,6 +33,8 @@ from .version import __version__
 if TYPE_CHECKING:
     from .connection import PeerConnection
     from .paths.path import PeerPath
+    from .paths.turncheck import Credentials
+    from .peers import PeerSession
     from .secure.identity import WorkerIdentity
 
 __all__ = ["FINAL_STATES", "AgentState", "WorkerAgent"]
@@ -85,18 +89,38 @@ class WorkerAgent:
         self.service_url = url
         self.url = self.enrolment.url
         self.reporting = config["reporting"]
-        self.peers = Peers(
+        self.peer_api: PeerApi | None = None
+        self.peers = self._peers(config["peers"], on)
+        self.session = self._service_session(config["service"], config["reconnect"])
+        self.enrolment.persist()  # once everything given was found valid
+
+    def _peers(self, peer_options: options.PeerOptions, on: options.Callbacks) -> Peers:
+        """The peer side; with the peer API, its router takes the connections peers open and
+        hands the host's `on_peer` what is not its own."""
+        on_peer = (lambda conn: on.on_peer(self, conn)) if on.on_peer is not None else None
+        if peer_options.peer_api:
+            self.peer_api = PeerApi(
+                self.worker_id,
+                lambda peer_id, timeout: self.connect(peer_id, timeout),
+                expose=peer_options.expose,
+                inbox=peer_options.inbox,
+            )
+            on_peer = _serving(self.peer_api, on_peer)
+        return Peers(
             self.worker_id,
             self._send_text,
             send_binary=self._send_binary,
-            stun_servers=config["peers"].stun_servers,
-            on_peer=(lambda conn: on.on_peer(self, conn)) if on.on_peer is not None else None,
+            stun_servers=peer_options.stun_servers,
+            on_peer=on_peer,
             on_peer_path=(lambda path: on.on_peer_path(self, path)) if on.on_peer_path else None,
-            use_udp=config["peers"].peer_udp,
+            use_udp=peer_options.peer_udp,
             identity=self.identity,
+            port_mapping=(
+                enabled_by_environment()
+                if peer_options.port_mapping is None
+                else peer_options.port_mapping
+            ),
         )
-        self.session = self._service_session(config["service"], config["reconnect"])
-        self.enrolment.persist()  # once everything given was found valid
 
     def _service_session(
         self, service: options.ServiceOptions, reconnect: options.ReconnectOptions
@@ -184,6 +208,8 @@ class WorkerAgent:
         The server gets `close_timeout` seconds to answer the close; then the socket is cut.
         Called from one of the agent's own callbacks it only asks, and returns False.
         """
+        if self.peer_api is not None:
+            self.peer_api.close()
         self.peers.goodbye("the agent stopped")
         return self.session.stop(timeout)
 
@@ -209,6 +235,7 @@ class WorkerAgent:
             **{key: connection[key] for key in _STATUS_AFTER_ADDRESS},
             "superseded_count": self.session.reconnect.superseded_count,
             "enrolled": self.enrolment.enrolled,
+            "port_mapping": self.peers.port_mapping.status(),
             "next_attempt_at": connection["next_attempt_at"],
             "final_reason": connection["final_reason"],
         }
@@ -239,11 +266,63 @@ class WorkerAgent:
             raise PeerError("not registered with the rendezvous service")
         return self.peers.connect_path(peer_id, timeout=max(0.1, deadline - time.monotonic()))
 
-    def list_peers(self, tag: str | None = None, timeout: float = 5.0) -> list[dict[str, Any]]:
-        """Connected workers this one may connect to: id, tags, NAT mapping."""
+    def list_peers(
+        self, tag: str | None = None, timeout: float = 5.0, *, offline: bool = False
+    ) -> list[dict[str, Any]]:
+        """Connected workers this one may connect to: id, tags, NAT mapping. With `offline`,
+        the registry's workers that are not connected too, each with `online` and `last_seen`
+        (a service older than this agent lists the connected ones only)."""
         if not self.wait_registered(timeout):
             raise PeerError("not registered with the rendezvous service")
-        return self.peers.signalling.list_peers(tag=tag, timeout=timeout)
+        return self.peers.signalling.list_peers(tag=tag, timeout=timeout, offline=offline)
+
+    def peer_connections(self) -> list[dict[str, Any]]:
+        """Every open peer connection and raw path, JSON-ready: the peer, the route and the
+        peer's address on it, since when, bytes each way, the round trip, who opened it, and
+        what it is for (`commands`, `served` by the peer API, or the host program's)."""
+        rows = []
+        for session in self.peers.sessions():
+            connection = session.connection
+            row = connection.snapshot() if connection is not None else session.path.snapshot()
+            row["transport"] = session.transport
+            row["opened_by"] = self.worker_id if session.controlling else session.peer_id
+            row["use"] = (self.peer_api.use_of(connection) if self.peer_api else None) or "program"
+            rows.append(row)
+        return rows
+
+    def netcheck(self, *, peer_id: str | None = None, timeout: float = 3.0) -> dict[str, Any]:
+        """What this machine's network lets the agent do (docs/cli.md, `netcheck`): needs the
+        p2p extra and a registration. With `peer_id`, an introduction to it lends its TURN
+        credentials, so that the TURN allocation is tried too."""
+        from . import diagnostics
+
+        if not self.wait_registered(timeout):
+            raise PeerError("not registered with the rendezvous service")
+        if peer_id is not None:
+            if self.peer_api is not None:
+                self.peer_api.pool.connection(peer_id, timeout=max(timeout, 10.0))
+            else:
+                self.connect(peer_id, timeout=max(timeout, 10.0))
+        welcome = self.session.status.welcome
+        stun = self.peers.signalling.stun_servers()
+        udp_half = self.peers.loop().call(
+            diagnostics.check(
+                stun_servers=stun,
+                turn_servers=[str(s) for s in welcome.get("turn_servers") or []],
+                credentials=_turn_credentials(self.peers.sessions(), peer_id),
+                use_udp=self.peers.use_udp,
+                timeout=timeout,
+            ),
+            4 * timeout + 5,
+        )
+        relay = welcome.get("relay")
+        return diagnostics.report(
+            udp_half,
+            stun_servers=stun,
+            service_rtt=self.session.round_trip(timeout),
+            relay=relay if isinstance(relay, bool) else None,
+            use_udp=self.peers.use_udp,
+        )
 
     def subscribe_peers(self, tag: str | None = None) -> None:
         """`peer_joined` / `peer_left` frames to `on_message` from now on (kept on reconnect)."""
@@ -313,6 +392,26 @@ _STATUS_AFTER_ADDRESS = (
     "last_close_code",
     "last_close_reason",
 )
+
+
+def _serving(
+    peer_api: PeerApi, host_on_peer: Callable[[PeerConnection], None] | None
+) -> Callable[[PeerConnection], None]:
+    """The agent's on_peer with the peer API: its streams served, the rest to the host's."""
+    return lambda connection: peer_api.accepted(connection, host_on_peer)
+
+
+def _turn_credentials(sessions: list[PeerSession], peer_id: str | None) -> Credentials | None:
+    """TURN credentials of a live introduction (the peer's, when given), still valid."""
+    from .paths.turncheck import Credentials
+
+    for session in sessions:
+        turn = session.paths.turn
+        if turn is None or turn.expires_at <= time.time() + 5:
+            continue
+        if peer_id is None or session.peer_id == peer_id:
+            return Credentials(turn.username, turn.password)
+    return None
 
 
 def _identity(stored: credentials.Identity | None, worker_id: str) -> WorkerIdentity | None:

@@ -1,5 +1,8 @@
-"""`python -m worker_agent` / `rendezvous-worker`: the proof-of-concept worker's environment,
-read the same way, with the same exit status 1 when the service URL is missing.
+"""`python -m worker_agent` / `rendezvous-worker`: with no command, the agent of this machine,
+configured from the proof-of-concept worker's environment (read the same way, with the same exit
+status 1 when the service URL is missing), serving the peer API to peers and its control socket
+to the commands (`ping`, `status`, `netcheck`, `peers`, `forward`, `expose`, `pipe`, `send`,
+`receive`: `commands.py`), which talk to it rather than becoming agents themselves.
 """
 
 from __future__ import annotations
@@ -13,12 +16,14 @@ import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .agents import AgentGroup
-from .options import DEFAULT_PING_INTERVAL, DEFAULT_PING_TIMEOUT
-from .service.public_ip import DEFAULT_IP_ECHO_URL
+from . import commands
 from .version import __version__
+
+if TYPE_CHECKING:  # the agent's parts load only when it runs: a command starts in a blink
+    from .agents import AgentGroup
+    from .control.server import ControlServer
 
 DEFAULT_PORT = 8080
 DEFAULT_HEALTH_HOST = "0.0.0.0"
@@ -42,9 +47,15 @@ class Config:
     log_level: str
     enrolment_key: str | None = None
     credential_file: str | None = None
+    expose: tuple[str, ...] = ()
+    inbox: str | None = None
+    control: bool = True  # serve the control socket (RENDEZVOUS_CONTROL_SOCKET=off: not)
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str]) -> Config:
+        from .options import DEFAULT_PING_INTERVAL, DEFAULT_PING_TIMEOUT
+        from .service.public_ip import DEFAULT_IP_ECHO_URL
+
         service_url = environ.get("RENDEZVOUS_SERVICE_URL", "").strip()
         if not service_url:
             raise ConfigError(
@@ -64,6 +75,9 @@ class Config:
             log_level=environ.get("LOG_LEVEL", "").strip().upper() or "INFO",
             enrolment_key=environ.get("RENDEZVOUS_ENROLMENT_KEY", "").strip() or None,
             credential_file=environ.get("RENDEZVOUS_CREDENTIAL_FILE", "").strip() or None,
+            expose=tuple(_exposures(environ)),
+            inbox=_inbox(environ),
+            control=environ.get("RENDEZVOUS_CONTROL_SOCKET", "").strip().lower() != "off",
         )
 
 
@@ -80,6 +94,22 @@ def _number(environ: Mapping[str, str], name: str, default: float) -> float:
     return value
 
 
+def _exposures(environ: Mapping[str, str]) -> list[str]:
+    from .peerapi.exposure import parse_exposures
+
+    try:
+        return parse_exposures(environ.get("RENDEZVOUS_EXPOSE", ""))
+    except ValueError as exc:
+        raise ConfigError(f"RENDEZVOUS_EXPOSE: {exc}") from None
+
+
+def _inbox(environ: Mapping[str, str]) -> str | None:
+    text = environ.get("RENDEZVOUS_INBOX", "").strip()
+    if text and not os.path.isdir(text):
+        raise ConfigError(f"RENDEZVOUS_INBOX={text!r} is not a folder")
+    return os.path.abspath(text) if text else None
+
+
 def _port(environ: Mapping[str, str]) -> int:
     text = environ.get("PORT", "").strip()
     if not text:
@@ -93,10 +123,12 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rendezvous-worker",
         description=(
-            "Keep a worker registered with a Rendezvous service. Configured from the "
+            "With no command: run this machine's agent, which keeps the worker registered with "
+            "a Rendezvous service and serves the commands below. Configured from the "
             "environment: RENDEZVOUS_SERVICE_URL (required), WORKER_ID, PING_INTERVAL_SEC, "
             "PING_TIMEOUT_SEC, IP_ECHO_URL, PORT, HEALTH_HOST, LOG_LEVEL, "
-            "RENDEZVOUS_ENROLMENT_KEY, RENDEZVOUS_CREDENTIAL_FILE."
+            "RENDEZVOUS_ENROLMENT_KEY, RENDEZVOUS_CREDENTIAL_FILE, RENDEZVOUS_CONTROL_SOCKET, "
+            "RENDEZVOUS_EXPOSE, RENDEZVOUS_INBOX. The commands talk to the running agent."
         ),
     )
     parser.add_argument(
@@ -106,6 +138,7 @@ def _parser() -> argparse.ArgumentParser:
         help="run this many agents in one process (ids WORKER_ID-1..N when WORKER_ID is set)",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands.add_parsers(parser.add_subparsers(dest="command", metavar="COMMAND"))
     return parser
 
 
@@ -119,6 +152,8 @@ def main(
     the service refused every worker id."""
     args = _parser().parse_args(argv)
     env = os.environ if environ is None else environ
+    if args.command is not None:
+        return commands.run(args, env, sys.stdout, sys.stderr)
     try:
         config = Config.from_environ(env)
         group = _group(config, args.count)
@@ -126,8 +161,20 @@ def main(
         print(f"rendezvous-worker: {exc}", file=sys.stderr, flush=True)
         return 1
 
+    from .control.socketfile import SocketFileError
+
     configure_logging(config.log_level)
-    stop_event = stop_event or threading.Event()
+    try:  # first: a second agent on this socket must not reach the service at all
+        servers = _control_servers(group, config, env)
+    except SocketFileError as exc:
+        print(f"rendezvous-worker: {exc}", file=sys.stderr, flush=True)
+        return 1
+    return _run(group, servers, config, stop_event or threading.Event())
+
+
+def _run(
+    group: AgentGroup, servers: list[ControlServer], config: Config, stop_event: threading.Event
+) -> int:
     received: list[str] = []
     restore = stop_on_signals(stop_event, received)
     try:
@@ -140,7 +187,6 @@ def main(
                 file=sys.stderr,
                 flush=True,
             )
-            group.stop()
             return 1
         logger.info(
             "rendezvous-worker %s: %d agent(s) for %s, health on %s:%s",
@@ -153,8 +199,10 @@ def main(
         ended = group.wait(stop_event)
         if received:
             logger.info("received %s, stopping", received[0])
-        group.stop()
     finally:
+        for server in servers:
+            server.stop()  # commands still running hear that the agent stops
+        group.stop()
         restore()
     if ended == "refused":
         logger.error("the service refused every worker id; exiting")
@@ -164,6 +212,8 @@ def main(
 
 def _group(config: Config, count: int) -> AgentGroup:
     """Every agent the configuration asks for, built (and so checked) before any starts."""
+    from .agents import AgentGroup
+
     if count < 1:
         raise ConfigError("--count must be at least 1")
     return AgentGroup(
@@ -177,7 +227,32 @@ def _group(config: Config, count: int) -> AgentGroup:
         ip_echo_url=config.ip_echo_url,
         enrolment_key=config.enrolment_key,
         credential_file=config.credential_file,
+        peer_api=True,
+        expose=config.expose,
+        inbox=config.inbox,
     )
+
+
+def _control_servers(
+    group: AgentGroup, config: Config, environ: Mapping[str, str]
+) -> list[ControlServer]:
+    """One control socket per agent (numbered as the credential files are), unless off."""
+    from .control.server import ControlServer
+    from .control.socketfile import default_path
+
+    servers: list[ControlServer] = []
+    if not config.control:
+        return servers
+    try:
+        for index, agent in enumerate(group.agents):
+            server = ControlServer(agent, default_path(environ, index))
+            server.start()
+            servers.append(server)
+    except BaseException:
+        for server in servers:
+            server.stop()
+        raise
+    return servers
 
 
 def _worker_ids(worker_id: str | None, count: int) -> list[str] | None:

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import io
 import queue
+from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -79,11 +80,24 @@ class PeerStream:
             missing -= len(part)
         return b"".join(parts)
 
+    def unread(self, data: bytes) -> None:
+        """Put bytes just read back in front, for whoever reads the stream next (a reader that
+        looked at its start to decide who handles it)."""
+        self._buffer.unread(data)
+        self._unannounced -= len(data)
+
     def shutdown_write(self, *, timeout: float | None = DEFAULT_TIMEOUT) -> None:
         """End this side of the stream: the peer's recv() returns b"" after the last byte."""
         if not self._write_closed:
             self._write_closed = True
             self.connection._call(self._session.write(self.stream_id, b"", True), timeout)
+
+    def reset(self, code: int = 0) -> None:
+        """Abandon the stream both ways at once (a socket closed with RST): what was not sent
+        never will be, the peer's reads raise StreamReset and its writes stop; reads here end
+        with StreamReset too."""
+        self._write_closed = True
+        self.connection._loop.call_soon(self._session.abort_stream, self.stream_id, code)
 
     def close(self) -> None:
         """End the writing side (if still open) and stop caring about what arrives."""
@@ -148,6 +162,15 @@ class _StreamIO(io.RawIOBase):
         return len(data)
 
 
+@dataclass(frozen=True)
+class Pong:
+    """A ping's answer: the round trip, and the route the answer came back on."""
+
+    seconds: float
+    kind: str | None  # lan, direct, turn or relay
+    address: Endpoint | None  # the peer's address on that route (None through the relay)
+
+
 class PeerConnection:
     """An encrypted connection to `peer_id`, pinned to the certificate the service introduced.
 
@@ -193,6 +216,33 @@ class PeerConnection:
     @property
     def handshake_seconds(self) -> float | None:
         return self._session.handshake_seconds
+
+    @property
+    def rtt(self) -> float | None:
+        """QUIC's smoothed round trip (seconds) over the route the connection runs on."""
+        return self._session.rtt
+
+    def ping(self, *, timeout: float | None = 5.0) -> Pong:
+        """One round trip over the connection, answered by the peer's QUIC at once: a PING
+        frame and its acknowledgement. TimeoutError when none came within `timeout`."""
+        seconds, kind = self._call(self._session.ping(), timeout)
+        return Pong(seconds, kind, self.path.address_of(kind))
+
+    def snapshot(self) -> dict[str, Any]:
+        """The path's snapshot with what the connection adds: the latest PING's round trip (a
+        `ping`'s, or the keep-alive's every 10 s on a quiet connection), QUIC's smoothed one
+        (queueing under load included), the identity."""
+        rtt, ping = self.rtt, self._session.last_ping
+        return {
+            **self.path.snapshot(),
+            "ping_ms": None if ping is None else round(1000 * ping, 3),
+            "rtt_ms": None if rtt is None else round(1000 * rtt, 3),
+            "peer_fingerprint": self.peer_fingerprint,
+            "handshake_ms": None
+            if self.handshake_seconds is None
+            else round(1000 * self.handshake_seconds, 1),
+            "closed_reason": self.closed_reason,
+        }
 
     def on_path_change(self, callback: ChangeCallback) -> None:
         """`callback(path, old_kind, new_kind)` each time the route underneath moves."""

@@ -102,10 +102,25 @@ class ReconnectOptions:
 
 @dataclass(frozen=True)
 class PeerOptions:
-    """Peer connections: where to find STUN, whether to use UDP at all."""
+    """Peer connections: where to find STUN, whether to use UDP at all, port mapping; the peer
+    API (what the command line's ping, forward, pipe and send ask of the peer's agent)."""
 
     stun_servers: Sequence[str] | None = None  # None: what the service says in `welcome`
     peer_udp: bool = True  # False: the service relay only
+    # Ask the home router for UDP port mappings (NAT-PMP, PCP, UPnP IGD: docs/nat-traversal.md).
+    # None: on, unless the environment says RENDEZVOUS_PORT_MAPPING=off.
+    port_mapping: bool | None = None
+    peer_api: bool = False  # serve the peer API to peers, beside any on_peer of the host's
+    expose: Sequence[str] = ()  # `[HOST:]PORT` peers may forward to (with peer_api)
+    inbox: str | os.PathLike[str] | None = None  # where peers' files go without `receive`
+
+    def __post_init__(self) -> None:
+        from .peerapi.exposure import parse_endpoint
+
+        for entry in self.expose:
+            parse_endpoint(entry)  # ValueError names the bad entry
+        if (self.expose or self.inbox) and not self.peer_api:
+            raise ValueError("expose and inbox need peer_api=True")
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ use (and ahead of it by `warm_up`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -22,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import wire
 from .errors import MISSING_EXTRA, NoPath, P2PUnavailable, PeerError, PeerRefused
+from .paths.portmap.holder import PortMapperHolder
 from .signalling.introductions import Carrier, Signalling
 
 if TYPE_CHECKING:
@@ -191,6 +193,7 @@ class Peers:
         on_peer_path: PathCallback | None = None,
         use_udp: bool = True,
         identity: WorkerIdentity | None = None,
+        port_mapping: bool = True,
     ) -> None:
         self.worker_id = worker_id
         self._send = send
@@ -212,6 +215,7 @@ class Peers:
         self._relay: RelayLink | None = None
         self._resuming: set[PeerSession] = set()
         self._closed = False
+        self.port_mapping = PortMapperHolder(enabled=port_mapping and use_udp)
         self.last_nat_report: NatReport | None = None
 
     # ---- what the host program calls ------------------------------------------------------------
@@ -282,16 +286,19 @@ class Peers:
             return None
         from .paths.netcheck import classify_nat
 
-        report = self.loop().call(
-            classify_nat(servers, timeout=NAT_CHECK_TIMEOUT), NAT_CHECK_TIMEOUT + 2
+        loop = self.loop()
+        report = loop.call(
+            classify_nat(servers, timeout=NAT_CHECK_TIMEOUT, port_mapper=self.port_mapping.get()),
+            NAT_CHECK_TIMEOUT + 2,
         )
         self.last_nat_report = report
-        self._send(wire.nat_report(report.mapping.value, report.mapped))
+        self._send(wire.nat_report(report.mapping.value, report.mapped, report.port_mapping))
         logger.info(
-            "worker=%s: NAT mapping %s, UDP endpoint %s",
+            "worker=%s: NAT mapping %s, UDP endpoint %s, port mapping %s",
             self.worker_id,
             report.mapping.value,
             report.mapped,
+            report.port_mapping or "none",
         )
         return report
 
@@ -312,6 +319,7 @@ class Peers:
         if relay is not None:
             relay.close()
         if loop is not None:
+            self.port_mapping.release(loop)
             loop.stop()
 
     # ---- what signalling asks (on the service session's reading thread) -------------------------
@@ -346,6 +354,7 @@ class Peers:
             stun_server=servers[0] if servers else None,
             use_udp=self.use_udp,
             started=started,
+            port_mapper=self.port_mapping.get(),
         )
         return PeerSession(
             introduction=introduction,
@@ -444,6 +453,9 @@ class Peers:
             from .secure import quic  # noqa: F401
         except ImportError:
             logger.debug("worker=%s: no p2p extra; peer connections unavailable", self.worker_id)
+            return
+        with contextlib.suppress(PeerError):  # stopped meanwhile
+            self.port_mapping.probe_soon(self.loop())  # the gateway, at start
 
     def loop(self) -> LoopThread:
         """The peer loop, started on first use; P2PUnavailable without the extra."""

@@ -100,9 +100,16 @@ class NatMapping(StrEnum):
     UNKNOWN = "unknown"
 
 
+class PortMappingProtocol(StrEnum):
+    NAT_PMP = "nat-pmp"
+    PCP = "pcp"
+    UPNP = "upnp"
+
+
 class IcePolicy(StrEnum):
     ALL = "all"
     RELAY = "relay"
+    PROBE = "probe"  # hard-NAT probing's endpoints (paths/probing.py), not ICE
 
 
 class ConnectFailure(StrEnum):
@@ -261,18 +268,30 @@ def _endpoints(endpoints: list[tuple[str, int]]) -> list[dict[str, Any]]:
     return [{"ip": ip, "port": port} for ip, port in endpoints]
 
 
-def nat_report(mapping: str, udp_endpoint: tuple[str, int] | None) -> str:
+def nat_report(
+    mapping: str,
+    udp_endpoint: tuple[str, int] | None,
+    port_mapping: Mapping[str, Any] | None = None,
+) -> str:
+    """`port_mapping`: {"protocol": one of PORT_MAPPING_PROTOCOLS, "external": (ip, port)}."""
     return encode(
         {
             "type": ClientMessageType.NAT_REPORT,
             "mapping": mapping,
             "udp_endpoint": _endpoints([udp_endpoint])[0] if udp_endpoint else None,
+            "port_mapping": None
+            if not port_mapping
+            else {
+                "protocol": str(port_mapping["protocol"]),
+                "external": _endpoints([port_mapping["external"]])[0],
+            },
         }
     )
 
 
-def list_peers(*, request_id: str, tag: str | None = None) -> str:
-    return encode({"type": ClientMessageType.LIST_PEERS, "request_id": request_id, "tag": tag})
+def list_peers(*, request_id: str, tag: str | None = None, offline: bool = False) -> str:
+    message = {"type": ClientMessageType.LIST_PEERS, "request_id": request_id, "tag": tag}
+    return encode({**message, "offline": True} if offline else message)
 
 
 def subscribe_peers(tag: str | None = None) -> str:

@@ -132,10 +132,10 @@ class PeerRuleAdmin(admin.ModelAdmin):
         if form.is_bound and form.is_valid():
             source, destination = form.cleaned_data["source"], form.cleaned_data["destination"]
             pair = reach.subject(source), reach.subject(destination)
-            decision = rules.load().decide(*pair)
+            decision = rules.decide(rules.load(), *pair)
             # Under allow-all, what the rules would say once enforced: to try them out first.
             by_rules = (
-                rules.load(peer_policy.RULES).decide(*pair)
+                rules.decide(rules.load(peer_policy.RULES), *pair)
                 if policy_mode() == peer_policy.ALLOW_ALL
                 else None
             )

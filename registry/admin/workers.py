@@ -55,6 +55,7 @@ OBSERVED_WORKER_FIELDS = (
     "disabled_state",
     "nat_mapping",
     "udp_endpoint",
+    "port_mapping",
     "nat_reported_at",
     "identity",
     "certificate_bound_at",
@@ -300,6 +301,14 @@ class WorkerAdmin(admin.ModelAdmin):
             return "-"
         host = f"[{worker.udp_ip}]" if ":" in worker.udp_ip else worker.udp_ip
         return f"{host}:{worker.udp_port}"
+
+    @admin.display(description="port mapping (router)")
+    def port_mapping(self, worker: Worker) -> str:
+        if not worker.port_mapping_protocol:
+            return "-"
+        host = worker.port_mapping_ip or "?"
+        host = f"[{host}]" if ":" in host else host
+        return f"{host}:{worker.port_mapping_port} ({worker.port_mapping_protocol})"
 
     @admin.display(description="held by")
     def held_by(self, worker: Worker) -> SafeString | str:

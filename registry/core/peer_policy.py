@@ -9,7 +9,8 @@ reaching A.
 
 Plain functions over plain values: the rules come from the database (peering/rules.py), the
 decisions are made here, and a decision that cannot be made is a refusal (`decide` never fails
-open) that the listeners given to `on_error` hear of (apps.ready() gives the service's counter).
+open) that says so (`Decision.error`, `Reach.error`): the callers count it
+(peering/rules.py: `decide`, `reach_from`, `reach_to`).
 """
 
 from __future__ import annotations
@@ -33,21 +34,6 @@ ANY = "*"
 TAG_PREFIX = "tag:"
 MAX_SELECTORS = 100
 _SPLIT = re.compile(r"[\s,]+")
-
-# Told of every decision or reach that could not be worked out: listeners rather than an import
-# keep this module free of Django and of the rest of the project (the counter is ops/metrics.py).
-_error_listeners: list[Callable[[], None]] = []
-
-
-def on_error(listener: Callable[[], None]) -> None:
-    """Call `listener` once for every decision or reach that could not be worked out."""
-    if listener not in _error_listeners:
-        _error_listeners.append(listener)
-
-
-def _tell_error_listeners() -> None:
-    for listener in list(_error_listeners):
-        listener()
 
 
 class InvalidRule(ValueError):
@@ -139,6 +125,7 @@ class Decision:
     allowed: bool
     reason: str
     rule: Rule | None = None
+    error: bool = False  # no decision could be made (a refusal, which the caller counts)
 
     @property
     def by(self) -> str:
@@ -163,8 +150,7 @@ class Policy:
                 source.worker_id,
                 destination.worker_id,
             )
-            _tell_error_listeners()
-            return Decision(False, NOT_EVALUATED)
+            return Decision(False, NOT_EVALUATED, error=True)
 
     def _decide(self, source: Subject, destination: Subject) -> Decision:
         if self.mode == ALLOW_ALL:
@@ -209,8 +195,7 @@ class Policy:
             return Reach.of(far)
         except Exception:
             log.exception("peer policy: no reach for %s; nobody", subject.worker_id)
-            _tell_error_listeners()
-            return Reach()
+            return Reach(error=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,6 +206,7 @@ class Reach:
     any: bool = False
     worker_ids: frozenset[str] = frozenset()
     tags: frozenset[str] = frozenset()
+    error: bool = False  # it could not be worked out: nobody (which the caller counts)
 
     @classmethod
     def of(cls, selectors: Iterable[Selector]) -> Reach:

@@ -45,10 +45,10 @@ class Subscription:
     _reach: peer_policy.Reach | None = field(default=None, repr=False)
     _reach_of: peer_policy.Policy | None = field(default=None, repr=False)
 
-    def reach(self, rules: peer_policy.Policy) -> peer_policy.Reach:
-        if self._reach is None or self._reach_of is not rules:
+    def reach(self, policy: peer_policy.Policy) -> peer_policy.Reach:
+        if self._reach is None or self._reach_of is not policy:
             subscriber = self.subject or peer_policy.Subject.of(self.worker_id)
-            self._reach, self._reach_of = rules.reach_from(subscriber), rules
+            self._reach, self._reach_of = rules.reach_from(policy, subscriber), policy
         return self._reach
 
 
@@ -151,12 +151,12 @@ def _frame(event: dict[str, Any]) -> str | None:
     return None
 
 
-def _wanted(subscription: Subscription, event: dict[str, Any], rules: peer_policy.Policy) -> bool:
+def _wanted(subscription: Subscription, event: dict[str, Any], policy: peer_policy.Policy) -> bool:
     if event.get("worker_id") == subscription.worker_id:
         return False  # nobody is told about itself
     tags = decode_tags(event.get("tags") or "")
     if subscription.tag is not None and subscription.tag not in tags:
         return False
-    if rules.mode == peer_policy.ALLOW_ALL:
+    if policy.mode == peer_policy.ALLOW_ALL:
         return True
-    return subscription.reach(rules).matches(peer_policy.Subject.of(str(event["worker_id"]), tags))
+    return subscription.reach(policy).matches(peer_policy.Subject.of(str(event["worker_id"]), tags))

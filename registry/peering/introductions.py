@@ -25,7 +25,7 @@ from registry.core import protocol
 from registry.core.certificates import Certificate
 from registry.core.peer_policy import Policy, Subject
 from registry.ops import metrics
-from registry.peering import records
+from registry.peering import records, rules
 from registry.peering.links import PeerLink
 from registry.peering.relay import (
     DROP_NOT_INTRODUCED,
@@ -183,7 +183,7 @@ class PeerSide:
         me, ended = self.side.subject, 0
         for link in list(self.links):
             peer = Subject.of(link.peer_id, link.peer_tags)
-            decision = policy.decide(*((me, peer) if link.initiator else (peer, me)))
+            decision = rules.decide(policy, *((me, peer) if link.initiator else (peer, me)))
             if decision.allowed:
                 continue
             reason = f"the peer policy no longer allows it: {decision.reason}"

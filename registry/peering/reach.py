@@ -17,12 +17,14 @@ from registry.peering import rules
 from registry.presence import selectors
 
 
-async def reachable_peers(me: Subject, *, tag: str | None) -> tuple[list[dict[str, Any]], bool]:
-    """`list_peers`: the connected workers `me` may reach, by the rules this process holds, and
-    whether the list was cut."""
+async def reachable_peers(
+    me: Subject, *, tag: str | None, offline: bool = False
+) -> tuple[list[dict[str, Any]], bool]:
+    """`list_peers`: the connected workers `me` may reach (with `offline`, the others too), by
+    the rules this process holds, and whether the list was cut."""
     policy = await rules.current()
     return await database_sync_to_async(selectors.list_peers)(
-        exclude=me.worker_id, tag=tag, reach=policy.reach_from(me)
+        exclude=me.worker_id, tag=tag, reach=rules.reach_from(policy, me), offline=offline
     )
 
 
@@ -40,7 +42,7 @@ def worker_reach(
     each way, whatever the size of the registry."""
     me = Subject.of(worker_id, tags)
     policy = rules.load()
-    reach = policy.reach_from(me) if outward else policy.reach_to(me)
+    reach = rules.reach_from(policy, me) if outward else rules.reach_to(policy, me)
     workers = Worker.objects.within(reach).exclude(id=worker_id)
     return list(workers.order_by("id").values_list("id", flat=True)[:limit]), workers.count()
 

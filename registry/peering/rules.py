@@ -29,7 +29,7 @@ from django.conf import settings
 from django.db import transaction
 
 from registry.core import peer_policy
-from registry.core.peer_policy import ALLOW_ALL, DENY_ALL, Policy
+from registry.core.peer_policy import ALLOW_ALL, DENY_ALL, Decision, Policy, Reach, Subject
 from registry.models import PeerRule
 from registry.ops import metrics
 
@@ -66,6 +66,30 @@ def load(mode: str | None = None) -> Policy:
             log.error("peer rule #%s cannot be read and allows nothing: %s", rule_id, exc)
             metrics.policy_error()
     return Policy(mode, tuple(rules))
+
+
+def decide(policy: Policy, source: Subject, destination: Subject) -> Decision:
+    """The policy's decision for the pair; one that could not be made (a refusal) is counted."""
+    decision = policy.decide(source, destination)
+    if decision.error:
+        metrics.policy_error()
+    return decision
+
+
+def reach_from(policy: Policy, source: Subject) -> Reach:
+    """Whom `source` may reach; a reach that could not be worked out (nobody) is counted."""
+    return _counted(policy.reach_from(source))
+
+
+def reach_to(policy: Policy, destination: Subject) -> Reach:
+    """Who may reach `destination`; one that could not be worked out (nobody) is counted."""
+    return _counted(policy.reach_to(destination))
+
+
+def _counted(reach: Reach) -> Reach:
+    if reach.error:
+        metrics.policy_error()
+    return reach
 
 
 class PeerRules:

@@ -120,7 +120,7 @@ class ConnectionSide:
                     if policy.mode == ALLOW_ALL
                     else await database_sync_to_async(reach.subject)(destination)
                 )
-            return policy.decide(source, destination)
+            return rules.decide(policy, source, destination)
         except Exception:  # the rules or the tags cannot be read: refused (never fails open)
             log.exception("peer policy: the rules cannot be read; refusing introductions")
             metrics.policy_error()

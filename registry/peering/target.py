@@ -16,7 +16,7 @@ from django.conf import settings
 from registry.core import protocol, turn
 from registry.core.peer_policy import Decision, Subject
 from registry.ops import metrics
-from registry.peering import records
+from registry.peering import probing, records
 from registry.peering.links import PeerLink
 from registry.peering.pending import ANSWER_TIMEOUT, Pending, PendingIntroductions
 from registry.peering.side import (
@@ -28,6 +28,7 @@ from registry.peering.side import (
     outdated,
     too_many,
 )
+from registry.presence import selectors
 
 ROLE_INITIATOR = "initiator"
 ROLE_RESPONDER = "responder"
@@ -127,6 +128,7 @@ class Target:
         mine, theirs = self._link_both(pending, relay)
         side.runtime.spawn(self._end_if_unused(mine), what="unused introduction timeout")
         turn_a, turn_b = turn_credentials(pending.requester_id), turn_credentials(side.worker_id)
+        probe_a, probe_b = await self._hard_nat_roles(pending)
         if turn_a is not None:
             metrics.turn_credentials(2)
         await side.tell(
@@ -143,6 +145,7 @@ class Target:
                 transport=pending.transport,
                 peer_certificate=side.certificate,
                 relay=relay,
+                hard_nat=probe_a,
             ),
             bounce=side.bounce(
                 event=LINK_CLOSED,
@@ -169,7 +172,16 @@ class Target:
             transport=pending.transport,
             peer_certificate=pending.requester_certificate,
             relay=relay,
+            hard_nat=probe_b,
         )
+
+    async def _hard_nat_roles(self, pending: Pending) -> tuple[str | None, str | None]:
+        """Who probes for whose hard NAT (peering/probing.py); nothing unless it is on."""
+        if not settings.RENDEZVOUS["HARD_NAT_PROBING"]:
+            return None, None
+        ids = (pending.requester_id, self.side.worker_id)
+        mappings = await database_sync_to_async(selectors.nat_mappings)(ids)
+        return probing.roles(mappings.get(ids[0], ""), mappings.get(ids[1], ""))
 
     def _link_both(self, pending: Pending, relay: bool) -> tuple[PeerLink, PeerLink]:
         """This side's link to A, held here; and A's link to this side, for A."""

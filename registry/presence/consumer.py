@@ -169,6 +169,8 @@ class RegisterConsumer(AsyncWebsocketConsumer):
             security_mode=config["SECURITY_MODE"],
             credential=credential,
             stun_servers=config["STUN_SERVERS"],
+            turn_servers=config["TURN_SERVERS"] if config["TURN_SECRET"] else [],
+            relay=bool(config["RELAY"]),
         )
 
     def _hold(
@@ -345,8 +347,10 @@ class RegisterConsumer(AsyncWebsocketConsumer):
             case protocol.NatReport():
                 await self._report(reports.Report(self.connection_id or 0, nat=message))
                 return protocol.nat_report_recorded(message.mapping)
-            case protocol.ListPeers(tag=tag, request_id=request_id):
-                peer_list, truncated = await reach.reachable_peers(self.subject, tag=tag)
+            case protocol.ListPeers(tag=tag, request_id=request_id, offline=offline):
+                peer_list, truncated = await reach.reachable_peers(
+                    self.subject, tag=tag, offline=offline
+                )
                 return protocol.peers(peer_list, request_id=request_id, truncated=truncated)
             case protocol.SubscribePeers(tag=tag):
                 await get_runtime().peers.subscribe(

@@ -53,11 +53,15 @@ def record_reports(reports: Sequence[Report], *, now: datetime | None = None) ->
             fields["agent_info"] = report.agent_info
         if report.nat is not None:
             endpoint = report.nat.udp_endpoint
+            mapped = report.nat.port_mapping
             fields.update(
                 nat_mapping=report.nat.mapping,
                 udp_ip=endpoint.ip if endpoint else None,
                 udp_port=endpoint.port if endpoint else None,
                 nat_reported_at=now,
+                port_mapping_protocol=mapped.protocol.value if mapped else "",
+                port_mapping_ip=mapped.external.ip if mapped else None,
+                port_mapping_port=mapped.external.port if mapped else None,
             )
     with transaction.atomic():
         # Worker rows locked in id order, as registrations and closes take them (no deadlock).

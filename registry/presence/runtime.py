@@ -104,7 +104,7 @@ class InstanceRuntime:
         )
         # What connections report about their workers (address, agent info, NAT findings).
         self.reports: Coalescer[reports.Report, bool] = Coalescer(
-            reports.record_reports, name="reports"
+            reports.record_reports, name="reports", yields_to=self.registrations
         )
 
     def _write_registrations(

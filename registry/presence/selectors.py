@@ -36,6 +36,9 @@ _WORKER_FIELDS = (
     "udp_ip",
     "udp_port",
     "nat_reported_at",
+    "port_mapping_protocol",
+    "port_mapping_ip",
+    "port_mapping_port",
     "certificate_fingerprint",
     "certificate_bound_at",
 )
@@ -112,6 +115,12 @@ def _worker_dict(row: dict[str, Any]) -> dict[str, Any]:
             if row["udp_ip"]
             else None,
             "reported_at": iso(row["nat_reported_at"]),
+            "port_mapping": {
+                "protocol": row["port_mapping_protocol"],
+                "external": {"ip": row["port_mapping_ip"], "port": row["port_mapping_port"]},
+            }
+            if row["port_mapping_protocol"]
+            else None,
         },
         "identity": {
             "fingerprint": row["certificate_fingerprint"] or None,
@@ -183,26 +192,38 @@ def peer_target(worker_id: str) -> PeerTarget | None:
     return PeerTarget(*row) if row else None
 
 
+def nat_mappings(worker_ids: tuple[str, ...]) -> dict[str, str]:
+    """The NAT mapping each worker's current connection reported ("" before its report)."""
+    return dict(Worker.objects.filter(id__in=worker_ids).values_list("id", "nat_mapping"))
+
+
 def list_peers(
     *,
     exclude: str,
     tag: str | None = None,
     limit: int = 1000,
     reach: Reach | None = None,
+    offline: bool = False,
 ) -> tuple[list[dict[str, Any]], bool]:
     """Connected workers another worker may ask to reach (those `reach` takes in: the peer
     policy as a query): ids, tags and NAT mapping only (their addresses are given out in
-    introductions, to the two parties alone). And whether the list was cut at `limit`."""
-    workers = Worker.objects.connected().filter(disabled_at__isnull=True).exclude(id=exclude)
+    introductions, to the two parties alone). With `offline`, the registry's other workers
+    too, each with `online` and `last_seen`. And whether the list was cut at `limit`."""
+    workers = Worker.objects.all() if offline else Worker.objects.connected()
+    workers = workers.filter(disabled_at__isnull=True).exclude(id=exclude)
     if tag is not None:
         workers = workers.tagged(tag)
     if reach is not None:
         workers = workers.within(reach)
-    rows = list(workers.order_by("id").values_list("id", "tags", "nat_mapping")[: limit + 1])
-    peers = [
-        {"worker_id": worker_id, "tags": decode_tags(tags), "nat_mapping": mapping or None}
-        for worker_id, tags, mapping in rows[:limit]
-    ]
+    fields = ("id", "tags", "nat_mapping", "status", "last_seen")
+    rows = list(workers.order_by("id").values_list(*fields)[: limit + 1])
+    peers = []
+    for worker_id, tags, mapping, status, last_seen in rows[:limit]:
+        peer = {"worker_id": worker_id, "tags": decode_tags(tags), "nat_mapping": mapping or None}
+        if offline:
+            peer["online"] = status == WorkerStatus.CONNECTED
+            peer["last_seen"] = last_seen.isoformat() if last_seen else None
+        peers.append(peer)
     return peers, len(rows) > limit
 
 

@@ -209,6 +209,9 @@ def _make_current(ids: list[str], opened: dict[str, int], now: datetime) -> None
         udp_ip=None,
         udp_port=None,
         nat_reported_at=None,
+        port_mapping_protocol="",
+        port_mapping_ip=None,
+        port_mapping_port=None,
     )
 
 

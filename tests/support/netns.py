@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from tests.support.backing import require_or_skip
+from tests.support.netns_routers import PUBLIC_V6, RouterFeatures, read_log
 from tests.support.processes import REPO
 
 SERVICE_IP = "203.0.113.10"
@@ -66,8 +67,26 @@ _counter = itertools.count(1)
 
 
 class NatKind(StrEnum):
-    MASQUERADE = "masquerade"  # endpoint-independent mapping, keeps the source port if it can
-    RANDOM_FULLY = "random-fully"  # endpoint-dependent ("symmetric"): a new port per destination
+    """What each router is, in RFC 4787's terms and in iptables' (every one drops unsolicited
+    inbound packets in conntrack state NEW, as home routers do)."""
+
+    # Endpoint-independent mapping (keeps the source port if it can) and address-and-port-
+    # dependent filtering: only replies to a remote address and port the worker sent to pass
+    # (conntrack). A "port-restricted cone".
+    MASQUERADE = "masquerade"
+    # Endpoint-independent mapping and filtering: MASQUERADE plus a DNAT of all inbound UDP to
+    # the worker (the port MASQUERADE kept is the worker's own). A "full cone".
+    FULL_CONE = "full-cone"
+    # Endpoint-dependent mapping ("symmetric"): MASQUERADE --random-fully, a new port per
+    # destination.
+    RANDOM_FULLY = "random-fully"
+    # RANDOM_FULLY, in legacy iptables, with Debian's miniupnpd answering NAT-PMP, PCP and UPnP
+    # IGD on the LAN side; its outside address is 198.20.0.N (miniupnpd refuses mappings when
+    # it is in a reserved range such as 203.0.113.0/24).
+    MINIUPNPD = "miniupnpd"
+
+
+UPNP_OUTSIDE_NET = "198.20.0"  # the miniupnpd routers' outside addresses, on the same bridge
 
 
 @dataclass(frozen=True)
@@ -81,6 +100,20 @@ class Site:
     public_ip: str  # the NAT's address on the public bridge, what STUN reports
     gateway_ip: str  # the NAT's LAN address, the workers' default route
     worker_ips: tuple[str, ...]
+    ipv6: bool = False
+
+    @property
+    def iptables(self) -> str:
+        """miniupnpd writes legacy iptables rules; its router's own rules must be legacy too."""
+        return "iptables-legacy" if self.kind is NatKind.MINIUPNPD else "iptables"
+
+    @property
+    def worker_ip6s(self) -> tuple[str, ...]:
+        return tuple(f"2001:db8:{self.index}::{2 + n}" for n in range(len(self.workers)))
+
+    @property
+    def public_ip6(self) -> str:
+        return f"{PUBLIC_V6}{self.index}"
 
     @property
     def worker(self) -> str:
@@ -93,6 +126,21 @@ class Site:
 
 def _which(name: str) -> str | None:
     return shutil.which(name, path=_PATH)
+
+
+def miniupnpd_unavailable_reason() -> str | None:
+    """Why a miniupnpd router cannot be built here (None: it can)."""
+    if _which("miniupnpd") is None:
+        return "needs miniupnpd (tools/install_system_packages.sh installs miniupnpd-iptables)"
+    if _which("iptables-legacy") is None:
+        return "needs iptables-legacy (miniupnpd writes legacy iptables rules)"
+    return None
+
+
+def require_miniupnpd() -> None:
+    require_netns()
+    reason = miniupnpd_unavailable_reason()
+    require_or_skip(reason is None, reason or "")
 
 
 @functools.cache
@@ -141,7 +189,7 @@ def list_namespaces() -> list[str]:
     return [line.split()[0] for line in output.splitlines() if line.strip()]
 
 
-class NatTopology:
+class NatTopology(RouterFeatures):
     """A public network and one NAT router plus worker per entry of `kinds`. Use as a context
     manager (or call `up()` and, in a `finally`, `down()`)."""
 
@@ -153,6 +201,7 @@ class NatTopology:
         prefix: str | None = None,
         service_ips: Sequence[str] = (SERVICE_IP, SECOND_SERVICE_IP),
         log_dir: Path | None = None,
+        ipv6: bool = False,
     ) -> None:
         if not 1 <= len(kinds) <= MAX_SITES:
             raise ValueError(f"between 1 and {MAX_SITES} NAT sites, not {len(kinds)}")
@@ -172,9 +221,12 @@ class NatTopology:
                     f"{self.prefix}w{i}" + ("" if n == 0 else chr(ord("a") + n))
                     for n in range(count)
                 ),
-                public_ip=f"203.0.113.{i}",
+                public_ip=(
+                    f"{UPNP_OUTSIDE_NET}.{i}" if kind == NatKind.MINIUPNPD else f"203.0.113.{i}"
+                ),
                 gateway_ip=f"10.0.{i}.1",
                 worker_ips=tuple(f"10.0.{i}.{2 + n}" for n in range(count)),
+                ipv6=ipv6,
             )
             for i, (kind, count) in enumerate(zip(kinds, counts, strict=True), start=1)
         ]
@@ -192,9 +244,16 @@ class NatTopology:
         self._ip(self.public, "link", "add", "br0", "type", "bridge")
         for address in self.service_ips:
             self._ip(self.public, "addr", "add", f"{address}/24", "dev", "br0")
+        self._ip(self.public, "addr", "add", f"{UPNP_OUTSIDE_NET}.254/24", "dev", "br0")
         self._ip(self.public, "link", "set", "br0", "up")
+        if self.sites[0].ipv6:
+            self._exec(self.public, "sysctl", "-qw", "net.ipv6.conf.all.forwarding=1")
+            for address in self.service_ip6s:
+                self._ip(self.public, "-6", "addr", "add", f"{address}/64", "dev", "br0", "nodad")
         for site in self.sites:
             self._build_site(site)
+            if site.ipv6:
+                self._build_site_ipv6(site)
         self.setup_seconds = time.monotonic() - started
         return self
 
@@ -221,15 +280,24 @@ class NatTopology:
             for device in ("lo", "eth0"):
                 self._ip(worker, "link", "set", device, "up")
             self._ip(worker, "route", "add", "default", "via", site.gateway_ip)
+        # Both outside networks share the bridge: each is on-link from every router.
+        other = "203.0.113.0/24" if site.kind is NatKind.MINIUPNPD else f"{UPNP_OUTSIDE_NET}.0/24"
+        self._ip(site.nat, "route", "add", other, "dev", "wan0")
         masquerade = ["-j", "MASQUERADE"]
-        if site.kind is NatKind.RANDOM_FULLY:
+        if site.kind in (NatKind.RANDOM_FULLY, NatKind.MINIUPNPD):
             masquerade.append("--random-fully")
+        iptables = [site.iptables, "-w", "5"]
         self._exec(site.nat, "sysctl", "-qw", "net.ipv4.ip_forward=1")
-        self._exec(site.nat, "iptables", "-w", "5", "-t", "nat", "-A", "POSTROUTING",
+        self._exec(site.nat, *iptables, "-t", "nat", "-A", "POSTROUTING",
                    "-o", "wan0", *masquerade)  # fmt: skip
         # The pitfall rule: unsolicited inbound packets die before conntrack confirms them.
-        self._exec(site.nat, "iptables", "-w", "5", "-A", "INPUT", "-i", "wan0",
+        self._exec(site.nat, *iptables, "-A", "INPUT", "-i", "wan0",
                    "-m", "conntrack", "--ctstate", "NEW", "-j", "DROP")  # fmt: skip
+        if site.kind is NatKind.FULL_CONE:
+            self._exec(site.nat, *iptables, "-t", "nat", "-A", "PREROUTING", "-i", "wan0",
+                       "-p", "udp", "-j", "DNAT", "--to-destination", site.worker_ip)  # fmt: skip
+        if site.kind is NatKind.MINIUPNPD:
+            self._add_miniupnpd_chains(site)
 
     def down(self) -> list[str]:
         """Stop our processes, then delete our namespaces. Returns what could not be cleaned."""
@@ -360,10 +428,10 @@ class NatTopology:
         process = self.python(self.public, *argv, log_name=log_name)
         log_path = self.log_dir / log_name
         deadline = time.monotonic() + timeout
-        while "STUN responder on" not in _read(log_path):
+        while "STUN responder on" not in read_log(log_path):
             if process.poll() is not None:
                 raise RuntimeError(
-                    f"STUN responder exited {process.returncode}:\n{_read(log_path)}"
+                    f"STUN responder exited {process.returncode}:\n{read_log(log_path)}"
                 )
             if time.monotonic() > deadline:
                 raise RuntimeError(f"STUN responder not listening after {timeout}s")
@@ -401,77 +469,13 @@ class NatTopology:
         process = self.popen(self.public, argv, log_name=log_name)
         log_path = self.log_dir / log_name
         deadline = time.monotonic() + timeout
-        while "Total General servers" not in _read(log_path):  # coturn's last start-up line
+        while "Total General servers" not in read_log(log_path):  # coturn's last start-up line
             if process.poll() is not None:
-                raise RuntimeError(f"coturn exited {process.returncode}:\n{_read(log_path)}")
+                raise RuntimeError(f"coturn exited {process.returncode}:\n{read_log(log_path)}")
             if time.monotonic() > deadline:
-                raise RuntimeError(f"coturn not listening after {timeout}s:\n{_read(log_path)}")
+                raise RuntimeError(f"coturn not listening after {timeout}s:\n{read_log(log_path)}")
             time.sleep(0.05)
         return process
-
-    def block_udp(self, site: Site, *, to: str | None = None) -> None:
-        """Drop the UDP the site's NAT would forward out (to one address, or anywhere): a
-        firewall that lets only TCP through, such as a corporate network's."""
-        self._exec(site.nat, "iptables", "-w", "5", *self._udp_rule("-I", to))
-
-    def unblock_udp(self, site: Site, *, to: str | None = None) -> None:
-        self._exec(site.nat, "iptables", "-w", "5", *self._udp_rule("-D", to))
-
-    @staticmethod
-    def _udp_rule(action: str, to: str | None) -> list[str]:
-        destination = ["-d", to] if to else []
-        return [action, "FORWARD", "-i", "lan0", "-p", "udp", *destination, "-j", "DROP"]
-
-    def rebind_udp(self, site: Site, ports: str) -> int:
-        """Move the public port of every UDP flow of the site's workers, as a NAT that loses its
-        mappings (a reboot, a timeout under load, a carrier-grade NAT's rebalancing) does: new
-        flows leave from `ports` (a range such as "61000-61099": above the ephemeral ports the
-        workers bind, so that every flow moves; endpoint-independent still), and the conntrack
-        entries of the old ones are deleted, so the peer's packets to the old port meet the
-        drop-unsolicited rule. TCP (the agent's WebSocket) keeps its mapping. Returns how many
-        entries were deleted. These kernels come without the `conntrack` tool: the entries are
-        deleted through ctnetlink (pyroute2), inside the NAT."""
-        self._exec(site.nat, "iptables", "-w", "5", "-t", "nat", "-I", "POSTROUTING", "1",
-                   "-o", "wan0", "-p", "udp", "-j", "SNAT",
-                   "--to-source", f"{site.public_ip}:{ports}")  # fmt: skip
-        deleted = 0
-        for worker_ip in site.worker_ips:
-            argv = [sys.executable, "-m", "tests.support.conntrack", "delete-udp", worker_ip]
-            deleted += int(self.run(site.nat, argv).stdout.strip())
-        return deleted
-
-    def forwarded_udp(self, site: Site, destination: str) -> int:
-        """Packets the site's NAT forwarded to `destination` so far (a counting rule is added
-        on the first call)."""
-        rule = ["FORWARD", "-o", "wan0", "-p", "udp", "-d", destination]
-        try:
-            self._exec(site.nat, "iptables", "-w", "5", "-C", *rule)
-        except RuntimeError:
-            self._exec(site.nat, "iptables", "-w", "5", "-A", *rule)
-        listing = self.run(site.nat, ["iptables", "-w", "5", "-nvxL", "FORWARD"]).stdout
-        for line in listing.splitlines():
-            fields = line.split()
-            if fields[-1:] == [destination] and "DROP" not in fields:
-                return int(fields[0])
-        raise AssertionError(f"no counting rule for {destination} in {site.nat}:\n{listing}")
-
-    def input_drop_packets(self, site: Site) -> int:
-        """Packets the NAT's drop-unsolicited-inbound rule has dropped so far."""
-        output = _run(
-            ["ip", "netns", "exec", site.nat, "iptables", "-w", "5", "-L", "INPUT", "-v",
-             "-x", "-n"]
-        ).stdout  # fmt: skip
-        for line in output.splitlines():
-            if "DROP" in line and "wan0" in line and "NEW" in line:
-                return int(line.split()[0])
-        raise AssertionError(f"no drop rule for wan0 in {site.nat}:\n{output}")
-
-
-def _read(path: Path) -> str:
-    try:
-        return path.read_text(errors="replace")
-    except FileNotFoundError:
-        return ""
 
 
 def _stop(process: subprocess.Popen[Any], grace: float = 3.0) -> None:
@@ -492,9 +496,10 @@ def nat_topology(
     workers: Sequence[int] | None = None,
     log_dir: Path | None = None,
     prefix: str | None = None,
+    ipv6: bool = False,
 ) -> Iterator[NatTopology]:
     """`with nat_topology("masquerade", "random-fully", log_dir=tmp_path) as net:`"""
     with NatTopology(
-        kinds or (NatKind.MASQUERADE,), workers=workers, log_dir=log_dir, prefix=prefix
+        kinds or (NatKind.MASQUERADE,), workers=workers, log_dir=log_dir, prefix=prefix, ipv6=ipv6
     ) as topology:
         yield topology

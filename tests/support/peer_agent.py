@@ -173,6 +173,9 @@ def main() -> int:
     parser.add_argument("--quic", type=int, default=0, help="bytes over one encrypted stream")
     parser.add_argument("--pace", type=float, default=0, help="MB/s at most on that stream")
     parser.add_argument("--credential-file", default=None)
+    parser.add_argument(
+        "--wait-nat", action="store_true", help="connect once this agent's NAT report is out"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(message)s")
     logging.getLogger("aioice").setLevel(logging.WARNING)
@@ -192,10 +195,18 @@ def main() -> int:
     deadline = time.monotonic() + args.timeout
     result: dict[str, Any]
     try:
-        while not any(p["worker_id"] == args.peer for p in agent.list_peers(timeout=5)):
+        while not any(
+            p["worker_id"] == args.peer and (p["nat_mapping"] or not args.wait_nat)
+            for p in agent.list_peers(timeout=5)
+        ):
             if time.monotonic() > deadline:
                 raise PeerError(f"{args.peer} never appeared in the peer list")
             time.sleep(0.2)
+        while args.wait_nat and agent.peers.last_nat_report is None:
+            if time.monotonic() > deadline:
+                raise PeerError("no NAT report of this agent's own")
+            time.sleep(0.05)
+        time.sleep(0.3 if args.wait_nat else 0)  # the service stores reports in batches
         if args.quic:
             kinds = [k for k in args.wait_kind.split(",") if k]
             outcome = quic_transfer(agent, args.peer, args.quic, kinds, args.pace)

@@ -29,6 +29,9 @@ import aioice
 
 from .. import wire
 from ..errors import PeerError
+from .kinds import host_pair_kind
+from .portmap.candidate import mapped_candidate
+from .portmap.manager import Mapping, PortMapper
 
 logger = logging.getLogger("worker_agent.p2p")
 
@@ -93,6 +96,7 @@ class IceAttempt:
         stun_server: Endpoint | None = None,
         turn: TurnServer | None = None,
         use_ipv6: bool = True,
+        port_mapper: PortMapper | None = None,
     ) -> None:
         self.introduction_id = introduction_id
         self.attempt = attempt
@@ -109,6 +113,8 @@ class IceAttempt:
             transport_policy=aioice.TransportPolicy.RELAY if relay else aioice.TransportPolicy.ALL,
         )
         self._datagram = datagram
+        self._port_mapper = None if relay else port_mapper
+        self.mapping: Mapping | None = None  # the gateway's mapping of this attempt's socket
         self._pair: Any = None  # the pair `settle` took, until aioice nominates one here
         self._drain: _Drain | None = None
         self.connection.on_data = self._on_data
@@ -150,6 +156,9 @@ class IceAttempt:
     async def _establish(self) -> None:
         await self.connection.gather_candidates()
         candidates = [c.to_sdp() for c in self.connection.local_candidates]
+        mapped = await self._mapped_candidate()
+        if mapped is not None and mapped.to_sdp() not in candidates:
+            candidates.insert(0, mapped.to_sdp())  # first: never the one cut at 16
         if not candidates:
             raise IceFailed(
                 "no local candidates"
@@ -172,6 +181,22 @@ class IceAttempt:
         await self.connection.connect()
         if not self.settle():
             raise IceFailed("ICE completed without a nominated pair")
+
+    async def _mapped_candidate(self) -> aioice.Candidate | None:
+        """The gateway's mapping of this attempt's IPv4 host socket, as a candidate. The peer's
+        checks to it reach the host socket through the mapping, and replies leave through the
+        same mapping, so they carry the mapped address even behind a symmetric NAT."""
+        if self._port_mapper is None:
+            return None
+        for local in self.connection.local_candidates:
+            if local.type != "host" or ":" in local.host:
+                continue
+            mapping = await self._port_mapper.map(local.host, local.port)
+            if mapping is None:
+                continue
+            self.mapping = mapping
+            return mapped_candidate(mapping, local)
+        return None
 
     def settle(self) -> bool:
         """Take the nominated pair as this attempt's route, if there is one yet.
@@ -197,7 +222,7 @@ class IceAttempt:
         if self._relay or "relay" in (local.type, remote.type):
             self.kind = wire.PathKind.TURN
         elif local.type == "host" and remote.type == "host":
-            self.kind = wire.PathKind.LAN
+            self.kind = host_pair_kind(local.host, remote.host)  # global IPv6 is not a LAN
         else:
             self.kind = wire.PathKind.DIRECT
         return True
@@ -268,6 +293,9 @@ class IceAttempt:
         if self._receiver is not None and self._receiver is not asyncio.current_task():
             self._receiver.cancel()
         self.closed.set()
+        if self.mapping is not None and self._port_mapper is not None:
+            mapping, self.mapping = self.mapping, None
+            await self._port_mapper.release(mapping)
         if self._drain is not None:
             self._drain.close()
             self._drain = None

@@ -46,7 +46,11 @@ class LoopThread:
 
     def call(self, coroutine: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
         """Run `coroutine` on the loop and wait for its result (from any other thread)."""
-        future = self.submit(coroutine)
+        try:
+            future = self.submit(coroutine)
+        except RuntimeError:  # the loop is closed: the agent has stopped
+            coroutine.close()
+            raise PeerClosed("the agent has stopped") from None
         try:
             return future.result(timeout)
         except concurrent.futures.TimeoutError:

@@ -23,6 +23,7 @@ from typing import Any
 from aioice import stun
 
 from .. import wire
+from .portmap.manager import PortMapper
 
 DEFAULT_TIMEOUT = 3.0
 RETRANSMISSIONS = 4  # aioice retransmits after 0.5 s, doubling: at most ~3 s in all
@@ -44,12 +45,18 @@ class NatReport:
     mapping: wire.NatMapping
     results: tuple[ServerResult, ...]
     local: Endpoint | None = None
+    # The router's port mapping of the report's socket: {"protocol", "external": (ip, port)}.
+    port_mapping: dict[str, Any] | None = None
 
     def as_dict(self) -> dict[str, Any]:
+        mapped = self.port_mapping
         return {
             "mapped": _format(self.mapped) if self.mapped else None,
             "mapping": self.mapping.value,
             "local": _format(self.local) if self.local else None,
+            "port_mapping": None
+            if mapped is None
+            else {"protocol": mapped["protocol"], "external": _format(mapped["external"])},
             "results": [
                 {
                     "server": _format(r.server),
@@ -113,8 +120,10 @@ async def classify_nat(
     *,
     bind: Endpoint = ("0.0.0.0", 0),
     timeout: float = DEFAULT_TIMEOUT,
+    port_mapper: PortMapper | None = None,
 ) -> NatReport:
-    """Ask every server at once from one fresh socket and compare what they saw."""
+    """Ask every server at once from one fresh socket and compare what they saw; with a port
+    mapper, also ask the router to map that socket (then delete the mapping)."""
     loop = asyncio.get_running_loop()
     transport, client = await loop.create_datagram_endpoint(_StunClient, local_addr=bind)
     try:
@@ -128,6 +137,7 @@ async def classify_nat(
             else:
                 results.append(outcome)
         local = transport.get_extra_info("sockname")
+        port_mapping = await _port_mapping(port_mapper, local[1]) if port_mapper else None
     finally:
         transport.close()
     answers = [r.mapped for r in results if r.mapped is not None]
@@ -142,7 +152,20 @@ async def classify_nat(
         mapping=mapping,
         results=tuple(results),
         local=(local[0], local[1]) if local else None,
+        port_mapping=port_mapping,
     )
+
+
+async def _port_mapping(mapper: PortMapper, port: int) -> dict[str, Any] | None:
+    """What the router maps for the report's socket, if it maps ports at all."""
+    await mapper.probe()
+    if mapper.local is None:
+        return None
+    mapping = await mapper.map(mapper.local, port)
+    if mapping is None:
+        return None
+    await mapper.release(mapping)
+    return {"protocol": mapping.protocol, "external": mapping.external}
 
 
 async def _resolve(server: Endpoint) -> tuple[str, int]:
@@ -163,10 +186,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("servers", nargs="+", help="STUN servers, host[:port]")
     parser.add_argument("--bind", default="0.0.0.0:0", help="local address:port to send from")
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT)
+    parser.add_argument(
+        "--port-mapping", action="store_true", help="also ask the router for a port mapping"
+    )
     args = parser.parse_args(argv)
     servers = [wire.parse_host_port(s) for s in args.servers]
+    mapper = PortMapper() if args.port_mapping else None
     report = asyncio.run(
-        classify_nat(servers, bind=wire.parse_host_port(args.bind, 0), timeout=args.timeout)
+        classify_nat(
+            servers,
+            bind=wire.parse_host_port(args.bind, 0),
+            timeout=args.timeout,
+            port_mapper=mapper,
+        )
     )
     json.dump(report.as_dict(), sys.stdout)
     sys.stdout.write("\n")

@@ -72,6 +72,8 @@ class PathStats:
     sent: dict[str, int] = field(default_factory=dict)  # datagrams sent, by route kind
     received: dict[str, int] = field(default_factory=dict)
     dropped: int = 0
+    bytes_sent: int = 0  # datagram payloads, every route together
+    bytes_received: int = 0
 
 
 class PeerPath:
@@ -100,6 +102,9 @@ class PeerPath:
         self._callbacks: list[ChangeCallback] = []
         self.history: list[tuple[float, str]] = []  # (monotonic time, kind) of each move
         self.stats = PathStats()
+        self.opened_at = time.time()  # when the introduction made it (Unix seconds)
+        self._opened = time.monotonic()
+        self.last_kind: str | None = None  # the route the latest datagram from the peer came on
         self.closed_reason: str | None = None
         # The layers that use the path: whether one is owed an answer (a route that stays
         # silent then is given up), and who closes a route given up (liveness.py).
@@ -147,6 +152,7 @@ class PeerPath:
         if best is None:
             raise PeerClosed(f"path to {self.peer_id} closed: {self.closed_reason or 'no route'}")
         self._count(self.stats.sent, best.kind)
+        self.stats.bytes_sent += len(data)
         if isinstance(best, RelayRoute):
             if not best.link.send(best.header, data, timeout=timeout):
                 self.stats.dropped += 1
@@ -194,6 +200,7 @@ class PeerPath:
         if best is None:
             return
         self._count(self.stats.sent, best.kind)
+        self.stats.bytes_sent += len(data)
         best.send(data)
 
     def send_many_nowait(self, datagrams: list[bytes]) -> None:
@@ -204,6 +211,7 @@ class PeerPath:
             return
         key = str(best.kind)
         self.stats.sent[key] = self.stats.sent.get(key, 0) + len(datagrams)
+        self.stats.bytes_sent += sum(map(len, datagrams))
         best.send_many(datagrams)
 
     def set_datagram_handler(self, handler: DatagramHandler | None) -> None:
@@ -228,6 +236,32 @@ class PeerPath:
     def routes(self) -> dict[str, Route]:
         with self._lock:
             return {str(kind): route for kind, route in self._routes.items()}
+
+    def address_of(self, kind: str | None) -> Endpoint | None:
+        """The peer's address on the live route of `kind` (None through the relay, or gone)."""
+        with self._lock:
+            for route_kind, route in self._routes.items():
+                if str(route_kind) == kind:
+                    return route.remote
+        return None
+
+    def snapshot(self) -> dict[str, Any]:
+        """What the path is and has carried, JSON-ready (`rendezvous-worker status`)."""
+        remote = self.remote_address
+        return {
+            "peer_id": self.peer_id,
+            "introduction_id": self.introduction_id,
+            "kind": self.kind,
+            "remote_address": list(remote) if remote else None,
+            "opened_at": self.opened_at,
+            "history": [[round(at - self._opened, 3), kind] for at, kind in self.history],
+            "bytes_sent": self.stats.bytes_sent,
+            "bytes_received": self.stats.bytes_received,
+            "datagrams_sent": sum(self.stats.sent.values()),
+            "datagrams_received": sum(self.stats.received.values()),
+            "dropped": self.stats.dropped,
+            "closed_reason": self.closed_reason,
+        }
 
     @property
     def best_route(self) -> Route | None:
@@ -275,6 +309,8 @@ class PeerPath:
     def deliver(self, data: bytes, kind: wire.PathKind) -> None:
         """A datagram from the peer, on route `kind` (on the peer loop)."""
         self._count(self.stats.received, kind)
+        self.stats.bytes_received += len(data)
+        self.last_kind = str(kind)
         handler = self._handler
         if handler is not None:
             handler(data)

@@ -27,6 +27,8 @@ from ..errors import NoPath
 from .ice import DEFAULT_TIMEOUT, IceAttempt, TurnServer
 from .loop import LoopThread
 from .path import PeerPath, RelayRoute
+from .portmap.manager import PortMapper
+from .probing import HardNatProbe, ProbedRoute
 from .relay import RelayLink
 
 logger = logging.getLogger("worker_agent.p2p")
@@ -61,6 +63,7 @@ class PathSession:
         use_udp: bool = True,
         started: float | None = None,
         attempt_timeout: float = DEFAULT_TIMEOUT,
+        port_mapper: PortMapper | None = None,
     ) -> None:
         self.introduction_id: str = introduction["introduction_id"]
         self.peer_id: str = introduction["peer_id"]
@@ -73,10 +76,13 @@ class PathSession:
         self._loop = loop
         self._signal = signal
         self._stun_server = stun_server
+        self._port_mapper = port_mapper
         self._use_udp = use_udp
         self._started = time.monotonic() if started is None else started
         self._attempt_timeout = attempt_timeout
         self.turn = _turn_server(introduction.get("turn"))
+        self._hard_nat: str | None = introduction.get("hard_nat")  # "easy" or "hard": probe
+        self._probe: HardNatProbe | None = None
         self._attempts: dict[tuple[str, int], IceAttempt] = {}
         self._next_attempt = {wire.IcePolicy.ALL: 0, wire.IcePolicy.RELAY: 0}
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -119,6 +125,16 @@ class PathSession:
                 )
             )
             return False
+        if self._hard_nat in ("easy", "hard") and self._use_udp and self._stun_server:
+            self._probe = HardNatProbe(
+                role=self._hard_nat,
+                introduction_id=self.introduction_id,
+                signal=self._signal,
+                stun_server=self._stun_server,
+                deliver=lambda data: self.path.deliver(data, wire.PathKind.DIRECT),
+            )
+            if self._hard_nat == "easy":
+                self._spawn(self._run_probe())
         if self.controlling and self._use_udp:
             self._spawn(self._drive_direct())
             if self.turn is not None:
@@ -140,6 +156,9 @@ class PathSession:
         if self.ended:
             return
         policy = wire.IcePolicy(message["policy"])
+        if policy == wire.IcePolicy.PROBE:
+            self._probe_message(message)
+            return
         key = (policy.value, int(message["attempt"]))
         attempt = self._attempts.get(key)
         if attempt is None:
@@ -177,6 +196,10 @@ class PathSession:
         for attempt in list(self._attempts.values()):
             self._spawn_detached(attempt.close())
         self._attempts.clear()
+        if self._probe is not None:
+            if self._probe.route is not None:
+                self._probe.route.close()
+            self._probe.close()
         self.path.ended(reason)
         if self.on_end is not None:
             self.on_end(reason)
@@ -186,6 +209,8 @@ class PathSession:
         initiator's drivers then try again at once, with fresh sockets."""
         if isinstance(route, IceAttempt):
             self._spawn_detached(route.close())
+        elif isinstance(route, ProbedRoute):
+            route.close()
 
     def relay_lost(self, reason: str, resumable: bool = True) -> None:
         """The service link of this introduction is gone: this side's WebSocket was renewed, or
@@ -227,6 +252,22 @@ class PathSession:
         if not self.path.routes():
             self.end(f"{self._lost_because}; not resumed within {RESUME_WITHIN:g}s")
 
+    # ---- hard-NAT probing (paths/probing.py) ------------------------------------------------
+
+    def _probe_message(self, message: dict[str, Any]) -> None:
+        """The peer's half of the probing the service asked for; ignored when it did not."""
+        probe = self._probe
+        if probe is not None and probe.remote(message) and probe.role == "hard":
+            self._spawn(self._run_probe())  # the easy side's endpoint: the hard side's turn
+
+    async def _run_probe(self) -> None:
+        assert self._probe is not None
+        route = await self._probe.run()
+        if route is None or self.ended:
+            return
+        self.path.add_route(route)
+        self._direct_up_changed()
+
     # ---- attempts --------------------------------------------------------------------------------
 
     def _new_attempt(self, policy: wire.IcePolicy, number: int) -> IceAttempt:
@@ -239,6 +280,7 @@ class PathSession:
             datagram=self._ice_datagram,
             stun_server=self._stun_server,
             turn=self.turn,
+            port_mapper=self._port_mapper,
         )
         self._attempts[(policy.value, number)] = attempt
         return attempt

@@ -10,37 +10,35 @@ client) trusts only that certificate (`cadata`), and both compare the certificat
 proved possession of with the pin once the handshake completes, before any data is taken. A
 peer presenting any other certificate is refused, in both directions.
 
-What aioquic 1.7 (pinned in pyproject.toml) keeps private, each part checked by
-tests/test_quic.py: the server asks for a client certificate only through
-`tls._request_client_certificate`; the peer's certificate is `tls._peer_certificate`; the
-receive window grows by doubling whatever the application reads, so `_write_stream_limits` is
-replaced to grow it only as the reader consumes (bounded memory for a slow reader); and the loss
-recovery (`_loss`: its congestion controller `_cc`, `_pto_count`, `reschedule_data`) is reset
-when the route under the connection moves, which aioquic cannot see.
+Everything this session needs of aioquic's private parts (the pin's certificate, congestion
+control reset on a route move, what is unacknowledged, the round trip, PINGs answered at once)
+goes through `pinned.PinnedConnection`, where each is listed and tests/test_quic.py checks it.
+The pacer (`_loss._pacer`) is replaced by pacing.py's, which lets a burst carry what the loop's
+timers can space.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import ssl
 import time
 from collections.abc import Callable
-from typing import Any
 
 from aioquic.buffer import Buffer
 from aioquic.quic import events
 from aioquic.quic.configuration import QuicConfiguration
-from aioquic.quic.connection import MAX_STREAM_DATA_FRAME_CAPACITY, QuicConnection
-from aioquic.quic.packet import QuicFrameType, QuicPacketType, pull_quic_header
-from aioquic.quic.recovery import create_congestion_control
+from aioquic.quic.packet import QuicPacketType, pull_quic_header
 from cryptography import x509
 
 from .. import wire
-from ..errors import HandshakeFailed, IdentityMismatch, PeerClosed, PeerError, StreamReset
+from ..errors import HandshakeFailed, PeerClosed, PeerError, StreamReset
 from ..paths.path import RANK, PeerPath
 from . import identity
+from .pings import Pings
+from .pinned import CLOSE_IDENTITY, STREAM_WINDOW, PinnedConnection, pin_check, pin_failure
 from .streams import StreamBuffer
 
 logger = logging.getLogger("worker_agent.p2p")
@@ -49,7 +47,6 @@ ALPN = "rendezvous/1"
 PLACEHOLDER = ("peer", 0)  # the path routes; QUIC never sees an address change
 IDLE_TIMEOUT = 30.0  # seconds without anything from the peer before the connection is dead
 KEEPALIVE = 10.0  # a PING after this long without sending, so a quiet connection stays up
-STREAM_WINDOW = 4 * 1024 * 1024  # bytes a peer may send on a stream ahead of the reader
 CONNECTION_WINDOW = 16 * 1024 * 1024
 SEND_WINDOW = 2 * 1024 * 1024  # bytes written to a stream and not yet acknowledged, at most
 WRITE_CHUNK = 256 * 1024
@@ -59,49 +56,9 @@ MAX_PACKET = 1350
 CONGESTION_CONTROL = "cubic"  # aioquic's choices: "reno", "cubic"
 MAX_QUEUED_DATAGRAMS = 1024
 CID_LENGTH = 8  # aioquic's default connection id length
-# Application close codes (QUIC application error space).
-CLOSE_NORMAL = 0
-CLOSE_IDENTITY = 0x52560001  # "RV" 1: an application code, outside the TLS alert range
-CRYPTO_ERRORS = (0x100, 0x1FF)  # QUIC's range for TLS alerts (RFC 9000 section 20.1)
+CLOSE_NORMAL = 0  # application close codes (QUIC application error space); pinned.py has more
 
 _EOF = object()
-
-
-class _PinnedConnection(QuicConnection):
-    def __init__(
-        self,
-        *,
-        configuration: QuicConfiguration,
-        consumed: dict[int, int],
-        original_destination_connection_id: bytes | None = None,
-    ) -> None:
-        super().__init__(
-            configuration=configuration,
-            original_destination_connection_id=original_destination_connection_id,
-        )
-        self._consumed = consumed  # stream id -> bytes the application has read
-
-    def _initialize(self, peer_cid: bytes) -> None:
-        super()._initialize(peer_cid)
-        if not self._is_client:
-            self.tls._request_client_certificate = True  # mutual authentication
-
-    def _write_stream_limits(self, builder: Any, space: Any, stream: Any) -> None:
-        """MAX_STREAM_DATA as the reader consumes: what it read plus STREAM_WINDOW."""
-        if not stream.max_stream_data_local:
-            return
-        wanted = self._consumed.get(stream.stream_id, 0) + STREAM_WINDOW
-        stream.max_stream_data_local = max(stream.max_stream_data_local, wanted)
-        if stream.max_stream_data_local_sent != stream.max_stream_data_local:
-            buf = builder.start_frame(
-                QuicFrameType.MAX_STREAM_DATA,
-                capacity=MAX_STREAM_DATA_FRAME_CAPACITY,
-                handler=self._on_max_stream_data_delivery,
-                handler_args=(stream,),
-            )
-            buf.push_uint_var(stream.stream_id)
-            buf.push_uint_var(stream.max_stream_data_local)
-            stream.max_stream_data_local_sent = stream.max_stream_data_local
 
 
 class QuicSession:
@@ -136,8 +93,8 @@ class QuicSession:
         self._configuration = configuration
         self.consumed: dict[int, int] = {}
         # A server's connection is made from the client's first packet (its connection id).
-        self.quic: _PinnedConnection | None = (
-            _PinnedConnection(configuration=configuration, consumed=self.consumed)
+        self.quic: PinnedConnection | None = (
+            PinnedConnection(configuration=configuration, consumed=self.consumed)
             if client
             else None
         )
@@ -158,6 +115,8 @@ class QuicSession:
         self._last_sent = time.monotonic()
         self._keepalive: asyncio.Task[None] | None = None
         self._connected = False  # the client sent its first packet
+        self._pings = Pings()
+        self._stopped: dict[int, int] = {}  # streams the peer asked us to stop sending on: code
 
     # ---- the path below ----------------------------------------------------------------------
 
@@ -189,18 +148,14 @@ class QuicSession:
         connection for as long again."""
         if new is None or old == new or self.quic is None:
             return
-        recovery = self.quic._loss  # aioquic's private loss recovery: no public way to reset
-        fresh = create_congestion_control(CONGESTION_CONTROL, max_datagram_size=MAX_PACKET)
-        fresh.bytes_in_flight = recovery._cc.bytes_in_flight  # still owed their ACKs
-        recovery._cc = fresh
-        if (old is None or _rank(new) < _rank(old)) and recovery.bytes_in_flight:
-            recovery._pto_count = 0
-            recovery.reschedule_data(now=time.monotonic())
-            self.transmit()
+        self.quic.new_network_path(
+            CONGESTION_CONTROL, MAX_PACKET, probe=old is None or _rank(new) < _rank(old)
+        )
+        self.transmit()
 
     def _awaiting_acknowledgements(self) -> bool:
         """Whether the peer owes this side an answer: packets in flight, not yet acknowledged."""
-        return self.quic is not None and self.quic._loss.bytes_in_flight > 0
+        return self.quic is not None and self.quic.in_flight() > 0
 
     def _connect(self) -> None:
         assert self.quic is not None
@@ -219,13 +174,14 @@ class QuicSession:
                 return  # not a QUIC packet: garbage on the path
             if header.packet_type != QuicPacketType.INITIAL:
                 return
-            self.quic = _PinnedConnection(
+            self.quic = PinnedConnection(
                 configuration=self._configuration,
                 consumed=self.consumed,
                 original_destination_connection_id=header.destination_cid,
             )
-        self.quic.receive_datagram(data, PLACEHOLDER, now=time.monotonic())
-        self._process_events()
+        arrived = time.monotonic()
+        self.quic.receive_datagram(data, PLACEHOLDER, now=arrived)
+        self._process_events(arrived)
         # Once for everything that arrived in this turn of the loop: one round of ACKs and
         # sends for a burst of datagrams, not one per datagram.
         if not self._transmit_scheduled:
@@ -243,6 +199,8 @@ class QuicSession:
         if datagrams:
             self.path.send_many_nowait(datagrams)
             self._last_sent = now
+            if self._pings and not self.quic.pings_pending():
+                self._pings.sent(time.monotonic())
         self._arm_timer()
         self._wake_writers()
 
@@ -272,12 +230,14 @@ class QuicSession:
                 and time.monotonic() - self._last_sent > KEEPALIVE
                 and self.handshake.done()
             ):
-                self.quic.send_ping(0)
+                uid, _ = self._pings.new()  # timed too: the latest round trip, when quiet
+                self.quic.send_ping(uid)
                 self.transmit()
 
     # ---- events ----------------------------------------------------------------------------
 
-    def _process_events(self) -> None:
+    def _process_events(self, arrived: float | None = None) -> None:
+        """What aioquic made of what arrived (`arrived`: when the datagram did)."""
         assert self.quic is not None
         while (event := self.quic.next_event()) is not None:
             if self.closed_reason is not None and not isinstance(
@@ -298,24 +258,21 @@ class QuicSession:
                 self._stream(event.stream_id).fail(
                     StreamReset(f"the peer reset the stream (code {event.error_code})")
                 )
+            elif isinstance(event, events.StopSendingReceived):
+                self._stopped[event.stream_id] = event.error_code
+                self._wake_writers()
+            elif isinstance(event, events.PingAcknowledged):
+                self._pings.answered(event.uid, arrived or time.monotonic(), self.path.last_kind)
             elif isinstance(event, events.ConnectionTerminated):
                 self._terminated(event)
 
     def _handshake_completed(self) -> None:
         assert self.quic is not None
-        peer = self.quic.tls._peer_certificate
-        presented = identity.fingerprint(identity.to_der(peer)) if peer is not None else None
-        if presented != self.expected:
-            peer = self.path.peer_id
-            reason = (
-                f"{peer} presented no certificate, not the introduced identity"
-                if presented is None
-                else f"{peer} presented certificate {presented[:16]}…, not the introduced "
-                f"identity {self.expected[:16]}…"
-            )
-            logger.warning("%s; closing", reason)
-            self._fail_handshake(IdentityMismatch(reason))
-            self.close(reason, code=CLOSE_IDENTITY)
+        presented, refusal = pin_check(self.quic, self.expected, self.path.peer_id)
+        if refusal is not None:
+            logger.warning("%s; closing", refusal)
+            self._fail_handshake(refusal)
+            self.close(str(refusal), code=CLOSE_IDENTITY)
             return
         self.peer_fingerprint = presented
         self.handshake_seconds = time.monotonic() - self.handshake_started
@@ -324,17 +281,9 @@ class QuicSession:
 
     def _terminated(self, event: events.ConnectionTerminated) -> None:
         reason = event.reason_phrase or f"QUIC error {event.error_code:#x}"
-        peer = self.path.peer_id
-        if event.error_code == CLOSE_IDENTITY:
-            self._fail_handshake(IdentityMismatch(f"{peer} refused our identity: {reason}"))
-        elif CRYPTO_ERRORS[0] <= event.error_code <= CRYPTO_ERRORS[1]:
-            # A TLS alert during the handshake: the pinned certificate was not proven (our own
-            # check, or the peer's check of ours).
-            self._fail_handshake(
-                IdentityMismatch(
-                    f"no pinned identity on the connection with {peer} (TLS: {reason})"
-                )
-            )
+        mismatch = pin_failure(event.error_code, reason, self.path.peer_id)
+        if mismatch is not None:
+            self._fail_handshake(mismatch)
         self._closed(reason)
 
     def _fail_handshake(self, error: PeerError) -> None:
@@ -355,6 +304,7 @@ class QuicSession:
             self._timer.cancel()
         if self._keepalive is not None:
             self._keepalive.cancel()
+        self._pings.fail(error)
         self._wake_writers()
         if self.on_closed is not None:
             self.on_closed(self)
@@ -389,10 +339,10 @@ class QuicSession:
         view = memoryview(data)
         offset = 0
         while True:
-            self._check_open()
+            self._check_writable(stream_id)
             while self._unacknowledged(stream_id) > SEND_WINDOW:
                 await self._progress.wait()
-                self._check_open()
+                self._check_writable(stream_id)
             chunk = view[offset : offset + WRITE_CHUNK]
             offset += len(chunk)
             last = offset >= len(view)
@@ -429,6 +379,43 @@ class QuicSession:
             self.quic.reset_stream(stream_id, code)
             self.transmit()
 
+    def abort_stream(self, stream_id: int, code: int) -> None:
+        """Give the stream up both ways: the peer's reads raise StreamReset (RESET_STREAM), its
+        writes are stopped (STOP_SENDING), and reads on this side end with StreamReset."""
+        buffer = self.streams.get(stream_id)
+        if buffer is not None:
+            buffer.fail(StreamReset(f"the stream was reset on this side (code {code})"))
+        if self.closed_reason is not None or self.quic is None:
+            return
+        self.quic.reset_stream(stream_id, code)
+        with contextlib.suppress(ValueError):  # nothing received on it yet, or finished
+            self.quic.stop_stream(stream_id, code)
+        self.transmit()
+        self._wake_writers()
+
+    async def ping(self) -> tuple[float, str | None]:
+        """A QUIC PING (pings.py): the round trip in seconds, and the route kind its
+        acknowledgement came back on."""
+        self._check_open()
+        assert self.quic is not None
+        uid, waiter = self._pings.new()
+        self.quic.send_ping(uid)
+        self.transmit()
+        try:
+            return await asyncio.shield(waiter)
+        finally:
+            self._pings.forget(uid)
+
+    @property
+    def rtt(self) -> float | None:
+        """QUIC's smoothed round trip on the connection (seconds), once it has a sample."""
+        return None if self.quic is None else self.quic.smoothed_rtt()
+
+    @property
+    def last_ping(self) -> float | None:
+        """The latest PING's round trip (seconds): a `ping`'s, or the keep-alive's."""
+        return self._pings.latest
+
     def close(self, reason: str = "closed", *, code: int = CLOSE_NORMAL) -> None:
         if self.closed_reason is not None:
             return
@@ -441,15 +428,18 @@ class QuicSession:
         if self.closed_reason is not None:
             raise PeerClosed(f"connection to {self.path.peer_id} closed: {self.closed_reason}")
 
-    def _unacknowledged(self, stream_id: int) -> int:
-        """Bytes written to the stream that the peer has not acknowledged (aioquic keeps them
-        in the sender's buffer until then)."""
+    def _check_writable(self, stream_id: int) -> None:
+        self._check_open()
+        if stream_id in self._stopped:
+            code = self._stopped[stream_id]
+            raise StreamReset(f"the peer stopped reading the stream (code {code})")
         assert self.quic is not None
-        stream = self.quic._streams.get(stream_id)
-        if stream is None:
-            return 0
-        sender = stream.sender
-        return sender._buffer_stop - sender._buffer_start
+        if self.quic.sending_reset(stream_id):
+            raise StreamReset("the stream was reset on this side")
+
+    def _unacknowledged(self, stream_id: int) -> int:
+        assert self.quic is not None
+        return self.quic.unacknowledged(stream_id)
 
     def _wake_writers(self) -> None:
         self._progress.set()

@@ -35,6 +35,14 @@ class StreamBuffer:
                 self._error = error
             self._changed.notify_all()
 
+    def unread(self, data: bytes) -> None:
+        """Put bytes a reader took back in front (a reader that only looked at the start of a
+        stream to decide who handles it)."""
+        if data:
+            with self._changed:
+                self._data[:0] = data
+                self._changed.notify_all()
+
     def read(self, max_bytes: int, timeout: float | None) -> bytes:
         with self._changed:
             if not self._changed.wait_for(lambda: self._data or self._eof or self._error, timeout):

@@ -138,6 +138,20 @@ class ServiceSession:
             attempt = self._attempt if self.status.registered else None
         return attempt is not None and self._send(attempt, frame, binary=binary)
 
+    def round_trip(self, timeout: float = 5.0) -> float | None:
+        """Seconds from a `heartbeat` to the service's next `heartbeat_ack` (what the relay's
+        first hop costs); None when not registered or no answer came in time."""
+        with self.status.changed:
+            acks = self.status.heartbeat_acks
+        started = time.monotonic()
+        if not self.send_current(wire.heartbeat()):
+            return None
+        with self.status.changed:
+            answered = self.status.changed.wait_for(
+                lambda: self.status.heartbeat_acks > acks, timeout
+            )
+        return time.monotonic() - started if answered else None
+
     # ---- the loop ------------------------------------------------------------------------------
 
     def _run(self) -> None:
@@ -333,6 +347,8 @@ class ServiceSession:
         elif kind == wire.ServerMessageType.HEARTBEAT_ACK:
             with self._lock:
                 self.status.last_heartbeat_ack_at = now_iso()
+                self.status.heartbeat_acks += 1
+                self.status.changed.notify_all()
         elif kind == wire.ServerMessageType.PUBLIC_IP_REGISTERED:
             self.reporter.acknowledged(attempt, message.get("ip"))
             self._log(logging.INFO, attempt, "server recorded public ip %s", message.get("ip"))

@@ -45,6 +45,7 @@ class SessionStatus:
         self.registered_at: str | None = None
         self.welcome: dict[str, Any] = {}
         self.last_heartbeat_ack_at: str | None = None
+        self.heartbeat_acks = 0
         self.last_error: str | None = None
         self.last_server_error: dict[str, Any] | None = None
         self.last_close_code: int | None = None

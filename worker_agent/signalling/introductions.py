@@ -142,9 +142,12 @@ class Signalling:
 
     # ---- discovery -----------------------------------------------------------------------------
 
-    def list_peers(self, *, tag: str | None = None, timeout: float = 5.0) -> list[dict[str, Any]]:
+    def list_peers(
+        self, *, tag: str | None = None, timeout: float = 5.0, offline: bool = False
+    ) -> list[dict[str, Any]]:
         key = request_id()
-        reply = self.requests.ask(wire.list_peers(request_id=key, tag=tag), key, timeout)
+        frame = wire.list_peers(request_id=key, tag=tag, offline=offline)
+        reply = self.requests.ask(frame, key, timeout)
         peers = reply.get("peers")
         return peers if isinstance(peers, list) else []
 

@@ -5,7 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from registry.core.protocol.codes import IcePolicy, NatMapping, PathKind, Transport
+from registry.core.protocol.codes import (
+    IcePolicy,
+    NatMapping,
+    PathKind,
+    PortMappingProtocol,
+    Transport,
+)
 from registry.core.protocol.fields import UdpEndpoint
 
 
@@ -25,15 +31,25 @@ class AgentInfo:
 
 
 @dataclass(frozen=True, slots=True)
+class PortMapping:
+    """The router's mapping of the report's UDP socket (NAT-PMP, PCP or UPnP IGD)."""
+
+    protocol: PortMappingProtocol
+    external: UdpEndpoint
+
+
+@dataclass(frozen=True, slots=True)
 class NatReport:
     mapping: NatMapping
     udp_endpoint: UdpEndpoint | None
+    port_mapping: PortMapping | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class ListPeers:
     tag: str | None
     request_id: str | None
+    offline: bool = False  # also the workers that are not connected, each with `online`
 
 
 @dataclass(frozen=True, slots=True)

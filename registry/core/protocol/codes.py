@@ -67,11 +67,19 @@ class NatMapping(StrEnum):
     UNKNOWN = "unknown"
 
 
+class PortMappingProtocol(StrEnum):
+    """How a worker's router mapped a UDP port for it (the agent's worker_agent/paths/portmap/)."""
+
+    NAT_PMP = "nat-pmp"  # RFC 6886
+    PCP = "pcp"  # RFC 6887
+    UPNP = "upnp"  # UPnP Internet Gateway Device
+
+
 class PathKind(StrEnum):
     """Which route carries a peer connection's data, best first (docs/nat-traversal.md)."""
 
-    LAN = "lan"  # host candidate to host candidate: no NAT in between
-    DIRECT = "direct"  # through one or both NATs, hole-punched by ICE
+    LAN = "lan"  # host to host candidate on one private network or link
+    DIRECT = "direct"  # between networks: punched, port-mapped, or global IPv6 host to host
     TURN = "turn"  # through a TURN server (coturn)
     RELAY = "relay"  # through this service, over the workers' WebSockets
 
@@ -81,6 +89,8 @@ class IcePolicy(StrEnum):
 
     ALL = "all"  # host and server-reflexive candidates: LAN and direct paths
     RELAY = "relay"  # TURN relay candidates only
+    # Not ICE: hard-NAT probing's public endpoints and token (RENDEZVOUS_HARD_NAT_PROBING)
+    PROBE = "probe"
 
 
 class Transport(StrEnum):

@@ -27,6 +27,7 @@ from registry.core.protocol.client import (
     NatReport,
     PathReport,
     PeerClose,
+    PortMapping,
     RegisterPublicIp,
     SubscribePeers,
     UnsubscribePeers,
@@ -36,6 +37,7 @@ from registry.core.protocol.codes import (
     IcePolicy,
     NatMapping,
     PathKind,
+    PortMappingProtocol,
     Transport,
 )
 from registry.core.protocol.errors import (
@@ -180,7 +182,24 @@ def _parse_nat_report(data: dict[str, Any]) -> NatReport:
     return NatReport(
         mapping=_nat_mapping(data["mapping"]),
         udp_endpoint=None if endpoint is None else parse_udp_endpoint(endpoint),
+        port_mapping=_port_mapping(data.get("port_mapping")),
     )
+
+
+def _port_mapping(value: Any) -> PortMapping | None:
+    """`port_mapping`: null, or {"protocol": "nat-pmp" | "pcp" | "upnp", "external": endpoint}."""
+    if value is None:
+        return None
+    if not isinstance(value, dict) or "protocol" not in value or "external" not in value:
+        raise InvalidField(
+            "'port_mapping' must be null or an object with 'protocol' and 'external'"
+        )
+    try:
+        protocol = PortMappingProtocol(value["protocol"])
+    except ValueError:
+        names = ", ".join(p.value for p in PortMappingProtocol)
+        raise InvalidField(f"'port_mapping.protocol' must be one of {names}") from None
+    return PortMapping(protocol=protocol, external=parse_udp_endpoint(value["external"]))
 
 
 def _parse_register_public_ip(data: dict[str, Any]) -> RegisterPublicIp:
@@ -196,7 +215,7 @@ def _parse_ice_candidates(data: dict[str, Any]) -> IceCandidates:
     try:
         policy = IcePolicy(data.get("policy"))
     except ValueError:
-        raise InvalidField("'policy' must be 'all' or 'relay'") from None
+        raise InvalidField("'policy' must be 'all', 'relay' or 'probe'") from None
     ufrag, pwd = data.get("ufrag"), data.get("pwd")
     if not is_ufrag(ufrag):
         raise InvalidField("'ufrag' must be 4 to 256 ICE characters (A-Z a-z 0-9 + /)")
@@ -248,7 +267,9 @@ _PARSERS: dict[str, Any] = {
     ClientMessageType.AGENT_INFO: lambda d: AgentInfo(info=_validate_agent_info(d.get("info"))),
     ClientMessageType.NAT_REPORT: _parse_nat_report,
     ClientMessageType.LIST_PEERS: lambda d: ListPeers(
-        tag=_optional_tag(d), request_id=_request_id(d, required=False)
+        tag=_optional_tag(d),
+        request_id=_request_id(d, required=False),
+        offline=d.get("offline") is True,
     ),
     ClientMessageType.SUBSCRIBE_PEERS: lambda d: SubscribePeers(tag=_optional_tag(d)),
     ClientMessageType.UNSUBSCRIBE_PEERS: lambda d: UnsubscribePeers(),

@@ -38,8 +38,12 @@ def welcome(
     security_mode: str = "open",
     credential: str | None = None,
     stun_servers: list[str] | None = None,
+    turn_servers: list[str] | None = None,
+    relay: bool = True,
 ) -> str:
-    """`credential` only on enrolment: the worker's secret for every later connection."""
+    """`credential` only on enrolment: the worker's secret for every later connection.
+    `turn_servers` are addresses only (credentials come per introduction): what an agent's
+    netcheck can test reachability of; `relay` says whether the service relays peer traffic."""
     extra = {"credential": credential} if credential else {}
     return encode(
         {
@@ -54,6 +58,8 @@ def welcome(
             "max_frame_bytes": max_frame_bytes,
             "security_mode": security_mode,
             "stun_servers": stun_servers or [],
+            "turn_servers": turn_servers or [],
+            "relay": relay,
             **extra,
         }
     )
@@ -179,10 +185,13 @@ def introduction(
     transport: Transport,
     peer_certificate: str | None,
     relay: bool,
+    hard_nat: str | None = None,
 ) -> str:
     """Both sides get one once the peer accepted: from now on the service passes on their ICE
     candidates, and relays their binary frames if `relay`. `turn`: credentials for this side
-    alone, or None. `peer_certificate`: the other side's identity (base64 DER), to pin."""
+    alone, or None. `peer_certificate`: the other side's identity (base64 DER), to pin.
+    `hard_nat`: this side's part in hard-NAT probing ("hard" or "easy"), only when it probes."""
+    extra = {"hard_nat": hard_nat} if hard_nat else {}
     return encode(
         {
             "type": ServerMessageType.INTRODUCTION,
@@ -194,6 +203,7 @@ def introduction(
             "turn": turn,
             "transport": transport,
             "peer_certificate": peer_certificate,
+            **extra,
         }
     )
 

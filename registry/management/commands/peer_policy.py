@@ -45,7 +45,7 @@ class Command(BaseCommand):
                 raise CommandError(f"{worker_id!r} is not a worker id")
             if not selectors.worker_exists(worker_id):
                 self.stderr.write(f"note: no worker {worker_id} in the registry (no tags)")
-        decision = policy.decide(reach.subject(source), reach.subject(destination))
+        decision = rules.decide(policy, reach.subject(source), reach.subject(destination))
         if decision.allowed:
             self.stdout.write(f"allowed: {source} may reach {destination} ({decision.by})")
             return

@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 
 from django.core.management.base import BaseCommand, CommandError
 
-from registry.peering.stun.responder import DEFAULT_PORT, listeners_from, run
+from registry.peering.stun.responder import ALL_ADDRESSES, DEFAULT_PORT, listeners_from, run
 
 
 def _env_port(name: str, default: int | None) -> int | None:
@@ -35,7 +35,7 @@ class Command(BaseCommand):
     requires_system_checks: ClassVar[list[str]] = []
 
     def add_arguments(self, parser: Any) -> None:
-        parser.add_argument("--host", default=os.environ.get("STUN_HOST") or "0.0.0.0")
+        parser.add_argument("--host", default=os.environ.get("STUN_HOST") or ALL_ADDRESSES)
         parser.add_argument("--port", type=int, default=None, help="default: STUN_PORT or 3478")
         parser.add_argument(
             "--second-port", type=int, default=None, help="default: STUN_SECOND_PORT or none"

@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -36,6 +37,9 @@ from registry.peering.stun.messages import (
 logger = logging.getLogger("registry.stun")
 
 DEFAULT_PORT = 3478
+# Every address, IPv4 and IPv6: one dual-stack socket (IPv4 clients arrive as ::ffff:a.b.c.d and
+# are answered as IPv4), or IPv4 alone where the host has no IPv6.
+ALL_ADDRESSES = "::"
 
 
 @dataclass
@@ -143,7 +147,7 @@ class StunServer:
             for host, port in self.listeners:
                 transport, _ = await loop.create_datagram_endpoint(
                     lambda: StunResponderProtocol(self.stats, software=self.software),
-                    local_addr=(host, port),
+                    sock=_bound_socket(host, port),
                 )
                 self._transports.append(transport)
                 bound = transport.get_extra_info("sockname")
@@ -160,6 +164,36 @@ class StunServer:
 
     def describe(self) -> str:
         return " and ".join(f"udp {_format_endpoint(a)}" for a in self.addresses)
+
+
+def _bound_socket(host: str, port: int) -> socket.socket:
+    """A UDP socket bound to `host`: `::` is dual stack (IPV6_V6ONLY off, whatever the system's
+    default), and falls back to 0.0.0.0 where IPv6 is unavailable."""
+    if host == ALL_ADDRESSES:
+        try:
+            sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+        except OSError:
+            logger.warning("no IPv6 on this host: the STUN responder answers over IPv4 only")
+            return _bound_socket("0.0.0.0", port)
+        try:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            sock.bind((host, port))
+        except OSError:
+            sock.close()
+            raise
+        sock.setblocking(False)
+        return sock
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    infos = socket.getaddrinfo(host, port, family=0, type=socket.SOCK_DGRAM)
+    family, _, _, _, address = infos[0] if infos else (family, 0, 0, "", (host, port))
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        sock.bind(address)
+    except OSError:
+        sock.close()
+        raise
+    sock.setblocking(False)
+    return sock
 
 
 def listeners_from(
@@ -224,7 +258,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """`python -m registry.peering.stun`: the responder without Django (tests, network
     namespaces)."""
     parser = argparse.ArgumentParser(prog="python -m registry.peering.stun", description=__doc__)
-    parser.add_argument("--host", default="0.0.0.0")
+    parser.add_argument("--host", default=ALL_ADDRESSES)
     parser.add_argument("--port", type=int, default=DEFAULT_PORT)
     parser.add_argument("--second-port", type=int, default=None)
     parser.add_argument("--second-host", default=None)
