@@ -268,6 +268,9 @@ RENDEZVOUS = {
     # up to a few hundred UDP datagrams per introduction (registry/peering/probing.py).
     "HARD_NAT_PROBING": env_bool("RENDEZVOUS_HARD_NAT_PROBING", False),
     "RELAY_MAX_PEERS": env_int("RENDEZVOUS_RELAY_MAX_PEERS", 64),
+    # Seconds an accepted introduction may go unused (no relay frame, ICE candidates or path
+    # report from either side) before it is ended for both (peer_closed UNUSED).
+    "UNUSED_INTRODUCTION_TIMEOUT": env_float("RENDEZVOUS_UNUSED_INTRODUCTION_TIMEOUT", 10.0),
     "RELAY_BYTES_PER_SECOND": env_float("RENDEZVOUS_RELAY_BYTES_PER_SECOND", 32 * 1024 * 1024),
     "RELAY_FRAMES_PER_SECOND": env_float("RENDEZVOUS_RELAY_FRAMES_PER_SECOND", 5000.0),
     # TURN servers (coturn, host:port, UDP) and the shared secret of coturn's TURN REST API

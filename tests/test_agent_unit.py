@@ -1210,6 +1210,35 @@ def test_an_agent_without_secrets_sends_no_authorization_header() -> None:
     assert keyed.enrolment.headers({})["Authorization"] == "Bearer rvk_k"
 
 
+def test_a_flood_of_one_server_error_is_one_warning_and_the_status_stays_current(caplog) -> None:
+    """Issue 19: every error frame was a WARNING (9,117 in one run of a relay flood). One line
+    per code every few seconds, the repeats counted in the next; the status keeps the last."""
+    from worker_agent.service.attempt import Attempt
+    from worker_agent.service.session import SERVER_ERROR_QUIET
+
+    agent = WorkerAgent("http://127.0.0.1:9", "w-flooded", ip_echo_url="")
+    now = [100.0]
+    agent.session._error_lines.clock = lambda: now[0]
+
+    def error(code: str, n: int) -> str:
+        return json.dumps({"type": "error", "code": code, "message": f"refused #{n}"})
+
+    with caplog.at_level(logging.WARNING, logger="worker_agent"):
+        for n in range(500):
+            now[0] += 0.001
+            agent.session._handle_message(Attempt(1), error("RELAY_RATE_LIMITED", n))
+        assert agent.status()["last_server_error"]["message"] == "refused #499"
+        agent.session._handle_message(Attempt(1), error("INVALID_FIELD", 0))  # another code
+        now[0] += SERVER_ERROR_QUIET
+        agent.session._handle_message(Attempt(1), error("RELAY_RATE_LIMITED", 500))
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 3
+    assert "RELAY_RATE_LIMITED: refused #0" in warnings[0]
+    assert "INVALID_FIELD: refused #0" in warnings[1]
+    assert warnings[2].endswith("refused #500 (499 more of RELAY_RATE_LIMITED since its last line)")
+    assert agent.status()["last_server_error"]["message"] == "refused #500"
+
+
 def test_a_relay_error_for_an_introduction_this_agent_ended_is_no_warning(caplog) -> None:
     """Closing a connection tells the service at once; packets the peer or this agent still had
     on their way then meet RELAY_NOT_INTRODUCED. That is no news: logged at DEBUG, not kept as

@@ -88,7 +88,11 @@ def test_ensure_local_admin_creates_one_superuser_and_prints_its_password_once()
 
 @pytest.mark.parametrize(
     ("servers", "problems"),
-    [(["stun.example.com:3478", "[2001:db8::1]:3479"], []), (["stun.example.com"], ["E004"])],
+    [
+        (["stun.example.com:3478", "[2001:db8::1]:3479"], []),
+        (["stun.example.com"], ["E004"]),
+        (["stun.example.com:\u00b2"], ["E004"]),  # a digit to str.isdigit(), not to int()
+    ],
 )
 def test_stun_servers_must_be_host_and_port(settings, servers, problems) -> None:
     from registry.ops.checks import check_rendezvous_settings

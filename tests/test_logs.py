@@ -62,6 +62,13 @@ def test_a_json_line_has_the_keys_cloud_logging_reads_and_the_event_ids() -> Non
     assert entry["time"].endswith("+00:00")
 
 
+def test_an_id_in_other_than_ascii_digits_stays_text() -> None:
+    """str.isdigit() takes "\u00b2", which int() refuses: the formatter raised (issue 19), and
+    the text of a log line can carry what a worker wrote (a close reason)."""
+    record = logging.makeLogRecord({"msg": "introduction ended: connection=\u00b2 bye"})
+    assert json.loads(JsonFormatter().format(record))["connection_id"] == "\u00b2"
+
+
 def test_ids_given_as_extra_win_over_the_message() -> None:
     record = logging.makeLogRecord(
         {"msg": "worker=from-text", "worker_id": "from-extra", "levelname": "INFO"}

@@ -318,12 +318,17 @@ async def test_an_agent_of_the_first_peer_protocol_gets_a_clear_error() -> None:
 
 
 async def test_a_worker_at_its_peer_limit_is_refused_new_introductions(settings) -> None:
+    """The limit is per kind: the introductions a worker asked for, and those others asked for
+    once in use. Others' requests do not take the slots of a worker's own."""
     settings.RENDEZVOUS = {**settings.RENDEZVOUS, "RELAY_MAX_PEERS": 1}
     a, b, c = await connected("a", 1), await connected("b", 2), await connected("c", 3)
-    await introduce(a, b)
-    reply = await ask(a, connect_request("c", request_id="r2"))  # A is full
+    for_a, _ = await introduce(a, b)
+    reply = await ask(a, connect_request("c", request_id="r2"))  # A asked for one already
     assert reply["code"] == "TOO_MANY_PEERS" and "RENDEZVOUS_RELAY_MAX_PEERS" in reply["reason"]
-    await ask(c, connect_request("b", request_id="r3"))  # B is full
+    await introduce(b, c, peer_id="c")  # B's own request: A's link to B does not count
+    path = {"type": "path_report", "introduction_id": for_a["introduction_id"], "kind": "relay"}
+    assert (await ask(a, path))["type"] == "path_report_recorded"  # A's link to B in use
+    await ask(c, connect_request("b", request_id="r3"))  # B has one in use that another asked for
     asked = await b.receive_json_from(timeout=3)
     for_b = await ask(b, accept(asked["introduction_id"]))
     for_c = await c.receive_json_from(timeout=3)

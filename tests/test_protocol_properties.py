@@ -12,6 +12,7 @@ import dataclasses
 import ipaddress
 import itertools
 import json
+import re
 import typing
 from typing import Any
 
@@ -194,6 +195,139 @@ def test_every_parsed_message_is_well_formed_and_encodes_as_strict_json(text: st
     if isinstance(message, protocol.AgentInfo):
         assert is_flat_agent_info(message.info)
         assert message.info == frame["info"]
+
+
+# Values close to each field's rule, and hostile ones: digits of other scripts where numbers go
+# (str.isdigit() takes them), lone surrogates and NUL where text goes, numbers out of range.
+hex_ids = st.one_of(st.text("0123456789abcdef", min_size=32, max_size=32), any_text)
+other_digits = st.text(st.characters(categories=["Nd", "No"]), min_size=1, max_size=6)
+number_tokens = st.one_of(
+    st.integers(min_value=-5, max_value=2**32).map(str),
+    other_digits,
+    st.sampled_from(["²", "0x10", "+1", "1_000", "00000000000080", "1e3", "-0"]),
+    any_text.filter(lambda text: text and not any(c.isspace() for c in text)),
+)
+address_tokens = st.one_of(st.ip_addresses().map(str), ip_strings, number_tokens)
+candidate_texts = st.builds(
+    lambda prefix, foundation, component, transport, priority, ip, port, kind, extras: " ".join(
+        [prefix + foundation, component, transport, priority, ip, port, "typ", kind, *extras]
+    ),
+    st.sampled_from(["", "candidate:"]),
+    st.one_of(st.from_regex(r"[A-Za-z0-9+/]{1,32}", fullmatch=True), number_tokens),
+    number_tokens,
+    st.sampled_from(["udp", "UDP", "tcp"]),
+    number_tokens,
+    address_tokens,
+    number_tokens,
+    st.sampled_from(["host", "srflx", "prflx", "relay", "magic"]),
+    st.lists(
+        st.one_of(
+            st.tuples(st.just("raddr"), address_tokens),
+            st.tuples(st.just("rport"), number_tokens),
+            st.tuples(st.sampled_from(["generation", "tcptype"]), number_tokens),
+        ).map(" ".join),
+        max_size=3,
+    ),
+)
+endpoints = st.fixed_dictionaries(
+    {"ip": st.one_of(ip_strings, json_values), "port": st.one_of(st.integers(), json_values)}
+)
+near_valid = {
+    "ip": ip_strings,
+    "info": info_objects,
+    "mapping": st.sampled_from([m.value for m in protocol.NatMapping]),
+    "udp_endpoint": endpoints,
+    "port_mapping": st.one_of(
+        st.none(),
+        st.fixed_dictionaries(
+            {
+                "protocol": st.one_of(
+                    st.sampled_from([p.value for p in protocol.PortMappingProtocol]), any_text
+                ),
+                "external": endpoints,
+            }
+        ),
+    ),
+    "offline": st.one_of(st.booleans(), json_values),
+    "tag": st.one_of(st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", fullmatch=True), any_text),
+    "request_id": st.one_of(st.from_regex(protocol.REQUEST_ID_PATTERN, fullmatch=True), any_text),
+    "peer_id": st.one_of(st.from_regex(protocol.WORKER_ID_PATTERN, fullmatch=True), any_text),
+    "introduction_id": hex_ids,
+    "resumes": hex_ids,
+    "protocol_version": st.integers(min_value=-2, max_value=1002),
+    "transport": st.sampled_from([t.value for t in protocol.Transport]),
+    "attempt": st.integers(min_value=-2, max_value=10_002),
+    "policy": st.sampled_from([p.value for p in protocol.IcePolicy]),
+    "ufrag": st.from_regex(r"[A-Za-z0-9+/]{3,257}", fullmatch=True),
+    "pwd": st.from_regex(r"[A-Za-z0-9+/]{21,257}", fullmatch=True),
+    "candidates": st.lists(candidate_texts, max_size=17),
+    "done": st.booleans(),
+    "kind": st.sampled_from([k.value for k in protocol.PathKind]),
+    "remote": st.one_of(st.none(), endpoints),
+    "setup_ms": st.one_of(st.none(), st.integers(min_value=-2, max_value=10**7 + 2)),
+    "reason": st.one_of(any_text, st.text(any_char, min_size=190, max_size=260)),
+}
+
+
+MESSAGE_CLASS_OF_TYPE = {
+    re.sub(r"(?<!^)(?=[A-Z])", "_", cls.__name__).lower(): cls for cls in MESSAGE_CLASSES
+}
+
+
+@st.composite
+def messages_of_every_type(draw: st.DrawFn) -> tuple[str, dict[str, Any]]:
+    """A frame of one client message type with each of its fields left out, near its rule, or
+    anything at all."""
+    kind = draw(st.sampled_from(MESSAGE_TYPES))
+    frame: dict[str, Any] = {"type": kind}
+    for field in dataclasses.fields(MESSAGE_CLASS_OF_TYPE[kind]):
+        choice = draw(st.sampled_from(["absent", "near", "near", "near", "any"]))
+        if choice == "near":
+            frame[field.name] = draw(near_valid[field.name])
+        elif choice == "any":
+            frame[field.name] = draw(field_values)
+    return kind, frame
+
+
+def strings_in(value: Any) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [s for key, item in value.items() for s in (*strings_in(key), *strings_in(item))]
+    if isinstance(value, (list, tuple)):
+        return [s for item in value for s in strings_in(item)]
+    return []
+
+
+@pytest.mark.standalone
+@hypothesis_settings(max_examples=1000)
+@given(message=messages_of_every_type(), ensure_ascii=st.booleans())
+@example(
+    message=("ice_candidates", {"introduction_id": "0" * 32, "attempt": 0, "policy": "all",
+             "ufrag": "abcd", "pwd": "p" * 22, "candidates": ["1 ² udp 1 192.0.2.1 9 typ host"]}),
+    ensure_ascii=True,
+)  # fmt: skip
+@example(message=("peer_close", {"introduction_id": "0" * 32, "reason": "\ud800 bye"}),
+         ensure_ascii=True)  # fmt: skip
+def test_every_message_type_with_any_field_values_parses_or_gets_a_coded_error(
+    message: tuple[str, dict[str, Any]], ensure_ascii: bool
+) -> None:
+    """Issue 19: int("²") escaped the candidate parser (UNAVAILABLE and a traceback), and a
+    reason with a lone surrogate was logged and recorded (logging errors, a record left open)."""
+    kind, frame = message
+    text = dump(frame, ensure_ascii=ensure_ascii)
+    if not is_utf8(text):
+        return  # not a text frame a WebSocket can carry
+    outcome = parse_outcome(text, max_bytes=10**6)
+    if isinstance(outcome, protocol.ErrorCode):
+        return
+    assert isinstance(outcome, MESSAGE_CLASS_OF_TYPE[kind])
+    fields = dataclasses.asdict(outcome)
+    for value in strings_in(fields):
+        assert is_utf8(value) and "\x00" not in value, (kind, value)
+    if isinstance(outcome, protocol.IceCandidates):
+        for candidate in outcome.candidates:
+            assert candidate.isascii() and candidate == protocol.parse_candidate(candidate)
 
 
 sized_text = st.one_of(

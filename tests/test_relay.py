@@ -6,6 +6,7 @@ tests/test_paths_e2e.py."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 from collections.abc import Callable
 from typing import Any
@@ -13,10 +14,11 @@ from typing import Any
 import pytest
 from channels.db import database_sync_to_async
 from channels.testing import WebsocketCommunicator
+from twisted.internet import abstract
 
 from registry.models import Worker
 from registry.ops import metrics
-from registry.peering.relay import RelayOutbox
+from registry.peering.relay import SEND_BUFFER_BYTES, RelayOutbox, SendWindow
 from registry.presence.runtime import get_runtime
 from tests.test_peering import ask, connected, introduce
 
@@ -352,3 +354,21 @@ async def test_the_receiving_side_drops_frames_for_a_link_it_does_not_hold() -> 
     assert after == before + 1
     await a.disconnect()
     await b.disconnect()
+
+
+async def test_the_send_window_holds_a_mib_unsent_and_leaves_the_read_size_alone() -> None:
+    """Raising Twisted's `bufferSize` to hold 1 MiB unsent also made it read 1 MiB from the socket
+    at a time: a pair relaying both ways had its frames parsed in bursts while every other
+    connection waited (issue 19, item 7; bench/relay_fairness.py)."""
+
+    class Protocol:
+        transport = abstract.FileDescriptor()
+
+    transport = Protocol.transport
+    window = SendWindow.attach(functools.partial(lambda protocol, message: None, Protocol()))
+    assert window is not None and transport.producer is window
+    assert transport.bufferSize == 64 * 1024  # Twisted's read size, as it was
+    transport.dataBuffer = b"x" * (SEND_BUFFER_BYTES - 10)
+    assert not transport._isSendBufferFull()
+    transport._tempDataLen = 20
+    assert transport._isSendBufferFull()

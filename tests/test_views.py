@@ -78,7 +78,15 @@ def test_worker_list_paginates(client: Client, registry_with_workers: dict[str, 
 
 
 @pytest.mark.parametrize(
-    "query", [{"status": "sleeping"}, {"page": "0"}, {"page": "x"}, {"page_size": "-1"}]
+    "query",
+    [
+        {"status": "sleeping"},
+        {"page": "0"},
+        {"page": "x"},
+        {"page_size": "-1"},
+        {"page": "\u00b2"},  # str.isdigit() takes it, int() does not (issue 19)
+        {"page_size": "\u0661\u0662"},  # Arabic-Indic 12: digits, not ASCII ones
+    ],
 )
 def test_worker_list_bad_query_is_a_json_400(client: Client, query: dict[str, str]) -> None:
     response = client.get("/api/workers/", query)

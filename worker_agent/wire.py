@@ -130,7 +130,8 @@ class PeerClosedCode(StrEnum):
     CLOSED = "CLOSED"  # either side closed it
     PEER_OFFLINE = "PEER_OFFLINE"  # the peer's connection to the service ended: it may resume
     POLICY_DENIED = "POLICY_DENIED"  # the peer rules no longer allow the pair
-    TOO_MANY_PEERS = "TOO_MANY_PEERS"  # this side held too many peers when it was made
+    TOO_MANY_PEERS = "TOO_MANY_PEERS"  # this side held too many peers when it was made (or used)
+    UNUSED = "UNUSED"  # neither side sent anything on it in time
 
 
 class CloseCode(IntEnum):

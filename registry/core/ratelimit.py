@@ -35,6 +35,28 @@ class TokenBucket:
         return self._tokens >= cost
 
 
+class Streak:
+    """Refusals of one kind, told once: the first of a streak is reported (an error frame, a log
+    line) and the rest only counted; a streak ends after `quiet` seconds without a refusal. A
+    sender just over a limit (one refusal between admitted messages) stays in one streak."""
+
+    __slots__ = ("_clock", "_last", "count", "quiet")
+
+    def __init__(self, *, quiet: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.quiet = quiet
+        self._clock = clock
+        self._last: float | None = None
+        self.count = 0  # refusals in the current (or the last) streak
+
+    def refused(self) -> bool:
+        """Count one refusal; True if it starts a streak (tell the sender, log it)."""
+        now = self._clock()
+        first = self._last is None or now - self._last > self.quiet
+        self._last = now
+        self.count = 1 if first else self.count + 1
+        return first
+
+
 class Flood(Enum):
     """What to do with a message `MessageRate` did not let through."""
 
@@ -45,8 +67,8 @@ class Flood(Enum):
 
 class MessageRate:
     """A connection's text messages: bursts are fine; a message over the rate is dropped, the
-    first of each streak of drops is answered with an error, and a connection whose drops keep
-    coming (`close_after` of them, with no gap of `memory` seconds) is closed."""
+    first of each streak of drops (drops less than `memory` seconds apart) is answered with an
+    error, and a connection whose streak reaches `close_after` drops is closed."""
 
     def __init__(
         self,
@@ -59,26 +81,18 @@ class MessageRate:
     ) -> None:
         self._bucket = TokenBucket(rate=rate, burst=burst, clock=clock)
         self._close_after = close_after
-        self._memory = memory
-        self._clock = clock
-        self._dropped = 0
-        self._last_drop = 0.0
-        self._streak = False
+        self._drops = Streak(quiet=memory, clock=clock)
+
+    @property
+    def dropped(self) -> int:
+        """Messages dropped in the current (or the last) streak."""
+        return self._drops.count
 
     def admit(self) -> Flood | None:
         """None to let the message through; otherwise what to do about dropping it."""
         if self._bucket.take():
-            self._streak = False
             return None
-        now = self._clock()
-        if now - self._last_drop > self._memory:
-            self._dropped = 0  # a burst long ago does not count towards closing the connection
-        self._last_drop = now
-        self._dropped += 1
-        if self._dropped >= self._close_after:
+        first = self._drops.refused()
+        if self._drops.count >= self._close_after:
             return Flood.CLOSE
-        if self._streak:
-            return Flood.DROP
-        # One error per streak of dropped messages: a flood is not answered with a flood.
-        self._streak = True
-        return Flood.WARN
+        return Flood.WARN if first else Flood.DROP

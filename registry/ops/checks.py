@@ -50,7 +50,7 @@ def check_rendezvous_settings(app_configs: Any = None, **kwargs: Any) -> list[An
         )
     for entry in config["STUN_SERVERS"]:
         host, _, port = entry.rpartition(":")
-        if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        if not host or not (port.isascii() and port.isdigit()) or not 1 <= int(port) <= 65535:
             problems.append(
                 Error(
                     f"RENDEZVOUS_STUN_SERVERS entry {entry!r} is not host:port.",
@@ -116,6 +116,16 @@ def _turn_problems(config: dict[str, Any]) -> list[Any]:
                 f"at most 36500), not {retention!r}: at 0 or below every ended record would be "
                 "deleted at once.",
                 id="rendezvous.E008",
+            )
+        )
+    unused = config["UNUSED_INTRODUCTION_TIMEOUT"]
+    if not math.isfinite(unused) or not 5 < unused <= 3600:
+        problems.append(
+            Error(
+                "RENDEZVOUS_UNUSED_INTRODUCTION_TIMEOUT must be a number of seconds above 5 (and "
+                f"at most 3600), not {unused!r}: a pair without the relay may send its first ICE "
+                "candidates only after 5 s of gathering, and would be ended before.",
+                id="rendezvous.E009",
             )
         )
     return problems

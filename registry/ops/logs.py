@@ -41,7 +41,8 @@ def event_ids(record: logging.LogRecord, message: str) -> dict[str, Any]:
         value = getattr(record, field, None)
         if value is not None:
             ids[field] = value
-    if isinstance(ids.get("connection_id"), str) and ids["connection_id"].isdigit():
+    connection_id = ids.get("connection_id")
+    if isinstance(connection_id, str) and connection_id.isascii() and connection_id.isdigit():
         ids["connection_id"] = int(ids["connection_id"])
     return ids
 

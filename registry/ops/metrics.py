@@ -112,6 +112,12 @@ MESSAGES_RECEIVED = Counter(
     "Frames received from workers (before the rate limit).",
     ["instance_name"],
 )
+MESSAGES_DROPPED = Counter(
+    "rendezvous_messages_dropped",
+    "Text frames from workers dropped unanswered, by reason: over the rate limit (rate_limited),"
+    " or arriving once the service had begun to close the connection (closing).",
+    ["instance_name", "reason"],
+)
 MESSAGES_SENT = Counter(
     "rendezvous_messages_sent",
     "Frames sent to workers.",
@@ -126,6 +132,12 @@ REPORTS = Counter(
 SENDS_AFTER_CLOSE = Counter(
     "rendezvous_sends_after_close",
     "Frames dropped because the worker's socket closed while they were on their way.",
+    ["instance_name"],
+)
+UNUSED_INTRODUCTIONS = Counter(
+    "rendezvous_unused_introductions",
+    "Introductions ended because neither worker sent anything on them in time"
+    " (RENDEZVOUS_UNUSED_INTRODUCTION_TIMEOUT), counted on the target's instance.",
     ["instance_name"],
 )
 POLICY_ERRORS = Counter(
@@ -224,12 +236,20 @@ def relay_dropped(reason: str) -> None:
     RELAY_DROPPED.labels(_instance(), reason).inc()
 
 
+def unused_introduction() -> None:
+    UNUSED_INTRODUCTIONS.labels(_instance()).inc()
+
+
 def turn_credentials(count: int) -> None:
     TURN_CREDENTIALS.labels(_instance()).inc(count)
 
 
 def message_received() -> None:
     MESSAGES_RECEIVED.labels(_instance()).inc()
+
+
+def message_dropped(reason: str) -> None:
+    MESSAGES_DROPPED.labels(_instance(), reason).inc()
 
 
 def message_sent() -> None:

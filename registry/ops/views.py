@@ -91,7 +91,7 @@ def _positive_int(request: HttpRequest, name: str, default: int) -> int:
     raw = request.GET.get(name)
     if raw is None or raw == "":
         return default
-    if not raw.isdigit() or int(raw) < 1:
+    if not (raw.isascii() and raw.isdigit()) or int(raw) < 1:  # isdigit alone takes "²"
         raise ValueError(f"'{name}' must be a positive integer")
     return int(raw)
 

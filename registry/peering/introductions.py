@@ -40,6 +40,7 @@ from registry.peering.side import (
     INTRODUCED,
     INTRODUCTION_REQUEST,
     LINK_CLOSED,
+    LINK_USED,
     ConnectionSide,
     Send,
     log,
@@ -116,17 +117,22 @@ class PeerSide:
             await self.requester.introduced(message)
         elif event == LINK_CLOSED:
             await self.link_closed(message)
+        elif event == LINK_USED:
+            await self.link_used(message)
 
     # ---- once introduced ----------------------------------------------------------------------
 
     async def ice_candidates(self, message: protocol.IceCandidates) -> None:
         """Pass the candidates on to the peer; nothing is answered when that works."""
         link = self.side.link(message.introduction_id)
-        await self.side.tell_peer(link, event=FRAME, frame=protocol.ice_candidates(message))
+        if await self._use(link):
+            await self.side.tell_peer(link, event=FRAME, frame=protocol.ice_candidates(message))
 
     async def path_report(self, report: protocol.PathReport) -> str:
         side = self.side
         link = side.link(report.introduction_id)
+        if not await self._use(link):
+            raise protocol.InvalidField("no introduction under that id on this connection")
         metrics.peer_path(report.kind)
         requester, target = (
             (side.worker_id, link.peer_id) if link.initiator else (link.peer_id, side.worker_id)
@@ -153,6 +159,16 @@ class PeerSide:
         """This connection's worker ends the link."""
         link = self.side.link(request.introduction_id)
         await self.side.end_link(link, request.reason or f"closed by {self.side.worker_id}")
+
+    async def _use(self, link: PeerLink) -> bool:
+        """This worker sent something on `link`; False if that ended it (TOO_MANY_PEERS)."""
+        return link.used or await self.side.use(link)
+
+    async def link_used(self, message: dict[str, Any]) -> None:
+        """The peer's worker sent something on the link: it is in use here too, if it fits."""
+        link = self.links.get(message["introduction_id"])
+        if link is not None and not link.used:
+            await self.side.take_up(link)
 
     async def link_closed(self, message: dict[str, Any]) -> None:
         """The peer ended the link (or went offline: then its agent may resume it)."""
@@ -213,5 +229,7 @@ class PeerSide:
         await self._send_bytes(frame)
 
     async def _forward(self, link: PeerLink, frame: bytes) -> bool:
+        if not await self._use(link):
+            return False  # ended at once: this side holds too many links in use
         runtime = self.side.runtime
         return await runtime.relay_to(link.peer_channel, link.peer_connection_id, frame)

@@ -1,6 +1,12 @@
 """A connection's introduced peers: one `PeerLink` per accepted introduction, on each side, saying
 where the peer's consumer is and how much has been relayed to it. Consumers on different
-instances exchange links through the channel layer, as plain values."""
+instances exchange links through the channel layer, as plain values.
+
+A connection's links are limited per kind: those it asked for, in use or not, and those others
+asked for once in use (either side sent something on them). Others' requests that go unused
+count against their requesters only, and end after a few seconds (target.py), so that workers
+asking for a connection they never use cannot lock the target out of its own or anyone else's.
+"""
 
 from __future__ import annotations
 
@@ -24,6 +30,7 @@ class PeerLink:
     relay: bool = True  # the service relays this pair's frames
     peer_tags: tuple[str, ...] = ()  # for the peer policy, when its rules change
     opened_at: float = field(default_factory=time.monotonic)
+    used: bool = False  # either side sent something on it (relay, ICE, a path report)
     relayed_bytes: int = 0
     relayed_frames: int = 0
 
@@ -53,17 +60,27 @@ class PeerLink:
 
 
 class PeerLinks:
-    """A connection's introduced peers, at most `limit` at once."""
+    """A connection's introduced peers: at most `limit` it asked for, and at most `limit` others
+    asked for that are in use (see the module docstring)."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self._links: dict[str, PeerLink] = {}
 
-    def full(self) -> bool:
-        return len(self._links) >= self.limit
+    def full(self, *, asked: bool) -> bool:
+        """Whether no more links of a kind fit: those this connection `asked` for (in use or
+        not), or those others asked for that are in use."""
+        return self.count(asked=asked) >= self.limit
+
+    def count(self, *, asked: bool) -> int:
+        if asked:
+            return sum(1 for link in self._links.values() if link.initiator)
+        return sum(1 for link in self._links.values() if not link.initiator and link.used)
 
     def add(self, link: PeerLink) -> bool:
-        if link.introduction_id not in self._links and self.full():
+        """Hold `link`; False when it is one this connection asked for and those are full
+        (others' links are checked when they are accepted, and again when first used)."""
+        if link.introduction_id not in self._links and link.initiator and self.full(asked=True):
             return False
         if link.introduction_id not in self._links:
             metrics.peer_link_opened()

@@ -75,6 +75,11 @@ class PendingIntroductions:
         self._pending[pending.introduction_id] = pending
         return True
 
+    def holds(self, introduction_id: str) -> bool:
+        """Whether the request is here and may still be answered."""
+        pending = self._pending.get(introduction_id)
+        return pending is not None and pending.expires_at > time.monotonic()
+
     def take(self, introduction_id: str) -> Pending | None:
         """The request, to answer it; None if unknown, answered or expired (an expired one is
         left for its timer)."""

@@ -82,7 +82,7 @@ class Requester:
                 protocol.ConnectFailure.RATE_LIMITED,
                 f"at most {REQUEST_RATE:g} connect request a second; slow down",
             )
-        if side.links.full():
+        if side.links.full(asked=True):
             return protocol.ConnectFailure.TOO_MANY_PEERS, too_many(side.worker_id)
         if request.transport == protocol.Transport.QUIC and side.certificate is None:
             return protocol.ConnectFailure.NO_IDENTITY, no_identity(side.worker_id)

@@ -37,6 +37,7 @@ FRAME = "frame"  # pass a text frame to the worker
 INTRODUCTION_REQUEST = "introduction_request"  # A's request, for B to decide
 INTRODUCED = "introduced"  # B accepted: A's link and A's introduction frame
 LINK_CLOSED = "link_closed"  # the other side ended the introduction
+LINK_USED = "link_used"  # the other side's worker sent something on the introduction
 
 Send = Callable[[str], Awaitable[None]]
 
@@ -213,6 +214,27 @@ class ConnectionSide:
                 code=code,
             )
         )
+        return True
+
+    async def use(self, link: PeerLink) -> bool:
+        """This connection's worker sent something on `link`: the first time, the link is in use
+        here and the peer's consumer is told (LINK_USED), so that neither side ends it as unused.
+        False when this side cannot take it into use (too many links others asked for are in use
+        here): then it is ended, TOO_MANY_PEERS."""
+        if link.used:
+            return True
+        if not await self.take_up(link):
+            return False
+        await self.tell_peer(link, event=LINK_USED)
+        return True
+
+    async def take_up(self, link: PeerLink) -> bool:
+        """Count `link` as in use here, if it fits; otherwise end it for both sides."""
+        if not link.initiator and self.links.full(asked=False):
+            code = protocol.PeerClosedCode.TOO_MANY_PEERS
+            await self.end_link(link, too_many(self.worker_id), code=code)
+            return False
+        link.used = True
         return True
 
     def record_end(self, link: PeerLink, reason: str) -> None:

@@ -77,6 +77,10 @@ class Target:
         reason = f"worker {self.side.worker_id} did not answer within {ANSWER_TIMEOUT:g}s"
         await self._fail(pending, protocol.ConnectFailure.PEER_UNRESPONSIVE, reason)
 
+    def awaits(self, message: object) -> bool:
+        """Whether `message` answers a request this connection holds (unanswered, in time)."""
+        return isinstance(message, Answer) and self.pending.holds(message.introduction_id)
+
     async def answer(self, answer: Answer) -> str:
         """This worker (B) answers: both sides get their `introduction`, or A is told why not."""
         pending = self.pending.take(answer.introduction_id)
@@ -111,7 +115,7 @@ class Target:
         side = self.side
         if not decision.allowed:
             return protocol.ConnectFailure.POLICY_DENIED, decision.reason
-        if side.links.full():
+        if side.links.full(asked=False):
             return protocol.ConnectFailure.TOO_MANY_PEERS, too_many(side.worker_id)
         if pending.transport == protocol.Transport.QUIC and side.certificate is None:
             return protocol.ConnectFailure.NO_IDENTITY, no_identity(side.worker_id)
@@ -121,7 +125,8 @@ class Target:
         """Both sides linked; A's introduction on its way to A's consumer, B's returned."""
         side = self.side
         relay = bool(settings.RENDEZVOUS["RELAY"])
-        theirs = self._link_both(pending, relay)
+        mine, theirs = self._link_both(pending, relay)
+        side.runtime.spawn(self._end_if_unused(mine), what="unused introduction timeout")
         turn_a, turn_b = turn_credentials(pending.requester_id), turn_credentials(side.worker_id)
         probe_a, probe_b = await self._hard_nat_roles(pending)
         if turn_a is not None:
@@ -178,21 +183,20 @@ class Target:
         mappings = await database_sync_to_async(selectors.nat_mappings)(ids)
         return probing.roles(mappings.get(ids[0], ""), mappings.get(ids[1], ""))
 
-    def _link_both(self, pending: Pending, relay: bool) -> PeerLink:
-        """This side's link to A, held here; and A's link to this side, returned for A."""
+    def _link_both(self, pending: Pending, relay: bool) -> tuple[PeerLink, PeerLink]:
+        """This side's link to A, held here; and A's link to this side, for A."""
         side = self.side
-        side.links.add(
-            PeerLink(
-                introduction_id=pending.introduction_id,
-                peer_id=pending.requester_id,
-                peer_channel=pending.requester_channel,
-                peer_connection_id=pending.requester_connection_id,
-                initiator=False,
-                relay=relay,
-                peer_tags=pending.requester_tags,
-            )
+        mine = PeerLink(
+            introduction_id=pending.introduction_id,
+            peer_id=pending.requester_id,
+            peer_channel=pending.requester_channel,
+            peer_connection_id=pending.requester_connection_id,
+            initiator=False,
+            relay=relay,
+            peer_tags=pending.requester_tags,
         )
-        return PeerLink(
+        side.links.add(mine)
+        return mine, PeerLink(
             introduction_id=pending.introduction_id,
             peer_id=side.worker_id,
             peer_channel=side.runtime.channel_name,
@@ -201,6 +205,19 @@ class Target:
             relay=relay,
             peer_tags=tuple(sorted(side.subject.tags)),
         )
+
+    async def _end_if_unused(self, link: PeerLink) -> None:
+        """Neither side has sent anything on the introduction in time (a requester that never
+        meant to connect, say): ended for both, so it holds no slot and no state of either. A
+        live pair's initiator reports its path as soon as the relay carries it, and sends ICE
+        candidates within seconds when there is no relay."""
+        timeout = settings.RENDEZVOUS["UNUSED_INTRODUCTION_TIMEOUT"]
+        await asyncio.sleep(timeout)
+        if link.used or self.side.links.get(link.introduction_id) is not link:
+            return
+        metrics.unused_introduction()
+        reason = f"neither worker used the introduction within {timeout:g}s"
+        await self.side.end_link(link, reason, code=protocol.PeerClosedCode.UNUSED)
 
     def _record(self, pending: Pending, decision: Decision) -> None:
         self.side.runtime.spawn(

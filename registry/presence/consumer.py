@@ -6,6 +6,7 @@ message means in peering/introductions.py; this class turns socket events into t
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import Any
@@ -35,9 +36,13 @@ from registry.security.origins import origin_allowed
 
 log = InstanceLogAdapter(logging.getLogger("registry.consumers"), lambda: get_runtime().instance_id)
 
-# Dropped messages count towards the 4029 close only while the drops keep coming: a gap this
-# long (seconds) without one starts the count again.
+# Dropped messages are one streak while the drops keep coming: a gap this long (seconds) without
+# one ends it. A streak gets one error frame and one log line, and a streak of
+# RATE_LIMIT_CLOSE_AFTER drops closes the connection (4029).
 FLOOD_MEMORY = 10.0
+# Why a text frame was dropped unanswered (the `reason` label of rendezvous_messages_dropped).
+DROP_RATE_LIMITED = "rate_limited"
+DROP_CLOSING = "closing"
 
 # What a send to a socket that has just closed raises: ASGI asks servers for an OSError
 # (uvicorn's ClientDisconnected), daphne lets autobahn's Disconnected through.
@@ -55,6 +60,26 @@ class RegisterConsumer(AsyncWebsocketConsumer):
     _confirm_credential = False
     _server_close_code: int | None = None
     _last_heartbeat: float | None = None
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        """Channels' loop, without the task and the asyncio.wait it wraps every message in (three
+        turns of the event loop before a frame is handled, and their CPU for every frame), and
+        fair between connections: each takes one frame a turn (round robin). A connection with
+        more frames waiting in its queue (daphne's, one per socket) lets every other connection
+        take its turn before its next frame, so one at its relay budget cannot keep another's
+        frames waiting behind its own (docs/performance.md, relay fairness)."""
+        self.scope = scope
+        self.channel_layer = None
+        self.base_send = send
+        queue = getattr(receive, "__self__", None)  # daphne's receive is its queue's `get`
+        waiting = queue.qsize if hasattr(queue, "qsize") else lambda: 1
+        try:
+            while True:
+                await self.dispatch(await receive())
+                if waiting():
+                    await asyncio.sleep(0)  # the other connections' turns first
+        except StopConsumer:
+            pass
 
     async def dispatch(self, message: dict[str, Any]) -> None:
         """Channels' dispatch without its per-event `aclose_old_connections`, a hop to the
@@ -187,35 +212,64 @@ class RegisterConsumer(AsyncWebsocketConsumer):
         if self.connection_id is None:
             return
         metrics.message_received()
+        if self._server_close_code is not None:
+            # The service is closing this socket (a flood, say): what still arrives is not read.
+            metrics.message_dropped(DROP_CLOSING)
+            return
         if text_data is None:
             # Binary frames are relay frames, budgeted by the relay, not the message rate limit.
             await self._relay(bytes_data or b"")
             return
-        flood = self.rate.admit()
-        if flood is not None:
-            await self._dropped(flood)
-            return
+        parsed = self._parse(text_data)
+        if not self._answers_a_request(parsed):
+            flood = self.rate.admit()
+            if flood is not None:
+                await self._dropped(flood)
+                return
+        reply = await self._reply(parsed)
+        if reply is not None:
+            await self.send(reply)
+
+    def _parse(self, text: str) -> protocol.ClientMessage | protocol.ProtocolError:
+        """The frame's message, or the refusal to answer it with (once within the rate limit)."""
+        try:
+            return protocol.parse_client_message(text, max_bytes=self.max_frame_bytes)
+        except protocol.ProtocolError as exc:
+            return exc
+        except Exception:  # a bug in a parser: this frame fails, the connection stays
+            log.exception(
+                "worker=%s connection=%s frame failed", self.worker_id, self.connection_id
+            )
+            return protocol.Unavailable("service busy; send it again later")
+
+    def _answers_a_request(self, message: protocol.ClientMessage | protocol.ProtocolError) -> bool:
+        """An answer to an introduction request this connection holds costs nothing against its
+        rate limit: others' requests must not use it up (they are bounded by the requesters'
+        own rates and by MAX_PENDING, and each is answered once)."""
+        return self._peer_side is not None and self._peer_side.target.awaits(message)
+
+    async def _reply(self, message: protocol.ClientMessage | protocol.ProtocolError) -> str | None:
+        """What a frame within the rate limit is answered with: its reply, or its error."""
         try:
             await self._confirm()
-            message = protocol.parse_client_message(text_data, max_bytes=self.max_frame_bytes)
-            reply = await self.handle(message)
+            if isinstance(message, protocol.ProtocolError):
+                raise message
+            return await self.handle(message)
         except DatabaseError as exc:
             log.error(
                 "worker=%s connection=%s not recorded: %s", self.worker_id, self.connection_id, exc
             )
-            reply = _error(protocol.Unavailable("registry unavailable; send it again later"))
+            return _error(protocol.Unavailable("registry unavailable; send it again later"))
         except protocol.ProtocolError as exc:
             self._log_refused(exc)
-            reply = _error(exc)
+            return _error(exc)
         except Exception:
             # The channel layer away (Redis), a full channel: this frame fails, the connection
             # stays. Escaping here would end the consumer without its disconnect clean-up.
             log.exception(
                 "worker=%s connection=%s frame failed", self.worker_id, self.connection_id
             )
-            reply = _error(protocol.Unavailable("service busy; send it again later"))
-        if reply is not None:
-            await self.send(reply)
+            return _error(protocol.Unavailable("service busy; send it again later"))
 
     def _log_refused(self, exc: protocol.ProtocolError) -> None:
         log.info(
@@ -344,14 +398,21 @@ class RegisterConsumer(AsyncWebsocketConsumer):
         await self.peer_side.relayed_to_me(frame)
 
     async def _dropped(self, flood: Flood) -> None:
-        """A message over the rate limit was dropped: say so once per streak, or close."""
+        """A message over the rate limit was dropped: counted; said (and logged) once per streak;
+        or, when the streak is long enough, the connection closed (and logged once)."""
+        metrics.message_dropped(DROP_RATE_LIMITED)
         if flood is Flood.CLOSE:
             log.warning(
-                "worker=%s connection=%s closed for flooding", self.worker_id, self.connection_id
+                "worker=%s connection=%s closed for flooding: %d messages dropped",
+                self.worker_id,
+                self.connection_id,
+                self.rate.dropped,
             )
             await self.close_with(protocol.CloseCode.RATE_LIMITED)
         elif flood is Flood.WARN:
-            await self.send(_error(protocol.RateLimited("too many messages; this one was dropped")))
+            refusal = protocol.RateLimited("too many messages; those beyond the limit are dropped")
+            self._log_refused(refusal)
+            await self.send(_error(refusal))
 
     async def disconnect(self, code: int) -> None:
         if self.connection_id is None:

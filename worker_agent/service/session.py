@@ -29,6 +29,9 @@ logger = logging.getLogger("worker_agent")
 
 # websocket-client insists on ping_interval > ping_timeout; the PoC's 25/25 is clamped to this.
 PING_TIMEOUT_CLAMP = 0.8
+# Server errors of one code are logged at most once in this many seconds; the repeats between
+# two lines are counted in the second.
+SERVER_ERROR_QUIET = 5.0
 
 FrameHandler = Callable[[dict[str, Any]], bool]
 BinaryHandler = Callable[[bytes], None]
@@ -74,6 +77,7 @@ class ServiceSession:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._attempt: Attempt | None = None
+        self._error_lines = ErrorLines(SERVER_ERROR_QUIET)
 
     # ---- what the agent calls ------------------------------------------------------------------
 
@@ -368,18 +372,25 @@ class ServiceSession:
         self.on_message(message)
 
     def _server_error(self, attempt: Attempt, message: dict[str, Any]) -> None:
+        """Kept as the last server error; logged unless its code was logged a moment ago (a
+        flood of one error is not logged as a flood)."""
+        code = message.get("code")
         with self._lock:
             self.status.last_server_error = {
-                "code": message.get("code"),
+                "code": code,
                 "message": message.get("message"),
                 "at": now_iso(),
             }
+            repeats = self._error_lines.due(str(code))
+        if repeats is None:
+            return
         self._log(
             logging.WARNING,
             attempt,
-            "server error %s: %s",
-            message.get("code"),
+            "server error %s: %s%s",
+            code,
             message.get("message"),
+            f" ({repeats} more of {code} since its last line)" if repeats else "",
         )
 
     def _handle_welcome(self, attempt: Attempt, welcome: dict[str, Any]) -> None:
@@ -433,6 +444,25 @@ class ServiceSession:
             "-" if conn_id is None else conn_id,
             *args,
         )
+
+
+class ErrorLines:
+    """When a log line for an error code is due: at most one per code every `quiet` seconds."""
+
+    def __init__(self, quiet: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.quiet = quiet
+        self.clock = clock
+        self._codes: dict[str, tuple[float, int]] = {}  # code -> (last line at, repeats since)
+
+    def due(self, code: str) -> int | None:
+        """None: this one is only counted; otherwise log it, with how many were not logged."""
+        now = self.clock()
+        last = self._codes.get(code)
+        if last is not None and now - last[0] < self.quiet:
+            self._codes[code] = (last[0], last[1] + 1)
+            return None
+        self._codes[code] = (now, 0)
+        return last[1] if last is not None else 0
 
 
 def ping_settings(interval: float, timeout: float | None) -> tuple[float, float | None]:

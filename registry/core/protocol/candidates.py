@@ -8,7 +8,7 @@ import re
 from typing import Any
 
 from registry.core.protocol.errors import InvalidField, InvalidIp
-from registry.core.protocol.fields import is_port, normalize_ip
+from registry.core.protocol.fields import normalize_ip
 
 MAX_CANDIDATES = 16
 MAX_CANDIDATE_LENGTH = 256
@@ -17,6 +17,8 @@ _ICE_CHARS = r"[A-Za-z0-9+/]"
 _UFRAG_RE = re.compile(rf"\A{_ICE_CHARS}{{4,256}}\Z")
 _PWD_RE = re.compile(rf"\A{_ICE_CHARS}{{22,256}}\Z")
 _FOUNDATION_RE = re.compile(rf"\A{_ICE_CHARS}{{1,32}}\Z")
+# ASCII digits only: str.isdigit() also takes "²" (which int() refuses) and other scripts' digits.
+_NUMBER_RE = re.compile(r"\A[0-9]{1,10}\Z")
 CANDIDATE_TYPES = ("host", "srflx", "prflx", "relay")
 
 
@@ -42,25 +44,27 @@ def parse_candidate(value: Any) -> str:
     foundation, component, transport, priority, ip, port, _, kind, *extensions = bits
     if not _FOUNDATION_RE.match(foundation):
         raise InvalidField("a candidate's foundation must be 1-32 ICE characters")
-    if not component.isdigit() or not 1 <= int(component) <= 256:
-        raise InvalidField("a candidate's component must be 1 to 256")
+    component_number = _number(component, "component", 1, 256)
     if transport.lower() != "udp":
         raise InvalidField("only UDP candidates are supported")
-    if not priority.isdigit() or not 1 <= int(priority) <= 2**31 - 1:
-        raise InvalidField("a candidate's priority must be 1 to 2**31-1")
-    if not port.isdigit() or not is_port(int(port)):
-        raise InvalidField("a candidate's port must be 1 to 65535")
+    priority_number = _number(priority, "priority", 1, 2**31 - 1)
+    port_number = _number(port, "port", 1, 65535)
     if kind not in CANDIDATE_TYPES:
         raise InvalidField(f"a candidate's type must be one of {', '.join(CANDIDATE_TYPES)}")
-    parts = [foundation, str(int(component)), "udp", str(int(priority))]
-    parts += [_candidate_ip(ip), str(int(port)), "typ", kind]
+    parts = [foundation, str(component_number), "udp", str(priority_number)]
+    parts += [_candidate_ip(ip), str(port_number), "typ", kind]
     pairs = dict(zip(extensions[::2], extensions[1::2], strict=False))
     if "raddr" in pairs and "rport" in pairs:
-        rport = pairs["rport"]
-        if not rport.isdigit() or not 0 <= int(rport) <= 65535:
-            raise InvalidField("a candidate's rport must be 0 to 65535")
-        parts += ["raddr", _candidate_ip(pairs["raddr"]), "rport", str(int(rport))]
+        rport = _number(pairs["rport"], "rport", 0, 65535)
+        parts += ["raddr", _candidate_ip(pairs["raddr"]), "rport", str(rport)]
     return " ".join(parts)  # other extensions (generation, tcptype, ...) are dropped
+
+
+def _number(text: str, name: str, low: int, high: int) -> int:
+    """One of a candidate's numbers: ASCII digits within [low, high], or InvalidField."""
+    if not _NUMBER_RE.match(text) or not low <= int(text) <= high:
+        raise InvalidField(f"a candidate's {name} must be {low} to {high} in ASCII digits")
+    return int(text)
 
 
 def _candidate_ip(value: str) -> str:

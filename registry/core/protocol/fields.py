@@ -23,6 +23,18 @@ REQUEST_ID_PATTERN = r"[A-Za-z0-9._-]{1,64}"
 MAX_DETAIL_LENGTH = 200
 
 
+def is_storable(text: str) -> bool:
+    """Text the logs and the database can take: no NUL (PostgreSQL refuses it in text and jsonb)
+    and no lone surrogate (UTF-8 cannot encode one; JSON's \\ud800 escapes make them)."""
+    if "\x00" in text:
+        return False
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def is_valid_worker_id(worker_id: str) -> bool:
     return bool(_WORKER_ID_RE.match(worker_id))
 

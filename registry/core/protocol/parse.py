@@ -53,6 +53,7 @@ from registry.core.protocol.fields import (
     MAX_DETAIL_LENGTH,
     REQUEST_ID_PATTERN,
     TAG_RULE,
+    is_storable,
     is_valid_tag,
     is_valid_worker_id,
     normalize_ip,
@@ -150,9 +151,12 @@ def _peer_id(data: dict[str, Any]) -> str:
 
 
 def _detail(data: dict[str, Any], name: str) -> str:
+    """Free text a worker gives (a `reason`): logged, recorded and passed to the peer."""
     value = data.get(name, "")
     if not isinstance(value, str):
         raise InvalidField(f"'{name}' must be a string")
+    if not is_storable(value):
+        raise InvalidField(f"'{name}' must not hold NUL characters or lone surrogates")
     return value[:MAX_DETAIL_LENGTH]
 
 
@@ -298,17 +302,6 @@ def _finite_float(text: str) -> float:
     return value
 
 
-def _storable(text: str) -> bool:
-    """No NUL and no lone surrogate: PostgreSQL's jsonb refuses both."""
-    if "\x00" in text:
-        return False
-    try:
-        text.encode()
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
 def _refuse_constant(name: str) -> None:
     # Python's json accepts NaN and Infinity; JSON (and the database's JSON columns) do not.
     raise ValueError(f"{name} is not JSON")
@@ -323,7 +316,7 @@ def _validate_agent_info(info: Any) -> dict[str, str | int | float | bool | None
     for key, value in info.items():
         if len(key) > AGENT_INFO_MAX_KEY_LENGTH:
             raise InvalidField(f"'info' keys are limited to {AGENT_INFO_MAX_KEY_LENGTH} chars")
-        if not _storable(key) or (isinstance(value, str) and not _storable(value)):
+        if not is_storable(key) or (isinstance(value, str) and not is_storable(value)):
             raise InvalidField("'info' text must not hold NUL characters or lone surrogates")
         if isinstance(value, str):
             if len(value) > AGENT_INFO_MAX_VALUE_LENGTH:
