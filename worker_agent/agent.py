@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from .connection import PeerConnection
     from .paths.path import PeerPath
     from .paths.turncheck import Credentials
-    from .peers import PeerSession
+    from .peer_session import PeerSession
     from .secure.identity import WorkerIdentity
 
 __all__ = ["FINAL_STATES", "AgentState", "WorkerAgent"]

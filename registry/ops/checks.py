@@ -59,6 +59,7 @@ def check_rendezvous_settings(app_configs: Any = None, **kwargs: Any) -> list[An
                 )
             )
     problems += _turn_problems(config)
+    problems += _peering_problems(config)
     return problems
 
 
@@ -108,6 +109,12 @@ def _turn_problems(config: dict[str, Any]) -> list[Any]:
                 id="rendezvous.E007",
             )
         )
+    return problems
+
+
+def _peering_problems(config: dict[str, Any]) -> list[Any]:
+    """The records' retention and how long an unused introduction may wait."""
+    problems: list[Any] = []
     retention = config["PEER_CONNECTION_RETENTION_DAYS"]
     if not math.isfinite(retention) or not 0 < retention <= 36500:
         problems.append(

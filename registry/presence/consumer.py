@@ -6,16 +6,13 @@ message means in peering/introductions.py; this class turns socket events into t
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from typing import Any
 
 from autobahn.exception import Disconnected
-from channels.consumer import get_handler_name
 from channels.db import database_sync_to_async
-from channels.exceptions import DenyConnection, StopConsumer
-from channels.generic.websocket import AsyncWebsocketConsumer
+from channels.exceptions import DenyConnection
 from django.conf import settings
 from django.db import DatabaseError
 
@@ -30,6 +27,7 @@ from registry.peering import reach
 from registry.peering.events import Subscription
 from registry.peering.introductions import PeerSide
 from registry.presence import handshake, reports, sessions
+from registry.presence.fair_consumer import FairConsumer
 from registry.presence.runtime import SUPERSEDE, InstanceRuntime, get_runtime
 from registry.security import enrolment
 from registry.security.origins import origin_allowed
@@ -49,7 +47,7 @@ DROP_CLOSING = "closing"
 SEND_AFTER_CLOSE: tuple[type[Exception], ...] = (OSError, Disconnected)
 
 
-class RegisterConsumer(AsyncWebsocketConsumer):
+class RegisterConsumer(FairConsumer):
     # No channel of its own: commands reach it through its instance's channel (runtime.py).
     channel_layer_alias = None
     worker_id: str = ""
@@ -60,42 +58,6 @@ class RegisterConsumer(AsyncWebsocketConsumer):
     _confirm_credential = False
     _server_close_code: int | None = None
     _last_heartbeat: float | None = None
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        """Channels' loop, without the task and the asyncio.wait it wraps every message in (three
-        turns of the event loop before a frame is handled, and their CPU for every frame), and
-        fair between connections: each takes one frame a turn (round robin). A connection with
-        more frames waiting in its queue (daphne's, one per socket) lets every other connection
-        take its turn before its next frame, so one at its relay budget cannot keep another's
-        frames waiting behind its own (docs/performance.md, relay fairness)."""
-        self.scope = scope
-        self.channel_layer = None
-        self.base_send = send
-        queue = getattr(receive, "__self__", None)  # daphne's receive is its queue's `get`
-        waiting = queue.qsize if hasattr(queue, "qsize") else lambda: 1
-        try:
-            while True:
-                await self.dispatch(await receive())
-                if waiting():
-                    await asyncio.sleep(0)  # the other connections' turns first
-        except StopConsumer:
-            pass
-
-    async def dispatch(self, message: dict[str, Any]) -> None:
-        """Channels' dispatch without its per-event `aclose_old_connections`, a hop to the
-        database thread for every frame and every disconnect (docs/performance.md). This
-        consumer reaches the database only through database_sync_to_async and the coalescers,
-        which close stale connections in the thread that owns them."""
-        handler = getattr(self, get_handler_name(message), None)
-        if handler is None:
-            raise ValueError(f"no handler for message type {message['type']}")
-        await handler(message)
-
-    async def websocket_disconnect(self, message: dict[str, Any]) -> None:
-        # Channels' version ends with the same database-thread hop as its dispatch (no groups
-        # to leave here either).
-        await self.disconnect(message["code"])
-        raise StopConsumer()
 
     async def connect(self) -> None:
         try:

@@ -21,6 +21,7 @@ import websocket
 from .. import wire
 from .attempt import Attempt
 from .enrolment import Enrolment
+from .error_lines import ErrorLines
 from .reconnect import Decision, ReconnectPolicy
 from .reporting import Reporter
 from .status import FINAL_STATES, AgentState, SessionStatus, now_iso
@@ -444,25 +445,6 @@ class ServiceSession:
             "-" if conn_id is None else conn_id,
             *args,
         )
-
-
-class ErrorLines:
-    """When a log line for an error code is due: at most one per code every `quiet` seconds."""
-
-    def __init__(self, quiet: float, clock: Callable[[], float] = time.monotonic) -> None:
-        self.quiet = quiet
-        self.clock = clock
-        self._codes: dict[str, tuple[float, int]] = {}  # code -> (last line at, repeats since)
-
-    def due(self, code: str) -> int | None:
-        """None: this one is only counted; otherwise log it, with how many were not logged."""
-        now = self.clock()
-        last = self._codes.get(code)
-        if last is not None and now - last[0] < self.quiet:
-            self._codes[code] = (last[0], last[1] + 1)
-            return None
-        self._codes[code] = (now, 0)
-        return last[1] if last is not None else 0
 
 
 def ping_settings(interval: float, timeout: float | None) -> tuple[float, float | None]:
