@@ -31,7 +31,7 @@ from tests.support.netns import (
     nat_topology,
     require_netns,
 )
-from tests.support.processes import ServerProcess, wait_until
+from tests.support.public_service import serve_public
 
 pytestmark = [pytest.mark.standalone, pytest.mark.django_db(transaction=True)]
 
@@ -53,27 +53,12 @@ def internet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatTopology]:
 @pytest.fixture
 def pair(internet: NatTopology, transactional_db: None, tmp_path: Path) -> Iterator[tuple]:
     """The service (with STUN and TURN) and two agents, each behind its own NAT."""
-    from tests.support.databases import current_database_url
-
-    probe = ServerProcess(log_dir=internet.log_dir, database_url=current_database_url())
-    env = {
-        **probe.env,
-        "HOST": SERVICE_IP,
-        "PORT": str(SERVICE_PORT),
-        "ALLOWED_HOSTS": SERVICE_IP,
-        "RENDEZVOUS_STUN_SERVERS": (
-            f"{SERVICE_IP}:{STUN_PORT},{SECOND_SERVICE_IP}:{SECOND_STUN_PORT}"
-        ),
-        "RENDEZVOUS_TURN_SERVERS": f"{SERVICE_IP}:{TURN_PORT}",
-        "RENDEZVOUS_TURN_SECRET": TURN_SECRET,
-    }
-    service = internet.python(internet.public, "manage.py", "serve", env=env, log_name="svc.log")
-    wait_until(
-        lambda: "Listening on TCP address" in (internet.log_dir / "svc.log").read_text(),
-        timeout=30,
-        what="the service",
+    url, service = serve_public(
+        internet,
+        "svc",
+        RENDEZVOUS_TURN_SERVERS=f"{SERVICE_IP}:{TURN_PORT}",
+        RENDEZVOUS_TURN_SECRET=TURN_SECRET,
     )
-    url = f"http://{SERVICE_IP}:{SERVICE_PORT}"
     ip = shutil.which("ip", path=_PATH)
     w1, w2 = internet.sites[0], internet.sites[1]
     gpu = Agent(url, "gpu-1", tmp_path, prefix=[ip, "netns", "exec", w2.worker],

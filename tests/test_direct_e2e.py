@@ -20,17 +20,14 @@ import pytest
 from registry.models import PeerConnection, Worker
 from tests.support.backing import require_or_skip
 from tests.support.netns import (
-    SECOND_SERVICE_IP,
-    SECOND_STUN_PORT,
-    SERVICE_IP,
-    STUN_PORT,
     NatKind,
     NatTopology,
     miniupnpd_unavailable_reason,
     nat_topology,
     require_netns,
 )
-from tests.support.processes import ServerProcess, wait_until
+from tests.support.processes import wait_until
+from tests.support.public_service import serve_public
 
 SERVICE_PORT = 8010
 MAPPING_ON = {"RENDEZVOUS_PORT_MAPPING": "on"}
@@ -63,31 +60,6 @@ def ipv6_routers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatTopolo
         yield topology
 
 
-def serve(net: NatTopology, name: str, **extra: str) -> str:
-    """daphne in the public namespace on this test's database; its URL."""
-    from tests.support.databases import current_database_url
-
-    probe = ServerProcess(log_dir=net.log_dir, database_url=current_database_url())
-    env = {
-        **probe.env,
-        "HOST": SERVICE_IP,
-        "PORT": str(SERVICE_PORT),
-        "ALLOWED_HOSTS": SERVICE_IP,
-        "RENDEZVOUS_STUN_SERVERS": (
-            f"{SERVICE_IP}:{STUN_PORT},{SECOND_SERVICE_IP}:{SECOND_STUN_PORT}"
-        ),
-        **extra,
-    }
-    process = net.python(net.public, "manage.py", "serve", env=env, log_name=f"{name}.log")
-    wait_until(
-        lambda: "Listening on TCP address" in (net.log_dir / f"{name}.log").read_text(),
-        timeout=30,
-        what="the service",
-    )
-    net.processes.append(process)
-    return f"http://{SERVICE_IP}:{SERVICE_PORT}"
-
-
 @pytest.fixture
 def service(
     request: pytest.FixtureRequest, transactional_db: None
@@ -96,7 +68,7 @@ def service(
     net: NatTopology = request.getfixturevalue(name)
     process_count = len(net.processes)
     extra = {"RENDEZVOUS_HARD_NAT_PROBING": "on"} if option == "probing" else {}
-    url = serve(net, f"service-{request.node.name[:40]}", **extra)
+    url, _ = serve_public(net, f"service-{request.node.name[:40]}", **extra)
     yield net, url
     server = net.processes.pop(process_count)
     server.terminate()

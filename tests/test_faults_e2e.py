@@ -24,16 +24,13 @@ import pytest
 
 from registry.models import PeerConnection as PeerConnectionRecord
 from tests.support.netns import (
-    SECOND_SERVICE_IP,
-    SECOND_STUN_PORT,
-    SERVICE_IP,
-    STUN_PORT,
     NatKind,
     NatTopology,
     nat_topology,
     require_netns,
 )
 from tests.support.processes import ServerProcess, wait_until
+from tests.support.public_service import serve_public
 from tests.test_paths_e2e import answering, peer_agent
 from worker_agent import Backoff, PeerConnection, WorkerAgent
 
@@ -134,26 +131,8 @@ def cones(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatTopology]:
 @pytest.fixture
 def service(cones: NatTopology, transactional_db: None) -> Iterator[str]:
     """daphne in the public namespace, on this test's database, naming the STUN servers."""
-    from tests.support.databases import current_database_url
-
-    probe = ServerProcess(log_dir=cones.log_dir, database_url=current_database_url())
-    env = {
-        **probe.env,
-        "HOST": SERVICE_IP,
-        "PORT": str(SERVICE_PORT),
-        "ALLOWED_HOSTS": SERVICE_IP,
-        "RENDEZVOUS_STUN_SERVERS": (
-            f"{SERVICE_IP}:{STUN_PORT},{SECOND_SERVICE_IP}:{SECOND_STUN_PORT}"
-        ),
-    }
-    log_name = f"service-{time.monotonic_ns()}.log"
-    process = cones.python(cones.public, "manage.py", "serve", env=env, log_name=log_name)
-    wait_until(
-        lambda: "Listening on TCP address" in (cones.log_dir / log_name).read_text(),
-        timeout=30,
-        what="the service",
-    )
-    yield f"http://{SERVICE_IP}:{SERVICE_PORT}"
+    url, process = serve_public(cones, "service")
+    yield url
     process.terminate()
     process.wait(10)
 

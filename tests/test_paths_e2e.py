@@ -32,10 +32,7 @@ import websockets
 
 from registry.models import PeerConnection, Worker
 from tests.support.netns import (
-    SECOND_SERVICE_IP,
-    SECOND_STUN_PORT,
     SERVICE_IP,
-    STUN_PORT,
     TURN_PORT,
     NatKind,
     NatTopology,
@@ -44,6 +41,7 @@ from tests.support.netns import (
     require_netns,
 )
 from tests.support.processes import ServerProcess, wait_until
+from tests.support.public_service import serve_public
 from worker_agent import PeerPath, PeerRefused, PeerUnavailable, WorkerAgent
 
 TURN_SECRET = "test-turn-secret-0123456789"
@@ -231,39 +229,16 @@ def internet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatTopology]:
 def services(internet: NatTopology, transactional_db: None) -> Iterator[dict[str, str]]:
     """Two daphne instances in the public namespace on this test's database (a SQLite file):
     one without TURN, one that mints TURN credentials for coturn."""
-    from tests.support.databases import current_database_url
-
-    probe = ServerProcess(log_dir=internet.log_dir, database_url=current_database_url())
-    base = {
-        **probe.env,
-        "HOST": SERVICE_IP,
-        "ALLOWED_HOSTS": SERVICE_IP,
-        "RENDEZVOUS_STUN_SERVERS": (
-            f"{SERVICE_IP}:{STUN_PORT},{SECOND_SERVICE_IP}:{SECOND_STUN_PORT}"
-        ),
-    }
-    configs = {
-        "plain": {**base, "PORT": str(SERVICE_PORT)},
-        "turn": {
-            **base,
-            "PORT": str(TURN_SERVICE_PORT),
-            "RENDEZVOUS_TURN_SERVERS": f"{SERVICE_IP}:{TURN_PORT}",
-            "RENDEZVOUS_TURN_SECRET": TURN_SECRET,
-        },
-    }
-    processes = [
-        internet.python(internet.public, "manage.py", "serve", env=env, log_name=f"{name}.log")
-        for name, env in configs.items()
-    ]
-    urls = {name: f"http://{SERVICE_IP}:{env['PORT']}" for name, env in configs.items()}
-    for name in configs:
-        wait_until(
-            lambda name=name: (
-                "Listening on TCP address" in (internet.log_dir / f"{name}.log").read_text()
-            ),
-            timeout=30,
-            what=f"the {name} service",
-        )
+    plain, plain_process = serve_public(internet, "plain", port=SERVICE_PORT)
+    turn, turn_process = serve_public(
+        internet,
+        "turn",
+        port=TURN_SERVICE_PORT,
+        RENDEZVOUS_TURN_SERVERS=f"{SERVICE_IP}:{TURN_PORT}",
+        RENDEZVOUS_TURN_SECRET=TURN_SECRET,
+    )
+    processes = [plain_process, turn_process]
+    urls = {"plain": plain, "turn": turn}
     yield urls
     for process in processes:
         process.terminate()

@@ -69,7 +69,7 @@ class NatReport:
         }
 
 
-class _StunClient(asyncio.DatagramProtocol):
+class StunClient(asyncio.DatagramProtocol):
     """Sends aioice transactions from one UDP socket and hands them their responses."""
 
     def __init__(self) -> None:
@@ -125,7 +125,7 @@ async def classify_nat(
     """Ask every server at once from one fresh socket and compare what they saw; with a port
     mapper, also ask the router to map that socket (then delete the mapping)."""
     loop = asyncio.get_running_loop()
-    transport, client = await loop.create_datagram_endpoint(_StunClient, local_addr=bind)
+    transport, client = await loop.create_datagram_endpoint(StunClient, local_addr=bind)
     try:
         asked = [asyncio.wait_for(client.ask(server), timeout) for server in servers]
         results: list[ServerResult] = []

@@ -12,11 +12,10 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
-from typing import Any
 
 from aioice import stun, turn
 
-from .netcheck import DEFAULT_TIMEOUT, RETRANSMISSIONS, Endpoint
+from .netcheck import DEFAULT_TIMEOUT, RETRANSMISSIONS, Endpoint, StunClient
 
 UDP_TRANSPORT = 0x11000000  # REQUESTED-TRANSPORT: UDP (RFC 8656, 14.7)
 
@@ -39,33 +38,11 @@ class TurnCheck:
     allocate_error: str | None = None
 
 
-class _Client(asyncio.DatagramProtocol):
-    def __init__(self) -> None:
-        self.transport: asyncio.DatagramTransport | None = None
-        self.transactions: dict[bytes, stun.Transaction] = {}
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-
-    def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
-        try:
-            message = stun.parse_message(data)
-        except ValueError:
-            return
-        transaction = self.transactions.get(message.transaction_id)
-        if transaction is not None:
-            transaction.response_received(message, (addr[0], addr[1]))
-
-    def send_stun(self, message: stun.Message, addr: tuple[str, int]) -> None:
-        assert self.transport is not None
-        self.transport.sendto(bytes(message), addr)
-
-
 async def reachable(server: Endpoint, timeout: float = DEFAULT_TIMEOUT) -> tuple[bool, float, str]:
     """(answered as a TURN server, milliseconds, what it said)."""
     loop = asyncio.get_running_loop()
     started = time.monotonic()
-    transport, client = await loop.create_datagram_endpoint(_Client, remote_addr=server)
+    transport, client = await loop.create_datagram_endpoint(StunClient, remote_addr=server)
     request = stun.Message(message_method=stun.Method.ALLOCATE, message_class=stun.Class.REQUEST)
     request.attributes["REQUESTED-TRANSPORT"] = UDP_TRANSPORT
     transaction = stun.Transaction(request, server, client, RETRANSMISSIONS)
