@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -25,6 +26,12 @@ def pytest_configure(config: pytest.Config) -> None:
     settings.DATABASES["default"]["CONN_MAX_AGE"] = 0
     # The suite's default is the open mode; tests of the secured mode ask for it themselves.
     settings.RENDEZVOUS["SECURITY_MODE"] = "open"
+    # Tests press Ctrl-C on commands (SIGINT). A shell without job control starts a background
+    # job (`make test &`) with SIGINT ignored, every child inherits that through exec, and a
+    # Python started so never raises KeyboardInterrupt: the commands would run on. Handling it
+    # here puts the children back on the default.
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
