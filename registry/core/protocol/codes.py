@@ -108,7 +108,7 @@ class ConnectFailure(StrEnum):
     PEER_REFUSED = "PEER_REFUSED"  # the peer does not accept connections
     PEER_UNRESPONSIVE = "PEER_UNRESPONSIVE"  # the peer's agent did not answer in time
     NOT_YOURSELF = "NOT_YOURSELF"  # a worker asked to reach itself
-    RATE_LIMITED = "RATE_LIMITED"  # more connect requests than INTRODUCTION_RATE allows
+    RATE_LIMITED = "RATE_LIMITED"  # connect requests over peering.requester.REQUEST_RATE
     TOO_MANY_PEERS = "TOO_MANY_PEERS"  # either side holds RELAY_MAX_PEERS peer links already
     AGENT_OUTDATED = "AGENT_OUTDATED"  # either side's agent speaks an older peer protocol
     NO_IDENTITY = "NO_IDENTITY"  # a QUIC connection, and either side presented no certificate
