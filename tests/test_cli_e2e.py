@@ -90,6 +90,15 @@ def failure(result: subprocess.CompletedProcess[str], code: str) -> str:
     return lines[0]
 
 
+def still_running(command: subprocess.Popen[str]) -> bool:
+    """True while `command` runs; its exit status and output if it ended (for a wait_until
+    predicate: a command that failed says why at once instead of a timeout later)."""
+    if command.poll() is None:
+        return True
+    out, err = command.communicate()
+    raise AssertionError(f"the command ended with {command.returncode}:\n{out}{err}")
+
+
 def tree(root: Path) -> dict[str, str]:
     return {
         str(path.relative_to(root)): hashlib.sha256(path.read_bytes()).hexdigest()
@@ -395,19 +404,21 @@ def test_an_interrupted_send_resumes_where_it_stopped(fleet: Fleet, tmp_path: Pa
     inbox.mkdir()
     big.write_bytes(os.urandom(96 * 1024 * 1024))
     partial = inbox / ".rendezvous-partial" / "big.bin"
-    with (
-        gpu.running("receive", "--dir", str(inbox)) as receiving,
-        laptop.running("send", "gpu-1", str(big)) as sending,
-    ):
+    with gpu.running("receive", "--dir", str(inbox)) as receiving:
         told = Lines(receiving.stdout)
-        told.until("waiting for files")
-        wait_until(
-            lambda: partial.exists() and partial.stat().st_size > 8 * 1024 * 1024,
-            timeout=60,
-            what="8 MiB to arrive",
-        )
-        sending.send_signal(signal.SIGINT)  # Ctrl-C
-        assert sending.wait(30) == 130
+        told.until("waiting for files")  # a send before it would be refused (NOT_RECEIVING)
+        with laptop.running("send", "gpu-1", str(big)) as sending:
+            wait_until(
+                lambda: (
+                    still_running(sending)
+                    and partial.exists()
+                    and partial.stat().st_size > 8 * 1024 * 1024
+                ),
+                timeout=60,
+                what="8 MiB to arrive",
+            )
+            sending.send_signal(signal.SIGINT)  # Ctrl-C
+            assert sending.wait(30) == 130
         assert "kept for resume" in told.until("big.bin: the sender stopped")
         assert receiving.wait(30) == 1
     kept = partial.stat().st_size
@@ -467,15 +478,18 @@ def test_a_file_that_vanishes_mid_send_is_reported_and_the_others_arrive(
     (folder / "b-later.log").write_text("gone before its turn")
     (folder / "c-last.txt").write_text("still here")
     partial = inbox / ".rendezvous-partial" / "run" / "a-big.bin"
-    with (
-        gpu.running("receive", "--dir", str(inbox)) as receiving,
-        laptop.running("send", "gpu-1", str(folder)) as sending,
-    ):
-        wait_until(lambda: partial.exists(), timeout=60, what="the first file to start")
-        (folder / "b-later.log").unlink()  # while the first one is still on its way
-        assert sending.wait(60) == 1
+    with gpu.running("receive", "--dir", str(inbox)) as receiving:
+        Lines(receiving.stdout).until("waiting for files")
+        with laptop.running("send", "gpu-1", str(folder)) as sending:
+            wait_until(
+                lambda: still_running(sending) and partial.exists(),
+                timeout=60,
+                what="the first file to start",
+            )
+            (folder / "b-later.log").unlink()  # while the first one is still on its way
+            assert sending.wait(60) == 1
+            said = sending.stdout.read() + sending.stderr.read()  # type: ignore[operator]
         assert receiving.wait(30) == 0
-        said = sending.stdout.read() + sending.stderr.read()  # type: ignore[operator]
     assert "run/b-later.log: run/b-later.log could not be opened: No such file" in said
     assert "1 of 3 files failed" in said and "(FILE_CHANGED)" in said
     assert (inbox / "run" / "a-big.bin").read_bytes() == (folder / "a-big.bin").read_bytes()
