@@ -56,18 +56,7 @@ BASELINE = [sys.executable, str(REPO / "bench" / "cli_baseline_agent.py")]
 CLI = [sys.executable, "-m", "worker_agent"]
 TCP_PORT, LOCAL_PORT, SERVICE_PORT = 7000, 9000, 8000
 
-DIGEST_SERVER = """
-import hashlib, socket, sys
-server = socket.create_server(("127.0.0.1", int(sys.argv[1])))
-print("listening", flush=True)
-while True:
-    client, _ = server.accept()
-    digest = hashlib.sha256()
-    while data := client.recv(1 << 20):
-        digest.update(data)
-    client.sendall(digest.hexdigest().encode())
-    client.close()
-"""
+DIGEST_SERVER = str(REPO / "tests" / "support" / "digest_server.py")
 BULK_CLIENT = """
 import hashlib, json, os, socket, sys, time
 payload = os.urandom(int(sys.argv[2]))
@@ -147,7 +136,7 @@ def measure(run: Run, megabytes: int, repeat: int) -> dict[str, Any]:
                           "--dir", str(api_inbox)], log_name="api-b.log")  # fmt: skip
     b_sock = run.agent(run.b, "cli-b", RENDEZVOUS_EXPOSE=str(TCP_PORT))
     a_sock = run.agent(run.a, "cli-a")
-    run.net.popen(run.b, [sys.executable, "-c", DIGEST_SERVER, str(TCP_PORT)])
+    run.net.popen(run.b, [sys.executable, DIGEST_SERVER, str(TCP_PORT)])
     pings = run.cli(run.a, a_sock, "ping", "cli-b", "--until-direct", "--interval", "0.5").stdout
     figures: dict[str, Any] = {"warm_up_pings": pings.strip().splitlines()}
     rows: dict[str, list[dict[str, Any]]] = {k: [] for k in ("api_file", "send", "api_bytes",

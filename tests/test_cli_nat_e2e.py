@@ -73,18 +73,7 @@ def pair(internet: NatTopology, transactional_db: None, tmp_path: Path) -> Itera
         service.wait(10)
 
 
-DIGEST_SERVER = """
-import hashlib, socket, sys
-server = socket.create_server(("127.0.0.1", int(sys.argv[1])))
-print("listening", flush=True)
-while True:
-    client, _ = server.accept()
-    digest = hashlib.sha256()
-    while data := client.recv(1 << 16):
-        digest.update(data)
-    client.sendall(digest.hexdigest().encode())
-    client.close()
-"""
+DIGEST_SERVER = str(Path(__file__).parent / "support" / "digest_server.py")
 
 BULK_CLIENT = """
 import os, socket, sys
@@ -102,7 +91,7 @@ def test_a_forward_across_two_nats_runs_over_their_direct_path(pair) -> None:
     internet, _, laptop = pair
     w1, w2 = internet.sites[0], internet.sites[1]
     server = internet.popen(
-        w2.worker, [sys.executable, "-c", DIGEST_SERVER, str(TCP_PORT)],
+        w2.worker, [sys.executable, DIGEST_SERVER, str(TCP_PORT)],
         stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
     Lines(server.stdout).until("listening")
